@@ -1,0 +1,55 @@
+"""torch SDPA as a peer backend: gather the paged K/V into a padded block, then
+`scaled_dot_product_attention` with a boolean (or ALiBi float) mask."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attention.backends.reference import ReferenceBackend, _GroupPlan
+from attention.base import AttentionConfig, register_backend
+from attention.variants import alibi_slopes
+from kvcache.layout import LAYOUT_NAMES
+from kvcache.pool import KVPool, read_slots
+
+
+def sdpa_group(
+    plan: _GroupPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    pool: KVPool, config: AttentionConfig,
+) -> torch.Tensor:
+    B, Lq = plan.q_rows.shape
+    Hq, D = config.num_q_heads, config.head_dim
+    qg = q[plan.q_rows].transpose(1, 2)  # [B, Hq, Lq, D]
+    keys = read_slots(k_cache, pool.layout, plan.kv_slots).transpose(1, 2)  # [B, Hkv, Lk, D]
+    vals = read_slots(v_cache, pool.layout, plan.kv_slots).transpose(1, 2)
+    mask: torch.Tensor = plan.visible  # [B, 1, Lq, Lk]
+    variant = config.variant
+    if variant.name == "sliding_window":
+        mask = mask & ((plan.q_pos - plan.k_pos) < int(variant.param))
+    if variant.name == "alibi":
+        slopes = alibi_slopes(Hq).to(q.device, torch.float32).view(1, Hq, 1, 1)
+        bias = slopes * (plan.k_pos - plan.q_pos).float()
+        mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        qg, keys, vals, attn_mask=mask, scale=config.scale, enable_gqa=True
+    )
+    # Fully masked padding rows come back as NaN; they are dropped by q_valid anyway.
+    return out.transpose(1, 2).reshape(B, Lq, Hq, D)
+
+
+@register_backend("sdpa")
+class SDPABackend(ReferenceBackend):
+    name = "sdpa"
+    supported_layouts = frozenset(LAYOUT_NAMES)
+    supported_variants = frozenset(["softmax", "sliding_window", "alibi"])
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        assert self.batch is not None, "plan() must run before forward()"
+        self.pool.store(layer, k, v, self.batch.slot_mapping)
+        out = torch.empty_like(q)
+        for g in self.groups:
+            o = sdpa_group(g, q[g.token_offset : g.token_offset + g.num_tokens],
+                           self.pool.k_caches[layer], self.pool.v_caches[layer],
+                           self.pool, self.config)
+            out[g.token_offset : g.token_offset + g.num_tokens] = o[g.q_valid]
+        return out

@@ -1,0 +1,1 @@
+"""Requests' state machine and batch policy. Pure Python: never imports torch."""
