@@ -1,0 +1,133 @@
+"""ModelRunner: one engine step on the device.
+
+Takes plain host lists (the engine translates the scheduler's StepPlan), builds one
+ForwardBatch, calls `backend.plan` once, runs the model (each layer calls
+`backend.forward`), computes logits only for the rows that are sampled, and samples on
+the device. Attention time is measured around the backend's per-layer calls on the steps
+the engine asks for: CUDA events on GPU, a timer on CPU (where execution is synchronous).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from attention.base import AttentionBackend
+from attention.batch import ForwardBatch
+from model.sampler import Sampler
+from scheduler.request import SamplingParams
+
+
+@dataclass
+class StepInput:
+    token_ids: list[int]  # the new tokens of every sequence, concatenated
+    q_lens: list[int]
+    prefix_lens: list[int]
+    page_tables: list[list[int]]
+    num_decodes: int
+    sample_seqs: list[int]  # indices of the sequences whose last token is sampled
+    sampling: list[SamplingParams]  # one per sampled sequence
+    generators: list[torch.Generator | None]
+    time_attention: bool = False
+
+
+@dataclass
+class StepOutput:
+    token_ids: list[int]
+    logprobs: list[object | None] = field(default_factory=list)
+    attention_s: float | None = None
+    phase: str = "decode"
+
+
+class _AttentionTimer:
+    """Wraps a backend's forward to accumulate time spent in attention for one step."""
+
+    def __init__(self, backend: AttentionBackend, device: torch.device) -> None:
+        self.backend = backend
+        self.device = device
+        self._orig_forward = backend.forward
+        self._orig_forward_rope = getattr(backend, "forward_rope", None)
+        self.cpu_s = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _wrap(self, fn):  # type: ignore[no-untyped-def]
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self.events.append((start, end))
+                return out
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.cpu_s += time.perf_counter() - t0
+            return out
+
+        return timed
+
+    def __enter__(self) -> _AttentionTimer:
+        self.backend.forward = self._wrap(self._orig_forward)  # type: ignore[method-assign]
+        if self._orig_forward_rope is not None:
+            self.backend.forward_rope = self._wrap(self._orig_forward_rope)  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.backend.forward
+        if self._orig_forward_rope is not None:
+            del self.backend.forward_rope  # type: ignore[attr-defined]
+
+    def elapsed_s(self) -> float:
+        """Call after the step's results were synchronised."""
+        if self.device.type == "cuda":
+            return sum(s.elapsed_time(e) for s, e in self.events) / 1000.0
+        return self.cpu_s
+
+
+class ModelRunner:
+    def __init__(
+        self, model: torch.nn.Module, backend: AttentionBackend, device: torch.device,
+        page_size: int,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.page_size = page_size
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput:
+        batch = ForwardBatch.build(
+            step.q_lens, step.prefix_lens, step.page_tables, self.page_size, self.device,
+            num_decodes=step.num_decodes,
+        )
+        input_ids = torch.tensor(step.token_ids, dtype=torch.int64)
+        if self.device.type == "cuda":
+            input_ids = input_ids.pin_memory()
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        self.backend.plan(batch)
+        timer = _AttentionTimer(self.backend, self.device) if step.time_attention else None
+        if timer is not None:
+            with timer:
+                hidden = self.model(input_ids, batch.positions, self.backend)
+        else:
+            hidden = self.model(input_ids, batch.positions, self.backend)
+        last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
+        token_ids: list[int] = []
+        logprobs: list[object | None] = []
+        if last_rows:
+            rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])
+            sampled = self.sampler.sample(logits, step.sampling, step.generators)
+            token_ids = sampled.token_ids.tolist()
+            logprobs = sampled.logprobs_list() if hasattr(sampled, "logprobs_list") else []
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepOutput(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            attention_s=timer.elapsed_s() if timer is not None else None,
+            phase=batch.phase,
+        )

@@ -1,0 +1,170 @@
+"""Offline benchmarks: `bench throughput` (attnserve vs transformers) and `bench prefix`
+(the same shared-prefix workload with the prefix cache on and off)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from scheduler.request import SamplingParams
+from server.engine_args import add_engine_args, engine_config_from_args
+from server.llm import LLM
+
+logger = logging.getLogger(__name__)
+
+
+def sample_lengths(rng: random.Random, n: int, mean: int, range_ratio: float) -> list[int]:
+    """Uniform in [mean(1-R), mean(1+R)], as vLLM's random dataset draws them."""
+    lo, hi = max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio)))
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def random_prompts(rng: random.Random, lengths: list[int], vocab_lo: int = 1000,
+                   vocab_hi: int = 30000) -> list[list[int]]:
+    return [[rng.randrange(vocab_lo, vocab_hi) for _ in range(n)] for n in lengths]
+
+
+def transformers_throughput(
+    model_spec: str | None, prompts: list[list[int]], out_lens: list[int], batch_size: int,
+    dtype_name: str,
+) -> float:
+    """transformers' batched `generate`: left-padded batches, each running to its longest output.
+    Only the requested output tokens count."""
+    import torch
+
+    from model.hf_reference import load_hf_model
+
+    hf = load_hf_model(model_spec, dtype_name)
+    total, t0 = 0, time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(prompts), batch_size):
+            chunk, lens = prompts[s : s + batch_size], out_lens[s : s + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(lens),
+                        min_new_tokens=max(lens), do_sample=False, pad_token_id=0)
+            total += sum(lens)
+    return total / (time.perf_counter() - t0)
+
+
+def _throughput(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="attnserve bench throughput",
+                                description="attnserve vs transformers generate, same prompts")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--range-ratio", type=float, default=0.0)
+    p.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--skip-transformers", action="store_true", help="measure attnserve only")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_engine_args(p)
+    args = p.parse_args(argv)
+    rng = random.Random(args.bench_seed)
+    in_lens = sample_lengths(rng, args.num_prompts, args.input_len, args.range_ratio)
+    out_lens = sample_lengths(rng, args.num_prompts, args.output_len, args.range_ratio)
+    prompts = random_prompts(rng, in_lens)
+    config = engine_config_from_args(args)
+    llm = LLM(config)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
+    llm.generate(prompts[:2], params[:2])  # warm-up
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, progress=not args.json)
+    ours = sum(out_lens) / (time.perf_counter() - t0)
+    theirs = None
+    if not args.skip_transformers:
+        theirs = transformers_throughput(
+            args.model, prompts, out_lens, args.max_num_seqs, str(llm.engine.dtype)
+        )
+    result = {"attnserve_tok_s": ours, "transformers_tok_s": theirs,
+              "ratio": ours / theirs if theirs else None,
+              "num_prompts": args.num_prompts, "input_len": args.input_len,
+              "output_len": args.output_len, "range_ratio": args.range_ratio}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"attnserve:    {ours:8.1f} output tok/s")
+        if theirs:
+            print(f"transformers: {theirs:8.1f} output tok/s")
+            print(f"ratio:        {ours / theirs:8.2f}x")
+    return 0
+
+
+@dataclass
+class PrefixRun:
+    prefill_tokens_computed: int
+    mean_ttft_s: float
+    throughput_tok_s: float
+
+
+def shared_prefix_prompts(rng: random.Random, groups: int, per_group: int, system_len: int,
+                          question_len: int) -> list[list[int]]:
+    prompts = []
+    for _ in range(groups):
+        system = [rng.randrange(1000, 30000) for _ in range(system_len)]
+        for _ in range(per_group):
+            prompts.append(system + [rng.randrange(1000, 30000) for _ in range(question_len)])
+    return prompts
+
+
+def run_prefix_workload(llm: LLM, prompts: list[list[int]], output_len: int) -> PrefixRun:
+    before = llm.engine.prefill_tokens_computed
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    results = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t0
+    ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
+    return PrefixRun(
+        prefill_tokens_computed=llm.engine.prefill_tokens_computed - before,
+        mean_ttft_s=sum(ttfts) / len(ttfts),
+        throughput_tok_s=len(prompts) * output_len / elapsed,
+    )
+
+
+def _prefix(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="attnserve bench prefix",
+                                description="shared-prefix workload with the prefix cache on and off")
+    p.add_argument("--num-groups", type=int, default=4)
+    p.add_argument("--prompts-per-group", type=int, default=8)
+    p.add_argument("--system-prompt-len", type=int, default=1024)
+    p.add_argument("--question-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--bench-seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    add_engine_args(p)
+    args = p.parse_args(argv)
+    prompts = shared_prefix_prompts(random.Random(args.bench_seed), args.num_groups,
+                                    args.prompts_per_group, args.system_prompt_len, args.question_len)
+    runs: dict[str, PrefixRun] = {}
+    loaded = None
+    for label, enabled in (("cache_off", False), ("cache_on", True)):
+        config = engine_config_from_args(args)
+        config.enable_prefix_cache = enabled
+        llm = LLM.__new__(LLM)
+        from server.engine import EngineCore
+
+        llm.engine = EngineCore(config, loaded=loaded)
+        llm.tokenizer = llm.engine.tokenizer
+        loaded = llm.engine.loaded
+        # warm-up on tokens no prompt uses, so it adds no prefix hits
+        llm.generate([[500 + i for i in range(32)]], SamplingParams(max_tokens=2))
+        runs[label] = run_prefix_workload(llm, prompts, args.output_len)
+    if args.json:
+        print(json.dumps({k: vars(v) for k, v in runs.items()}))
+    else:
+        for k, v in runs.items():
+            print(f"{k:9s} prefill tokens {v.prefill_tokens_computed:7d}  mean TTFT "
+                  f"{v.mean_ttft_s * 1000:8.1f} ms  throughput {v.throughput_tok_s:7.1f} tok/s")
+    return 0
+
+
+def main(what: str, argv: list[str]) -> int:
+    if what == "throughput":
+        return _throughput(argv)
+    if what == "prefix":
+        return _prefix(argv)
+    raise SystemExit(f"unknown benchmark {what!r}")

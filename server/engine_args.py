@@ -1,0 +1,65 @@
+"""Engine flags shared by `serve`, `generate` and the offline benchmarks (vLLM's spelling)."""
+
+from __future__ import annotations
+
+import argparse
+
+from server.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="weights: omitted = the embedded SmolLM2-135M-Instruct GGUF; a .gguf file; a "
+                        "Hugging Face folder (config.json + safetensors); or a synthetic preset "
+                        "(smollm2-135m, llama3-8b, qwen2.5-7b, qwen3-8b) with seeded random weights")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name reported by the API and used in metric labels")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV dtype; auto = float32 on CPU, bfloat16 on GPU")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when present)")
+    g.add_argument("--attention-backend", default="auto",
+                   help="attention backend: reference, sdpa, triton (auto = triton on GPU, reference "
+                        "on CPU)")
+    g.add_argument("--prefill-backend", default=None,
+                   help="backend for prefill/extend sequences (default: --attention-backend)")
+    g.add_argument("--decode-backend", default=None,
+                   help="backend for decode sequences (default: --attention-backend)")
+    g.add_argument("--attention-variant", default="softmax",
+                   help="logits transform: softmax, softcap:CAP, sliding_window:W, alibi, sigmoid, "
+                        "silu, or module:function for your own Triton transform")
+    g.add_argument("--kv-layout", default="nhd", choices=["token", "nhd", "hnd", "hnd_x"],
+                   help="KV-cache layout (token forces page size 1)")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    g.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV pool size in tokens (CPU default 65536; GPU default: "
+                        "--gpu-memory-utilization)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of GPU memory for weights + KV cache")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step (prefill chunks + decodes)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's, capped at 8192)")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="turn off the radix prefix cache")
+    g.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"],
+                   help="waiting-queue order: first come first served, or longest prefix match")
+    g.add_argument("--attention-timing-every", type=int, default=8,
+                   help="time the attention calls every N steps (0 = never)")
+    g.add_argument("--seed", type=int, default=0, help="seed for synthetic weights")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+        device=args.device, attention_backend=args.attention_backend,
+        prefill_backend=args.prefill_backend, decode_backend=args.decode_backend,
+        attention_variant=args.attention_variant, kv_layout=args.kv_layout,
+        page_size=1 if args.kv_layout == "token" else args.page_size,
+        kv_cache_tokens=args.kv_cache_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
+        schedule_policy=args.schedule_policy,
+        attention_timing_every=args.attention_timing_every or 10**9, seed=args.seed,
+    )

@@ -1,0 +1,87 @@
+"""The offline Python API: `LLM(...).generate(prompts, SamplingParams)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from scheduler.request import SamplingParams
+from server.config import EngineConfig
+from server.engine import EngineCore
+from server.outputs import RequestOutput
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+class LLM:
+    """Runs the engine in the caller's thread until every submitted prompt has finished."""
+
+    def __init__(self, config: EngineConfig | None = None, **overrides: object) -> None:
+        config = config or EngineConfig()
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(f"unknown engine option {key!r}")
+            setattr(config, key, value)
+        self.engine = EngineCore(config)
+        self.tokenizer = self.engine.tokenizer
+
+    def encode_prompt(self, prompt: str | list[int], chat: bool) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]] | str,
+        params: SamplingParams | list[SamplingParams] | None = None,
+        chat: bool = False,
+        progress: bool = False,
+    ) -> list[Completion]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        results: dict[str, Completion] = {}
+        order: list[str] = []
+        for prompt, p in zip(prompts, params_list, strict=True):
+            ids = self.encode_prompt(prompt, chat)
+            rid = self.engine.add_request(ids, p)
+            results[rid] = Completion(prompt_token_ids=ids)
+            order.append(rid)
+        bar = tqdm(total=len(order), desc="generate", disable=not progress, unit="req")
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                self._merge(results[out.request_id], out)
+                if out.finished:
+                    bar.update(1)
+        bar.close()
+        return [results[rid] for rid in order]
+
+    @staticmethod
+    def _merge(c: Completion, out: RequestOutput) -> None:
+        c.token_ids.extend(out.new_token_ids)
+        c.text += out.new_text
+        c.arrival_time = out.arrival_time
+        c.first_token_time = out.first_token_time
+        c.num_cached_tokens = out.num_cached_tokens
+        if out.finished:
+            c.finish_reason = out.finish_reason
+            c.finish_time = out.finish_time
+            if out.error:
+                raise RuntimeError(out.error)

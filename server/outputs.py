@@ -1,0 +1,72 @@
+"""What the engine hands back per request per step, and the observer interface for metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from scheduler.request import Request
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """A delta: the tokens and text produced for one request since its previous output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int = 0
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    arrival_time: float = 0.0  # wall clock (time.time())
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    error: str | None = None  # set when the request failed inside the engine
+
+
+class EngineObserver(Protocol):
+    """Hooks the engine calls from its own thread; `server/metrics.py` implements them."""
+
+    def on_step(
+        self, phase: str, num_tokens: int, step_s: float, attention_s: float | None
+    ) -> None: ...
+
+    def on_tokens(self, request: Request, num_new: int, now: float) -> None: ...
+
+    def on_request_finished(self, request: Request, now: float) -> None: ...
+
+    def on_request_failed(self, reason: str) -> None: ...
+
+    def on_preemption(self, count: int) -> None: ...
+
+    def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None: ...
+
+
+class NullObserver:
+    def on_step(self, phase: str, num_tokens: int, step_s: float, attention_s: float | None) -> None:
+        return None
+
+    def on_tokens(self, request: Request, num_new: int, now: float) -> None:
+        return None
+
+    def on_request_finished(self, request: Request, now: float) -> None:
+        return None
+
+    def on_request_failed(self, reason: str) -> None:
+        return None
+
+    def on_preemption(self, count: int) -> None:
+        return None
+
+    def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None:
+        return None
