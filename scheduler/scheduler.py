@@ -1,0 +1,399 @@
+"""Continuous batching over a paged KV cache with a radix prefix cache.
+
+Each step (`schedule`) mixes one decode token for every running request that has finished
+its prompt with prefill chunks, under a token budget (`max_num_batched_tokens`) and a
+sequence cap (`max_num_seqs`). Prefill is always chunked: a long prompt takes as many steps
+as the budget needs. When pages run out, unlocked prefix-cache pages are evicted first; then
+the most recently admitted running request is preempted by recompute: its computed pages go
+into the prefix cache, it returns to the head of the waiting queue, and on re-admission its
+prompt plus the tokens it had generated are prefilled again (mostly from the cache).
+
+Invariants kept between calls:
+- every page in `request.pages` carries one allocator reference owned by that request;
+- a running request locks the radix node that ends the part of its pages that is in the
+  tree, so eviction never takes a page a running request uses;
+- `request.pages` is in position order and covers `num_computed_tokens` tokens.
+Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from kvcache.allocator import PageAllocator
+from kvcache.radix import MatchResult, RadixNode, RadixPrefixCache
+from scheduler.plan import ScheduledSeq, StepPlan
+from scheduler.policy import SCHEDULE_POLICIES, admission_order, common_prefix_pages
+from scheduler.request import FinishReason, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served; the message is meant for the user."""
+
+
+@dataclass
+class SchedulerConfig:
+    num_pages: int  # pages in the KV pool, the scratch page 0 included
+    page_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_prefix_cache: bool = True
+    schedule_policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.num_pages < 2:
+            raise ValueError("the KV pool needs at least 2 pages (page 0 is scratch)")
+        if self.page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(
+                f"unknown schedule policy {self.schedule_policy!r}; "
+                f"choose one of {SCHEDULE_POLICIES}"
+            )
+
+
+@dataclass
+class SchedulerStats:
+    num_pages_total: int
+    num_pages_free: int
+    num_pages_cached: int  # in the prefix cache, locked or not
+    num_pages_cached_evictable: int  # in the prefix cache and used by no running request
+    num_pages_in_use: int  # total - free - cached_evictable
+    prefix_cache_queries_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions_total: int
+    num_running: int
+    num_waiting: int
+
+
+def _pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.page_size = config.page_size
+        self.allocator = PageAllocator(config.num_pages)
+        self.prefix_cache = RadixPrefixCache(self.allocator, config.page_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is the next victim
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._locked_node: dict[str, RadixNode] = {}  # request id -> its lock in the tree
+        self._cached_pages: dict[str, int] = {}  # request id -> its pages already in the tree
+        self.prefix_cache_queries_tokens = 0
+        self.prefix_cache_hit_tokens = 0
+        self.num_preemptions_total = 0
+
+    # -- public state ----------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        total = self.allocator.num_total
+        free = self.allocator.num_free
+        evictable = self.prefix_cache.num_evictable_pages
+        return SchedulerStats(
+            num_pages_total=total,
+            num_pages_free=free,
+            num_pages_cached=self.prefix_cache.num_cached_pages,
+            num_pages_cached_evictable=evictable,
+            num_pages_in_use=total - free - evictable,
+            prefix_cache_queries_tokens=self.prefix_cache_queries_tokens,
+            prefix_cache_hit_tokens=self.prefix_cache_hit_tokens,
+            num_preemptions_total=self.num_preemptions_total,
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+        )
+
+    # -- submission and cancellation -------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        """Queue a request; raise RequestRejected if it can never be served."""
+        cfg = self.config
+        if req.request_id in self._requests:
+            raise RequestRejected(f"request id {req.request_id!r} is already in use")
+        if not req.prompt_token_ids:
+            raise RequestRejected("the prompt is empty: it must contain at least one token")
+        try:
+            req.sampling.validate()
+        except ValueError as exc:
+            raise RequestRejected(str(exc)) from exc
+        prompt, max_tokens = req.num_prompt_tokens, req.sampling.max_tokens
+        if prompt + max_tokens > cfg.max_model_len:
+            raise RequestRejected(
+                f"prompt ({prompt} tokens) + max_tokens ({max_tokens}) = "
+                f"{prompt + max_tokens} tokens, more than the maximum model length of "
+                f"{cfg.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        # The last generated token is never fed back, so its K/V needs no slot.
+        pages = _pages_for(prompt + max_tokens - 1, self.page_size)
+        if pages > self.allocator.num_total:
+            capacity = self.allocator.num_total * self.page_size
+            raise RequestRejected(
+                f"prompt ({prompt} tokens) + max_tokens ({max_tokens}) needs {pages} KV-cache "
+                f"pages, but the whole KV cache holds {self.allocator.num_total} pages "
+                f"({capacity} tokens); shorten the prompt or lower max_tokens"
+            )
+        req.status = RequestStatus.WAITING
+        self._requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> None:
+        """End a request wherever it is (e.g. a stop string the engine found); frees its pages.
+
+        Unknown or already finished ids are ignored.
+        """
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._finish(req, reason)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort at any point; returns False if the request is unknown or already finished."""
+        if request_id not in self._requests:
+            return False
+        self.finish_request(request_id, FinishReason.ABORT)
+        return True
+
+    # -- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        decodes: list[ScheduledSeq] = []
+        prefills: list[ScheduledSeq] = []
+        budget = self._schedule_running(plan, decodes, prefills)
+        # After a preemption the pool is tight: admitting now would only thrash.
+        if not plan.preempted:
+            self._admit_waiting(budget, prefills)
+        plan.seqs = decodes + prefills
+        plan.num_decodes = len(decodes)
+        return plan
+
+    def _schedule_running(
+        self, plan: StepPlan, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq]
+    ) -> int:
+        """Give every running request its next token(s); returns the token budget left."""
+        budget = self.config.max_num_batched_tokens
+        # Decode tokens are reserved up front so prefill chunks of older requests cannot
+        # starve newer requests' decodes.
+        pending_decodes = sum(1 for r in self.running if self._is_decode_ready(r))
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            is_decode = self._is_decode_ready(req)
+            if is_decode:
+                pending_decodes -= 1
+                num_new = 1 if budget >= 1 else 0
+            else:
+                remaining = req.num_tokens - req.num_computed_tokens
+                num_new = min(remaining, budget - pending_decodes)
+            if num_new <= 0:
+                i += 1
+                continue
+            need = _pages_for(req.num_computed_tokens + num_new, self.page_size) - len(req.pages)
+            while not self._make_free(need):
+                victim = self.running[-1]
+                if victim is not req and self._is_decode_ready(victim):
+                    pending_decodes -= 1
+                self._preempt(victim, plan)
+                if victim is req:
+                    return budget  # it was the last running request
+            req.pages.extend(self.allocator.alloc(max(need, 0)))
+            seq = ScheduledSeq(req, req.num_computed_tokens, num_new)
+            (decodes if is_decode else prefills).append(seq)
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _admit_waiting(self, budget: int, prefills: list[ScheduledSeq]) -> None:
+        cfg = self.config
+        cache = self.prefix_cache if cfg.enable_prefix_cache else None
+        for req in admission_order(self.waiting, cfg.schedule_policy, cache):
+            if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
+                return
+            tokens = req.all_token_ids
+            if cache is not None:
+                # The last token is always computed: its logits are needed, and so it never
+                # writes into a page that the tree shares.
+                match = cache.match(tokens[:-1])
+                if self._prefix_in_flight(tokens, match.num_tokens):
+                    continue
+                cache.lock(match.node)
+            else:
+                match = MatchResult([], 0, self.prefix_cache.root)
+            num_new = min(len(tokens) - match.num_tokens, budget)
+            need = _pages_for(match.num_tokens + num_new, self.page_size) - len(match.pages)
+            if not self._make_free(need):
+                if cache is not None:
+                    cache.unlock(match.node)
+                return  # head-of-line: later requests wait too, so large ones do not starve
+            self.waiting.remove(req)
+            self.allocator.incref(match.pages)
+            req.pages = list(match.pages) + self.allocator.alloc(need)
+            req.num_computed_tokens = req.num_cached_tokens = match.num_tokens
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            if cache is not None:
+                self._locked_node[req.request_id] = match.node
+                self._cached_pages[req.request_id] = len(match.pages)
+                self.prefix_cache_queries_tokens += len(tokens)
+                self.prefix_cache_hit_tokens += match.num_tokens
+            self.running.append(req)
+            prefills.append(ScheduledSeq(req, match.num_tokens, num_new))
+            budget -= num_new
+
+    def _prefix_in_flight(self, tokens: list[int], num_cached: int) -> bool:
+        """True if a request still prefilling will compute more of `tokens`' prefix than the
+        cache holds now: admitting later shares those pages instead of computing them twice.
+        """
+        ps = self.page_size
+        reusable = (len(tokens) - 1) // ps  # whole pages a later match could return
+        if reusable * ps <= num_cached:
+            return False
+        head = tokens[: reusable * ps]
+        for other in self.running:
+            if other.num_computed_tokens >= other.num_tokens - 1 and other.output_token_ids:
+                continue  # decoding: its prompt is already in the tree
+            if common_prefix_pages(head, other.all_token_ids, ps) * ps > num_cached:
+                return True
+        return False
+
+    # -- results ---------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, sampled: list[int]) -> list[Request]:
+        """Apply one step's results; returns the requests that finished in it.
+
+        `sampled[i]` is the token for the i-th seq of `plan.seqs` that needs a sample.
+        """
+        flags = [(seq.needs_sample, seq.is_decode) for seq in plan.seqs]
+        expected = sum(1 for needs_sample, _ in flags if needs_sample)
+        if len(sampled) != expected:
+            raise ValueError(f"update got {len(sampled)} sampled tokens, expected {expected}")
+        finished: list[Request] = []
+        tokens = iter(sampled)
+        now = time.monotonic()
+        for seq, (needs_sample, is_decode) in zip(plan.seqs, flags, strict=True):
+            token = next(tokens) if needs_sample else None
+            req = seq.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted or finished between schedule() and update()
+            req.num_computed_tokens = seq.start + seq.num_tokens
+            if not is_decode and self.config.enable_prefix_cache:
+                self._cache_prefix(req)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        sp = req.sampling
+        if not sp.ignore_eos and token in req.eos_token_ids:
+            return FinishReason.STOP
+        if token in sp.stop_token_ids:
+            return FinishReason.STOP
+        if len(req.output_token_ids) >= sp.max_tokens:
+            return FinishReason.LENGTH
+        if req.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- pages -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_decode_ready(req: Request) -> bool:
+        return bool(req.output_token_ids) and req.num_tokens - req.num_computed_tokens == 1
+
+    def _make_free(self, num_pages: int) -> bool:
+        """Evict unlocked cache pages until `num_pages` are free, if that is possible."""
+        short = num_pages - self.allocator.num_free
+        if short > 0 and self.config.enable_prefix_cache:
+            self.prefix_cache.evict(short)
+        return self.allocator.num_free >= num_pages
+
+    def _cache_prefix(self, req: Request) -> None:
+        """Put the request's computed whole pages into the tree and lock them for it.
+
+        Pages the tree already had for the same tokens (computed concurrently by another
+        request) replace the request's own copies, which are freed.
+        """
+        num_pages = req.num_computed_tokens // self.page_size
+        if num_pages <= self._cached_pages.get(req.request_id, 0):
+            return
+        tokens = req.all_token_ids[: num_pages * self.page_size]
+        result = self.prefix_cache.insert(tokens, req.pages[:num_pages])
+        for i, page in enumerate(result.pages):
+            if req.pages[i] != page:
+                self.allocator.incref([page])
+                self.allocator.decref([req.pages[i]])
+                req.pages[i] = page
+        self.prefix_cache.lock(result.node)
+        old = self._locked_node.get(req.request_id)
+        if old is not None:
+            self.prefix_cache.unlock(old)
+        self._locked_node[req.request_id] = result.node
+        self._cached_pages[req.request_id] = num_pages
+
+    def _release_pages(self, req: Request) -> None:
+        """Drop the request's pages and lock; computed whole pages stay in the cache."""
+        if self.config.enable_prefix_cache and req.pages:
+            self._cache_prefix(req)
+        node = self._locked_node.pop(req.request_id, None)
+        if node is not None:
+            self.prefix_cache.unlock(node)
+        self._cached_pages.pop(req.request_id, None)
+        self.allocator.decref(req.pages)
+        req.pages = []
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        self.running.remove(req)
+        self._release_pages(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(req)
+        plan.preempted.append(req)
+        logger.debug("preempted %s (%d tokens)", req.request_id, req.num_tokens)
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        self._release_pages(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.finished_time = time.monotonic()
+        self._requests.pop(req.request_id, None)
