@@ -38,7 +38,6 @@ class RequestRejected(ValueError):
 
 @dataclass
 class SchedulerConfig:
-    num_pages: int  # pages in the KV pool, the scratch page 0 included
     page_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -47,8 +46,6 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
-        if self.num_pages < 2:
-            raise ValueError("the KV pool needs at least 2 pages (page 0 is scratch)")
         if self.page_size < 1:
             raise ValueError("page_size must be >= 1")
         if self.max_num_seqs < 1:
@@ -83,11 +80,30 @@ def _pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    """Owns the requests' state; shares `allocator` (and the cache) with the engine.
+
+    The prefix cache is used when `config.enable_prefix_cache` is on: `prefix_cache` if given
+    (it must sit on the same allocator), else a new one. With the flag off it is None.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        allocator: PageAllocator,
+        prefix_cache: RadixPrefixCache | None = None,
+    ) -> None:
         self.config = config
         self.page_size = config.page_size
-        self.allocator = PageAllocator(config.num_pages)
-        self.prefix_cache = RadixPrefixCache(self.allocator, config.page_size)
+        self.allocator = allocator
+        self.prefix_cache: RadixPrefixCache | None = None
+        if config.enable_prefix_cache:
+            if prefix_cache is None:
+                prefix_cache = RadixPrefixCache(allocator, config.page_size)
+            if prefix_cache.allocator is not allocator:
+                raise ValueError("the prefix cache must use the scheduler's allocator")
+            if prefix_cache.page_size != config.page_size:
+                raise ValueError("the prefix cache's page size differs from the scheduler's")
+            self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the next victim
         self._requests: dict[str, Request] = {}  # every unfinished request
@@ -117,11 +133,12 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         total = self.allocator.num_total
         free = self.allocator.num_free
-        evictable = self.prefix_cache.num_evictable_pages
+        cache = self.prefix_cache
+        evictable = cache.num_evictable_pages if cache is not None else 0
         return SchedulerStats(
             num_pages_total=total,
             num_pages_free=free,
-            num_pages_cached=self.prefix_cache.num_cached_pages,
+            num_pages_cached=cache.num_cached_pages if cache is not None else 0,
             num_pages_cached_evictable=evictable,
             num_pages_in_use=total - free - evictable,
             prefix_cache_queries_tokens=self.prefix_cache_queries_tokens,
@@ -232,11 +249,12 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, prefills: list[ScheduledSeq]) -> None:
         cfg = self.config
-        cache = self.prefix_cache if cfg.enable_prefix_cache else None
+        cache = self.prefix_cache
         for req in admission_order(self.waiting, cfg.schedule_policy, cache):
             if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
                 return
             tokens = req.all_token_ids
+            match: MatchResult | None = None
             if cache is not None:
                 # The last token is always computed: its logits are needed, and so it never
                 # writes into a page that the tree shares.
@@ -244,28 +262,28 @@ class Scheduler:
                 if self._prefix_in_flight(tokens, match.num_tokens):
                     continue
                 cache.lock(match.node)
-            else:
-                match = MatchResult([], 0, self.prefix_cache.root)
-            num_new = min(len(tokens) - match.num_tokens, budget)
-            need = _pages_for(match.num_tokens + num_new, self.page_size) - len(match.pages)
+            cached_pages = match.pages if match is not None else []
+            num_cached = match.num_tokens if match is not None else 0
+            num_new = min(len(tokens) - num_cached, budget)
+            need = _pages_for(num_cached + num_new, self.page_size) - len(cached_pages)
             if not self._make_free(need):
-                if cache is not None:
+                if cache is not None and match is not None:
                     cache.unlock(match.node)
                 return  # head-of-line: later requests wait too, so large ones do not starve
             self.waiting.remove(req)
-            self.allocator.incref(match.pages)
-            req.pages = list(match.pages) + self.allocator.alloc(need)
-            req.num_computed_tokens = req.num_cached_tokens = match.num_tokens
+            self.allocator.incref(cached_pages)
+            req.pages = list(cached_pages) + self.allocator.alloc(need)
+            req.num_computed_tokens = req.num_cached_tokens = num_cached
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
-            if cache is not None:
+            if match is not None:
                 self._locked_node[req.request_id] = match.node
                 self._cached_pages[req.request_id] = len(match.pages)
                 self.prefix_cache_queries_tokens += len(tokens)
-                self.prefix_cache_hit_tokens += match.num_tokens
+                self.prefix_cache_hit_tokens += num_cached
             self.running.append(req)
-            prefills.append(ScheduledSeq(req, match.num_tokens, num_new))
+            prefills.append(ScheduledSeq(req, num_cached, num_new))
             budget -= num_new
 
     def _prefix_in_flight(self, tokens: list[int], num_cached: int) -> bool:
@@ -304,7 +322,7 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted or finished between schedule() and update()
             req.num_computed_tokens = seq.start + seq.num_tokens
-            if not is_decode and self.config.enable_prefix_cache:
+            if not is_decode and self.prefix_cache is not None:
                 self._cache_prefix(req)
             if token is None:
                 continue
@@ -338,7 +356,7 @@ class Scheduler:
     def _make_free(self, num_pages: int) -> bool:
         """Evict unlocked cache pages until `num_pages` are free, if that is possible."""
         short = num_pages - self.allocator.num_free
-        if short > 0 and self.config.enable_prefix_cache:
+        if short > 0 and self.prefix_cache is not None:
             self.prefix_cache.evict(short)
         return self.allocator.num_free >= num_pages
 
@@ -348,29 +366,31 @@ class Scheduler:
         Pages the tree already had for the same tokens (computed concurrently by another
         request) replace the request's own copies, which are freed.
         """
+        cache = self.prefix_cache
+        assert cache is not None
         num_pages = req.num_computed_tokens // self.page_size
         if num_pages <= self._cached_pages.get(req.request_id, 0):
             return
         tokens = req.all_token_ids[: num_pages * self.page_size]
-        result = self.prefix_cache.insert(tokens, req.pages[:num_pages])
+        result = cache.insert(tokens, req.pages[:num_pages])
         for i, page in enumerate(result.pages):
             if req.pages[i] != page:
                 self.allocator.incref([page])
                 self.allocator.decref([req.pages[i]])
                 req.pages[i] = page
-        self.prefix_cache.lock(result.node)
+        cache.lock(result.node)
         old = self._locked_node.get(req.request_id)
         if old is not None:
-            self.prefix_cache.unlock(old)
+            cache.unlock(old)
         self._locked_node[req.request_id] = result.node
         self._cached_pages[req.request_id] = num_pages
 
     def _release_pages(self, req: Request) -> None:
         """Drop the request's pages and lock; computed whole pages stay in the cache."""
-        if self.config.enable_prefix_cache and req.pages:
+        if self.prefix_cache is not None and req.pages:
             self._cache_prefix(req)
         node = self._locked_node.pop(req.request_id, None)
-        if node is not None:
+        if node is not None and self.prefix_cache is not None:
             self.prefix_cache.unlock(node)
         self._cached_pages.pop(req.request_id, None)
         self.allocator.decref(req.pages)
