@@ -27,6 +27,7 @@ class _GroupPlan:
     q_rows: torch.Tensor  # [B, Lq] row of q for each padded query (clamped)
     q_valid: torch.Tensor  # [B, Lq] bool
     kv_slots: torch.Tensor  # [B, Lk] slot of each key (padding -> slot 0)
+    kv_valid: torch.Tensor  # [B, Lk, 1, 1] bool: padding keys are masked, their values zeroed
     visible: torch.Tensor  # [B, 1, Lq, Lk] causal & padding mask
     q_pos: torch.Tensor  # [B, 1, Lq, 1]
     k_pos: torch.Tensor  # [B, 1, 1, Lk]
@@ -55,6 +56,7 @@ def plan_group(batch: ForwardBatch, token_offset: int) -> _GroupPlan:
         q_rows=q_rows,
         q_valid=q_valid,
         kv_slots=kv_slots,
+        kv_valid=k_valid[:, :, None, None],
         visible=visible[:, None],
         q_pos=q_pos[:, None, :, None],
         k_pos=j.view(1, 1, 1, Lk),
@@ -76,7 +78,9 @@ def attend_group(
     G = Hq // Hkv
     qg = q[plan.q_rows].to(compute_dtype)  # [B, Lq, Hq, D]
     keys = read_slots(k_cache, pool.layout, plan.kv_slots).to(compute_dtype)  # [B, Lk, Hkv, D]
+    # the scratch page behind padding may hold anything: 0 * NaN would poison the sum
     vals = read_slots(v_cache, pool.layout, plan.kv_slots).to(compute_dtype)
+    vals = vals.masked_fill(~plan.kv_valid, 0.0)
     Lk = keys.shape[1]
     # GQA: the G query heads of a KV head become extra query rows of one matmul.
     qg = qg.view(B, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lq, D)
