@@ -243,7 +243,8 @@ class RadixPrefixCache:
         upper.children[tuple(node.key[:ps])] = node
         return upper
 
-    def _nodes(self) -> Iterator[RadixNode]:
+    def nodes(self) -> Iterator[RadixNode]:
+        """Every node but the root, in no particular order."""
         stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
@@ -251,11 +252,11 @@ class RadixPrefixCache:
             stack.extend(node.children.values())
 
     def _evictable_leaves(self) -> list[RadixNode]:
-        return [n for n in self._nodes() if not n.children and n.lock_ref == 0]
+        return [n for n in self.nodes() if not n.children and n.lock_ref == 0]
 
     def all_pages(self) -> list[int]:
         """Every page the tree holds (for tests and statistics)."""
-        return [p for node in self._nodes() for p in node.pages]
+        return [p for node in self.nodes() for p in node.pages]
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the tree's structure or its counters are inconsistent."""
@@ -263,7 +264,7 @@ class RadixPrefixCache:
         assert not self.root.pages and not self.root.key and self.root.lock_ref == 0
         seen: set[int] = set()
         cached = locked = 0
-        for node in self._nodes():
+        for node in self.nodes():
             assert node.pages, "a non-root node without pages"
             assert len(node.key) == len(node.pages) * ps, "key length is not pages * page_size"
             parent = node.parent
