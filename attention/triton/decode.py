@@ -1,0 +1,311 @@
+"""Batch decode over a paged KV cache: one query token per sequence, split-KV.
+
+One program handles (sequence b, KV head h, split s). The G query heads of KV head h are
+the rows of `tl.dot` (padded to 16, so group sizes 3 or 7 work), and the keys of the split
+stream through in tiles of BLOCK_N tokens, each token's page looked up in the block table.
+The KV layout is a compile-time parameter of the one kernel source:
+
+  token / nhd / hnd: element = page*s_page + off*s_off + head*s_head + dim
+  hnd_x:             element = page*s_page + (off//X)*s_xblk + head*s_head + dim*X + off%X
+                     (loaded as [BLOCK_N/X, D, X] tiles, 16-byte rows, then permuted)
+
+With one split the kernel writes the output directly. With several (flash-decoding), each
+split writes a partial result: for softmax variants the normalised output and its
+log2-sum-exp; for pointwise variants the unnormalised sum and the visible-key count. A
+second kernel merges the splits. Nothing on the launch path reads device memory on the
+host, so the launches can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from attention.triton.variants import TritonVariant
+from kvcache.layout import KVLayout
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_tile(
+    cache, table_row, kv_head, start_n, hi,
+    s_page, s_off, s_head, s_xblk,
+    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """Tokens [start_n, start_n + BLOCK_N) of one KV head: [BLOCK_N, BLOCK_D], or
+    [BLOCK_D, BLOCK_N] when TRANSPOSED. Tokens at or past `hi` read as 0."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if LAYOUT_X:
+        NB: tl.constexpr = BLOCK_N // X
+        tok0 = start_n + tl.arange(0, NB) * X  # first token of each X-run (one page each)
+        page = tl.load(table_row + tok0 // PAGE_SIZE, mask=tok0 < hi, other=0).to(tl.int64)
+        base = page * s_page + ((tok0 % PAGE_SIZE) // X) * s_xblk + kv_head * s_head
+        offs_x = tl.arange(0, X)
+        ptrs = cache + base[:, None, None] + offs_d[None, :, None] * X + offs_x[None, None, :]
+        mask = (tok0[:, None, None] + offs_x[None, None, :]) < hi
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (offs_d[None, :, None] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)  # [NB, D, X]
+        if TRANSPOSED:
+            return tl.reshape(tl.permute(tile, (1, 0, 2)), (BLOCK_D, BLOCK_N))
+        return tl.reshape(tl.permute(tile, (0, 2, 1)), (BLOCK_N, BLOCK_D))
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        page = tl.load(table_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        base = page * s_page + (offs_n % PAGE_SIZE) * s_off + kv_head * s_head
+        if TRANSPOSED:
+            ptrs = cache + base[None, :] + offs_d[:, None]
+            mask = mask_n[None, :]
+            if HEAD_DIM != BLOCK_D:
+                mask = mask & (offs_d[:, None] < HEAD_DIM)
+        else:
+            ptrs = cache + base[:, None] + offs_d[None, :]
+            mask = mask_n[:, None]
+            if HEAD_DIM != BLOCK_D:
+                mask = mask & (offs_d[None, :] < HEAD_DIM)
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache, v_cache, block_table, seq_lens, slopes_ptr,
+    out_ptr, part_out_ptr, part_stat_ptr,
+    scale, param, num_splits,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+    s_page, s_off, s_head, s_xblk,
+    max_splits,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
+    NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + b)
+    # Each sequence is cut into num_splits ranges of whole tiles.
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    q_head = kv_head * GROUP + offs_g
+    q_mask = mask_g[:, None]
+    if HEAD_DIM != BLOCK_D:
+        q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + q_head[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    if HAS_SLOPES:
+        slope = tl.load(slopes_ptr + q_head, mask=mask_g, other=0.0)[:, None]
+    else:
+        slope = tl.zeros([GROUP_PAD, 1], dtype=tl.float32)
+    q_pos = tl.zeros([GROUP_PAD, 1], dtype=tl.int32) + (seq_len - 1)
+    table_row = block_table + b.to(tl.int64) * stride_bt
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        k_t = _kv_tile(k_cache, table_row, kv_head, start_n, hi, s_page, s_off, s_head, s_xblk,
+                       PAGE_SIZE, X, LAYOUT_X, HEAD_DIM, BLOCK_D, BLOCK_N, True)
+        v = _kv_tile(v_cache, table_row, kv_head, start_n, hi, s_page, s_off, s_head, s_xblk,
+                     PAGE_SIZE, X, LAYOUT_X, HEAD_DIM, BLOCK_D, BLOCK_N, False)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s = LOGITS_FN(s, q_pos, offs_n[None, :], slope, param)
+        s = tl.where(offs_n[None, :] < hi, s, float("-inf"))
+        if USE_SOFTMAX:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+            p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        else:
+            visible = s != float("-inf")
+            p = tl.where(visible, WEIGHT_FN(s, q_pos, offs_n[None, :], slope, param), 0.0)
+            l_i += tl.sum(visible.to(tl.float32), 1)  # visible-key count
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+    if USE_SOFTMAX:
+        result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    elif NORMALIZE_BY_VISIBLE and DIRECT_OUT:
+        result = acc / tl.maximum(l_i, 1.0)[:, None]
+    else:
+        result = acc
+    out_mask = mask_g[:, None]
+    if HEAD_DIM != BLOCK_D:
+        out_mask = out_mask & (offs_d[None, :] < HEAD_DIM)
+    if DIRECT_OUT:
+        tl.store(out_ptr + b * stride_ob + q_head[:, None] * stride_oh + offs_d[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partials: [B, Hq, max_splits, BLOCK_D] and stats [B, Hq, max_splits], float32
+        row = (b * (tl.num_programs(1) * GROUP) + q_head).to(tl.int64) * max_splits + split
+        tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], result,
+                 mask=mask_g[:, None])
+        if USE_SOFTMAX:
+            stat = tl.where(l_i == 0.0, float("-inf"), m_i * 1.4426950408889634 + tl.log2(l_i))
+        else:
+            stat = l_i
+        tl.store(part_stat_ptr + row, stat, mask=mask_g)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr, part_stat_ptr, out_ptr,
+    num_splits, max_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    USE_SOFTMAX: tl.constexpr, NORMALIZE_BY_VISIBLE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = (b * tl.num_programs(1) + h).to(tl.int64) * max_splits
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    parts = tl.load(part_out_ptr + (row0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=mask_s[:, None], other=0.0)
+    if USE_SOFTMAX:
+        lse = tl.load(part_stat_ptr + row0 + offs_s, mask=mask_s, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        total = tl.sum(w, 0)
+        out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    else:
+        out = tl.sum(parts, 0)
+        if NORMALIZE_BY_VISIBLE:
+            count = tl.sum(tl.load(part_stat_ptr + row0 + offs_s, mask=mask_s, other=0.0), 0)
+            out = out / tl.maximum(count, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool) -> DecodeConfig:
+    """Launch configuration; the CPU interpreter gets small tiles (cheap to emulate, and
+    they exercise multi-tile loops)."""
+    if not on_gpu:
+        return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
+
+
+def choose_num_splits(
+    batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+    block_n: int, max_splits: int = 64, programs_per_sm: int = 4, min_tokens_per_split: int = 256,
+) -> int:
+    """Splits per sequence so that batch x kv_heads x splits programs fill the GPU, without
+    cutting any sequence into pieces shorter than `min_tokens_per_split` (or one tile)."""
+    programs = max(1, batch_size * num_kv_heads)
+    want = -(-num_sms * programs_per_sm // programs)
+    longest = -(-max_seq_len // max(block_n, min_tokens_per_split))
+    return max(1, min(want, longest, max_splits))
+
+
+@dataclass
+class SplitBuffers:
+    """Scratch for split-KV partial results, allocated once and grown, never per call."""
+
+    part_out: torch.Tensor  # float32, flat
+    part_stat: torch.Tensor
+
+    @classmethod
+    def empty(cls, device: torch.device) -> SplitBuffers:
+        return cls(torch.empty(0, device=device), torch.empty(0, device=device))
+
+    def ensure(self, batch: int, num_q_heads: int, splits: int, block_d: int) -> None:
+        rows = batch * num_q_heads * splits
+        if self.part_stat.numel() < rows:
+            dev = self.part_out.device
+            self.part_out = torch.empty(rows * block_d, dtype=torch.float32, device=dev)
+            self.part_stat = torch.empty(rows, dtype=torch.float32, device=dev)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: KVLayout,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    variant: TritonVariant,
+    slopes: torch.Tensor | None,
+    num_splits: int,
+    buffers: SplitBuffers | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """out[b] = attention of q[b] [Hq, D] over the first seq_lens[b] tokens of sequence b.
+
+    q, out: [B, Hq, D] (last dim contiguous); block_table [B, max_pages] int32; the query's
+    position is seq_lens[b] - 1. `buffers` must hold B x Hq x num_splits partial rows when
+    num_splits > 1 (`SplitBuffers.ensure`); pass the same object every step.
+    """
+    B, Hq, D = q.shape
+    Hkv = layout.num_kv_heads
+    if B == 0:
+        return out
+    group = Hq // Hkv
+    block_d = triton.next_power_of_2(D)
+    if config is None:
+        config = default_decode_config(layout, D, q.is_cuda)
+    block_n = config.block_n
+    if layout.name == "hnd_x":
+        block_n = max(block_n, layout.x)
+    s_page, s_off, s_head, s_dim, s_xblk = layout.strides()
+    direct = num_splits == 1
+    if not direct:
+        if buffers is None:
+            buffers = SplitBuffers.empty(q.device)
+        buffers.ensure(B, Hq, num_splits, block_d)
+    part_out = out if direct else buffers.part_out
+    part_stat = out if direct else buffers.part_stat
+    slopes_arg = slopes if (variant.needs_slopes and slopes is not None) else q
+    if variant.needs_slopes and slopes is None:
+        raise ValueError(f"variant {variant.name!r} needs per-head slopes")
+    _decode_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, slopes_arg,
+        out, part_out, part_stat,
+        scale, variant.param, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        s_page, s_off, s_head, s_xblk,
+        num_splits,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
+        PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x",
+        DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        **variant.kernel_args(),
+    )
+    if not direct:
+        _merge_kernel[(B, Hq)](
+            part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=block_d, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            USE_SOFTMAX=variant.use_softmax, NORMALIZE_BY_VISIBLE=variant.normalize_by_visible,
+            num_warps=4 if D >= 128 else 2,
+        )
+    return out

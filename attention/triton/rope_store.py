@@ -1,0 +1,155 @@
+"""Fused rotary embedding + K/V store into the paged pool, for every KV layout.
+
+One program per new token: it reads the token's cos|sin row, rotates q (written to
+`q_out`) and k (neox / Hugging Face rotate_half convention, in float32), and stores the
+rotated k and the plain v at the token's slot:
+
+    rot(x) = (x1 * cos - x2 * sin | x2 * cos + x1 * sin),  x = (x1 | x2) split in halves
+    cos_sin_cache [max_positions, head_dim] = (cos half | sin half), float32
+
+With ROTATE=False the same kernel is the plain K/V store (q untouched, no cos|sin read).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcache.layout import KVLayout
+
+
+@triton.jit
+def _slot_offsets(slot, heads, offs_d, s_page, s_off, s_head, s_xblk,
+                  PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr):
+    """Element offsets [H, D] of one slot's (head, dim) elements in a layer's cache."""
+    page = slot // PAGE_SIZE
+    off = slot % PAGE_SIZE
+    if LAYOUT_X:
+        base = page * s_page + (off // X) * s_xblk + off % X
+        return base + heads[:, None] * s_head + offs_d[None, :] * X
+    return page * s_page + off * s_off + heads[:, None] * s_head + offs_d[None, :]
+
+
+@triton.jit
+def _rotate_halves(ptr, row, heads, offs_h, mask, cos, sin, stride_h, HALF: tl.constexpr):
+    """Load x [H, 2*HALF] as two halves and return the rotated halves (float32)."""
+    base = ptr + row + heads[:, None] * stride_h + offs_h[None, :]
+    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _rope_store_kernel(
+    q_ptr, k_ptr, v_ptr, q_out_ptr, positions, cos_sin, slots, k_cache, v_cache,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh, stride_cs,
+    s_page, s_off, s_head, s_xblk,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, ROTATE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slots + t).to(tl.int64)
+    kv_heads = tl.arange(0, HKV_PAD)
+    kv_mask_h = kv_heads < NUM_KV_HEADS
+    cache_ty = k_cache.dtype.element_ty
+    if ROTATE:
+        pos = tl.load(positions + t).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_HALF)
+        mask_half = offs_h < HALF
+        cos = tl.load(cos_sin + pos * stride_cs + offs_h, mask=mask_half, other=0.0)[None, :]
+        sin = tl.load(cos_sin + pos * stride_cs + HALF + offs_h, mask=mask_half, other=0.0)[None, :]
+        q_heads = tl.arange(0, HQ_PAD)
+        q_mask = (q_heads < NUM_Q_HEADS)[:, None] & mask_half[None, :]
+        q1, q2 = _rotate_halves(q_ptr, t * stride_qt, q_heads, offs_h, q_mask, cos, sin,
+                                stride_qh, HALF)
+        q_out = q_out_ptr + t * stride_qot + q_heads[:, None] * stride_qoh + offs_h[None, :]
+        tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(q_out + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=q_mask)
+        k_mask = kv_mask_h[:, None] & mask_half[None, :]
+        k1, k2 = _rotate_halves(k_ptr, t * stride_kt, kv_heads, offs_h, k_mask, cos, sin,
+                                stride_kh, HALF)
+        dst = _slot_offsets(slot, kv_heads, offs_h, s_page, s_off, s_head, s_xblk,
+                            PAGE_SIZE, X, LAYOUT_X)
+        tl.store(k_cache + dst, k1.to(cache_ty), mask=k_mask)
+        dst2 = _slot_offsets(slot, kv_heads, offs_h + HALF, s_page, s_off, s_head, s_xblk,
+                             PAGE_SIZE, X, LAYOUT_X)
+        tl.store(k_cache + dst2, k2.to(cache_ty), mask=k_mask)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = kv_mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
+    dst = _slot_offsets(slot, kv_heads, offs_d, s_page, s_off, s_head, s_xblk,
+                        PAGE_SIZE, X, LAYOUT_X)
+    if not ROTATE:
+        k = tl.load(k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        tl.store(k_cache + dst, k.to(cache_ty), mask=kv_mask)
+    v = tl.load(v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    tl.store(v_cache + dst, v.to(cache_ty), mask=kv_mask)
+
+
+def _launch(
+    q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, q_out: torch.Tensor | None,
+    positions: torch.Tensor | None, cos_sin_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
+) -> None:
+    T, Hkv, D = k.shape
+    if T == 0:
+        return
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v need a contiguous last dimension")
+    rotate = q is not None
+    s_page, s_off, s_head, _, s_xblk = layout.strides()
+    Hq = q.shape[1] if rotate else Hkv
+    half = D // 2
+    dummy = k
+    _rope_store_kernel[(T,)](
+        q if rotate else dummy, k, v, q_out if rotate else dummy,
+        positions if rotate else slot_mapping, cos_sin_cache if rotate else dummy,
+        slot_mapping, k_cache, v_cache,
+        q.stride(0) if rotate else 0, q.stride(1) if rotate else 0,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_out.stride(0) if rotate else 0, q_out.stride(1) if rotate else 0,
+        cos_sin_cache.stride(0) if rotate else 0,
+        s_page, s_off, s_head, s_xblk,
+        NUM_Q_HEADS=Hq, NUM_KV_HEADS=Hkv,
+        HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv),
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=half,
+        BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
+        PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x", ROTATE=rotate,
+        num_warps=4 if Hq * D >= 2048 else 1,
+    )
+
+
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] at `positions` [T]; store rotated k and v
+    [T, Hkv, D] into the caches at `slot_mapping` [T]. Returns the rotated q (`q_out`, a new
+    tensor when None; it may be q itself: each element is read before it is written)."""
+    if q.shape[-1] % 2:
+        raise ValueError("rotary needs an even head dim")
+    if q.stride(-1) != 1:
+        raise ValueError("q needs a contiguous last dimension")
+    if cos_sin_cache.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"cos_sin_cache has {cos_sin_cache.shape[-1]} columns, head dim is {q.shape[-1]}"
+        )
+    if q_out is None:
+        q_out = torch.empty_like(q)
+    _launch(q, k, v, q_out, positions, cos_sin_cache, slot_mapping, k_cache, v_cache, layout)
+    return q_out
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
+) -> None:
+    """Store k, v [T, Hkv, D] into the caches at `slot_mapping` [T] (no rotary)."""
+    _launch(None, k, v, None, None, None, slot_mapping, k_cache, v_cache, layout)

