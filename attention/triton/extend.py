@@ -1,0 +1,287 @@
+"""Triton batch prefill/extend attention over a paged KV cache.
+
+    extend_attention(q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens,
+                     block_table, out, scale, variant, max_q_len, alibi_slopes=None) -> out
+
+- q [T, Hq, D]: the new query tokens of B sequences, ragged: rows qo_indptr[b]:qo_indptr[b+1]
+  belong to sequence b (qo_indptr [B+1] int32, on the device).
+- k_cache / v_cache: one layer's paged K and V in `layout` (token, nhd, hnd or hnd_x; see
+  kvcache/layout.py). The new tokens' K/V are ALREADY stored there: the kernel reads the
+  whole KV of a sequence (cached prefix + new tokens) through its block table row.
+- prefix_lens [B] int32: tokens cached before this step; seq_lens [B] int32: prefix + new.
+  Query token i of sequence b sits at absolute position prefix_lens[b] + i and sees the keys
+  at positions <= its own (causal). A whole prompt is the case prefix_lens[b] == 0.
+- block_table [B, max_pages] int32: page ids (for `token`, page size 1: slot ids).
+- out [T, Hq, D]: written in place (every row of every head) and returned.
+- scale: the softmax scale; variant: an `attention.variants.Variant` (built-in or a user's
+  `module:function` Triton transform); alibi_slopes [Hq] float32 (needed by alibi only;
+  computed from the head count when None).
+- max_q_len: the longest new-token run in the batch, a host int (sizes the grid without a
+  device sync).
+
+One kernel source serves every layout (the layout is a compile-time constant), GQA (the
+query heads of a KV group read the same K/V tiles, scheduled side by side for L2 reuse),
+any head dim (padded to a power of two) and every variant (the transform is a constexpr
+jitted function from attention/triton/variants.py: one kernel instance per variant). The
+KV loop of a query block is split in two: keys every query row of the block may see (no
+mask computed, no bounds checks) and the diagonal tiles that need the causal mask.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from attention.triton.extend_config import ExtendConfig, extend_config
+from attention.triton.variants import identity, triton_variant
+from attention.variants import Variant, alibi_slopes
+from kvcache.layout import KVLayout
+
+_LAYOUT_CODES = {"token": 0, "nhd": 0, "hnd": 1, "hnd_x": 2}  # token == nhd with page size 1
+_LOG2E = 1.4426950408889634
+_MASKED_MAX = -1.0e30  # finite start for the running max: a fully masked tile gives p = 0, not NaN
+
+
+@triton.jit
+def _kv_tile_offsets(
+    start, seq_len, bt_row, kv_head, offs_d,
+    MASKED: tl.constexpr, LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, X: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr,
+):
+    """Element offsets [BLOCK_N, BLOCK_D] of keys start..start+BLOCK_N of one KV head."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if PAGE_PER_TILE:  # the tile lies inside one page: one page-id load per tile
+        page = tl.load(bt_row + start // PAGE_SIZE).to(tl.int64)
+        in_page = (start % PAGE_SIZE) + tl.arange(0, BLOCK_N)
+        page_base = page * (PAGE_SIZE * NUM_KV_HEADS * HEAD_DIM)
+    else:  # a page id per key (page size 1, or tiles spanning pages)
+        if MASKED:
+            pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < seq_len, other=0)
+        else:
+            pages = tl.load(bt_row + offs_n // PAGE_SIZE)
+        in_page = offs_n % PAGE_SIZE
+        page_base = pages.to(tl.int64)[:, None] * (PAGE_SIZE * NUM_KV_HEADS * HEAD_DIM)
+    if LAYOUT == 0:  # [pages, page_size, kv_heads, head_dim]
+        row = in_page * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
+        offs = row[:, None] + offs_d[None, :]
+    elif LAYOUT == 1:  # [pages, kv_heads, page_size, head_dim]
+        row = kv_head * (PAGE_SIZE * HEAD_DIM) + in_page * HEAD_DIM
+        offs = row[:, None] + offs_d[None, :]
+    else:  # [pages, kv_heads, page_size / x, head_dim, x]
+        row = kv_head * (PAGE_SIZE * HEAD_DIM) + (in_page // X) * (HEAD_DIM * X) + in_page % X
+        offs = row[:, None] + offs_d[None, :] * X
+    return page_base + offs, offs_n
+
+
+@triton.jit
+def _attend_tile(
+    acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, kv_head, offs_d, d_mask,
+    slope, scale, param,
+    MASKED: tl.constexpr, LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, X: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr, PAD_D: tl.constexpr,
+    LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
+    LOGITS_IS_IDENTITY: tl.constexpr,
+):
+    offs, offs_n = _kv_tile_offsets(
+        start, seq_len, bt_row, kv_head, offs_d, MASKED, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
+        HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE,
+    )
+    if MASKED:  # keys past seq_len may be stale or NaN: load zeros there
+        kv_mask = (offs_n < seq_len)[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+    elif PAD_D:
+        k = tl.load(k_ptr + offs, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_ptr + offs, mask=d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    qk = tl.dot(q, tl.trans(k))
+    k_pos = offs_n[None, :]
+    if USE_SOFTMAX:
+        if LOGITS_IS_IDENTITY:
+            s = qk * (scale * 1.4426950408889634)  # log2 domain: exp2 below
+        else:
+            s = LOGITS_FN(qk * scale, q_pos, k_pos, slope, param) * 1.4426950408889634
+        if MASKED:
+            s = tl.where(k_pos <= q_pos, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    else:
+        s = qk * scale
+        if not LOGITS_IS_IDENTITY:
+            s = LOGITS_FN(s, q_pos, k_pos, slope, param)
+        p = WEIGHT_FN(s, q_pos, k_pos, slope, param)
+        if MASKED:
+            p = tl.where(k_pos <= q_pos, p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["stride_bt", "param", "window"])
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
+    block_table_ptr, slopes_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, param, window,
+    LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, X: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr,
+    LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
+    NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+    LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr,
+):
+    # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
+    # the last (longest, for causal) query blocks start first for a balanced tail.
+    head = tl.program_id(0)
+    q_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(qo_indptr_ptr + seq)
+    q_len = tl.load(qo_indptr_ptr + seq + 1) - q_start
+    if q_block * BLOCK_M >= q_len:
+        return
+    prefix = tl.load(prefix_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_head = head // GROUP
+
+    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    row_mask = offs_m < q_len
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    q_pos = (prefix + offs_m)[:, None]
+    if HAS_SLOPES:
+        slope = tl.load(slopes_ptr + head)
+    else:
+        slope = 0.0
+
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    # Keys below `full_end` are visible to every row of the block; the rest need the mask.
+    first_q_pos = prefix + q_block * BLOCK_M
+    hi = tl.minimum(seq_len, prefix + tl.minimum((q_block + 1) * BLOCK_M, q_len))
+    full_end = ((first_q_pos + 1) // BLOCK_N) * BLOCK_N
+    lo = 0
+    if WINDOW_SKIP:  # sliding window: skip tiles that are out of every row's window
+        lo = tl.maximum(first_q_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+    diag_start = tl.maximum(full_end, lo)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    for start in tl.range(lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, kv_head, offs_d,
+            d_mask, slope, scale, param, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
+            BLOCK_N, PAGE_PER_TILE, PAD_D, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+        )
+    for start in tl.range(diag_start, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, kv_head, offs_d,
+            d_mask, slope, scale, param, True, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
+            BLOCK_N, PAGE_PER_TILE, PAD_D, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+        )
+
+    if USE_SOFTMAX:
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    elif NORMALIZE_BY_VISIBLE:  # causal: query at position p sees p + 1 keys
+        acc = acc / (q_pos + 1).to(tl.float32)
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(head_dim: int, device: torch.device) -> ExtendConfig:
+    """The table config for this head dim on `device` (small tiles under the interpreter)."""
+    if device.type != "cuda" or _interpreting():
+        return extend_config(head_dim, None)
+    return extend_config(head_dim, torch.cuda.get_device_capability(device)[0])
+
+
+def extend_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
+    qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, out: torch.Tensor, scale: float, variant: Variant,
+    max_q_len: int, alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over cached prefix + themselves (module docstring)."""
+    config = default_config(q.shape[-1], q.device)
+    return extend_attention_with_config(
+        q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table, out,
+        scale, variant, max_q_len, alibi_slopes, config,
+    )
+
+
+_slopes_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _slopes_for(num_heads: int, device: torch.device) -> torch.Tensor:
+    key = (num_heads, device)
+    if key not in _slopes_cache:
+        _slopes_cache[key] = alibi_slopes(num_heads).to(device=device, dtype=torch.float32)
+    return _slopes_cache[key]
+
+
+def extend_attention_with_config(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
+    qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, out: torch.Tensor, scale: float, variant: Variant,
+    max_q_len: int, alibi_slopes: torch.Tensor | None, config: ExtendConfig,
+) -> torch.Tensor:
+    """`extend_attention` with explicit block sizes (for the benchmark's sweep)."""
+    T, Hq, D = q.shape
+    Hkv = layout.num_kv_heads
+    if D != layout.head_dim or Hq % Hkv != 0:
+        raise ValueError(
+            f"q [T, {Hq}, {D}] does not fit layout {layout.describe()} with {Hkv} KV heads"
+        )
+    if q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("q and out need a contiguous last (head_dim) dimension")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the K/V caches must be contiguous tensors in their layout")
+    B = seq_lens.shape[0]
+    if T == 0 or B == 0 or max_q_len <= 0:
+        return out
+    tv = triton_variant(variant)
+    slopes = alibi_slopes
+    if tv.needs_slopes and slopes is None:
+        slopes = _slopes_for(Hq, q.device)
+    if slopes is None:
+        slopes = qo_indptr  # never read (HAS_SLOPES is False); any device pointer will do
+    page_size = layout.page_size
+    # sliding_window masks keys with q_pos - k_pos >= window; whole tiles below are skipped
+    window = math.ceil(tv.param) if variant.name == "sliding_window" else 0
+    grid = (Hq, triton.cdiv(max_q_len, config.block_m), B)
+    _extend_kernel[grid](
+        q, k_cache, v_cache, out, qo_indptr, prefix_lens, seq_lens, block_table, slopes,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        float(scale), tv.param, window,
+        LAYOUT=_LAYOUT_CODES[layout.name], PAGE_SIZE=page_size, NUM_KV_HEADS=Hkv,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), X=layout.x, GROUP=Hq // Hkv,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        PAGE_PER_TILE=page_size % config.block_n == 0,
+        LOGITS_IS_IDENTITY=tv.logits is identity,
+        WINDOW_SKIP=variant.name == "sliding_window",
+        **tv.kernel_args(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
