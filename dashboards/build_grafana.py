@@ -1,0 +1,178 @@
+"""Writes dashboards/grafana.json, the Grafana dashboard for attnserve's /metrics.
+
+The JSON is generated so that every panel follows the same conventions (label selector,
+grouping by backend, layout and page size, $__rate_interval windows); edit this file and
+run `python dashboards/build_grafana.py` rather than editing the JSON by hand. A test
+checks that the committed JSON is what this script produces.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).with_name("grafana.json")
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# The dashboard's variables filter every query; "All" means the regex .*
+SEL = 'model_name=~"$model_name",attention_backend=~"$attention_backend",kv_layout=~"$kv_layout"'
+BY = "attention_backend, kv_layout, page_size"
+LEGEND = "{{attention_backend}} {{kv_layout}} p{{page_size}}"
+RATE = "[$__rate_interval]"
+
+
+@dataclass
+class Target:
+    expr: str
+    legend: str
+
+
+@dataclass
+class Panel:
+    title: str
+    description: str
+    targets: list[Target]
+    unit: str
+    width: int = 12
+
+
+def quantiles(metric: str, by: str = BY, legend: str = LEGEND,
+              qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> list[Target]:
+    return [
+        Target(f"histogram_quantile({q}, sum by (le, {by}) "
+               f"(rate(attnserve_{metric}_bucket{{{SEL}}}{RATE})))", f"{legend} p{round(q * 100)}")
+        for q in qs
+    ]
+
+
+def mean(metric: str, by: str = BY, legend: str = LEGEND) -> Target:
+    return Target(f"sum by ({by}) (rate(attnserve_{metric}_sum{{{SEL}}}{RATE})) / "
+                  f"sum by ({by}) (rate(attnserve_{metric}_count{{{SEL}}}{RATE}))", legend)
+
+
+def panels() -> list[Panel]:
+    return [
+        Panel("Time to first token", "TTFT quantiles: arrival to first generated token.",
+              quantiles("time_to_first_token_seconds"), "s"),
+        Panel("Inter-token latency", "ITL quantiles: time between consecutive tokens of a "
+              "request.", quantiles("inter_token_latency_seconds"), "s"),
+        Panel("Time per output token", "TPOT quantiles: (e2e - TTFT) / (tokens - 1) per request.",
+              quantiles("request_time_per_output_token_seconds"), "s"),
+        Panel("End-to-end request latency", "E2E quantiles: arrival to last token.",
+              quantiles("e2e_request_latency_seconds"), "s"),
+        Panel("Token throughput", "Prompt and generated tokens per second.", [
+            Target(f"sum by ({BY}) (rate(attnserve_prompt_tokens_total{{{SEL}}}{RATE}))",
+                   f"{LEGEND} prompt"),
+            Target(f"sum by ({BY}) (rate(attnserve_generation_tokens_total{{{SEL}}}{RATE}))",
+                   f"{LEGEND} generation"),
+        ], "tps"),
+        Panel("Requests running and waiting", "Requests in the running batch and in the queue.", [
+            Target(f"sum by ({BY}) (attnserve_num_requests_running{{{SEL}}})",
+                   f"{LEGEND} running"),
+            Target(f"sum by ({BY}) (attnserve_num_requests_waiting{{{SEL}}})",
+                   f"{LEGEND} waiting"),
+        ], "short"),
+        Panel("KV cache usage", "Fraction of KV pages held by requests (evictable prefix-cache "
+              "pages count as free).", [
+            Target(f"max by ({BY}) (attnserve_kv_cache_usage_perc{{{SEL}}})", LEGEND),
+        ], "percentunit"),
+        Panel("Prefix cache hit rate", "Prompt tokens served from the prefix cache over prompt "
+              "tokens looked up, from the two counters.", [
+            Target(f"sum by ({BY}) (rate(attnserve_prefix_cache_hits_total{{{SEL}}}{RATE})) / "
+                   f"sum by ({BY}) (rate(attnserve_prefix_cache_queries_total{{{SEL}}}{RATE}))",
+                   LEGEND),
+        ], "percentunit"),
+        Panel("Preemptions", "Requests preempted (recomputed later) per second.", [
+            Target(f"sum by ({BY}) (rate(attnserve_num_preemptions_total{{{SEL}}}{RATE}))",
+                   LEGEND),
+        ], "short"),
+        Panel("Finished and failed requests", "Requests per second by finish reason, and "
+              "engine failures.", [
+            Target(f"sum by ({BY}, finished_reason) "
+                   f"(rate(attnserve_request_success_total{{{SEL}}}{RATE}))",
+                   f"{LEGEND} {{{{finished_reason}}}}"),
+            Target(f"sum by ({BY}, reason) (rate(attnserve_request_failure_total{{{SEL}}}{RATE}))",
+                   f"{LEGEND} failed {{{{reason}}}}"),
+        ], "reqps"),
+        Panel("Step duration by phase", "Engine step wall time (p50, p99) per phase: prefill, "
+              "decode, or mixed.",
+              quantiles("step_duration_seconds", f"{BY}, phase", f"{LEGEND} {{{{phase}}}}",
+                        (0.5, 0.99)), "s"),
+        Panel("Attention share of step time", "Time inside the attention backend over the time "
+              "of the same (timed) steps, by backend and layout.", [
+            Target(f"sum by ({BY}) (rate(attnserve_attention_duration_seconds_sum{{{SEL}}}{RATE}))"
+                   f" / sum by ({BY}) "
+                   f"(rate(attnserve_attention_timed_step_seconds_total{{{SEL}}}{RATE}))", LEGEND),
+            Target(f"sum by ({BY}, phase) "
+                   f"(rate(attnserve_attention_duration_seconds_sum{{{SEL}}}{RATE})) / "
+                   f"sum by ({BY}, phase) "
+                   f"(rate(attnserve_attention_timed_step_seconds_total{{{SEL}}}{RATE}))",
+                   f"{LEGEND} {{{{phase}}}}"),
+        ], "percentunit"),
+        Panel("Tokens per step", "Tokens computed per engine step: mean and p90.", [
+            mean("iteration_tokens", legend=f"{LEGEND} mean"),
+            *quantiles("iteration_tokens", qs=(0.9,)),
+        ], "short"),
+        Panel("Request time split", "Mean queue, prefill and decode time per finished request.", [
+            mean("request_queue_time_seconds", legend=f"{LEGEND} queue"),
+            mean("request_prefill_time_seconds", legend=f"{LEGEND} prefill"),
+            mean("request_decode_time_seconds", legend=f"{LEGEND} decode"),
+        ], "s"),
+    ]
+
+
+def _variable(name: str, depends_on: list[str]) -> dict[str, Any]:
+    matcher = ",".join(f'{d}=~"${d}"' for d in depends_on)
+    series = "attnserve_num_requests_running" + (f"{{{matcher}}}" if matcher else "")
+    query = f"label_values({series}, {name})"
+    return {
+        "name": name, "label": name, "type": "query", "datasource": DATASOURCE,
+        "definition": query, "query": {"query": query, "refId": f"var_{name}"},
+        "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+    }
+
+
+def _panel_json(i: int, panel: Panel) -> dict[str, Any]:
+    return {
+        "id": i + 1, "type": "timeseries", "title": panel.title, "description": panel.description,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": 8, "w": panel.width, "x": (i % 2) * 12, "y": (i // 2) * 8},
+        "fieldConfig": {"defaults": {"unit": panel.unit, "custom": {"lineWidth": 1}},
+                        "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                    "tooltip": {"mode": "multi", "sort": "desc"}},
+        "targets": [{"datasource": DATASOURCE, "expr": t.expr, "legendFormat": t.legend,
+                     "refId": chr(ord("A") + j)} for j, t in enumerate(panel.targets)],
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    datasource_var = {
+        "name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+        "current": {"text": "Prometheus", "value": "attnserve-prometheus"},
+    }
+    return {
+        "uid": "attnserve", "title": "attnserve: where end-to-end latency goes",
+        "description": "Latency, throughput, KV cache and attention share of step time, by "
+                       "attention backend and KV layout (metrics: docs/metrics.md).",
+        "tags": ["attnserve", "llm-serving"], "timezone": "browser", "editable": True,
+        "schemaVersion": 39, "version": 1, "refresh": "10s",
+        "time": {"from": "now-30m", "to": "now"},
+        "templating": {"list": [
+            datasource_var,
+            _variable("model_name", []),
+            _variable("attention_backend", ["model_name"]),
+            _variable("kv_layout", ["model_name", "attention_backend"]),
+        ]},
+        "panels": [_panel_json(i, p) for i, p in enumerate(panels())],
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
