@@ -75,7 +75,7 @@ def _make_batch(layout: KVLayout, prefix_lens: list[int], q_lens: list[int], dty
 
 
 def _user_logits_torch(s, q_pos, k_pos):
-    return 0.5 * s - 0.125 * (q_pos - k_pos).to(tl.float32)
+    return 0.5 * s - 0.125 * (q_pos - k_pos).to(s.dtype)
 
 
 def _reference(q, ks, vs, prefix_lens, q_lens, scale, variant, slopes):
