@@ -99,6 +99,8 @@ def _launch(
     T, Hkv, D = k.shape
     if T == 0:
         return
+    if slot_mapping.shape[0] != T or v.shape[0] != T:
+        raise ValueError(f"{T} new tokens but {slot_mapping.shape[0]} slots, {v.shape[0]} v rows")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("k and v need a contiguous last dimension")
     rotate = q is not None

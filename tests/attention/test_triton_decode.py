@@ -17,10 +17,15 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from attention.backends.reference import ReferenceBackend  # noqa: E402
+from attention.backends.triton_backend import TritonBackend  # noqa: E402
+from attention.base import AttentionConfig  # noqa: E402
+from attention.batch import ForwardBatch  # noqa: E402
 from attention.triton.decode import SplitBuffers, choose_num_splits, decode_attention  # noqa: E402
 from attention.triton.variants import triton_variant  # noqa: E402
 from attention.variants import Variant  # noqa: E402
 from kvcache.layout import KVLayout  # noqa: E402
+from kvcache.pool import KVPool, KVPoolConfig  # noqa: E402
 
 HEAD_DIM = 16
 NUM_KV_HEADS = 2
@@ -138,3 +143,64 @@ def test_split_choice_fills_the_gpu() -> None:
     assert choose_num_splits(1, 8, 32768, num_sms=132, block_n=64) >= 32
     # short sequences are never cut below min_tokens_per_split
     assert choose_num_splits(1, 8, 300, num_sms=132, block_n=64) == 2
+
+
+def _pool(layout_name: str, page_size: int, num_pages: int) -> KVPool:
+    layout = KVLayout.create(layout_name, page_size, NUM_KV_HEADS, HEAD_DIM, "float32")
+    return KVPool(KVPoolConfig(layout, 1, num_pages, torch.float32, torch.device("cpu")))
+
+
+@pytest.mark.parametrize(("layout_name", "page_size"), [("nhd", 4), ("hnd_x", 8)])
+def test_triton_backend_mixed_step_matches_reference_backend(layout_name: str,
+                                                             page_size: int) -> None:
+    """Two decodes (one long enough to be split) and one prefill chunk over a cached prefix,
+    through plan + forward and plan + forward_rope, against the reference backend."""
+    gen = torch.Generator().manual_seed(7)
+    group = 3
+    config = AttentionConfig(NUM_KV_HEADS * group, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM**-0.5,
+                             Variant("softcap", 3.0))
+    prefix = [29, 6, 9]
+    q_lens = [1, 1, 5]
+    num_pages = 40
+    ids = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    tables = [[ids.pop() for _ in range(-(-(p + n) // page_size))]
+              for p, n in zip(prefix, q_lens, strict=True)]
+    batch = ForwardBatch.build(q_lens, prefix, tables, page_size, torch.device("cpu"))
+    pools = [_pool(layout_name, page_size, num_pages) for _ in range(2)]
+    # identical cached prefixes in both pools
+    for p, pages in zip(prefix, tables, strict=True):
+        pos = torch.arange(p)
+        slots = torch.tensor(pages)[pos // page_size] * page_size + pos % page_size
+        kv = torch.randn(2, p, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        for pool in pools:
+            pool.store(0, kv[0], kv[1], slots)
+    T = batch.num_tokens
+    q = torch.randn(T, config.num_q_heads, HEAD_DIM, generator=gen)
+    k = torch.randn(T, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    v = torch.randn(T, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    triton_backend, reference = TritonBackend(config, pools[0]), ReferenceBackend(config, pools[1])
+    triton_backend.num_sms = 64  # a small batch on a big GPU: forces several splits
+    triton_backend.min_tokens_per_split = 8
+    for backend in (triton_backend, reference):
+        backend.plan(batch)
+    assert triton_backend.num_splits > 1
+    got = triton_backend.forward(q, k, v, 0)
+    want = reference.forward(q.double(), k.double(), v.double(), 0)
+    assert not got.isnan().any()
+    assert (got.double() - want).norm() / want.norm() < 1e-5
+
+    # fused rotary: rotate in float64 here, then the reference backend attends
+    positions = batch.positions
+    inv = 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM))
+    ang = torch.arange(64, dtype=torch.float64)[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        c, s = cos_sin[positions, None, : HEAD_DIM // 2], cos_sin[positions, None, HEAD_DIM // 2 :]
+        x1, x2 = x.double()[..., : HEAD_DIM // 2], x.double()[..., HEAD_DIM // 2 :]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+    got = triton_backend.forward_rope(q, k, v, positions, cos_sin.float(), 0)
+    want = reference.forward(rotate(q), rotate(k), v.double(), 0)
+    assert not got.isnan().any()
+    assert (got.double() - want).norm() / want.norm() < 1e-5
