@@ -1,0 +1,239 @@
+"""Llama-family decoder in plain PyTorch (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2).
+
+The model never sees pages: each layer computes q [T, Hq, D], k, v [T, Hkv, D] for the
+step's T new tokens and hands them to the attention backend, which stores K/V into the
+paged pool and attends over cached prefix + new tokens.
+
+Rotary contract (how a backend may fuse rotary with the K/V store):
+  - `model.rotary` is a `RotaryEmbedding`; `model.rotary.cos_sin_cache` is a float32
+    tensor [max_positions, head_dim]: columns [0, D/2) are cos, [D/2, D) are sin, of
+    position * inv_freq (Llama-3 scaling already folded into inv_freq). Rotation follows
+    the neox / Hugging Face "rotate_half" convention: with x = (x1 | x2) split in halves,
+    rot(x) = (x1 * cos - x2 * sin | x2 * cos + x1 * sin).
+  - By default each layer applies rotary to q and k in torch (after Qwen3's q/k norm)
+    and calls `attn.forward(q, k, v, layer_idx)`.
+  - If the backend object has `fused_rope = True`, the layer instead calls
+    `attn.forward_rope(q, k, v, positions, cos_sin_cache, layer_idx)` with q and k NOT
+    rotated (q/k norm already applied); the backend must rotate q and k exactly as above,
+    store the rotated k and v at the batch's slot_mapping, attend, and return [T, Hq, D].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention.base import AttentionBackend, AttentionConfig
+from attention.variants import Variant
+from model.config import ModelConfig
+
+
+def attention_config(config: ModelConfig, variant: Variant | None = None) -> AttentionConfig:
+    """The AttentionConfig a backend needs to serve this model."""
+    return AttentionConfig(
+        num_q_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        scale=config.head_dim**-0.5,
+        variant=variant or Variant(),
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 whatever the activation dtype, as the reference models do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """float32 [head_dim / 2] inverse frequencies, with Llama-3 scaling applied if configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    factor = float(s["factor"])
+    low_ff = float(s.get("low_freq_factor", 1.0))
+    high_ff = float(s.get("high_freq_factor", 4.0))
+    old_ctx = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (beyond the original context) are slowed by `factor`, short ones kept,
+    # and the band between is interpolated smoothly.
+    scaled = torch.where(wavelen > old_ctx / low_ff, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low_ff) / (high_ff - low_ff)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= old_ctx / high_ff) & (wavelen <= old_ctx / low_ff)
+    return torch.where(in_band, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos|sin cache indexed by absolute positions (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.max_positions = max_positions or config.max_position_embeddings
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer(
+            "cos_sin_cache", torch.empty(self.max_positions, self.head_dim), persistent=False
+        )
+        if self.inv_freq.device.type != "meta":
+            self.reset_cache()
+
+    def reset_cache(self, config: ModelConfig | None = None) -> None:
+        """(Re)compute the cache on its current device (needed after `to_empty`)."""
+        dev = self.cos_sin_cache.device
+        if config is not None:
+            self.inv_freq = rope_inv_freq(config).to(dev)
+        else:
+            self.inv_freq = self.inv_freq.to(dev)
+        pos = torch.arange(self.max_positions, device=dev, dtype=torch.int64).float()
+        # Same float32 product as the reference implementation, so angles match bit for bit.
+        freqs = pos[:, None] * self.inv_freq.float()[None, :]
+        self.cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
+        """[T, head_dim] cos|sin rows for these positions."""
+        return self.cos_sin_cache[positions]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, H, D] by cos_sin [T, D] (cos half | sin half)."""
+        half = x.shape[-1] // 2
+        cos = cos_sin[:, None, :half]
+        sin = cos_sin[:, None, half:]
+        xf = x.float() if x.dtype != torch.float64 else x
+        x1, x2 = xf[..., :half], xf[..., half:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias, dtype=dtype
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False, dtype=dtype)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        T = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        if getattr(attn, "fused_rope", False):
+            out = attn.forward_rope(q, k, v, positions, cos_sin_cache, self.layer_idx)
+        else:
+            q = RotaryEmbedding.apply(q, cos_sin)
+            k = RotaryEmbedding.apply(k, cos_sin)
+            out = attn.forward(q, k, v.contiguous(), self.layer_idx)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=False, dtype=dtype
+        )
+        self.down_proj = nn.Linear(
+            config.intermediate_size, config.hidden_size, bias=False, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, layer_idx, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        h = hidden + self.self_attn(
+            self.input_layernorm(hidden), positions, cos_sin, cos_sin_cache, attn
+        )
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. `forward` -> final-normed hidden states; `compute_logits` -> float32."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.rotary = RotaryEmbedding(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cache = self.rotary.cos_sin_cache
+        cos_sin = cache[positions]  # gathered once per step, shared by every layer
+        for layer in self.layers:
+            hidden = layer(hidden, positions, cos_sin, cache, attn)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()

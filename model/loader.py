@@ -1,0 +1,176 @@
+"""Loading a model from one of its sources: the embedded SmolLM2 GGUF, any GGUF file, a
+Hugging Face folder (config.json + safetensors, offline) or a synthetic preset.
+
+Models are built on the meta device and materialised directly on the target device in the
+target dtype, so nothing is initialised twice and big synthetic models load in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.config import ModelConfig
+from model.gguf_weights import GGUFFile, embedded_smollm2_path
+from model.llama import CausalLM
+from model.presets import SYNTHETIC_PRESETS, init_synthetic_weights, synthetic_config
+from model.tokenizer import Tokenizer
+from model.weights import WeightLoader
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_NAMES = ("smollm2", "smollm2-135m-instruct")
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    source: str  # human-readable description of where the weights came from
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    """A model with uninitialised parameters on `device` (rotary cache computed)."""
+    with torch.device("meta"):
+        model = CausalLM(config, dtype=dtype)
+    model.to_empty(device=device)
+    model.rotary.reset_cache(config)
+    return model.eval().requires_grad_(False)
+
+
+def embedded_tokenizer() -> Tokenizer:
+    path = embedded_smollm2_path()
+    return Tokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _progress(items: Iterator, total: int, desc: str) -> Iterator:
+    return tqdm(items, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
+
+
+def _load_gguf(
+    path: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool
+) -> LoadedModel:
+    gf = GGUFFile(path)
+    config = gf.config()
+    model = empty_model(config, dtype, device)
+    loader = WeightLoader(model)
+    for name, tensor in _progress(gf.hf_tensors(config), gf.num_tensors, f"loading {path.name}"):
+        loader.load(name, tensor)
+    loader.check_complete()
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = Tokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return LoadedModel(model, config, tokenizer, f"gguf:{path}")
+
+
+def _safetensors_items(folder: Path) -> tuple[list[Path], int]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            total += len(list(st.keys()))
+    return files, total
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def _load_hf_folder(
+    folder: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool
+) -> LoadedModel:
+    config = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
+    files, total = _safetensors_items(folder)
+    model = empty_model(config, dtype, device)
+    loader = WeightLoader(model)
+    for name, tensor in _progress(_iter_safetensors(files), total, f"loading {folder.name}"):
+        loader.load(name, tensor)
+    loader.check_complete()
+    tokenizer = None
+    if with_tokenizer:
+        has_own = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        if has_own:
+            tokenizer = Tokenizer.from_pretrained(folder)
+        else:
+            logger.warning("%s has no tokenizer; using the embedded SmolLM2 tokenizer", folder)
+            tokenizer = embedded_tokenizer()
+    return LoadedModel(model, config, tokenizer, f"hf:{folder}")
+
+
+def _load_synthetic(
+    name: str, dtype: torch.dtype, device: torch.device, seed: int, with_tokenizer: bool
+) -> LoadedModel:
+    config = synthetic_config(name)
+    model = empty_model(config, dtype, device)
+    init_synthetic_weights(model, seed)
+    tokenizer = embedded_tokenizer() if with_tokenizer else None
+    return LoadedModel(model, config, tokenizer, f"synthetic:{name} (seed {seed})")
+
+
+def load_model(
+    spec: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    *,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load `spec`: None/'smollm2' (embedded GGUF), a .gguf path, a Hugging Face folder, or
+    a synthetic preset ('synthetic:llama3-8b' or 'llama3-8b')."""
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    key = (spec or "smollm2").strip()
+    bare = key.removeprefix("synthetic:").lower()
+    path = Path(key).expanduser()
+    if key.lower() in EMBEDDED_NAMES:
+        loaded = _load_gguf(embedded_smollm2_path(), dtype, device, with_tokenizer)
+    elif key.startswith("synthetic:") or bare in SYNTHETIC_PRESETS:
+        loaded = _load_synthetic(bare, dtype, device, seed, with_tokenizer)
+    elif path.is_file() and path.suffix == ".gguf":
+        loaded = _load_gguf(path, dtype, device, with_tokenizer)
+    elif path.is_dir() and (path / "config.json").is_file():
+        loaded = _load_hf_folder(path, dtype, device, with_tokenizer)
+    elif path.is_dir() and len(ggufs := sorted(path.glob("*.gguf"))) == 1:
+        loaded = _load_gguf(ggufs[0], dtype, device, with_tokenizer)
+    else:
+        raise ValueError(
+            f"cannot load model {spec!r}: expected 'smollm2', a .gguf file, a Hugging Face "
+            f"folder with config.json + *.safetensors, or a synthetic preset "
+            f"({', '.join(sorted(SYNTHETIC_PRESETS))})"
+        )
+    cfg = loaded.config
+    logger.info(
+        "loaded %s: %s, %d layers, hidden %d, %d/%d heads x %d, vocab %d, %.1fM params, "
+        "%s on %s in %.1f s",
+        loaded.source,
+        cfg.architecture,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.num_parameters() / 1e6,
+        str(dtype).removeprefix("torch."),
+        device,
+        time.perf_counter() - t0,
+    )
+    return loaded
