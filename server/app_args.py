@@ -10,13 +10,18 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
     g.add_argument("--port", type=int, default=8000, help="port to bind (0 = any free port)")
     g.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on the API (/health, /metrics stay open)")
+                   help="require 'Authorization: Bearer KEY' on the API (/health, /metrics and "
+                        "/openapi.json stay open)")
     g.add_argument("--max-queued-requests", type=int, default=256,
                    help="waiting requests beyond which new ones get 503 with Retry-After")
     g.add_argument("--max-request-bytes", type=int, default=1 << 20,
                    help="largest accepted request body in bytes (413 beyond)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM")
+    # Also accepted after `serve` (vLLM's spelling); SUPPRESS keeps the top-level value
+    # when it is not given here.
+    g.add_argument("--log-level", default=argparse.SUPPRESS,
+                   choices=["debug", "info", "warning", "error"], help="logging level")
     g.add_argument("--latency-buckets", default=None,
                    help="comma-separated latency histogram buckets in seconds (default starts at "
                         "0.5 ms)")

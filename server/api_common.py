@@ -1,0 +1,142 @@
+"""Turning requests into engine inputs and engine outputs into response pieces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler.request import SamplingParams
+from server.async_engine import RequestStream
+from server.engine import EngineCore
+from server.http_errors import APIError, bad_request
+from server.outputs import RequestOutput, TokenLogprob
+from server.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    RequestTiming,
+    SamplingFields,
+    TopLogprob,
+    Usage,
+)
+
+
+def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,
+                    stop_token_ids: list[int] | None = None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=fields.temperature, top_p=fields.top_p,
+        top_k=fields.top_k, min_p=fields.min_p, seed=fields.seed, stop=fields.stop_list(),
+        stop_token_ids=list(stop_token_ids or []), ignore_eos=fields.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+def encode_prompts(core: EngineCore, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+    """Token ids of each prompt: texts are tokenized as offline `generate` does (raw)."""
+    encoded: list[list[int]] = []
+    for p in prompts:
+        ids = list(p) if isinstance(p, list) else core.tokenizer.encode(p)
+        if not ids:
+            raise bad_request("a prompt encodes to no tokens", "prompt")
+        encoded.append(ids)
+    return encoded
+
+
+def encode_chat(core: EngineCore, messages: list[dict[str, str]]) -> list[int]:
+    try:
+        return core.tokenizer.apply_chat_template(messages)
+    except ValueError as e:
+        raise bad_request(str(e), "messages") from None
+
+
+@dataclass
+class Accumulated:
+    """Everything one engine request produced, merged from its deltas."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids.extend(out.new_token_ids)
+        self.text += out.new_text
+        self.logprobs.extend(out.new_logprobs)
+        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
+        self.num_output_tokens = out.num_output_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+        self.arrival_time = out.arrival_time or self.arrival_time
+        self.first_token_time = out.first_token_time or self.first_token_time
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            self.finish_time = out.finish_time
+            self.error = out.error
+
+    def timing(self) -> RequestTiming:
+        return request_timing(self.arrival_time, self.first_token_time, self.finish_time)
+
+
+def request_timing(arrival: float, first: float | None, finish: float | None) -> RequestTiming:
+    return RequestTiming(
+        arrival_time=arrival, first_token_time=first, finish_time=finish,
+        ttft_s=None if first is None else first - arrival,
+        e2e_s=None if finish is None else finish - arrival,
+    )
+
+
+async def collect(stream: RequestStream) -> list[Accumulated]:
+    """Run a stream to completion; an engine-side failure becomes a 500."""
+    results = [Accumulated() for _ in stream.request_ids]
+    async with stream:
+        async for index, out in stream:
+            results[index].add(out)
+    failed = [r.error for r in results if r.error]
+    if failed:
+        raise APIError(500, f"the request failed in the engine: {failed[0]}", "server_error",
+                       code="engine_error")
+    return results
+
+
+def usage_of(results: list[Accumulated]) -> Usage:
+    prompt = sum(r.num_prompt_tokens for r in results)
+    completion = sum(r.num_output_tokens for r in results)
+    cached = sum(r.num_cached_tokens for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion,
+                 prompt_tokens_details={"cached_tokens": cached})
+
+
+def token_text(core: EngineCore, token_id: int) -> str:
+    return core.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(core: EngineCore, lps: list[TokenLogprob], start_offset: int = 0,
+                        with_top: bool = True) -> CompletionLogprobs:
+    out = CompletionLogprobs(top_logprobs=[] if with_top else None)
+    offset = start_offset
+    for lp in lps:
+        text = token_text(core, lp.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if out.top_logprobs is not None:
+            out.top_logprobs.append({token_text(core, t): v for t, v in lp.top})
+    return out
+
+
+def chat_logprobs(core: EngineCore, lps: list[TokenLogprob], top_n: int) -> ChatLogprobs:
+    content = []
+    for lp in lps:
+        text = token_text(core, lp.token_id)
+        top = [TopLogprob(token=(s := token_text(core, t)), logprob=v, bytes=list(s.encode()))
+               for t, v in lp.top[:top_n]]
+        content.append(ChatTokenLogprob(token=text, logprob=lp.logprob,
+                                        bytes=list(text.encode()), top_logprobs=top))
+    return ChatLogprobs(content=content)

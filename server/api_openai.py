@@ -1,0 +1,181 @@
+"""POST /v1/completions and POST /v1/chat/completions (OpenAI-compatible)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.api_common import (
+    Accumulated,
+    chat_logprobs,
+    collect,
+    completion_logprobs,
+    encode_chat,
+    encode_prompts,
+    sampling_params,
+    usage_of,
+)
+from server.async_engine import RequestStream
+from server.engine import EngineCore
+from server.http_request import AppContext, api_endpoint, read_body_model
+from server.http_sse import DONE_EVENT, SSEResponse, run_until_disconnect, sse_event
+from server.protocol import (
+    AssistantMessage,
+    ChatChunkChoice,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorBody,
+)
+
+
+def _stream_response(ctx: AppContext, stream: RequestStream,
+                     events: AsyncIterator[str]) -> SSEResponse:
+    async def on_close(disconnected: bool) -> None:
+        if disconnected and not stream.done:
+            ctx.count_failure("abort")
+        await stream.aclose()
+
+    return SSEResponse(events, on_close)
+
+
+def _error_event(message: str) -> str:
+    body = ErrorBody(message=f"the request failed in the engine: {message}", type="server_error",
+                     code="engine_error")
+    return sse_event({"error": body.model_dump()})
+
+
+# ---- completions ---------------------------------------------------------------------------
+
+
+@api_endpoint
+async def create_completion(request: Request, ctx: AppContext) -> Response:
+    body = await read_body_model(request, CompletionRequest, ctx.settings.max_request_bytes)
+    ctx.check_model(body.model)
+    core = ctx.ready_core()
+    prompts = encode_prompts(core, body.prompt_list())
+    params = sampling_params(body, body.max_tokens, body.logprobs)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    stream = ctx.engine.submit(prompts, params, request_id)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _completion_events(core, stream, request_id, include_usage,
+                                    body.logprobs is not None)
+        return _stream_response(ctx, stream, events)
+    try:
+        results = await run_until_disconnect(request.receive, collect(stream))
+    finally:
+        await stream.aclose()
+    choices = [
+        CompletionChoice(
+            index=i, text=r.text, finish_reason=r.finish_reason,  # type: ignore[arg-type]
+            logprobs=completion_logprobs(core, r.logprobs) if body.logprobs is not None else None,
+        )
+        for i, r in enumerate(results)
+    ]
+    response = CompletionResponse(id=request_id, model=core.model_name, choices=choices,
+                                  usage=usage_of(results))
+    return JSONResponse(response.model_dump())
+
+
+async def _completion_events(core: EngineCore, stream: RequestStream, request_id: str,
+                             include_usage: bool, want_logprobs: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+    results = [Accumulated() for _ in stream.request_ids]
+    async for index, out in stream:
+        acc = results[index]
+        offset = len(acc.text)
+        acc.add(out)
+        if out.error:
+            yield _error_event(out.error)
+            continue
+        if not out.new_text and not out.finished and not out.new_logprobs:
+            continue  # a token whose text is held back (incomplete character)
+        choice = CompletionChoice(
+            index=index, text=out.new_text,
+            finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+            logprobs=completion_logprobs(core, out.new_logprobs, offset) if want_logprobs
+            else None,
+        )
+        yield sse_event(CompletionChunk(id=request_id, created=created, model=core.model_name,
+                                        choices=[choice]))
+    if include_usage:
+        yield sse_event(CompletionChunk(id=request_id, created=created, model=core.model_name,
+                                        choices=[], usage=usage_of(results)))
+    yield DONE_EVENT
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+
+@api_endpoint
+async def create_chat_completion(request: Request, ctx: AppContext) -> Response:
+    body = await read_body_model(request, ChatCompletionRequest, ctx.settings.max_request_bytes)
+    ctx.check_model(body.model)
+    core = ctx.ready_core()
+    prompt = encode_chat(core, [{"role": m.role, "content": m.text()} for m in body.messages])
+    requested = body.requested_max_tokens()
+    # Without a limit, generate up to the context length (at least one token, so a prompt
+    # that fills the context is rejected by validation with a clear message).
+    max_tokens = requested if requested is not None else max(1, core.max_model_len - len(prompt))
+    top_n = body.top_logprobs or 0
+    params = sampling_params(body, max_tokens, top_n if body.logprobs else None)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = ctx.engine.submit([prompt], params, request_id)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _chat_events(core, stream, request_id, include_usage,
+                              top_n if body.logprobs else None)
+        return _stream_response(ctx, stream, events)
+    try:
+        (result,) = await run_until_disconnect(request.receive, collect(stream))
+    finally:
+        await stream.aclose()
+    choice = ChatCompletionChoice(
+        index=0, message=AssistantMessage(content=result.text),
+        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        logprobs=chat_logprobs(core, result.logprobs, top_n) if body.logprobs else None,
+    )
+    response = ChatCompletionResponse(id=request_id, model=core.model_name, choices=[choice],
+                                      usage=usage_of([result]))
+    return JSONResponse(response.model_dump())
+
+
+async def _chat_events(core: EngineCore, stream: RequestStream, request_id: str,
+                       include_usage: bool, top_n: int | None) -> AsyncIterator[str]:
+    created = int(time.time())
+    result = Accumulated()
+    role_sent = False
+    async for _, out in stream:
+        result.add(out)
+        if out.error:
+            yield _error_event(out.error)
+            continue
+        if not out.new_text and not out.finished and not out.new_logprobs:
+            continue  # a token whose text is held back (incomplete character)
+        # The role rides on the first chunk that carries content (or the last one).
+        delta = ChatDelta(role=None if role_sent else "assistant", content=out.new_text)
+        role_sent = True
+        choice = ChatChunkChoice(
+            index=0, delta=delta,
+            finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+            logprobs=chat_logprobs(core, out.new_logprobs, top_n) if top_n is not None
+            else None,
+        )
+        yield sse_event(ChatCompletionChunk(id=request_id, created=created,
+                                            model=core.model_name, choices=[choice]))
+    if include_usage:
+        yield sse_event(ChatCompletionChunk(id=request_id, created=created,
+                                            model=core.model_name, choices=[],
+                                            usage=usage_of([result])))
+    yield DONE_EVENT

@@ -1,0 +1,109 @@
+"""The Starlette application: routes, middleware, and the engine's start-up and shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from model.loader import LoadedModel
+from server.api_native import engine_stats, generate, health, list_models, metrics
+from server.api_openai import create_chat_completion, create_completion
+from server.api_openapi import build_openapi
+from server.async_engine import AsyncEngine
+from server.config import EngineConfig
+from server.engine import EngineCore
+from server.http_errors import http_exception_handler
+from server.http_request import APIKeyMiddleware, AppContext, ServerSettings
+from server.metrics import EngineMetrics, parse_buckets
+
+logger = logging.getLogger(__name__)
+API_VERSION = "0.1.0"
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    buckets = getattr(args, "latency_buckets", None)
+    return ServerSettings(
+        api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+        max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
+        latency_buckets=parse_buckets(buckets) if buckets else None,
+    )
+
+
+def engine_builder(config: EngineConfig, ctx: AppContext,
+                   loaded: LoadedModel | None = None) -> Callable[[], EngineCore]:
+    """What the engine thread runs first: load the model, then attach the metrics.
+
+    The metrics' labels (backend, layout, page size, model name) are what the engine
+    resolved, so the observer is attached right after construction, before any step.
+    """
+
+    def build() -> EngineCore:
+        core = EngineCore(config, loaded=loaded)
+        observer = EngineMetrics(core.model_name, core.backend.name, core.layout.name,
+                                 core.layout.page_size, buckets=ctx.settings.latency_buckets)
+        observer.set_info(config.as_dict())
+        core.observer = observer
+        ctx.metrics = observer
+        return core
+
+    return build
+
+
+def build_app(config: EngineConfig, settings: ServerSettings,
+              loaded: LoadedModel | None = None) -> Starlette:
+    """The ASGI app. The engine loads on its own thread once the app starts, so /health
+    answers 503 ("starting") until the model is ready."""
+    ctx = AppContext(engine=None, settings=settings)  # type: ignore[arg-type]
+    ctx.engine = AsyncEngine(engine_builder(config, ctx, loaded), settings.max_queued_requests)
+    openapi_doc = build_openapi(API_VERSION, with_auth=settings.api_key is not None)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_doc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ctx.engine.start()
+        try:
+            yield
+        finally:
+            ctx.engine.shutdown()
+
+    routes = [
+        Route("/v1/completions", create_completion, methods=["POST"]),
+        Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+        Route("/generate", generate, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/engine/stats", engine_stats, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan,
+        middleware=[Middleware(APIKeyMiddleware, api_key=settings.api_key)],
+        exception_handlers={HTTPException: http_exception_handler},
+    )
+    app.state.ctx = ctx
+    return app
+
+
+def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
+    """`attnserve serve`: serve until SIGTERM/SIGINT; 0 after a clean drain."""
+    from server.http_server import serve_forever
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    app = build_app(config, settings)
+    return serve_forever(app, args.host, args.port, settings.shutdown_timeout)

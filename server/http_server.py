@@ -1,0 +1,136 @@
+"""Running the app on uvicorn: graceful drain on SIGTERM, and an in-thread server for tests.
+
+Drain: the first SIGTERM/SIGINT puts the engine in the draining state (new requests get
+503, /health 503) while the socket stays open, waits up to the shutdown timeout for the
+running requests, aborts the rest, then lets uvicorn close. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+
+from server.async_engine import AsyncEngine
+from server.http_request import AppContext
+
+logger = logging.getLogger(__name__)
+ABORT_FLUSH_TIMEOUT_S = 5.0  # time for aborted streams to send their last chunk
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
+        self._drain_requested = False
+        self._drain_task: asyncio.Task[None] | None = None
+        engine.on_fatal = self._on_engine_fatal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Replaces uvicorn's handler, which would re-raise the signal after shutdown (exit
+        # status -15 instead of 0).
+        if self._drain_requested:
+            logger.warning("second signal: exiting without waiting")
+            self.should_exit = True
+            self.force_exit = True
+        else:
+            self._drain_requested = True
+
+    def request_drain(self) -> None:
+        """Start a drain from any thread (what SIGTERM does)."""
+        self._drain_requested = True
+
+    def _on_engine_fatal(self, reason: str) -> None:
+        logger.error("the engine could not start (%s); exiting", reason)
+        self.exit_code = 1
+        self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain())
+        return await super().on_tick(counter)
+
+    async def _drain(self) -> None:
+        engine = self.engine
+        logger.info("draining: refusing new requests; %d in flight, waiting up to %.1f s",
+                    engine.num_active, self.shutdown_timeout)
+        engine.begin_drain()
+        if not await engine.wait_idle(self.shutdown_timeout):
+            aborted = engine.abort_all()
+            logger.warning("shutdown timeout reached: aborted %d requests", aborted)
+            await engine.wait_idle(ABORT_FLUSH_TIMEOUT_S)
+        logger.info("drained; shutting down")
+        self.should_exit = True
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _make_server(app: Starlette, shutdown_timeout: float) -> DrainingServer:
+    ctx: AppContext = app.state.ctx
+    config = uvicorn.Config(
+        app, lifespan="on", log_config=None, access_log=False,
+        timeout_graceful_shutdown=int(ABORT_FLUSH_TIMEOUT_S), timeout_keep_alive=5,
+    )
+    return DrainingServer(config, ctx.engine, shutdown_timeout)
+
+
+def serve_forever(app: Starlette, host: str, port: int, shutdown_timeout: float) -> int:
+    """Serve on the main thread until drained; returns the process exit status."""
+    sock = bind_socket(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    server = _make_server(app, shutdown_timeout)
+    # Tests and scripts parse this line to find the port when --port 0 was given.
+    logger.info("attnserve listening on http://%s:%d", bound_host, bound_port)
+    server.run(sockets=[sock])
+    return server.exit_code
+
+
+class ServerThread:
+    """The app on uvicorn in a background thread (in-process tests and tools)."""
+
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0,
+                 shutdown_timeout: float = 30.0) -> None:
+        self.sock = bind_socket(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = _make_server(app, shutdown_timeout)
+        self.ctx: AppContext = app.state.ctx
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                        name="uvicorn", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, ready_timeout: float = 300.0) -> ServerThread:
+        self._thread.start()
+        if not self.ctx.engine.wait_ready(ready_timeout):
+            raise TimeoutError(f"the engine did not load within {ready_timeout} s")
+        if self.ctx.engine.failure:
+            raise RuntimeError(self.ctx.engine.failure)
+        return self
+
+    def drain(self) -> None:
+        self.server.request_drain()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.request_drain()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.server.force_exit = True
+            self.server.should_exit = True
+            self._thread.join(10)

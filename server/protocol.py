@@ -1,0 +1,321 @@
+"""Pydantic models of the HTTP API: they validate requests and generate /openapi.json.
+
+OpenAI-compatible bodies (completions, chat) plus the native /generate form. Field limits
+live here so that the OpenAPI document states exactly what the server accepts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+FinishReasonName = Literal["stop", "length", "abort"]
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
+
+def _only_one_choice(n: int) -> int:
+    if n != 1:
+        raise ValueError(
+            f"n={n} is not supported: this server returns exactly one choice per prompt; "
+            "send separate requests (or a list of prompts) for more"
+        )
+    return n
+
+
+OneChoice = Annotated[
+    int,
+    AfterValidator(_only_one_choice),
+    Field(json_schema_extra={"minimum": 1, "maximum": 1}, description="must be 1"),
+]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+StopField = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None
+
+
+class _Strict(BaseModel):
+    """Unknown fields are ignored (clients send extras), known ones are type-checked strictly."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(_Strict):
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="0 or -1: disabled")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopField = None
+    ignore_eos: bool = False
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class OpenAIFields(SamplingFields):
+    model: str | None = Field(None, description="the served model name; omitted = the only one")
+    n: OneChoice = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> OpenAIFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        return self
+
+
+PromptField = (
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: PromptField
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: Literal[False] = Field(False, description="echo is not supported")
+
+    def prompt_list(self) -> list[str] | list[list[int]]:
+        """The prompts as a list: texts or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
+
+
+class TextContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextContentPart], Field(min_length=1)]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(OpenAIFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(
+        None, ge=1, description="deprecated alias of max_completion_tokens"
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="omitted: up to the model's context length"
+    )
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs can only be set when logprobs is true")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+
+class NativeSamplingParams(SamplingFields):
+    max_tokens: int = Field(16, ge=1)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class GenerateRequest(_Strict):
+    text: NonEmptyStr | None = Field(None, description="prompt text (no chat template applied)")
+    input_ids: TokenIds | None = Field(None, description="prompt token ids")
+    sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_prompt(self) -> GenerateRequest:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        return self
+
+
+# ---- responses -------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class RequestTiming(BaseModel):
+    arrival_time: float = Field(description="wall clock (Unix seconds) when the engine got it")
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    ttft_s: float | None = Field(None, description="first_token_time - arrival_time")
+    e2e_s: float | None = Field(None, description="finish_time - arrival_time")
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    text: str
+    output_ids: list[int]
+    finish_reason: FinishReasonName | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[float] | None = None
+    timing: RequestTiming
+
+
+class GenerateChunk(BaseModel):
+    request_id: str
+    text: str = Field(description="new text since the previous chunk")
+    token_ids: list[int] = Field(description="new token ids since the previous chunk")
+    finished: bool
+    finish_reason: FinishReasonName | None = None
+    completion_tokens: int
+    timing: RequestTiming | None = Field(None, description="only in the last chunk")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "attnserve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class EngineStatsResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    state: str
+    num_active_requests: int = Field(description="HTTP-side requests not finished yet")
+    num_queued_requests: int = Field(description="admitted requests with no output yet")
+    engine: dict[str, float | int | str | bool | None] = Field(
+        description="EngineCore.stats(): scheduler and KV page counters"
+    )
