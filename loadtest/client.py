@@ -11,6 +11,8 @@ import httpx
 
 from loadtest.protocols import ENDPOINT_PATHS, parse_chunk
 
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+
 
 @dataclass
 class RequestResult:
@@ -37,7 +39,7 @@ async def send_streaming_request(
     """POST ``body`` with streaming on and time every content chunk as it arrives.
 
     TTFT is the first chunk with content (text or token ids), ITL the gaps between
-    consecutive content chunks, E2E the end of the stream (``[DONE]`` or the last byte).
+    consecutive content chunks, E2E the end of the stream (``[DONE]``, else the last byte).
     """
     result = RequestResult(expected_prompt_len=expected_prompt_len, prompt_len=expected_prompt_len)
     text_parts: list[str] = []
@@ -47,9 +49,12 @@ async def send_streaming_request(
     saw_ids = False
     content_chunks = 0
     last_content = 0.0
+    done_at = 0.0
+    payload_bytes = json.dumps(body).encode()  # encoded before the clock starts
     start = time.perf_counter()
     try:
-        async with client.stream("POST", ENDPOINT_PATHS[endpoint], json=body) as response:
+        async with client.stream("POST", ENDPOINT_PATHS[endpoint], content=payload_bytes,
+                                 headers=_JSON_HEADERS) as response:
             if response.status_code != 200:
                 detail = (await response.aread()).decode("utf-8", "replace")
                 result.error = f"HTTP {response.status_code}: {detail[:500]}"
@@ -58,9 +63,11 @@ async def send_streaming_request(
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, event names
                 payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
                 now = time.perf_counter()
+                if payload == "[DONE]":
+                    # Read on to the end of the body so the connection can be reused.
+                    done_at = done_at or now
+                    continue
                 info = parse_chunk(endpoint, json.loads(payload))
                 if info.error:
                     result.error = info.error
@@ -80,7 +87,7 @@ async def send_streaming_request(
                     usage_prompt = info.prompt_tokens
                 if info.completion_tokens is not None:
                     usage_completion = info.completion_tokens
-        end = time.perf_counter()
+        end = done_at or time.perf_counter()
     except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result

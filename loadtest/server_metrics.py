@@ -42,6 +42,13 @@ class MetricsSnapshot:
         ]
         return sum(values) if values else None
 
+    def info_labels(self, name: str) -> dict[str, str]:
+        """The labels of an Info metric's sample (the first one found)."""
+        for (n, labels) in self.samples:
+            if n == name:
+                return dict(labels)
+        return {}
+
     def label_values(self, label: str) -> list[str]:
         found = {dict(labels)[label] for (n, labels) in self.samples
                  if n.startswith(PREFIX) and label in dict(labels)}
@@ -83,22 +90,34 @@ def server_metrics_delta(
         return out
     d = lambda name, **labels: _delta(before, after, PREFIX + name, **labels)  # noqa: E731
     out["server_config"] = {k: after.label_values(k) for k in CONFIG_LABELS}
+    out["engine_config"] = after.info_labels(PREFIX + "engine_config_info")
     ttft_sum, ttft_count = d("time_to_first_token_seconds_sum"), d(
         "time_to_first_token_seconds_count")
     ttft_mean = _ratio(ttft_sum, ttft_count)
     out["server_mean_ttft_ms"] = None if ttft_mean is None else ttft_mean * 1000.0
     out["server_ttft_count"] = ttft_count
+    for key, name in (("itl", "inter_token_latency_seconds"),
+                      ("tpot", "request_time_per_output_token_seconds"),
+                      ("e2el", "e2e_request_latency_seconds")):
+        mean = _ratio(d(name + "_sum"), d(name + "_count"))
+        out[f"server_mean_{key}_ms"] = None if mean is None else mean * 1000.0
+    # Attention is timed on every Nth step only; its share is taken over those steps' time
+    # (attention_timed_step_seconds) when the server exports it, else over all steps.
     step_s = d("step_duration_seconds_sum")
     attn_s = d("attention_duration_seconds_sum")
+    timed_s = d("attention_timed_step_seconds_total")
     out["step_time_s"] = step_s
     out["attention_time_s"] = attn_s
-    out["attention_share_of_step_time"] = _ratio(attn_s, step_s)
+    out["attention_timed_step_time_s"] = timed_s
+    out["attention_share_of_step_time"] = _ratio(attn_s, timed_s if timed_s else step_s)
     phases = sorted(set(after.label_values("phase")))
-    out["attention_share_by_phase"] = {
-        phase: _ratio(d("attention_duration_seconds_sum", phase=phase),
-                      d("step_duration_seconds_sum", phase=phase))
-        for phase in phases
-    }
+    by_phase = {}
+    for phase in phases:
+        phase_timed = d("attention_timed_step_seconds_total", phase=phase)
+        by_phase[phase] = _ratio(
+            d("attention_duration_seconds_sum", phase=phase),
+            phase_timed if timed_s else d("step_duration_seconds_sum", phase=phase))
+    out["attention_share_by_phase"] = by_phase
     queries, hits = d("prefix_cache_queries_total"), d("prefix_cache_hits_total")
     out["prefix_cache_queries"] = queries
     out["prefix_cache_hits"] = hits

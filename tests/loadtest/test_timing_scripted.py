@@ -1,0 +1,79 @@
+"""(a) Against a server that streams at scripted times, the client's TTFT/ITL/TPOT/E2E match.
+
+The scripted server writes the first content chunk ``ttft`` after a request arrives, then
+one chunk per gap, and records when it actually wrote each one: those times are the known
+values. Gaps are distinct by 10 ms, so a chunk timed against the wrong neighbour misses by
+at least 10 ms, far outside the 2 ms tolerance. The median error over several sequential
+requests is compared, so one scheduler hiccup on a busy 2-core machine does not decide it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import numpy as np
+import pytest
+
+from loadtest.runner import RunConfig, run_benchmark
+from loadtest.workloads import WorkloadOptions, build_trace
+from tests.loadtest.scripted_server import Script, ScriptedSSEServer
+
+TOLERANCE_MS = 2.0
+NUM_REQUESTS = 5
+
+
+def _median_error(measured: list[float], known: list[float]) -> float:
+    return statistics.median(abs(m - k) for m, k in zip(measured, known, strict=True))
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat", "generate"])
+def test_streamed_timings_equal_the_known_times(endpoint: str) -> None:
+    rng = np.random.default_rng()
+    gaps = rng.permutation([0.008, 0.018, 0.028, 0.038])[: int(rng.integers(3, 5))]
+    script = Script(ttft_s=float(rng.uniform(0.03, 0.07)), gaps_s=[float(g) for g in gaps])
+    num_tokens = len(script.gaps_s) + 1
+    options = WorkloadOptions(num_prompts=NUM_REQUESTS, input_len=int(rng.integers(5, 40)),
+                              output_len=num_tokens, seed=int(rng.integers(1 << 30)),
+                              use_token_ids=endpoint != "chat")
+    warmup = build_trace(WorkloadOptions(num_prompts=1, input_len=4, output_len=num_tokens,
+                                         use_token_ids=endpoint != "chat"))
+    with ScriptedSSEServer(script) as server:
+        # One request at a time on a warm connection: no connection set-up inside TTFT.
+        cfg = RunConfig(base_url=server.base_url, endpoint=endpoint, max_concurrency=1,
+                        show_progress=False, save_detailed=True)
+        result = asyncio.run(run_benchmark(cfg, build_trace(options), warmup))
+        timelines = server.counters.timelines[1:]  # after the warm-up request
+
+    assert result["completed"] == NUM_REQUESTS and result["failed"] == 0
+    assert result["output_lens"] == [num_tokens] * NUM_REQUESTS
+    order = np.argsort(result["send_offsets"])  # sequential: send order = arrival order
+    ms = lambda values: [values[i] * 1000 for i in order]  # noqa: E731
+    ttfts, e2es = ms(result["ttfts"]), ms(result["e2els"])
+    itls = [[g * 1000 for g in result["itls"][i]] for i in order]
+    known_ttft = [(t[1] - t[0]) * 1000 for t in timelines]
+    known_e2e = [(t[-1] - t[0]) * 1000 for t in timelines]
+    known_itl = [np.diff(t[1:-1]) * 1000 for t in timelines]
+    known_tpot = [(t[-2] - t[1]) / (num_tokens - 1) * 1000 for t in timelines]
+
+    # The server kept to its script (else the comparison below would test nothing).
+    assert statistics.median(known_ttft) == pytest.approx(script.ttft_s * 1000, abs=5)
+    assert _median_error(ttfts, known_ttft) <= TOLERANCE_MS
+    assert _median_error(e2es, known_e2e) <= TOLERANCE_MS
+    tpots = [(e - t) / (num_tokens - 1) for e, t in zip(e2es, ttfts, strict=True)]
+    assert _median_error(tpots, known_tpot) <= TOLERANCE_MS
+    assert all(len(gaps_ms) == len(script.gaps_s) for gaps_ms in itls)
+    for position, gap in enumerate(script.gaps_s):
+        measured = [gaps_ms[position] for gaps_ms in itls]
+        known = [k[position] for k in known_itl]
+        assert _median_error(measured, known) <= TOLERANCE_MS, f"gap {position}"
+        assert statistics.median(measured) == pytest.approx(gap * 1000, abs=5)
+    # The summary fields agree with the per-request values they summarize.
+    assert result["median_ttft_ms"] == pytest.approx(statistics.median(ttfts))
+    assert result["median_tpot_ms"] == pytest.approx(statistics.median(tpots))
+    assert result["median_e2el_ms"] == pytest.approx(statistics.median(e2es))
+    assert result["median_itl_ms"] == pytest.approx(statistics.median(sum(itls, [])))
+    # Token totals come from the server's usage report, which the scripted server sends.
+    assert result["total_output_tokens"] == num_tokens * NUM_REQUESTS
+    if endpoint != "chat":
+        assert result["total_input_tokens"] == options.input_len * NUM_REQUESTS
