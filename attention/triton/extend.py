@@ -278,7 +278,7 @@ def extend_attention_with_config(
         LAYOUT=_LAYOUT_CODES[layout.name], PAGE_SIZE=page_size, NUM_KV_HEADS=Hkv,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), X=layout.x, GROUP=Hq // Hkv,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        PAGE_PER_TILE=page_size % config.block_n == 0,
+        PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
         WINDOW_SKIP=variant.name == "sliding_window",
         **tv.kernel_args(),

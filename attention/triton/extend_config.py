@@ -17,9 +17,13 @@ class ExtendConfig:
     block_n: int  # keys per inner-loop tile
     num_warps: int
     num_stages: int
+    # Look up a page id per key even when a tile lies inside one page (a vector load that the
+    # software pipeliner can issue ahead, instead of one scalar load per tile).
+    per_row_pages: bool = False
 
     def __str__(self) -> str:
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
+        rows = "r" if self.per_row_pages else ""
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{rows}"
 
 
 # (compute capability major, head dim bucket) -> config. Head dims are bucketed to the

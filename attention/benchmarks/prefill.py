@@ -1,0 +1,292 @@
+"""`attnserve bench attention --op prefill|extend`: the Triton extend kernel vs its peers.
+
+For each case (causal prefill of batch x length, or extend: new tokens over a cached
+prefix) and each KV layout, the paged Triton kernel is timed (optionally over a sweep of
+block configs, the best one reported), checked in bf16 against an fp32 reference on a
+subset of heads (relative error < 1e-2, every output element written), and compared with
+torch SDPA-flash, cuDNN attention and FlexAttention on contiguous K/V of the same content,
+all in the same run, next to the measured bf16 matmul rate and copy bandwidth. Causal
+FLOPs count the visible (query, key) pairs: half the square for a prefill.
+
+Rows go to a JSON file in the format of attention/benchmarks/common.py (peers are rows with
+their own `backend` and layout "contiguous"); the JSON is rewritten after every case so a
+run cut short still leaves its numbers. The summary table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attention.benchmarks.common import (
+    BenchRow,
+    DeviceCeilings,
+    build_paged_kv,
+    device_record,
+    make_row,
+    measure_ceilings,
+    time_cuda_us,
+    write_json,
+)
+from attention.benchmarks.prefill_checks import check_head_dim_64, check_variants
+from attention.benchmarks.prefill_peers import PEERS, PeerUnavailable, reference_rel_error
+from attention.triton.extend import default_config, extend_attention_with_config
+from attention.triton.extend_config import ExtendConfig
+from attention.variants import Variant
+
+logger = logging.getLogger(__name__)
+
+SWEEP = (
+    ExtendConfig(128, 64, 8, 3),
+    ExtendConfig(128, 64, 8, 3, per_row_pages=True),
+    ExtendConfig(128, 128, 8, 3),
+    ExtendConfig(128, 64, 4, 3),
+    ExtendConfig(128, 128, 8, 2),
+    ExtendConfig(128, 64, 8, 4),
+    ExtendConfig(64, 64, 4, 3),
+)
+CHECK_HEADS = (0, 13, 31)  # spread over KV groups
+TOL = 1e-2
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "prefill" or "extend"
+    batch: int
+    new_tokens: int
+    prefix: int
+
+    @property
+    def context(self) -> int:
+        return self.prefix + self.new_tokens
+
+    def causal_flops(self, num_q_heads: int, head_dim: int) -> float:
+        """4 * D * Hq * visible pairs; a query at position p sees p + 1 keys."""
+        n, p = self.new_tokens, self.prefix
+        pairs = n * p + n * (n + 1) / 2
+        if self.op == "prefill":
+            pairs = n * n / 2  # the convention: half the full square
+        return 4.0 * head_dim * num_q_heads * self.batch * pairs
+
+    def nbytes(self, hq: int, hkv: int, d: int) -> float:
+        return 2.0 * self.batch * d * (2 * self.new_tokens * hq + 2 * self.context * hkv)
+
+    def label(self) -> str:
+        if self.op == "prefill":
+            return f"prefill {self.batch}x{self.new_tokens}"
+        return f"extend {self.batch}x({self.prefix}+{self.new_tokens})"
+
+
+PREFILL_CASES = (
+    Case("prefill", 8, 2048, 0), Case("prefill", 2, 8192, 0), Case("prefill", 1, 16384, 0)
+)
+EXTEND_CASES = (Case("extend", 8, 512, 4096),)
+LAYOUT_SPECS = (("nhd", 64), ("hnd", 64), ("token", 1), ("hnd_x", 64))
+TARGETS = {  # (op, layout) -> (min ratio to sdpa_flash, min ratio to cudnn), from issue 7 d
+    ("prefill", "nhd"): (1.25, 0.85),
+    ("prefill", "hnd"): (1.25, 0.85),
+    ("prefill", "token"): (1.0, None),
+    ("extend", "nhd"): (1.1, None),
+    ("extend", "hnd"): (1.1, None),
+    ("extend", "token"): (1.1, None),
+}
+
+
+def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[BenchRow]:
+    B, Lq = case.batch, case.new_tokens
+    hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
+    scale = d**-0.5
+    dev = q4.device
+    q = q4.reshape(B * Lq, hq, d)
+    qo_indptr = torch.arange(0, B * Lq + 1, Lq, dtype=torch.int32, device=dev)
+    prefix_lens = torch.full((B,), case.prefix, dtype=torch.int32, device=dev)
+    variant = Variant("softmax")
+    rows = []
+    for layout_name, page_size in layout_specs:
+        paged = build_paged_kv(k4, v4, [case.context] * B, layout_name, page_size, gen)
+        out = torch.empty_like(q)
+
+        def launch(cfg, paged=paged, out=out):
+            return extend_attention_with_config(
+                q, paged.k_cache, paged.v_cache, paged.layout, qo_indptr, prefix_lens,
+                paged.seq_lens, paged.block_table, out, scale, variant, Lq, None, cfg,
+            )
+
+        default = default_config(d, dev)
+        configs = [default] + [c for c in SWEEP if c != default] if args.sweep else [default]
+        if layout_name == "hnd_x":
+            configs = [default]
+        timings = {}
+        for cfg in configs:
+            try:
+                timings[cfg] = time_cuda_us(lambda cfg=cfg: launch(cfg), iters=args.iters)
+            except Exception as exc:  # a config may not fit shared memory on this device
+                logger.warning("config %s failed on %s: %s", cfg, layout_name, exc)
+        best = min(timings, key=timings.get)
+        flops = case.causal_flops(hq, d)
+        for cfg in {default, best}:
+            out.fill_(float("nan"))
+            launch(cfg)
+            finite = bool(torch.isfinite(out).all())
+            err = reference_rel_error(
+                q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2),
+                out.view(B, Lq, hq, d).transpose(1, 2), scale, list(CHECK_HEADS),
+            )
+            ok = finite and err < TOL
+            if not ok:
+                logger.error("triton %s %s %s: rel err %.2e finite=%s", case.label(),
+                             layout_name, cfg, err, finite)
+            extra = {"config": str(cfg), "default": cfg == default, "rel_err": f"{err:.1e}",
+                     "check": "ok" if ok else "FAIL",
+                     "sweep": {str(c): round(t, 1) for c, t in timings.items()}}
+            rows.append(make_row(
+                op=case.op, backend="triton", layout=layout_name, page_size=page_size,
+                variant="softmax", batch=B, context=case.context, new_tokens=Lq,
+                time_us=timings[cfg], nbytes=case.nbytes(hq, hkv, d), flops=flops,
+                ceilings=ceilings, extra=extra,
+            ))
+        del paged, out
+    return rows
+
+
+def _peer_rows(case, args, ceilings, q4, k4, v4) -> list[BenchRow]:
+    hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
+    scale = d**-0.5
+    qc = q4.transpose(1, 2).contiguous()
+    kc = k4.transpose(1, 2).contiguous()
+    vc = v4.transpose(1, 2).contiguous()
+    rows = []
+    for name in args.peers:
+        t0 = time.monotonic()
+        try:
+            run, extra = PEERS[name](qc, kc, vc, scale)
+        except PeerUnavailable as exc:
+            logger.warning("peer %s unavailable for %s: %s", name, case.label(), exc)
+            continue
+        err = reference_rel_error(qc, kc, vc, run(), scale, list(CHECK_HEADS))
+        extra = dict(extra, rel_err=f"{err:.1e}", setup_s=round(time.monotonic() - t0, 1))
+        rows.append(make_row(
+            op=case.op, backend=name, layout="contiguous", page_size=0, variant="softmax",
+            batch=case.batch, context=case.context, new_tokens=case.new_tokens,
+            time_us=time_cuda_us(run, iters=args.iters), nbytes=case.nbytes(hq, hkv, d),
+            flops=case.causal_flops(hq, d), ceilings=ceilings, extra=extra,
+        ))
+    return rows
+
+
+def _add_ratios(rows: list[BenchRow]) -> None:
+    """Each triton row gets its speed-up over every peer of the same case."""
+    for r in rows:
+        if r.backend != "triton":
+            continue
+        for p in rows:
+            same = (p.op, p.batch, p.context, p.new_tokens) == (r.op, r.batch, r.context,
+                                                                 r.new_tokens)
+            if p.layout == "contiguous" and same:
+                r.extra[f"vs_{p.backend}"] = round(p.time_us / r.time_us, 3)
+        flash_min, cudnn_min = TARGETS.get((r.op, r.layout), (None, None))
+        met = []
+        if flash_min is not None and "vs_sdpa_flash" in r.extra:
+            met.append(r.extra["vs_sdpa_flash"] >= flash_min)
+        if cudnn_min is not None and "vs_cudnn" in r.extra:
+            met.append(r.extra["vs_cudnn"] >= cudnn_min)
+        if met:
+            r.extra["target"] = "met" if all(met) else "MISSED"
+
+
+def summary_table(rows: list[BenchRow], ceilings: DeviceCeilings) -> str:
+    lines = [f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s, "
+             f"copy {ceilings.copy_gbps:.0f} GB/s",
+             f"{'case':26} {'backend':10} {'layout':10} {'TFLOP/s':>8} {'x flash':>8} "
+             f"{'x cudnn':>8} {'x flex':>7} {'config':12} {'err':>8} target"]
+    for r in rows:
+        if r.backend == "triton" and not r.extra.get("default") and r.extra.get("config"):
+            label = "best"
+        else:
+            label = ""
+        case = Case(r.op, r.batch, r.new_tokens, r.context - r.new_tokens).label()
+        e = r.extra
+        lines.append(
+            f"{case:26} {r.backend:10} {r.layout:10} {r.tflops:>8.1f} "
+            f"{e.get('vs_sdpa_flash', ''):>8} {e.get('vs_cudnn', ''):>8} {e.get('vs_flex', ''):>7} "
+            f"{e.get('config', '') + (' ' + label if label else ''):12} {e.get('rel_err', ''):>8} "
+            f"{e.get('target', '')}"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--op", choices=["prefill", "extend", "all"], default="all")
+    parser.add_argument("--layouts", default="nhd:64,hnd:64,token:1,hnd_x:64",
+                        help="comma list of layout:page_size")
+    parser.add_argument("--num-q-heads", type=int, default=32)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--peers", default="sdpa_flash,cudnn,flex")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
+                        help="time only the table config of the kernel")
+    parser.add_argument("--no-checks", dest="checks", action="store_false",
+                        help="skip the variant and head-dim-64 checks")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--out", default="prefill.json", help="JSON output path")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> list[BenchRow]:
+    if not torch.cuda.is_available():
+        raise SystemExit("the prefill/extend benchmark needs a CUDA device")
+    if isinstance(args.peers, str):
+        args.peers = [p for p in args.peers.split(",") if p]
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    ceilings = measure_ceilings(dev)
+    layout_specs = [(s.split(":")[0], int(s.split(":")[1])) for s in args.layouts.split(",")]
+    cases = {"prefill": PREFILL_CASES, "extend": EXTEND_CASES,
+             "all": PREFILL_CASES + EXTEND_CASES}[args.op]
+    rows: list[BenchRow] = []
+    record_extra = {}
+    if args.checks:
+        record_extra["checks"] = check_variants(dev) + check_head_dim_64(dev)
+        for c in record_extra["checks"]:
+            logger.info("check %s", c)
+    hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
+    for case in cases:
+        t0 = time.monotonic()
+        B = case.batch
+        dtype = getattr(torch, args.dtype)
+        q4 = torch.randn(B, case.new_tokens, hq, d, device=dev, dtype=dtype)
+        k4 = torch.randn(B, case.context, hkv, d, device=dev, dtype=dtype)
+        v4 = torch.randn(B, case.context, hkv, d, device=dev, dtype=dtype)
+        case_rows = _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs)
+        case_rows += _peer_rows(case, args, ceilings, q4, k4, v4)
+        _add_ratios(case_rows)
+        rows += case_rows
+        logger.info("%s done in %.0f s", case.label(), time.monotonic() - t0)
+        record = device_record(ceilings, rows)
+        record.update(record_extra)
+        write_json(args.out, record)
+    print(summary_table(rows, ceilings))
+    if "checks" in record_extra:
+        bad = [c for c in record_extra["checks"] if not c["ok"]]
+        print(f"variant/head-dim checks: {len(record_extra['checks']) - len(bad)} ok, "
+              f"{len(bad)} failed {bad}")
+    return rows
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> None:
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        add_arguments(parser)
+        args = parser.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
