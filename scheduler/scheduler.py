@@ -206,7 +206,7 @@ class Scheduler:
         budget = self._schedule_running(plan, decodes, prefills)
         # After a preemption the pool is tight: admitting now would only thrash.
         if not plan.preempted:
-            self._admit_waiting(budget, prefills)
+            self._admit_waiting(budget, decodes, prefills)
         plan.seqs = decodes + prefills
         plan.num_decodes = len(decodes)
         return plan
@@ -247,7 +247,9 @@ class Scheduler:
             i += 1
         return budget
 
-    def _admit_waiting(self, budget: int, prefills: list[ScheduledSeq]) -> None:
+    def _admit_waiting(
+        self, budget: int, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq]
+    ) -> None:
         cfg = self.config
         cache = self.prefix_cache
         for req in admission_order(self.waiting, cfg.schedule_policy, cache):
@@ -283,7 +285,10 @@ class Scheduler:
                 self.prefix_cache_queries_tokens += len(tokens)
                 self.prefix_cache_hit_tokens += num_cached
             self.running.append(req)
-            prefills.append(ScheduledSeq(req, num_cached, num_new))
+            seq = ScheduledSeq(req, num_cached, num_new)
+            # A preempted request whose cache hit covers all but its last token re-enters
+            # as a plain decode.
+            (decodes if seq.is_decode else prefills).append(seq)
             budget -= num_new
 
     def _prefix_in_flight(self, tokens: list[int], num_cached: int) -> bool:

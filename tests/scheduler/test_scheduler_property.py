@@ -1,0 +1,142 @@
+"""Hypothesis drives scheduler + allocator + prefix cache with random workloads.
+
+Random arrivals, prompt lengths, shared prefixes, aborts (before a step and between a step's
+run and its update), engine-side stops, and a pool small enough to force eviction and
+preemption. After every step `check_state` recounts page ownership from scratch; the fake
+runner checks the K/V of every scheduled sequence. At the end every request has produced a
+prefix of what it generates alone (all of it unless stopped early), and once the cache is
+cleared every page is free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvcache.allocator import PageAllocator
+from scheduler.request import FinishReason, Request, RequestStatus, SamplingParams
+from scheduler.scheduler import RequestRejected, Scheduler, SchedulerConfig
+from tests.scheduler.sim import EOS, VOCAB, FakeRunner, check_plan, check_state, reference_output
+
+MAX_MODEL_LEN = 64
+
+
+@dataclass
+class Arrival:
+    request: Request
+    step: int
+    abort_step: int | None  # abort before this step's schedule()
+    abort_mid_step: int | None  # abort between this step's run and update()
+    stop_step: int | None  # the engine finishes it (a stop string) after this step's update
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[SchedulerConfig, int, list[Arrival]]:
+    page_size = draw(st.sampled_from([1, 2, 4, 8]))
+    config = SchedulerConfig(
+        page_size=page_size,
+        max_num_seqs=draw(st.integers(1, 6)),
+        max_num_batched_tokens=draw(st.integers(1, 48)),
+        max_model_len=MAX_MODEL_LEN,
+        enable_prefix_cache=draw(st.booleans()),
+        schedule_policy=draw(st.sampled_from(["fcfs", "lpm"])),
+    )
+    biggest = -(-(MAX_MODEL_LEN - 1) // page_size)  # pages of the longest acceptable request
+    # Sometimes smaller than one maximal request, so some submissions are rejected.
+    num_pages = 1 + draw(st.integers(max(1, biggest // 2), 3 * biggest))
+    token = st.integers(1, VOCAB - 1)
+    prefixes = draw(st.lists(st.lists(token, max_size=40), min_size=1, max_size=3))
+    arrivals = []
+    for i in range(draw(st.integers(1, 10))):
+        prefix = draw(st.sampled_from(prefixes))
+        prefix = prefix[: draw(st.integers(0, len(prefix)))]
+        prompt = prefix + draw(st.lists(token, min_size=1 if not prefix else 0, max_size=20))
+        sampling = SamplingParams(
+            max_tokens=draw(st.integers(1, 24)),
+            ignore_eos=draw(st.booleans()),
+            stop_token_ids=draw(st.lists(token, max_size=1)),
+        )
+        step = draw(st.integers(0, 12))
+        late = st.none() | st.integers(step, step + 30)
+        arrivals.append(
+            Arrival(
+                Request(f"r{i}", prompt, sampling, eos_token_ids=frozenset({EOS})),
+                step,
+                draw(late),
+                draw(late),
+                draw(late),
+            )
+        )
+    return config, num_pages, arrivals
+
+
+def _expect_rejection(config: SchedulerConfig, num_pages: int, req: Request) -> bool:
+    total = req.num_prompt_tokens + req.sampling.max_tokens
+    pages = -(-(total - 1) // config.page_size)
+    return total > config.max_model_len or pages > num_pages - 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_keep_every_invariant(
+    workload: tuple[SchedulerConfig, int, list[Arrival]],
+) -> None:
+    config, num_pages, arrivals = workload
+    scheduler = Scheduler(config, PageAllocator(num_pages))
+    runner = FakeRunner(scheduler)
+    accepted: list[Arrival] = []
+    last_arrival = max(a.step for a in arrivals)
+    step = 0
+    while step <= last_arrival or scheduler.has_unfinished():
+        assert step < 3000, "the scheduler is stuck"
+        for a in arrivals:
+            if a.step == step:
+                try:
+                    scheduler.add_request(a.request)
+                    accepted.append(a)
+                except RequestRejected:
+                    assert _expect_rejection(config, num_pages, a.request)
+                else:
+                    assert not _expect_rejection(config, num_pages, a.request)
+            if a.abort_step == step and a in accepted:
+                was_live = not a.request.is_finished
+                assert scheduler.abort_request(a.request.request_id) is was_live
+        plan = scheduler.schedule()
+        check_plan(scheduler, plan)
+        sampled = runner.run(plan)
+        for a in accepted:
+            if a.abort_mid_step == step:
+                scheduler.abort_request(a.request.request_id)
+        finished = scheduler.update(plan, sampled)
+        assert all(r.is_finished for r in finished)
+        for a in accepted:
+            if a.stop_step == step and not a.request.is_finished:
+                scheduler.finish_request(a.request.request_id, FinishReason.STOP)
+        check_state(scheduler)
+        step += 1
+
+    stats = scheduler.stats
+    assert stats.num_running == stats.num_waiting == 0
+    if not config.enable_prefix_cache:
+        assert stats.prefix_cache_queries_tokens == 0 and stats.num_pages_cached == 0
+    for a in accepted:
+        req = a.request
+        assert req.status is RequestStatus.FINISHED and not req.pages
+        expected = reference_output(req, config.max_model_len)
+        if req.finish_reason in (FinishReason.ABORT, FinishReason.STOP) and (
+            req.output_token_ids != expected
+        ):
+            # cut short by an abort or an engine-side stop: a prefix of the solo run
+            assert req.output_token_ids == expected[: len(req.output_token_ids)]
+            assert a.abort_step is not None or a.abort_mid_step is not None or (
+                a.stop_step is not None
+            )
+        else:
+            assert req.output_token_ids == expected
+    if scheduler.prefix_cache is not None:
+        scheduler.prefix_cache.clear()
+        assert scheduler.prefix_cache.num_cached_pages == 0
+    scheduler.allocator.check_invariants()
+    assert scheduler.allocator.num_free == scheduler.allocator.num_total
