@@ -252,6 +252,8 @@ class Scheduler:
     ) -> None:
         cfg = self.config
         cache = self.prefix_cache
+        if not self.waiting or budget <= 0 or len(self.running) >= cfg.max_num_seqs:
+            return
         for req in admission_order(self.waiting, cfg.schedule_policy, cache):
             if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
                 return
