@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,8 @@ from tests.scheduler.sim import (
     reference_output,
     run_to_completion,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -322,3 +327,37 @@ def test_abort_between_schedule_and_update() -> None:
     check_state(scheduler)
     with pytest.raises(ValueError, match="sampled tokens"):
         scheduler.update(scheduler.schedule(), [])
+
+
+def test_eviction_spares_pages_of_running_requests() -> None:
+    rng = random.Random(14)
+    scheduler, runner = _scheduler(num_pages=1 + 12, page_size=4)
+    shared, stale = _tokens(rng, 16), _tokens(rng, 16)
+    _warm_cache(scheduler, runner, shared)
+    _warm_cache(scheduler, runner, stale)
+    assert scheduler.stats.num_pages_cached_evictable == 8
+    user = _request("user", shared + _tokens(rng, 4), max_tokens=8)
+    scheduler.add_request(user)
+    _step(scheduler, runner)
+    shared_pages = user.pages[:4]
+    assert scheduler.prefix_cache.match(shared).pages == shared_pages
+    scheduler.prefix_cache.match(stale)  # least recently used now: the shared prefix
+    hog = _request("hog", _tokens(rng, 20), max_tokens=4)
+    scheduler.add_request(hog)
+    while scheduler.has_unfinished():
+        _step(scheduler, runner)
+        if user.status is RequestStatus.RUNNING:
+            assert all(scheduler.allocator.refcount(p) == 2 for p in shared_pages)
+    assert scheduler.prefix_cache.match_len(shared) == 16  # the locked prefix survived
+    assert scheduler.prefix_cache.match_len(stale) < 16  # the stale one made room
+    assert hog.output_token_ids == reference_output(hog, 1024)
+    assert user.output_token_ids == reference_output(user, 1024)
+
+
+def test_scheduler_package_never_imports_torch() -> None:
+    code = (
+        "import sys, scheduler.scheduler, scheduler.policy, kvcache.allocator, kvcache.radix; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
