@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # End-of-turn markers of common chat templates; a generation stops at any that exist.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
 _REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -65,13 +69,47 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
+def tokenizer_cache_dir() -> Path:
+    root = os.environ.get("ATTNSERVE_CACHE_DIR") or Path.home() / ".cache" / "attnserve"
+    return Path(root) / "tokenizers"
+
+
+def _load_from_gguf(gguf_path: Path) -> Any:
+    """Building a tokenizer from GGUF metadata takes seconds; keep a converted copy (keyed by
+    the file's path, size and mtime) that loads in a fraction of that."""
+    from transformers import AutoTokenizer
+
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    cached = tokenizer_cache_dir() / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable tokenizer cache %s: %s", cached, exc)
+    hf = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+        hf.save_pretrained(str(tmp))
+        try:
+            tmp.rename(cached)  # atomic; a concurrent writer may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        logger.warning("could not cache the tokenizer under %s: %s", cached.parent, exc)
+    return hf
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(folder: str, gguf_file: str | None) -> Tokenizer:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    hf = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if gguf_file:
+        hf = _load_from_gguf(Path(folder) / gguf_file)
+    else:
+        hf = AutoTokenizer.from_pretrained(folder)
     extra: set[int] = set()
     gen_cfg = Path(folder) / "generation_config.json"
     if gguf_file is None and gen_cfg.is_file():

@@ -1,0 +1,99 @@
+"""Synthetic presets: real shapes (checked against the published parameter counts on the meta
+device), Llama-3 rope scaling against transformers, seeded weights on a real load."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+from model.llama import CausalLM
+from model.loader import empty_model, load_model
+from model.presets import SYNTHETIC_PRESETS, init_synthetic_weights, synthetic_config
+from tests.model.hf_reference import PagedRunner
+
+# Parameter counts published on the models' Hugging Face pages / safetensors index.
+PUBLISHED_PARAMS = {
+    "smollm2-135m": 134_515_008,
+    "llama3-8b": 8_030_261_248,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen3-8b": 8_190_735_360,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC_PRESETS))
+def test_preset_shapes_match_the_real_models(name):
+    cfg = synthetic_config(f"synthetic:{name}")
+    with torch.device("meta"):
+        model = CausalLM(cfg, dtype=torch.bfloat16)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == PUBLISHED_PARAMS[name] == cfg.num_parameters()
+    attn = model.layers[0].self_attn
+    assert attn.qkv_proj.weight.shape == (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size)
+    assert (attn.qkv_proj.bias is not None) == (name == "qwen2.5-7b")
+    assert (attn.q_norm is not None) == (name == "qwen3-8b")
+    assert (model.lm_head is None) == cfg.tie_word_embeddings
+
+
+def test_llama3_preset_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = synthetic_config("llama3-8b")
+    hf_cfg = LlamaConfig(
+        hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_scaling={**cfg.rope_scaling, "rope_theta": cfg.rope_theta},
+    )
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, torch.device("cpu"))
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.rotary.to_empty(device="cpu")
+    model.rotary.reset_cache(cfg)
+    assert torch.allclose(model.rotary.inv_freq, ref.float(), rtol=1e-6, atol=0)
+    pos = 100_000
+    cache = model.rotary.cos_sin_cache
+    assert cache.shape == (cfg.max_position_embeddings, cfg.head_dim)
+    angles = pos * ref.float()
+    half = cfg.head_dim // 2
+    assert torch.allclose(cache[pos, :half], angles.cos(), atol=1e-6)
+    assert torch.allclose(cache[pos, half:], angles.sin(), atol=1e-6)
+
+
+def test_synthetic_weights_are_seeded():
+    cfg = dataclasses.replace(synthetic_config("qwen3-8b"), vocab_size=64, hidden_size=32,
+                              intermediate_size=48, num_layers=2, head_dim=8,
+                              max_position_embeddings=64)
+    seed = random.randrange(1000)
+
+    def build(s: int) -> dict[str, torch.Tensor]:
+        model = empty_model(cfg, torch.float32, torch.device("cpu"))
+        init_synthetic_weights(model, s)
+        return dict(model.named_parameters())
+
+    a, b, c = build(seed), build(seed), build(seed + 1)
+    for name, p in a.items():
+        assert torch.equal(p, b[name]), name
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert not torch.equal(p, c[name]), name
+
+
+def test_synthetic_load_runs():
+    loaded = load_model("synthetic:smollm2-135m", torch.float32, torch.device("cpu"),
+                        seed=random.randrange(1000), with_tokenizer=False)
+    w = loaded.model.layers[3].mlp.gate_up_proj.weight
+    assert math.isclose(w.std().item(), 0.02, rel_tol=0.02)
+    assert abs(w.mean().item()) < 1e-3
+    assert loaded.source.startswith("synthetic:smollm2-135m")
+    logits = PagedRunner(loaded.model).step({0: [1, 2, 3, 4]})[0]
+    assert logits.shape == (4, 49152) and torch.isfinite(logits).all()
+
+
+def test_unknown_spec_is_a_clear_error():
+    with pytest.raises(ValueError, match="synthetic preset"):
+        load_model("no-such-model", torch.float32, torch.device("cpu"), with_tokenizer=False)
