@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.triton.extend_config import ExtendConfig, extend_config
+from attention.triton.extend_config import ExtendConfig, extend_config, table_configs
 from attention.triton.variants import identity, triton_variant
 from attention.variants import Variant, alibi_slopes
 from kvcache.layout import KVLayout
@@ -80,39 +80,58 @@ def _kv_tile_offsets(
 
 @triton.jit
 def _attend_tile(
-    acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, kv_head, offs_d, d_mask,
-    slope, scale, param,
+    acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head,
+    offs_d, d_mask, slope, qk_scale, scale, param,
     MASKED: tl.constexpr, LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, X: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr, PAD_D: tl.constexpr,
-    LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
-    LOGITS_IS_IDENTITY: tl.constexpr,
+    USE_TMA: tl.constexpr, LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr,
+    USE_SOFTMAX: tl.constexpr, LOGITS_IS_IDENTITY: tl.constexpr,
 ):
-    offs, offs_n = _kv_tile_offsets(
-        start, seq_len, bt_row, kv_head, offs_d, MASKED, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
-        HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE,
-    )
-    if MASKED:  # keys past seq_len may be stale or NaN: load zeros there
-        kv_mask = (offs_n < seq_len)[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
-    elif PAD_D:
-        k = tl.load(k_ptr + offs, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_ptr + offs, mask=d_mask[None, :], other=0.0)
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if USE_TMA and not MASKED:
+        # Bulk tensor copies of a [BLOCK_N, HEAD_DIM] tile inside one page; the caches are
+        # viewed as 2-D [rows, cols] (see _tma_descriptors).
+        page = tl.load(bt_row + start // PAGE_SIZE)
+        if LAYOUT == 0:
+            row = page * PAGE_SIZE + start % PAGE_SIZE
+            col = kv_head * HEAD_DIM
+        else:
+            row = (page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + start % PAGE_SIZE
+            col = 0
+        k = k_desc.load([row, col])
+        v = v_desc.load([row, col])
     else:
-        k = tl.load(k_ptr + offs)
-        v = tl.load(v_ptr + offs)
+        offs, offs_n = _kv_tile_offsets(
+            start, seq_len, bt_row, kv_head, offs_d, MASKED, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
+            HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE,
+        )
+        if MASKED:  # keys past seq_len may be stale or NaN: load zeros there
+            kv_mask = (offs_n < seq_len)[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+        elif PAD_D:
+            k = tl.load(k_ptr + offs, mask=d_mask[None, :], other=0.0)
+            v = tl.load(v_ptr + offs, mask=d_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptr + offs)
+            v = tl.load(v_ptr + offs)
     qk = tl.dot(q, tl.trans(k))
     k_pos = offs_n[None, :]
-    if USE_SOFTMAX:
-        if LOGITS_IS_IDENTITY:
-            s = qk * (scale * 1.4426950408889634)  # log2 domain: exp2 below
+    if USE_SOFTMAX:  # online softmax in the log2 domain (exp2)
+        if LOGITS_IS_IDENTITY and not MASKED:
+            # max(qk) * c == max(qk * c) for c > 0; qk * c - m fuses into one FMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
         else:
-            s = LOGITS_FN(qk * scale, q_pos, k_pos, slope, param) * 1.4426950408889634
-        if MASKED:
-            s = tl.where(k_pos <= q_pos, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+            if LOGITS_IS_IDENTITY:
+                s = qk * qk_scale
+            else:
+                s = LOGITS_FN(qk * scale, q_pos, k_pos, slope, param) * 1.4426950408889634
+            if MASKED:
+                s = tl.where(k_pos <= q_pos, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -130,7 +149,7 @@ def _attend_tile(
 
 @triton.jit(do_not_specialize=["stride_bt", "param", "window"])
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
     block_table_ptr, slopes_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, param, window,
     LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
@@ -138,7 +157,8 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr,
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
-    LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr,
+    LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
     # the last (longest, for causal) query blocks start first for a balanced tail.
@@ -182,17 +202,29 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    for start in tl.range(lo, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, kv_head, offs_d,
-            d_mask, slope, scale, param, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
-            BLOCK_N, PAGE_PER_TILE, PAD_D, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
-        )
+    qk_scale = scale * 1.4426950408889634
+    if WARP_SPECIALIZE:  # an experiment for the sweep: Triton's automatic warp roles
+        for start in tl.range(lo, full_end, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
+                kv_head, offs_d, d_mask, slope, qk_scale, scale, param, False, LAYOUT, PAGE_SIZE,
+                NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, LOGITS_FN,
+                WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+            )
+    else:
+        for start in tl.range(lo, full_end, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
+                kv_head, offs_d, d_mask, slope, qk_scale, scale, param, False, LAYOUT, PAGE_SIZE,
+                NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, LOGITS_FN,
+                WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+            )
     for start in tl.range(diag_start, hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, kv_head, offs_d,
-            d_mask, slope, scale, param, True, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
-            BLOCK_N, PAGE_PER_TILE, PAD_D, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+            acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
+            kv_head, offs_d, d_mask, slope, qk_scale, scale, param, True, LAYOUT, PAGE_SIZE,
+            NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, LOGITS_FN,
+            WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
         )
 
     if USE_SOFTMAX:
@@ -210,11 +242,37 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(head_dim: int, device: torch.device) -> ExtendConfig:
-    """The table config for this head dim on `device` (small tiles under the interpreter)."""
+def _capability(device: torch.device) -> int | None:
     if device.type != "cuda" or _interpreting():
-        return extend_config(head_dim, None)
-    return extend_config(head_dim, torch.cuda.get_device_capability(device)[0])
+        return None
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def default_config(
+    head_dim: int, device: torch.device, layout_name: str = "nhd", max_q_len: int = 0
+) -> ExtendConfig:
+    """The table config on `device` (small tiles under the interpreter)."""
+    return extend_config(head_dim, _capability(device), layout_name, max_q_len)
+
+
+def warmup_extend(
+    layout: KVLayout, num_q_heads: int, variant: Variant, device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Compile every table config this layout/head dim/variant may use, on a tiny batch, so
+    that no serving step waits on Triton compilation."""
+    D = layout.head_dim
+    k_cache = torch.zeros(layout.cache_shape(2 if layout.page_size > 1 else 8), dtype=dtype,
+                          device=device)
+    v_cache = torch.zeros_like(k_cache)
+    q = torch.zeros(1, num_q_heads, D, dtype=dtype, device=device)
+    ints = {"device": device, "dtype": torch.int32}
+    for config in table_configs(D, _capability(device), layout.name):
+        extend_attention_with_config(
+            q, k_cache, v_cache, layout, torch.tensor([0, 1], **ints),
+            torch.tensor([0], **ints), torch.tensor([1], **ints), torch.ones(1, 1, **ints),
+            torch.empty_like(q), D**-0.5, variant, 1, None, config,
+        )
 
 
 def extend_attention(
@@ -224,7 +282,7 @@ def extend_attention(
     max_q_len: int, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over cached prefix + themselves (module docstring)."""
-    config = default_config(q.shape[-1], q.device)
+    config = default_config(q.shape[-1], q.device, layout.name, max_q_len)
     return extend_attention_with_config(
         q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table, out,
         scale, variant, max_q_len, alibi_slopes, config,
@@ -239,6 +297,21 @@ def _slopes_for(num_heads: int, device: torch.device) -> torch.Tensor:
     if key not in _slopes_cache:
         _slopes_cache[key] = alibi_slopes(num_heads).to(device=device, dtype=torch.float32)
     return _slopes_cache[key]
+
+
+def _tma_descriptors(k_cache, v_cache, layout: KVLayout, block_n: int):
+    """Bulk-copy descriptors of [block_n, head_dim] tiles over 2-D views of the caches:
+    nhd as [pages * page_size, kv_heads * head_dim], hnd as [pages * kv_heads * page_size,
+    head_dim]; a tile never crosses a page (page_size % block_n == 0)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    D = layout.head_dim
+    cols = layout.num_kv_heads * D if layout.name == "nhd" else D
+    descs = []
+    for cache in (k_cache, v_cache):
+        flat = cache.view(-1, cols)
+        descs.append(TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_n, D]))
+    return descs[0], descs[1]
 
 
 def extend_attention_with_config(
@@ -270,17 +343,24 @@ def extend_attention_with_config(
     page_size = layout.page_size
     # sliding_window masks keys with q_pos - k_pos >= window; whole tiles below are skipped
     window = math.ceil(tv.param) if variant.name == "sliding_window" else 0
+    block_d = max(16, triton.next_power_of_2(D))
+    use_tma = (config.tma and layout.name in ("nhd", "hnd") and page_size % config.block_n == 0
+               and block_d == D)
+    k_desc, v_desc = _tma_descriptors(k_cache, v_cache, layout, config.block_n) if use_tma else (
+        None, None)
     grid = (Hq, triton.cdiv(max_q_len, config.block_m), B)
     _extend_kernel[grid](
-        q, k_cache, v_cache, out, qo_indptr, prefix_lens, seq_lens, block_table, slopes,
+        q, k_cache, v_cache, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens,
+        block_table, slopes,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         float(scale), tv.param, window,
         LAYOUT=_LAYOUT_CODES[layout.name], PAGE_SIZE=page_size, NUM_KV_HEADS=Hkv,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), X=layout.x, GROUP=Hq // Hkv,
+        HEAD_DIM=D, BLOCK_D=block_d, X=layout.x, GROUP=Hq // Hkv,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
-        WINDOW_SKIP=variant.name == "sliding_window",
+        WINDOW_SKIP=variant.name == "sliding_window", USE_TMA=use_tma,
+        WARP_SPECIALIZE=config.warp_specialize,
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

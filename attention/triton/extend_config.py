@@ -1,9 +1,10 @@
 """Launch configurations (block sizes, warps, pipeline depth) of the extend kernel.
 
-One fixed table per head dim and GPU generation, chosen from the sweep that
-`attention/benchmarks/prefill.py` runs on the device (bench/results/*prefill*.json), so a
-serving step never autotunes or waits on compilation once the first step has compiled the
-kernel. `set_extend_config` overrides an entry (the benchmark's sweep uses it).
+A fixed table per GPU generation, head dim, layout kind (paged pages vs the page-size-1
+`token` layout) and query length (short runs vs long prompts), chosen from the sweep that
+`attention/benchmarks/prefill.py` runs on the device (bench/results/*prefill*.json). No
+autotuning happens in a serving step; `table_configs` lists the configs a backend should
+compile at warm-up so that no later step waits on compilation.
 """
 
 from __future__ import annotations
@@ -20,48 +21,67 @@ class ExtendConfig:
     # Look up a page id per key even when a tile lies inside one page (a vector load that the
     # software pipeliner can issue ahead, instead of one scalar load per tile).
     per_row_pages: bool = False
+    # Read unmasked nhd/hnd tiles with bulk tensor copies (TMA) when a tile fits in a page.
+    tma: bool = False
+    warp_specialize: bool = False  # Triton's automatic warp specialization of the KV loop
 
     def __str__(self) -> str:
-        rows = "r" if self.per_row_pages else ""
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{rows}"
+        flags = ("r" if self.per_row_pages else "") + ("t" if self.tma else "")
+        flags += "ws" if self.warp_specialize else ""
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
-# (compute capability major, head dim bucket) -> config. Head dims are bucketed to the
-# power of two the kernel pads them to. Hopper (9) entries come from the H100 sweep.
-_TABLE: dict[tuple[int, int], ExtendConfig] = {
-    (9, 64): ExtendConfig(128, 64, 4, 3),
-    (9, 128): ExtendConfig(128, 64, 8, 3),
-    (9, 256): ExtendConfig(64, 32, 4, 2),
-    (8, 64): ExtendConfig(128, 64, 4, 3),
-    (8, 128): ExtendConfig(128, 32, 4, 3),
-    (8, 256): ExtendConfig(64, 32, 4, 2),
+LONG_Q_LEN = 4096  # a batch whose longest new-token run exceeds this uses the "long" entry
+
+# (capability major, head dim bucket, "paged" | "token", "short" | "long") -> config.
+# Hopper head dim 128 from the H100 sweep of 2026-11-25 (bench/results/h100-prefill-*.json).
+_TABLE: dict[tuple[int, int, str, str], ExtendConfig] = {
+    (9, 128, "paged", "short"): ExtendConfig(64, 64, 4, 3),
+    (9, 128, "paged", "long"): ExtendConfig(128, 128, 8, 3),
+    (9, 128, "token", "short"): ExtendConfig(128, 64, 4, 3),
+    (9, 128, "token", "long"): ExtendConfig(128, 64, 4, 3),
+    (9, 64, "paged", "short"): ExtendConfig(64, 64, 4, 3),
+    (9, 64, "paged", "long"): ExtendConfig(128, 64, 4, 3),
+    (9, 64, "token", "short"): ExtendConfig(128, 64, 4, 3),
+    (9, 64, "token", "long"): ExtendConfig(128, 64, 4, 3),
 }
-_FALLBACK = ExtendConfig(64, 32, 4, 2)
+_GENERIC = {  # other GPUs and head dims: tiles that fit ~100 KB of shared memory
+    16: ExtendConfig(64, 64, 4, 2), 32: ExtendConfig(64, 64, 4, 2),
+    64: ExtendConfig(64, 64, 4, 2), 128: ExtendConfig(64, 32, 4, 2),
+    256: ExtendConfig(32, 32, 4, 2),
+}
+_FALLBACK = ExtendConfig(16, 16, 4, 1)
 # Small tiles for the CPU interpreter: cheap to emulate, and they exercise multi-tile loops.
 INTERPRETER_CONFIG = ExtendConfig(16, 16, 4, 1)
-
-_overrides: dict[tuple[int, int], ExtendConfig] = {}
 
 
 def head_dim_bucket(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def extend_config(head_dim: int, capability_major: int | None) -> ExtendConfig:
+def layout_kind(layout_name: str) -> str:
+    return "token" if layout_name == "token" else "paged"
+
+
+def extend_config(
+    head_dim: int, capability_major: int | None, layout_name: str = "nhd", max_q_len: int = 0
+) -> ExtendConfig:
     """The config for a head dim on a device generation (None: the CPU interpreter)."""
     if capability_major is None:
         return INTERPRETER_CONFIG
-    key = (capability_major, head_dim_bucket(head_dim))
-    if key in _overrides:
-        return _overrides[key]
-    major = capability_major if (capability_major, key[1]) in _TABLE else min(capability_major, 9)
-    return _TABLE.get((major, key[1]), _FALLBACK)
+    bucket = head_dim_bucket(head_dim)
+    length = "long" if max_q_len > LONG_Q_LEN else "short"
+    key = (capability_major, bucket, layout_kind(layout_name), length)
+    if key in _TABLE:
+        return _TABLE[key]
+    return _GENERIC.get(bucket, _FALLBACK)
 
 
-def set_extend_config(head_dim: int, capability_major: int, config: ExtendConfig | None) -> None:
-    """Override (or with None, restore) the config for a head dim on a device generation."""
-    key = (capability_major, head_dim_bucket(head_dim))
-    if config is None:
-        _overrides.pop(key, None)
-    else:
-        _overrides[key] = config
+def table_configs(
+    head_dim: int, capability_major: int | None, layout_name: str
+) -> list[ExtendConfig]:
+    """Every config `extend_config` may pick for this head dim and layout (for warm-up)."""
+    picks = {
+        extend_config(head_dim, capability_major, layout_name, n) for n in (1, LONG_Q_LEN + 1)
+    }
+    return sorted(picks, key=str)

@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from attention.triton.extend import extend_attention  # noqa: E402
+from attention.triton.extend import extend_attention, extend_attention_with_config  # noqa: E402
+from attention.triton.extend_config import ExtendConfig  # noqa: E402
 from attention.variants import Variant, alibi_slopes  # noqa: E402
 from kvcache.layout import KVLayout  # noqa: E402
 
@@ -113,7 +114,7 @@ def _reference(q, ks, vs, prefix_lens, q_lens, scale, variant, slopes):
 
 
 def _run_case(layout_name, page_size, variant, group, prefix_lens, q_lens, dtype=torch.float32,
-              head_dim=HEAD_DIM, pass_slopes=True):
+              head_dim=HEAD_DIM, pass_slopes=True, config=None):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
     layout = KVLayout.create(layout_name, page_size, NUM_KV_HEADS, head_dim, str(dtype))
     k_cache, v_cache, block_table, ks, vs = _make_batch(layout, prefix_lens, q_lens, dtype, gen)
@@ -124,13 +125,17 @@ def _run_case(layout_name, page_size, variant, group, prefix_lens, q_lens, dtype
     indptr = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
     scale = head_dim**-0.5
-    extend_attention(
+    args = (
         q, k_cache, v_cache, layout, indptr,
         torch.tensor(prefix_lens, dtype=torch.int32),
         torch.tensor([p + n for p, n in zip(prefix_lens, q_lens, strict=True)], dtype=torch.int32),
         block_table, out, scale, variant, max(q_lens),
         slopes if pass_slopes else None,
     )
+    if config is None:
+        extend_attention(*args)
+    else:
+        extend_attention_with_config(*args, config)
     ref = _reference(q, ks, vs, prefix_lens, q_lens, scale, variant, slopes)
     assert torch.isfinite(out).all(), "unwritten (NaN) output rows or NaN cache slots read"
     err = (out.double() - ref).norm() / ref.norm()
@@ -165,6 +170,13 @@ def test_extend_matches_reference(layout_name, variant, group):
 def test_head_dim_64_and_padded_head_dim(layout_name):
     _run_case(layout_name, 16, Variant("softmax"), 2, [13, 0], [20, 33], head_dim=64)
     _run_case(layout_name, 8, Variant("softmax"), 2, [5, 30], [18, 3], head_dim=40)
+
+
+@pytest.mark.parametrize("layout_name", ["nhd", "hnd"])
+def test_bulk_copy_tiles_and_per_row_pages(layout_name):
+    # The TMA path (tiles read through tensor descriptors) and the per-key page lookup.
+    for config in (ExtendConfig(16, 16, 4, 1, tma=True), ExtendConfig(16, 16, 4, 1, True)):
+        _run_case(layout_name, 32, Variant("softcap", 1.5), 3, [45, 0], [20, 37], config=config)
 
 
 def test_default_alibi_slopes_and_long_prefix():
