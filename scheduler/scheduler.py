@@ -178,11 +178,13 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         # Decode tokens are reserved up front so prefill chunks of older requests cannot
         # starve newer requests' decodes.
-        pending_decodes = sum(1 for r in self.running if self._is_decode_ready(r))
+        # Preemption only removes from the end, so index i keeps naming the same request.
+        decode_ready = [self._is_decode_ready(r) for r in self.running]
+        pending_decodes = sum(decode_ready)
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            is_decode = self._is_decode_ready(req)
+            is_decode = decode_ready[i]
             if is_decode:
                 pending_decodes -= 1
                 num_new = 1 if budget >= 1 else 0
@@ -193,14 +195,15 @@ class Scheduler:
                 i += 1
                 continue
             need = _pages_for(req.num_computed_tokens + num_new, self.page_size) - len(req.pages)
-            while not self._make_free(need):
-                victim = self.running[-1]
-                if victim is not req and self._is_decode_ready(victim):
-                    pending_decodes -= 1
-                self._preempt(victim, plan)
-                if victim is req:
-                    return budget  # it was the last running request
-            req.pages.extend(self.allocator.alloc(max(need, 0)))
+            if need > 0:
+                while not self._make_free(need):
+                    victim = self.running[-1]
+                    if victim is not req and decode_ready[len(self.running) - 1]:
+                        pending_decodes -= 1
+                    self._preempt(victim, plan)
+                    if victim is req:
+                        return budget  # it was the last running request
+                req.pages.extend(self.allocator.alloc(need))
             seq = ScheduledSeq(req, req.num_computed_tokens, num_new)
             (decodes if is_decode else prefills).append(seq)
             budget -= num_new
