@@ -1,0 +1,299 @@
+"""`attnserve bench attention --op decode`: the Triton decode kernel vs its peers (GPU).
+
+For each (batch, context) shape it draws random bf16 q/K/V, measures torch SDPA (flash
+backend) and FlexAttention on the contiguous K/V, then the Triton kernel on paged K/V of
+the same content in every requested layout and page size. Bytes counted: K/V read once, q
+read, out written. Roofline fraction: those bytes over the copy bandwidth measured in the
+same run, divided by the measured time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attention.benchmarks.common import (
+    BenchRow,
+    DeviceCeilings,
+    build_paged_kv,
+    device_record,
+    format_table,
+    make_row,
+    measure_ceilings,
+    time_graph_us,
+    write_json,
+)
+from attention.triton.decode import (
+    DecodeConfig,
+    SplitBuffers,
+    choose_num_splits,
+    decode_attention,
+    default_decode_config,
+)
+from attention.triton.variants import triton_variant
+from attention.variants import Variant, alibi_slopes, apply_variant_torch, parse_variant
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    context: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        b, _, c = text.partition("x")
+        return cls(int(b), int(c))
+
+
+@dataclass
+class DecodeProblem:
+    shape: Shape
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q: torch.Tensor  # [B, Hq, D]
+    k: torch.Tensor  # [B, L, Hkv, D]
+    v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        e = self.q.element_size()
+        kv = 2 * self.shape.batch * self.shape.context * self.num_kv_heads * self.head_dim * e
+        return kv + 2 * self.q.numel() * e
+
+    @property
+    def flops(self) -> int:
+        return 4 * self.shape.batch * self.num_q_heads * self.shape.context * self.head_dim
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+
+def make_problem(shape: Shape, hq: int, hkv: int, d: int, device: torch.device,
+                 gen: torch.Generator) -> DecodeProblem:
+    def rnd(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, device=device, dtype=torch.bfloat16)
+
+    B, L = shape.batch, shape.context
+    return DecodeProblem(shape, hq, hkv, d, rnd(B, hq, d), rnd(B, L, hkv, d), rnd(B, L, hkv, d))
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+def sdpa_flash_fn(p: DecodeProblem) -> tuple[Callable[[], Any], str]:
+    """SDPA with the flash backend on contiguous [B, H, L, D] K/V (GQA through enable_gqa,
+    or with the group folded into the query length when this torch's flash lacks GQA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, Hq, D = p.q.shape
+    k4 = p.k.transpose(1, 2).contiguous()
+    v4 = p.v.transpose(1, 2).contiguous()
+    q4 = p.q.view(B, Hq, 1, D)
+
+    def gqa() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q4, k4, v4, scale=p.scale, enable_gqa=True)
+
+    try:
+        gqa()
+        return gqa, "enable_gqa"
+    except RuntimeError as exc:
+        logger.info("SDPA flash rejected enable_gqa (%s); folding the group into q", exc)
+    qf = p.q.view(B, p.num_kv_heads, Hq // p.num_kv_heads, D)
+
+    def folded() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qf, k4, v4, scale=p.scale)
+
+    folded()
+    return folded, "group_as_rows"
+
+
+def flex_fn(p: DecodeProblem) -> Callable[[], Any]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    B, Hq, D = p.q.shape
+    q4 = p.q.view(B, Hq, 1, D)
+    k4 = p.k.transpose(1, 2).contiguous()
+    v4 = p.v.transpose(1, 2).contiguous()
+    return lambda: compiled(q4, k4, v4, scale=p.scale, enable_gqa=True)
+
+
+# ----------------------------------------------------------------------------- triton
+
+
+@dataclass
+class TritonRun:
+    fn: Callable[[], Any]
+    out: torch.Tensor
+    splits: int
+
+
+def triton_run(p: DecodeProblem, paged: Any, variant: Variant, num_sms: int,
+               config: DecodeConfig | None = None, splits: int | None = None) -> TritonRun:
+    tv = triton_variant(variant)
+    slopes = alibi_slopes(p.num_q_heads).float().to(p.q.device)
+    cfg = config or default_decode_config(paged.layout, p.head_dim, True)
+    if splits is None:
+        splits = choose_num_splits(p.shape.batch, p.num_kv_heads, p.shape.context, num_sms,
+                                   cfg.block_n)
+    out = torch.empty_like(p.q)
+    buffers = SplitBuffers.empty(p.q.device)
+    buffers.ensure(p.shape.batch, p.num_q_heads, splits, 1 << (p.head_dim - 1).bit_length())
+
+    def fn() -> torch.Tensor:
+        return decode_attention(p.q, paged.k_cache, paged.v_cache, paged.layout,
+                                paged.block_table, paged.seq_lens, out, p.scale, tv, slopes,
+                                splits, buffers, cfg)
+
+    return TritonRun(fn, out, splits)
+
+
+def reference_out(p: DecodeProblem, variant: Variant) -> torch.Tensor:
+    """float32 torch attention on the contiguous K/V (the variant through the torch oracle)."""
+    B, Hq, D = p.q.shape
+    G = Hq // p.num_kv_heads
+    L = p.shape.context
+    k = p.k.float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    scores = torch.matmul(p.q.float().view(B, p.num_kv_heads, G, D), k).view(B, Hq, 1, L)
+    q_pos = torch.full((1, 1, 1, 1), L - 1, device=p.q.device)
+    k_pos = torch.arange(L, device=p.q.device).view(1, 1, 1, L)
+    visible = torch.ones(1, 1, 1, L, dtype=torch.bool, device=p.q.device)
+    w = apply_variant_torch(variant, scores * p.scale, q_pos, k_pos, visible)
+    out = torch.matmul(w.view(B, p.num_kv_heads, G, L), p.v.float().permute(0, 2, 1, 3))
+    return out.view(B, Hq, D)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="attnserve bench attention --op decode")
+    ap.add_argument("--shapes", default="64x4096,16x16384,256x1024,1x32768",
+                    help="comma-separated BATCHxCONTEXT")
+    ap.add_argument("--layouts", default="token,nhd,hnd,hnd_x")
+    ap.add_argument("--page-sizes", default="16,64")
+    ap.add_argument("--variants", default="softmax",
+                    help="comma-separated, e.g. softmax,softcap:30,sliding_window:1024,alibi")
+    ap.add_argument("--variant-shapes", default="",
+                    help="shapes on which non-softmax variants run (default: all)")
+    ap.add_argument("--variant-layouts", default="nhd",
+                    help="layouts on which non-softmax variants run")
+    ap.add_argument("--num-q-heads", type=int, default=32)
+    ap.add_argument("--num-kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--peers", default="sdpa,flex", help="comma-separated: sdpa, flex")
+    ap.add_argument("--check", action="store_true",
+                    help="check every Triton output against float32 torch (rel. err < 1e-2)")
+    ap.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
+    ap.add_argument("--config", default=None, help="BLOCK_N,WARPS,STAGES launch override")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    return ap.parse_args(argv)
+
+
+def run_shape(args: argparse.Namespace, shape: Shape, ceilings: DeviceCeilings,
+              gen: torch.Generator, failures: list[str]) -> list[BenchRow]:
+    device = torch.device(args.device)
+    num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if device.type == "cuda" else 4)
+    p = make_problem(shape, args.num_q_heads, args.num_kv_heads, args.head_dim, device, gen)
+    common = dict(op="decode", batch=shape.batch, context=shape.context, new_tokens=1,
+                  nbytes=p.nbytes, flops=p.flops, ceilings=ceilings)
+    rows: list[BenchRow] = []
+    peers = [s for s in args.peers.split(",") if s]
+    sdpa_us = None
+    if "sdpa" in peers:
+        fn, how = sdpa_flash_fn(p)
+        sdpa_us = time_graph_us(fn)
+        rows.append(make_row(backend="sdpa_flash", layout="contiguous", page_size=0,
+                             variant="softmax", time_us=sdpa_us, extra={"gqa": how}, **common))
+    if "flex" in peers:
+        try:
+            us = time_graph_us(flex_fn(p))
+            rows.append(make_row(backend="flex", layout="contiguous", page_size=0,
+                                 variant="softmax", time_us=us, **common))
+        except Exception as exc:  # noqa: BLE001 - a peer failing must not end the run
+            logger.warning("FlexAttention failed on %s: %s", shape, exc)
+    config = None
+    if args.config:
+        bn, w, s = (int(x) for x in args.config.split(","))
+        config = DecodeConfig(bn, w, s)
+    variants = [parse_variant(v) for v in args.variants.split(",") if v]
+    variant_shapes = {Shape.parse(s) for s in args.variant_shapes.split(",") if s}
+    variant_layouts = set(args.variant_layouts.split(","))
+    refs: dict[str, torch.Tensor] = {}
+    softmax_us: dict[tuple[str, int], float] = {}
+    for layout in args.layouts.split(","):
+        for page_size in ([1] if layout == "token" else
+                          [int(x) for x in args.page_sizes.split(",")]):
+            paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, page_size,
+                                   generator=gen)
+            for variant in variants:
+                if variant.name != "softmax" and (
+                    layout not in variant_layouts
+                    or (variant_shapes and shape not in variant_shapes)
+                ):
+                    continue
+                run = triton_run(p, paged, variant, num_sms, config, args.splits)
+                us = time_graph_us(run.fn)
+                extra: dict[str, Any] = {"splits": run.splits}
+                if sdpa_us is not None:
+                    extra["vs_sdpa"] = round(sdpa_us / us, 3)
+                if variant.name == "softmax":
+                    softmax_us[(layout, page_size)] = us
+                elif (layout, page_size) in softmax_us:
+                    extra["vs_softmax"] = round(us / softmax_us[(layout, page_size)], 3)
+                if args.check:
+                    run.out.fill_(float("nan"))
+                    run.fn()
+                    key = str(variant)
+                    if key not in refs:
+                        refs[key] = reference_out(p, variant)
+                    err = rel_err(run.out, refs[key])
+                    extra["rel_err"] = float(f"{err:.2e}")
+                    if not err < 1e-2:
+                        failures.append(f"{shape} {layout} P={page_size} {variant}: err {err}")
+                rows.append(make_row(backend="triton", layout=layout, page_size=page_size,
+                                     variant=str(variant), time_us=us, extra=extra, **common))
+            del paged
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench attention --op decode needs a CUDA GPU")
+        return 2
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    ceilings = measure_ceilings(device)
+    print(f"copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    rows: list[BenchRow] = []
+    failures: list[str] = []
+    for text in args.shapes.split(","):
+        shape_rows = run_shape(args, Shape.parse(text), ceilings, gen, failures)
+        print(format_table(shape_rows), flush=True)
+        rows += shape_rows
+    if args.json_out:
+        write_json(args.json_out, device_record(ceilings, rows))
+    for f in failures:
+        print("CHECK FAILED:", f)
+    return 1 if failures else 0

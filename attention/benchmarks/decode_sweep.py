@@ -1,0 +1,88 @@
+"""Launch-configuration sweep of the Triton decode kernel (GPU), used to pick
+`default_decode_config` and the split heuristic in `choose_num_splits`.
+
+    python -m attention.benchmarks.decode_sweep --shapes 64x4096,1x32768 --json-out sweep.json
+
+For every shape x layout x page size it times each (BLOCK_N, warps, stages) config at the
+heuristic's split count, then the best config at other split counts, and prints the
+fraction of the copy bandwidth each reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import torch
+
+from attention.benchmarks.common import build_paged_kv, measure_copy_gbps, time_graph_us
+from attention.benchmarks.decode import Shape, make_problem, triton_run
+from attention.triton.decode import DecodeConfig, choose_num_splits
+from attention.variants import Variant
+
+logger = logging.getLogger(__name__)
+
+CONFIGS = [DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3),
+           DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(128, 4, 3),
+           DecodeConfig(128, 8, 2)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m attention.benchmarks.decode_sweep")
+    ap.add_argument("--shapes", default="64x4096,16x16384,256x1024,1x32768")
+    ap.add_argument("--layouts", default="token:1,nhd:16,hnd:16,hnd_x:16,nhd:64")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device("cuda")
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    copy_gbps = measure_copy_gbps(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    results = []
+    print(f"copy {copy_gbps:.0f} GB/s, {num_sms} SMs")
+    for text in args.shapes.split(","):
+        shape = Shape.parse(text)
+        p = make_problem(shape, 32, 8, 128, device, gen)
+        for spec in args.layouts.split(","):
+            layout, _, ps = spec.partition(":")
+            paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, int(ps),
+                                   generator=gen)
+            timings: dict[tuple[DecodeConfig, int], float] = {}
+            for cfg in CONFIGS:
+                splits = choose_num_splits(shape.batch, 8, shape.context, num_sms, cfg.block_n)
+                try:
+                    timings[(cfg, splits)] = time_graph_us(
+                        triton_run(p, paged, Variant(), num_sms, cfg, splits).fn)
+                except Exception as exc:  # noqa: BLE001 - a config may not compile
+                    logger.warning("%s %s %s: %s", shape, spec, cfg, exc)
+            best_cfg = min(timings, key=timings.__getitem__)[0]
+            heur = choose_num_splits(shape.batch, 8, shape.context, num_sms, best_cfg.block_n)
+            for splits in sorted({1, 2, 4, 8, 16, 32, 64, heur // 2, heur * 2} - {0}):
+                if splits * best_cfg.block_n > shape.context or (best_cfg, splits) in timings:
+                    continue
+                timings[(best_cfg, splits)] = time_graph_us(
+                    triton_run(p, paged, Variant(), num_sms, best_cfg, splits).fn)
+            for (cfg, splits), us in sorted(timings.items(), key=lambda kv: kv[1]):
+                frac = p.nbytes / (us * 1e-6) / 1e9 / copy_gbps
+                results.append(dict(shape=text, layout=spec, block_n=cfg.block_n,
+                                    warps=cfg.num_warps, stages=cfg.num_stages, splits=splits,
+                                    heuristic_splits=heur, time_us=round(us, 2),
+                                    copy_fraction=round(frac, 4)))
+            top = sorted(timings.items(), key=lambda kv: kv[1])[:4]
+            print(f"{text:>9} {spec:8} heur_splits={heur:<3} " + "  ".join(
+                f"[n{c.block_n}w{c.num_warps}s{c.num_stages} x{s}: {us:.1f}us "
+                f"{p.nbytes / (us * 1e-6) / 1e9 / copy_gbps:.3f}]" for (c, s), us in top),
+                flush=True)
+            del paged
+        del p
+        torch.cuda.empty_cache()
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps,
+                       "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
