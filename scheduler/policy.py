@@ -16,6 +16,12 @@ SCHEDULE_POLICIES = ("fcfs", "lpm")
 # queue length fall back to FCFS (SGLang does the same) so a deep backlog stays cheap.
 LPM_MAX_WAITING = 128
 
+# A waiting request is held back for a prefix that a running request is still prefilling
+# only if it would reuse at least this many more tokens than the cache holds now: holding
+# costs it a step or more of latency, and a chat template's shared header alone (a page or
+# two) is not worth that.
+MIN_IN_FLIGHT_SHARE_TOKENS = 32
+
 
 def admission_order(
     waiting: Iterable[Request], policy: str, cache: RadixPrefixCache | None

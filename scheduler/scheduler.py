@@ -26,7 +26,7 @@ from kvcache.allocator import PageAllocator
 from kvcache.radix import MatchResult, RadixNode, RadixPrefixCache
 from scheduler.config import RequestRejected, SchedulerConfig, SchedulerStats
 from scheduler.plan import ScheduledSeq, StepPlan
-from scheduler.policy import admission_order, common_prefix_pages
+from scheduler.policy import MIN_IN_FLIGHT_SHARE_TOKENS, admission_order, common_prefix_pages
 from scheduler.request import FinishReason, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -257,18 +257,20 @@ class Scheduler:
             budget -= num_new
 
     def _prefix_in_flight(self, tokens: list[int], num_cached: int) -> bool:
-        """True if a request still prefilling will compute more of `tokens`' prefix than the
-        cache holds now: admitting later shares those pages instead of computing them twice.
+        """True if a request still prefilling will compute at least MIN_IN_FLIGHT_SHARE_TOKENS
+        more of `tokens`' prefix than the cache holds now: admitting later shares those pages
+        instead of computing them twice.
         """
         ps = self.page_size
         reusable = (len(tokens) - 1) // ps  # whole pages a later match could return
-        if reusable * ps <= num_cached:
+        worth = num_cached + MIN_IN_FLIGHT_SHARE_TOKENS
+        if reusable * ps < worth:
             return False
         head = tokens[: reusable * ps]
         for other in self.running:
-            if other.num_computed_tokens >= other.num_tokens - 1 and other.output_token_ids:
+            if self._is_decode_ready(other):
                 continue  # decoding: its prompt is already in the tree
-            if common_prefix_pages(head, other.all_token_ids, ps) * ps > num_cached:
+            if common_prefix_pages(head, other.all_token_ids, ps) * ps >= worth:
                 return True
         return False
 

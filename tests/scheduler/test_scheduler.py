@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvcache.allocator import PageAllocator
+from scheduler.policy import MIN_IN_FLIGHT_SHARE_TOKENS
 from scheduler.request import FinishReason, Request, RequestStatus, SamplingParams
 from scheduler.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from tests.scheduler.sim import (
@@ -361,3 +362,17 @@ def test_scheduler_package_never_imports_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
     assert result.returncode == 0, result.stderr.decode()
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_a_short_common_header_does_not_hold_requests_back(page_size: int) -> None:
+    rng = random.Random(15)
+    scheduler, runner = _scheduler(page_size=page_size)
+    header = _tokens(rng, MIN_IN_FLIGHT_SHARE_TOKENS - 1)  # like a chat template's preamble
+    reqs = [_request(f"r{i}", header + [i + 1] + _tokens(rng, 40)) for i in range(3)]
+    for req in reqs:
+        scheduler.add_request(req)
+    plan, _ = _step(scheduler, runner)
+    assert [s.request.request_id for s in plan.seqs] == ["r0", "r1", "r2"]
+    run_to_completion(scheduler, runner)
+    assert all(r.output_token_ids == reference_output(r, 1024) for r in reqs)
