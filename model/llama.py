@@ -16,11 +16,14 @@ Rotary contract (how a backend may fuse rotary with the K/V store):
     `attn.forward_rope(q, k, v, positions, cos_sin_cache, layer_idx)` with q and k NOT
     rotated (q/k norm already applied); the backend must rotate q and k exactly as above,
     store the rotated k and v at the batch's slot_mapping, attend, and return [T, Hq, D].
+  - q, k and v may be strided views into the fused qkv projection: their last dimension is
+    contiguous; token and head strides are whatever `.stride()` says.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +52,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32 whatever the activation dtype, as the reference models do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One fused kernel on GPU; statistics are accumulated in float32 for low-precision x.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -74,6 +75,12 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     in_band = (wavelen >= old_ctx / high_ff) & (wavelen <= old_ctx / low_ff)
     return torch.where(in_band, blended, scaled)
+
+
+@dataclass
+class RotaryTables:
+    cos: torch.Tensor  # [T, 1, D] float32: (cos | cos)
+    sin: torch.Tensor  # [T, 1, D] float32: (-sin | sin)
 
 
 class RotaryEmbedding(nn.Module):
@@ -102,20 +109,28 @@ class RotaryEmbedding(nn.Module):
         freqs = pos[:, None] * self.inv_freq.float()[None, :]
         self.cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
-    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
-        """[T, head_dim] cos|sin rows for these positions."""
-        return self.cos_sin_cache[positions]
+    def lookup(self, positions: torch.Tensor) -> RotaryTables:
+        """Per-step tables for these positions, shared by every layer."""
+        half = self.head_dim // 2
+        cos_sin = self.cos_sin_cache[positions]  # [T, D]
+        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
+        return RotaryTables(
+            cos=torch.cat([cos, cos], dim=-1)[:, None, :],
+            sin=torch.cat([-sin, sin], dim=-1)[:, None, :],
+        )
 
     @staticmethod
-    def apply(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, H, D] by cos_sin [T, D] (cos half | sin half)."""
-        half = x.shape[-1] // 2
-        cos = cos_sin[:, None, :half]
-        sin = cos_sin[:, None, half:]
+    def apply(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+        """Rotate x [T, H, D] (rotate-half convention), computing in float32."""
+        T, H, D = x.shape
         xf = x.float() if x.dtype != torch.float64 else x
-        x1, x2 = xf[..., :half], xf[..., half:]
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype)
+        # (x2 | x1): the halves swapped; tables.sin carries the sign of rotate_half.
+        swapped = xf.view(T, H, 2, D // 2).flip(2).view(T, H, D)
+        return torch.addcmul(xf * tables.cos, swapped, tables.sin).to(x.dtype)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Convenience: rotate x [T, H, D] at `positions` [T]."""
+        return self.apply(x, self.lookup(positions))
 
 
 class Attention(nn.Module):
@@ -141,24 +156,33 @@ class Attention(nn.Module):
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        cos_sin: torch.Tensor,
+        rope: RotaryTables,
         cos_sin_cache: torch.Tensor,
         attn: AttentionBackend,
     ) -> torch.Tensor:
         T = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(hidden)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
+        fused = getattr(attn, "fused_rope", False)
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        if getattr(attn, "fused_rope", False):
+            q = self.q_norm(qkv[:, : self.q_size].view(T, Hq, D))
+            k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].view(T, Hkv, D))
+            if not fused:
+                q = RotaryEmbedding.apply(q, rope)
+                k = RotaryEmbedding.apply(k, rope)
+        elif fused:
+            q = qkv[:, : self.q_size].view(T, Hq, D)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, Hkv, D)
+        else:
+            # q and k rotated together: one set of kernels instead of two.
+            qk = RotaryEmbedding.apply(qkv[:, : self.q_size + self.kv_size].view(T, Hq + Hkv, D),
+                                       rope)
+            q, k = qk[:, :Hq], qk[:, Hq:]
+        if fused:
             out = attn.forward_rope(q, k, v, positions, cos_sin_cache, self.layer_idx)
         else:
-            q = RotaryEmbedding.apply(q, cos_sin)
-            k = RotaryEmbedding.apply(k, cos_sin)
-            out = attn.forward(q, k, v.contiguous(), self.layer_idx)
+            out = attn.forward(q, k, v, self.layer_idx)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -190,12 +214,12 @@ class DecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        cos_sin: torch.Tensor,
+        rope: RotaryTables,
         cos_sin_cache: torch.Tensor,
         attn: AttentionBackend,
     ) -> torch.Tensor:
         h = hidden + self.self_attn(
-            self.input_layernorm(hidden), positions, cos_sin, cos_sin_cache, attn
+            self.input_layernorm(hidden), positions, rope, cos_sin_cache, attn
         )
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -229,9 +253,9 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cache = self.rotary.cos_sin_cache
-        cos_sin = cache[positions]  # gathered once per step, shared by every layer
+        rope = self.rotary.lookup(positions)  # once per step, shared by every layer
         for layer in self.layers:
-            hidden = layer(hidden, positions, cos_sin, cache, attn)
+            hidden = layer(hidden, positions, rope, cache, attn)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
