@@ -76,4 +76,4 @@ def check_head_dim_64(device: torch.device) -> list[dict[str, Any]]:
     """SmolLM2-135M's attention shape."""
     prefix, new = [0, 45, 300], [200, 31, 77]
     return [_check(device, name, p, 9, 3, 64, Variant("softmax"), prefix, new)
-            for name, p in (("nhd", 16), ("token", 1))]
+            for name, p in (("nhd", 16), ("nhd", 64), ("hnd", 64), ("token", 1))]

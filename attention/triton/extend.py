@@ -79,17 +79,52 @@ def _kv_tile_offsets(
 
 
 @triton.jit
+def _load_hnd_x_tile(
+    start, seq_len, bt_row, k_ptr, v_ptr, kv_head,
+    MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, X: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAD_D: tl.constexpr,
+):
+    """hnd_x tile as [BLOCK_N / X, BLOCK_D, X] (each group's HEAD_DIM * X elements are
+    contiguous: 16-byte loads), rearranged in registers to K^T [BLOCK_D, BLOCK_N] and
+    V [BLOCK_N, BLOCK_D]. A group of X keys never crosses a page (page_size % X == 0)."""
+    GROUPS: tl.constexpr = BLOCK_N // X
+    key0 = start + tl.arange(0, GROUPS) * X
+    if MASKED:
+        pages = tl.load(bt_row + key0 // PAGE_SIZE, mask=key0 < seq_len, other=0)
+    else:
+        pages = tl.load(bt_row + key0 // PAGE_SIZE)
+    base = (pages.to(tl.int64) * (PAGE_SIZE * NUM_KV_HEADS * HEAD_DIM)
+            + kv_head * (PAGE_SIZE * HEAD_DIM) + ((key0 % PAGE_SIZE) // X) * (HEAD_DIM * X))
+    d = tl.arange(0, BLOCK_D)
+    c = tl.arange(0, X)
+    offs = base[:, None, None] + (d * X)[None, :, None] + c[None, None, :]
+    if MASKED or PAD_D:
+        keys = key0[:, None, None] + c[None, None, :]
+        mask = (keys < seq_len) & (d < HEAD_DIM)[None, :, None]
+        k3 = tl.load(k_ptr + offs, mask=mask, other=0.0)
+        v3 = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    else:
+        k3 = tl.load(k_ptr + offs)
+        v3 = tl.load(v_ptr + offs)
+    k_t = tl.reshape(tl.permute(k3, (1, 0, 2)), (BLOCK_D, BLOCK_N))
+    v = tl.reshape(tl.permute(v3, (0, 2, 1)), (BLOCK_N, BLOCK_D))
+    return k_t, v
+
+
+@triton.jit
 def _attend_tile(
     acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head,
     offs_d, d_mask, slope, qk_scale, scale, param,
     MASKED: tl.constexpr, LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, X: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr, PAD_D: tl.constexpr,
-    USE_TMA: tl.constexpr, LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_DIAG: tl.constexpr, X_VECTOR: tl.constexpr,
+    BLOCK_D: tl.constexpr, LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr,
     USE_SOFTMAX: tl.constexpr, LOGITS_IS_IDENTITY: tl.constexpr,
 ):
     offs_n = start + tl.arange(0, BLOCK_N)
-    if USE_TMA and not MASKED:
+    if USE_TMA and (TMA_DIAG or not MASKED):
         # Bulk tensor copies of a [BLOCK_N, HEAD_DIM] tile inside one page; the caches are
         # viewed as 2-D [rows, cols] (see _tma_descriptors).
         page = tl.load(bt_row + start // PAGE_SIZE)
@@ -101,6 +136,14 @@ def _attend_tile(
             col = 0
         k = k_desc.load([row, col])
         v = v_desc.load([row, col])
+        if MASKED:  # rows past seq_len may hold stale or NaN values: 0 * NaN would leak
+            v = tl.where((offs_n < seq_len)[:, None], v, 0.0)
+        k_t = tl.trans(k)
+    elif LAYOUT == 2 and X_VECTOR:
+        k_t, v = _load_hnd_x_tile(
+            start, seq_len, bt_row, k_ptr, v_ptr, kv_head, MASKED, PAGE_SIZE, NUM_KV_HEADS,
+            HEAD_DIM, BLOCK_D, X, BLOCK_N, PAD_D,
+        )
     else:
         offs, offs_n = _kv_tile_offsets(
             start, seq_len, bt_row, kv_head, offs_d, MASKED, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
@@ -116,7 +159,8 @@ def _attend_tile(
         else:
             k = tl.load(k_ptr + offs)
             v = tl.load(v_ptr + offs)
-    qk = tl.dot(q, tl.trans(k))
+        k_t = tl.trans(k)
+    qk = tl.dot(q, k_t)
     k_pos = offs_n[None, :]
     if USE_SOFTMAX:  # online softmax in the log2 domain (exp2)
         if LOGITS_IS_IDENTITY and not MASKED:
@@ -158,7 +202,7 @@ def _extend_kernel(
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
     LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    TMA_DIAG: tl.constexpr, X_VECTOR: tl.constexpr,
 ):
     # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
     # the last (longest, for causal) query blocks start first for a balanced tail.
@@ -203,28 +247,19 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     qk_scale = scale * 1.4426950408889634
-    if WARP_SPECIALIZE:  # an experiment for the sweep: Triton's automatic warp roles
-        for start in tl.range(lo, full_end, BLOCK_N, warp_specialize=True):
-            acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
-                kv_head, offs_d, d_mask, slope, qk_scale, scale, param, False, LAYOUT, PAGE_SIZE,
-                NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, LOGITS_FN,
-                WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
-            )
-    else:
-        for start in tl.range(lo, full_end, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
-                kv_head, offs_d, d_mask, slope, qk_scale, scale, param, False, LAYOUT, PAGE_SIZE,
-                NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, LOGITS_FN,
-                WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
-            )
+    for start in tl.range(lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
+            kv_head, offs_d, d_mask, slope, qk_scale, scale, param, False, LAYOUT, PAGE_SIZE,
+            NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG,
+            X_VECTOR, BLOCK_D, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+        )
     for start in tl.range(diag_start, hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
             kv_head, offs_d, d_mask, slope, qk_scale, scale, param, True, LAYOUT, PAGE_SIZE,
-            NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, LOGITS_FN,
-            WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+            NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG,
+            X_VECTOR, BLOCK_D, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
         )
 
     if USE_SOFTMAX:
@@ -360,7 +395,7 @@ def extend_attention_with_config(
         PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
         WINDOW_SKIP=variant.name == "sliding_window", USE_TMA=use_tma,
-        WARP_SPECIALIZE=config.warp_specialize,
+        TMA_DIAG=config.tma_diag, X_VECTOR=config.x_vector,
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

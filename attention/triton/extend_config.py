@@ -23,27 +23,33 @@ class ExtendConfig:
     per_row_pages: bool = False
     # Read unmasked nhd/hnd tiles with bulk tensor copies (TMA) when a tile fits in a page.
     tma: bool = False
-    warp_specialize: bool = False  # Triton's automatic warp specialization of the KV loop
+    tma_diag: bool = False  # with tma: the masked (diagonal) tiles through TMA too
+    x_vector: bool = False  # hnd_x: load [N/x, D, x] groups (16-byte runs), then rearrange
 
     def __str__(self) -> str:
         flags = ("r" if self.per_row_pages else "") + ("t" if self.tma else "")
-        flags += "ws" if self.warp_specialize else ""
+        flags += ("d" if self.tma_diag else "") + ("x" if self.x_vector else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
 LONG_Q_LEN = 4096  # a batch whose longest new-token run exceeds this uses the "long" entry
 
-# (capability major, head dim bucket, "paged" | "token", "short" | "long") -> config.
+# (capability major, head dim bucket, layout kind, "short" | "long") -> config. The `tma`
+# flag only takes effect where a tile fits in a page (nhd/hnd, page_size % block_n == 0).
 # Hopper head dim 128 from the H100 sweep of 2026-11-25 (bench/results/h100-prefill-*.json).
 _TABLE: dict[tuple[int, int, str, str], ExtendConfig] = {
-    (9, 128, "paged", "short"): ExtendConfig(64, 64, 4, 3),
-    (9, 128, "paged", "long"): ExtendConfig(128, 128, 8, 3),
+    (9, 128, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True),
+    (9, 128, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True),
     (9, 128, "token", "short"): ExtendConfig(128, 64, 4, 3),
     (9, 128, "token", "long"): ExtendConfig(128, 64, 4, 3),
-    (9, 64, "paged", "short"): ExtendConfig(64, 64, 4, 3),
-    (9, 64, "paged", "long"): ExtendConfig(128, 64, 4, 3),
+    (9, 128, "hnd_x", "short"): ExtendConfig(128, 64, 4, 3),
+    (9, 128, "hnd_x", "long"): ExtendConfig(128, 64, 4, 3),
+    (9, 64, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True),
+    (9, 64, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True),
     (9, 64, "token", "short"): ExtendConfig(128, 64, 4, 3),
     (9, 64, "token", "long"): ExtendConfig(128, 64, 4, 3),
+    (9, 64, "hnd_x", "short"): ExtendConfig(128, 64, 4, 3),
+    (9, 64, "hnd_x", "long"): ExtendConfig(128, 64, 4, 3),
 }
 _GENERIC = {  # other GPUs and head dims: tiles that fit ~100 KB of shared memory
     16: ExtendConfig(64, 64, 4, 2), 32: ExtendConfig(64, 64, 4, 2),
@@ -60,7 +66,8 @@ def head_dim_bucket(head_dim: int) -> int:
 
 
 def layout_kind(layout_name: str) -> str:
-    return "token" if layout_name == "token" else "paged"
+    """token (page size 1), hnd_x (its own load path) or paged (nhd, hnd)."""
+    return layout_name if layout_name in ("token", "hnd_x") else "paged"
 
 
 def extend_config(

@@ -175,8 +175,17 @@ def test_head_dim_64_and_padded_head_dim(layout_name):
 @pytest.mark.parametrize("layout_name", ["nhd", "hnd"])
 def test_bulk_copy_tiles_and_per_row_pages(layout_name):
     # The TMA path (tiles read through tensor descriptors) and the per-key page lookup.
-    for config in (ExtendConfig(16, 16, 4, 1, tma=True), ExtendConfig(16, 16, 4, 1, True)):
+    for config in (ExtendConfig(16, 16, 4, 1, tma=True, tma_diag=True),
+                   ExtendConfig(16, 16, 4, 1, per_row_pages=True)):
         _run_case(layout_name, 32, Variant("softcap", 1.5), 3, [45, 0], [20, 37], config=config)
+
+
+@pytest.mark.parametrize("variant", [Variant("softmax"), Variant("silu")], ids=str)
+def test_hnd_x_vector_groups(variant):
+    # hnd_x read as [N/x, D, x] groups and rearranged; page 8 (tiles span pages) and 32.
+    for page_size in (8, 32):
+        _run_case("hnd_x", page_size, variant, 4, [29, 0, 3], [11, 35, 1],
+                  config=ExtendConfig(16, 16, 4, 1, x_vector=True))
 
 
 def test_default_alibi_slopes_and_long_prefix():
