@@ -2,7 +2,8 @@
 
 ``completions`` and ``chat`` are the OpenAI protocol (any compatible server); ``generate``
 is the native protocol of attnserve (SGLang-style ``text``/``input_ids`` plus
-``sampling_params``; chunks carry ``text``/``token_ids`` deltas and a final ``meta_info``).
+``sampling_params``; chunks carry ``text``/``token_ids`` deltas and a running
+``completion_tokens``; SGLang's ``meta_info`` counts are read too).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def build_body(
             "stream_options": {"include_usage": True},
         }
     elif endpoint == "generate":
-        params = {"max_new_tokens": turn.output_len, "temperature": sampling.temperature}
+        params = {"max_tokens": turn.output_len, "temperature": sampling.temperature}
         if sampling.ignore_eos:
             params["ignore_eos"] = True
         body = {"sampling_params": params, "stream": True}
@@ -117,9 +118,10 @@ def parse_chunk(endpoint: str, data: dict[str, Any]) -> ChunkInfo:
         ids = data.get("token_ids")
         info.num_tokens = len(ids) if isinstance(ids, list) else None
         info.finish_reason = data.get("finish_reason")
-        meta = data.get("meta_info") or {}
-        info.prompt_tokens = meta.get("prompt_tokens")
-        info.completion_tokens = meta.get("completion_tokens")
+        meta = data.get("meta_info") or {}  # SGLang puts the counts here
+        info.prompt_tokens = data.get("prompt_tokens", meta.get("prompt_tokens"))
+        # attnserve: cumulative completion_tokens in every chunk; the last one is the total.
+        info.completion_tokens = data.get("completion_tokens", meta.get("completion_tokens"))
         return info
     choices = data.get("choices") or []
     if choices:

@@ -83,7 +83,7 @@ class SweepSettings:
 
 def _run_on_server(settings: SweepSettings, config: ServerConfig, rates: list[float],
                    run_cfg: RunConfig, trace: Trace, warmup: Trace | None,
-                   served_before: int) -> list[dict[str, Any]]:
+                   served_before: int, failures: list[str]) -> list[dict[str, Any]]:
     args = [*settings.common_args, *config.args]
     suffix = f"_rate-{_rate_slug(rates[0])}" if settings.restart_per_rate else ""
     log = settings.output_dir / f"server_{_slug(config.name)}{suffix}.log"
@@ -93,7 +93,11 @@ def _run_on_server(settings: SweepSettings, config: ServerConfig, rates: list[fl
         for position, rate in enumerate(rates):
             cfg = replace(run_cfg, base_url=server.base_url, request_rate=rate)
             logger.info("config %s, rate %s", config.name, _rate_slug(rate))
-            result = asyncio.run(run_benchmark(cfg, trace, warmup))
+            try:
+                result = asyncio.run(run_benchmark(cfg, trace, warmup))
+            except RuntimeError as exc:  # e.g. every warm-up request failed
+                failures.append(f"{config.name} at rate {_rate_slug(rate)}: {exc}")
+                continue
             result["config_name"] = config.name
             result["server_launch"] = {"command": server.full_command(), "args": args,
                                        "runs_served_before": served_before + position}
@@ -115,21 +119,25 @@ def run_sweep(settings: SweepSettings, run_cfg: RunConfig, trace: Trace,
         for rates in groups:
             try:
                 runs += _run_on_server(settings, config, rates, run_cfg, trace, warmup,
-                                       0 if settings.restart_per_rate else served)
+                                       0 if settings.restart_per_rate else served, failures)
             except ServerStartError as exc:
                 logger.error("configuration %s failed to start: %s", config.name, exc)
                 failures.append(f"{config.name}: {str(exc).splitlines()[0]}")
                 break
             served += len(rates)
-    write_sweep_outputs(runs, settings.output_dir, run_cfg.percentiles)
+    write_sweep_outputs(runs, settings.output_dir, run_cfg.percentiles, failures)
     return runs, failures
 
 
 def write_sweep_outputs(runs: list[dict[str, Any]], out_dir: Path,
-                        percentiles: tuple[float, ...]) -> None:
+                        percentiles: tuple[float, ...], failures: list[str] | None = None
+                        ) -> None:
     """summary.md (the side-by-side table), sweep.json (all runs) and the PNG plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.md").write_text(sweep_markdown(runs))
+    text = sweep_markdown(runs)
+    if failures:
+        text += "\n" + "".join(f"- configuration failed: {f}\n" for f in failures)
+    (out_dir / "summary.md").write_text(text)
     (out_dir / "sweep.json").write_text(json.dumps(runs, indent=2))
     if runs:
         write_sweep_plots(runs, out_dir, percentiles)

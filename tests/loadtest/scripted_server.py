@@ -136,7 +136,7 @@ class ScriptedSSEServer:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
         max_tokens = body.get("max_tokens") or body.get("sampling_params", {}).get(
-            "max_new_tokens", 16)
+            "max_tokens", 16)
         times = self.script.chunk_times(int(max_tokens))
         prompt_len = _prompt_len(path, body)
         if path == "/v1/chat/completions":  # a role-only chunk at once: not content
@@ -153,11 +153,8 @@ class ScriptedSSEServer:
                 payload = {"choices": [{"index": 0, "delta": {"content": word},
                                         "finish_reason": finish}]}
             else:
-                payload = {"text": word, "token_ids": [100 + i]}
-                if last:
-                    payload["finish_reason"] = finish
-                    payload["meta_info"] = {"prompt_tokens": prompt_len,
-                                            "completion_tokens": len(times)}
+                payload = {"text": word, "token_ids": [100 + i], "finished": last,
+                           "finish_reason": finish, "completion_tokens": i + 1}
             text = json.dumps(payload)
             timeline.append(time.perf_counter())
             if i == 0:
@@ -168,10 +165,8 @@ class ScriptedSSEServer:
             await self._chunk(writer, json.dumps({"choices": [], "usage": {
                 "prompt_tokens": prompt_len, "completion_tokens": len(times),
                 "total_tokens": prompt_len + len(times)}}))
-            timeline.append(time.perf_counter())
-            await self._chunk(writer, "[DONE]")
-        else:
-            timeline.append(timeline[-1])
+        timeline.append(time.perf_counter())
+        await self._chunk(writer, "[DONE]")
         c.prompt_tokens += prompt_len
         c.generation_tokens += len(times)
         writer.write(b"0\r\n\r\n")

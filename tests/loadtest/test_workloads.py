@@ -91,6 +91,6 @@ def test_request_bodies_per_endpoint() -> None:
     assert comp["stream_options"] == {"include_usage": True} and comp["ignore_eos"] is True
     gen = build_body("generate", None, turn, [], sampling)
     assert gen["input_ids"] == turn.token_ids
-    assert gen["sampling_params"]["max_new_tokens"] == 7 and "model" not in gen
+    assert gen["sampling_params"]["max_tokens"] == 7 and "model" not in gen
     with pytest.raises(ValueError, match="text"):
         build_body("chat", "m", turn, [], sampling)

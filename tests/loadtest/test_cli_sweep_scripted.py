@@ -1,0 +1,84 @@
+"""The CLI: a run's JSON and summary, and a sweep that starts stand-in servers as processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest.cli import main
+from tests.loadtest.scripted_server import Script, ScriptedSSEServer
+
+SCRIPTED_SERVER = Path(__file__).with_name("scripted_server.py")
+
+
+def test_run_writes_json_with_vllm_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    out = tmp_path / "run.json"
+    script = Script(ttft_s=0.01, gaps_s=[0.004], follow_max_tokens=True, fail_every=4)
+    with ScriptedSSEServer(script) as server:
+        code = main(["--base-url", server.base_url, "--num-prompts", "8", "--input-len", "12",
+                     "--output-len", "5", "--request-rate", "200", "--max-concurrency", "2",
+                     "--goodput", "ttft:1000", "--output", str(out), "--disable-tqdm",
+                     "--seed", str(int(np.random.default_rng().integers(1000)))])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["num_prompts"] == 8 and result["model_id"] == "scripted-model"
+    assert result["completed"] == 6 and result["failed"] == 2  # every 4th request fails
+    assert result["error_samples"][0]["count"] == 2
+    assert "scripted failure" in result["error_samples"][0]["error"]
+    assert result["total_input_tokens"] == 6 * 12 and result["total_output_tokens"] == 6 * 5
+    for key in ("mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "p95_e2el_ms",
+                "request_throughput", "output_throughput", "request_goodput"):
+        assert isinstance(result[key], float), key
+    sm = result["server_metrics"]
+    assert sm["available"] and sm["prompt_tokens"] == 6 * 12
+    assert sm["generation_tokens"] == 6 * 5
+    assert result["mean_ttft_ms"] >= sm["server_mean_ttft_ms"]
+    printed = capsys.readouterr().out
+    assert "Serving Benchmark Result" in printed and "Mean TTFT (ms)" in printed
+
+
+def test_sweep_starts_each_configuration_and_writes_table_plots_json(tmp_path: Path) -> None:
+    out_dir = tmp_path / "sweep"
+    code = main([
+        "sweep", "--server-command", f"{sys.executable} {SCRIPTED_SERVER}",
+        "--server-config", "fast=--kv-layout nhd --ttft-ms 10",
+        "--server-config", "slow=--kv-layout hnd --ttft-ms 60",
+        "--server-args", "--itl-ms 3", "--request-rates", "50", "inf",
+        "--num-prompts", "6", "--input-len", "10", "--output-len", "4", "--warmup", "1",
+        "--output-dir", str(out_dir), "--disable-tqdm", "--startup-timeout", "30",
+    ])
+    assert code == 0
+    runs = {(r["config_name"], str(r["request_rate"])): r
+            for r in json.loads((out_dir / "sweep.json").read_text())}
+    assert set(runs) == {("fast", "50.0"), ("fast", "inf"), ("slow", "50.0"), ("slow", "inf")}
+    for name, layout in (("fast", "nhd"), ("slow", "hnd")):
+        for rate in ("50", "inf"):
+            run = json.loads((out_dir / f"{name}_rate-{rate}.json").read_text())
+            assert run["completed"] == 6 and run["config_name"] == name
+            assert run["server_metrics"]["server_config"]["kv_layout"] == [layout]
+            assert "--kv-layout" in run["server_launch"]["args"]
+    # Each configuration's own server answered: the slow one's TTFT is ~50 ms longer.
+    gap = runs[("slow", "50.0")]["median_ttft_ms"] - runs[("fast", "50.0")]["median_ttft_ms"]
+    assert 30 < gap < 70
+    table = (out_dir / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| config | rate |") and "TTFT p99 ms" in table[0]
+    assert len(table) == 2 + 4 and {row.split("|")[1].strip() for row in table[2:]} == {
+        "fast", "slow"}
+    for png in ("ttft_vs_rate.png", "itl_vs_rate.png", "throughput_vs_latency.png"):
+        data = (out_dir / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_sweep_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
+    code = main(["sweep", "--server-command", f"{sys.executable} -c 'raise SystemExit(3)'",
+                 "--server-config", "broken=", "--num-prompts", "1", "--disable-tqdm",
+                 "--output-dir", str(tmp_path), "--startup-timeout", "20"])
+    assert code == 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "broken" in summary and "exited with code 3" in summary
+    assert json.loads((tmp_path / "sweep.json").read_text()) == []
