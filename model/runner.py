@@ -16,7 +16,7 @@ import torch
 
 from attention.base import AttentionBackend
 from attention.batch import ForwardBatch
-from model.sampler import Sampler
+from model.sampler import Sampler, SamplerOutput
 from scheduler.request import SamplingParams
 
 
@@ -36,7 +36,8 @@ class StepInput:
 @dataclass
 class StepOutput:
     token_ids: list[int]
-    logprobs: list[object | None] = field(default_factory=list)
+    # per sampled row: None, or (chosen token's logprob, [(token, logprob), ...] top list)
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
     attention_s: float | None = None
     phase: str = "decode"
 
@@ -86,6 +87,25 @@ class _AttentionTimer:
         return self.cpu_s
 
 
+def _logprob_rows(
+    sampled: SamplerOutput, params: list[SamplingParams]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    if sampled.logprobs is None:
+        return [None] * len(params)
+    chosen = sampled.logprobs.tolist()
+    top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+    top_ids = sampled.top_token_ids.tolist() if sampled.top_token_ids is not None else None
+    rows: list[tuple[float, list[tuple[int, float]]] | None] = []
+    for i, p in enumerate(params):
+        if p.logprobs is None:
+            rows.append(None)
+            continue
+        top = list(zip(top_ids[i][: p.logprobs], top_lp[i][: p.logprobs], strict=True)) \
+            if top_ids is not None and top_lp is not None else []
+        rows.append((chosen[i], top))
+    return rows
+
+
 class ModelRunner:
     def __init__(
         self, model: torch.nn.Module, backend: AttentionBackend, device: torch.device,
@@ -116,13 +136,13 @@ class ModelRunner:
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
         token_ids: list[int] = []
-        logprobs: list[object | None] = []
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
         if last_rows:
             rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden[rows])
-            sampled = self.sampler.sample(logits, step.sampling, step.generators)
+            sampled = self.sampler(logits, step.sampling, step.generators)
             token_ids = sampled.token_ids.tolist()
-            logprobs = sampled.logprobs_list() if hasattr(sampled, "logprobs_list") else []
+            logprobs = _logprob_rows(sampled, step.sampling)
         elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StepOutput(

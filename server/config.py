@@ -19,7 +19,7 @@ class EngineConfig:
     attention_variant: str = "softmax"
     kv_layout: str = "nhd"
     page_size: int = 16
-    kv_cache_tokens: int | None = None  # CPU default 65536 tokens
+    kv_cache_tokens: int | None = None  # CPU default 16384 tokens
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

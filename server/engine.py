@@ -28,7 +28,7 @@ from model.loader import LoadedModel, load_model
 from model.runner import ModelRunner, StepInput
 from model.sampler import make_generator
 from model.tokenizer import IncrementalDetokenizer
-from scheduler.plan import StepPlan
+from scheduler.plan import ScheduledSeq, StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from server.config import EngineConfig
@@ -37,8 +37,15 @@ from server.outputs import EngineObserver, NullObserver, RequestOutput, TokenLog
 logger = logging.getLogger(__name__)
 
 OutputSink = Callable[[RequestOutput], None]
-DEFAULT_CPU_KV_TOKENS = 65536
+DEFAULT_CPU_KV_TOKENS = 16384
 MAX_DEFAULT_MODEL_LEN = 8192
+
+
+def default_model_name(spec: str | None) -> str:
+    """The name the API reports: the embedded model's, or the spec's last path component."""
+    if spec is None or spec.lower() in ("smollm2", "smollm2-135m-instruct"):
+        return "SmolLM2-135M-Instruct"
+    return spec.rstrip("/").split("/")[-1].removeprefix("synthetic:")
 
 
 class RequestRejected(ValueError):
@@ -74,7 +81,7 @@ class EngineCore:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config
-        self.model_name = config.served_model_name or self.loaded.name
+        self.model_name = config.served_model_name or default_model_name(config.model)
         self.max_model_len = min(
             config.max_model_len or min(mc.max_position_embeddings, MAX_DEFAULT_MODEL_LEN),
             mc.max_position_embeddings,
@@ -238,11 +245,15 @@ class EngineCore:
                 if tracked is not None:
                     outputs.append(self._emit_failure(tracked, f"internal error: {e}"))
             return outputs
+        # which sequences were sampled must be read before update() advances the requests
+        sampled_seqs = [seq for seq in plan.seqs if seq.needs_sample]
         finished = self.scheduler.update(plan, result.token_ids)
         now = time.monotonic()
         step_s = time.perf_counter() - t0
         self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
-        outputs.extend(self._process_tokens(plan, result.token_ids, result.logprobs, finished, now))
+        outputs.extend(
+            self._process_tokens(sampled_seqs, result.token_ids, result.logprobs, finished, now)
+        )
         self._report_gauges()
         return outputs
 
@@ -269,17 +280,14 @@ class EngineCore:
         )
 
     def _process_tokens(
-        self, plan: StepPlan, sampled: list[int], logprobs: list[object | None],
+        self, sampled_seqs: list[ScheduledSeq], sampled: list[int],
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None],
         finished: list[Request], now: float,
     ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         finished_ids = {r.request_id for r in finished}
-        k = 0
-        for seq in plan.seqs:
-            if not seq.needs_sample:
-                continue
+        for k, seq in enumerate(sampled_seqs):
             token, lp = sampled[k], (logprobs[k] if k < len(logprobs) else None)
-            k += 1
             req = seq.request
             tracked = self._tracked.get(req.request_id)
             if tracked is None:
@@ -290,7 +298,7 @@ class EngineCore:
             if stop_hit and not done:
                 self.scheduler.finish_request(req.request_id, FinishReason.STOP)
                 done = True
-            new_lps = [lp] if isinstance(lp, TokenLogprob) else []
+            new_lps = [TokenLogprob(token, lp[0], lp[1])] if lp is not None else []
             if done:
                 reason = FinishReason.STOP if stop_hit else (req.finish_reason or FinishReason.STOP)
                 req.finished_time = now

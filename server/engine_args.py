@@ -32,7 +32,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV-cache layout (token forces page size 1)")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     g.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV pool size in tokens (CPU default 65536; GPU default: "
+                   help="KV pool size in tokens (CPU default 16384; GPU default: "
                         "--gpu-memory-utilization)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="fraction of GPU memory for weights + KV cache")
@@ -47,7 +47,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="waiting-queue order: first come first served, or longest prefix match")
     g.add_argument("--attention-timing-every", type=int, default=8,
                    help="time the attention calls every N steps (0 = never)")
-    g.add_argument("--seed", type=int, default=0, help="seed for synthetic weights")
+    g.add_argument("--weights-seed", type=int, default=0,
+                   help="seed of the random weights of synthetic presets")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -61,5 +62,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
         schedule_policy=args.schedule_policy,
-        attention_timing_every=args.attention_timing_every or 10**9, seed=args.seed,
+        attention_timing_every=args.attention_timing_every or 10**9, seed=args.weights_seed,
     )
