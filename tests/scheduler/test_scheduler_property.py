@@ -24,7 +24,7 @@ from tests.scheduler.sim import EOS, VOCAB, FakeRunner, check_plan, check_state,
 MAX_MODEL_LEN = 96
 
 
-@dataclass
+@dataclass(eq=False)
 class Arrival:
     request: Request
     step: int
@@ -95,6 +95,7 @@ def test_random_workloads_keep_every_invariant(
     scheduler = Scheduler(config, PageAllocator(num_pages))
     runner = FakeRunner(scheduler)
     accepted: list[Arrival] = []
+    outputs: dict[Arrival, list[int]] = {}
     last_arrival = max(a.step for a in arrivals)
     step = 0
     while step <= last_arrival or scheduler.has_unfinished():
@@ -123,6 +124,10 @@ def test_random_workloads_keep_every_invariant(
             if a.stop_step == step and not a.request.is_finished:
                 scheduler.finish_request(a.request.request_id, FinishReason.STOP)
         check_state(scheduler)
+        for a in accepted:  # generated tokens are never lost, preempted or not
+            produced = a.request.output_token_ids
+            assert produced[: len(outputs.get(a, []))] == outputs.get(a, [])
+            outputs[a] = list(produced)
         step += 1
 
     stats = scheduler.stats
