@@ -38,11 +38,15 @@ class SchedulerConfig:
 
 @dataclass
 class SchedulerStats:
-    num_pages_total: int
+    """A snapshot of the pool and running totals (counters only grow)."""
+
+    num_pages_total: int  # the scratch page excluded
     num_pages_free: int
     num_pages_cached: int  # in the prefix cache, locked or not
     num_pages_cached_evictable: int  # in the prefix cache and used by no running request
     num_pages_in_use: int  # total - free - cached_evictable
+    # Tokens of every admission's prompt (a preempted request's re-admission counts again,
+    # its generated tokens included), and how many of them the cache served. 0 when off.
     prefix_cache_queries_tokens: int
     prefix_cache_hit_tokens: int
     num_preemptions_total: int
