@@ -79,48 +79,13 @@ def _kv_tile_offsets(
 
 
 @triton.jit
-def _load_hnd_x_tile(
-    start, seq_len, bt_row, k_ptr, v_ptr, kv_head,
-    MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, X: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAD_D: tl.constexpr,
-):
-    """hnd_x tile as [BLOCK_N / X, BLOCK_D, X] (each group's HEAD_DIM * X elements are
-    contiguous: 16-byte loads), rearranged in registers to K^T [BLOCK_D, BLOCK_N] and
-    V [BLOCK_N, BLOCK_D]. A group of X keys never crosses a page (page_size % X == 0)."""
-    GROUPS: tl.constexpr = BLOCK_N // X
-    key0 = start + tl.arange(0, GROUPS) * X
-    if MASKED:
-        pages = tl.load(bt_row + key0 // PAGE_SIZE, mask=key0 < seq_len, other=0)
-    else:
-        pages = tl.load(bt_row + key0 // PAGE_SIZE)
-    base = (pages.to(tl.int64) * (PAGE_SIZE * NUM_KV_HEADS * HEAD_DIM)
-            + kv_head * (PAGE_SIZE * HEAD_DIM) + ((key0 % PAGE_SIZE) // X) * (HEAD_DIM * X))
-    d = tl.arange(0, BLOCK_D)
-    c = tl.arange(0, X)
-    offs = base[:, None, None] + (d * X)[None, :, None] + c[None, None, :]
-    if MASKED or PAD_D:
-        keys = key0[:, None, None] + c[None, None, :]
-        mask = (keys < seq_len) & (d < HEAD_DIM)[None, :, None]
-        k3 = tl.load(k_ptr + offs, mask=mask, other=0.0)
-        v3 = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    else:
-        k3 = tl.load(k_ptr + offs)
-        v3 = tl.load(v_ptr + offs)
-    k_t = tl.reshape(tl.permute(k3, (1, 0, 2)), (BLOCK_D, BLOCK_N))
-    v = tl.reshape(tl.permute(v3, (0, 2, 1)), (BLOCK_N, BLOCK_D))
-    return k_t, v
-
-
-@triton.jit
 def _attend_tile(
     acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head,
     offs_d, d_mask, slope, qk_scale, scale, param,
     MASKED: tl.constexpr, LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, X: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr, PAD_D: tl.constexpr,
-    USE_TMA: tl.constexpr, TMA_DIAG: tl.constexpr, X_VECTOR: tl.constexpr,
-    BLOCK_D: tl.constexpr, LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_DIAG: tl.constexpr, LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr,
     USE_SOFTMAX: tl.constexpr, LOGITS_IS_IDENTITY: tl.constexpr,
 ):
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -139,11 +104,6 @@ def _attend_tile(
         if MASKED:  # rows past seq_len may hold stale or NaN values: 0 * NaN would leak
             v = tl.where((offs_n < seq_len)[:, None], v, 0.0)
         k_t = tl.trans(k)
-    elif LAYOUT == 2 and X_VECTOR:
-        k_t, v = _load_hnd_x_tile(
-            start, seq_len, bt_row, k_ptr, v_ptr, kv_head, MASKED, PAGE_SIZE, NUM_KV_HEADS,
-            HEAD_DIM, BLOCK_D, X, BLOCK_N, PAD_D,
-        )
     else:
         offs, offs_n = _kv_tile_offsets(
             start, seq_len, bt_row, kv_head, offs_d, MASKED, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
@@ -202,7 +162,7 @@ def _extend_kernel(
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
     LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr, USE_TMA: tl.constexpr,
-    TMA_DIAG: tl.constexpr, X_VECTOR: tl.constexpr,
+    TMA_DIAG: tl.constexpr,
 ):
     # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
     # the last (longest, for causal) query blocks start first for a balanced tail.
@@ -252,14 +212,14 @@ def _extend_kernel(
             acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
             kv_head, offs_d, d_mask, slope, qk_scale, scale, param, False, LAYOUT, PAGE_SIZE,
             NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG,
-            X_VECTOR, BLOCK_D, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+            LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
         )
     for start in tl.range(diag_start, hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
             kv_head, offs_d, d_mask, slope, qk_scale, scale, param, True, LAYOUT, PAGE_SIZE,
             NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG,
-            X_VECTOR, BLOCK_D, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
+            LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
         )
 
     if USE_SOFTMAX:
@@ -395,7 +355,7 @@ def extend_attention_with_config(
         PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
         WINDOW_SKIP=variant.name == "sliding_window", USE_TMA=use_tma,
-        TMA_DIAG=config.tma_diag, X_VECTOR=config.x_vector,
+        TMA_DIAG=config.tma_diag,
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -24,11 +24,10 @@ class ExtendConfig:
     # Read unmasked nhd/hnd tiles with bulk tensor copies (TMA) when a tile fits in a page.
     tma: bool = False
     tma_diag: bool = False  # with tma: the masked (diagonal) tiles through TMA too
-    x_vector: bool = False  # hnd_x: load [N/x, D, x] groups (16-byte runs), then rearrange
 
     def __str__(self) -> str:
         flags = ("r" if self.per_row_pages else "") + ("t" if self.tma else "")
-        flags += ("d" if self.tma_diag else "") + ("x" if self.x_vector else "")
+        flags += ("d" if self.tma_diag else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
@@ -38,14 +37,14 @@ LONG_Q_LEN = 4096  # a batch whose longest new-token run exceeds this uses the "
 # flag only takes effect where a tile fits in a page (nhd/hnd, page_size % block_n == 0).
 # Hopper head dim 128 from the H100 sweep of 2026-11-25 (bench/results/h100-prefill-*.json).
 _TABLE: dict[tuple[int, int, str, str], ExtendConfig] = {
-    (9, 128, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True),
-    (9, 128, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True),
+    (9, 128, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True),
+    (9, 128, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True),
     (9, 128, "token", "short"): ExtendConfig(128, 64, 4, 3),
     (9, 128, "token", "long"): ExtendConfig(128, 64, 4, 3),
     (9, 128, "hnd_x", "short"): ExtendConfig(128, 64, 4, 3),
     (9, 128, "hnd_x", "long"): ExtendConfig(128, 64, 4, 3),
-    (9, 64, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True),
-    (9, 64, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True),
+    (9, 64, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True),
+    (9, 64, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True),
     (9, 64, "token", "short"): ExtendConfig(128, 64, 4, 3),
     (9, 64, "token", "long"): ExtendConfig(128, 64, 4, 3),
     (9, 64, "hnd_x", "short"): ExtendConfig(128, 64, 4, 3),

@@ -180,14 +180,6 @@ def test_bulk_copy_tiles_and_per_row_pages(layout_name):
         _run_case(layout_name, 32, Variant("softcap", 1.5), 3, [45, 0], [20, 37], config=config)
 
 
-@pytest.mark.parametrize("variant", [Variant("softmax"), Variant("silu")], ids=str)
-def test_hnd_x_vector_groups(variant):
-    # hnd_x read as [N/x, D, x] groups and rearranged; page 8 (tiles span pages) and 32.
-    for page_size in (8, 32):
-        _run_case("hnd_x", page_size, variant, 4, [29, 0, 3], [11, 35, 1],
-                  config=ExtendConfig(16, 16, 4, 1, x_vector=True))
-
-
 def test_default_alibi_slopes_and_long_prefix():
     # No slopes passed: the kernel must use the standard ALiBi slopes for Hq heads; the
     # prefix spans many tiles so the unmasked loop runs several times.
