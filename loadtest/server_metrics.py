@@ -109,14 +109,15 @@ def server_metrics_delta(
     out["step_time_s"] = step_s
     out["attention_time_s"] = attn_s
     out["attention_timed_step_time_s"] = timed_s
-    out["attention_share_of_step_time"] = _ratio(attn_s, timed_s if timed_s else step_s)
+    has_timed = timed_s is not None  # no timed step in the run: share unknown (None)
+    out["attention_share_of_step_time"] = _ratio(attn_s, timed_s if has_timed else step_s)
     phases = sorted(set(after.label_values("phase")))
     by_phase = {}
     for phase in phases:
-        phase_timed = d("attention_timed_step_seconds_total", phase=phase)
-        by_phase[phase] = _ratio(
-            d("attention_duration_seconds_sum", phase=phase),
-            phase_timed if timed_s else d("step_duration_seconds_sum", phase=phase))
+        denominator = "attention_timed_step_seconds_total" if has_timed \
+            else "step_duration_seconds_sum"
+        by_phase[phase] = _ratio(d("attention_duration_seconds_sum", phase=phase),
+                                 d(denominator, phase=phase))
     out["attention_share_by_phase"] = by_phase
     queries, hits = d("prefix_cache_queries_total"), d("prefix_cache_hits_total")
     out["prefix_cache_queries"] = queries

@@ -90,3 +90,15 @@ def test_a_server_without_these_metrics_gives_nulls() -> None:
     assert out["server_mean_ttft_ms"] is None and out["attention_share_of_step_time"] is None
     assert out["prompt_tokens"] is None and out["prefix_cache_hit_rate"] is None
     assert server_metrics_delta(None, snap) == {"available": False}
+
+
+def test_no_timed_step_in_the_run_gives_no_attention_share() -> None:
+    server = _FakeServer()
+    server.timed.labels(**LABELS, phase="decode").inc(0.5)  # timed before the run only
+    server.attn.labels(**LABELS, phase="decode").observe(0.2)
+    before = MetricsSnapshot.parse(server.text())
+    server.step.labels(**LABELS, phase="decode").observe(0.04)  # untimed steps in the run
+    out = server_metrics_delta(before, MetricsSnapshot.parse(server.text()))
+    assert out["step_time_s"] == pytest.approx(0.04)
+    assert out["attention_share_of_step_time"] is None
+    assert out["attention_share_by_phase"]["decode"] is None

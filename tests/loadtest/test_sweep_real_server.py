@@ -1,0 +1,66 @@
+"""(c) A small sweep against the real attnserve on CPU with the embedded SmolLM2.
+
+Two configurations (KV layout nhd and hnd), one rate, a few short requests each: the sweep
+starts each server on a free loopback port, waits for /health, replays the same trace,
+stops it, and writes the table, the plots and one JSON per run. The client's numbers are
+checked against the server's own /metrics over the same run. This test needs the server:
+when it cannot start, the test fails (it is never skipped).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest.cli import main
+
+NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 12, 3
+# Attention timed on every step, so even this short run has an attention share.
+SERVER_ARGS = ("--max-model-len 64 --kv-cache-tokens 512 --max-num-seqs 4 "
+               "--attention-timing-every 1 --log-level warning")
+
+
+@pytest.mark.timeout(600)
+def test_small_sweep_against_attnserve(tmp_path: Path) -> None:
+    out_dir = tmp_path / "sweep"
+    seed = int(np.random.default_rng().integers(1 << 20))
+    code = main([
+        "sweep", "--server-config", "nhd=--kv-layout nhd", "--server-config", "hnd=--kv-layout hnd",
+        "--server-args", SERVER_ARGS, "--request-rates", "8",
+        "--endpoint", "completions", "--workload", "random", "--num-prompts", str(NUM_PROMPTS),
+        "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--seed", str(seed),
+        "--output-dir", str(out_dir), "--disable-tqdm", "--startup-timeout", "300",
+        "--request-timeout", "240", "--log-level", "warning",
+    ])
+    summary = (out_dir / "summary.md").read_text()
+    logs = {p.name: p.read_text()[-2000:] for p in out_dir.glob("server_*.log")}
+    assert code == 0, f"sweep failed:\n{summary}\n{logs}"
+
+    table = summary.splitlines()
+    assert table[0].startswith("| config | rate |")
+    assert [row.split("|")[1].strip() for row in table[2:4]] == ["nhd", "hnd"]
+    for png in ("ttft_vs_rate.png", "itl_vs_rate.png", "throughput_vs_latency.png"):
+        assert (out_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+    for layout in ("nhd", "hnd"):
+        run = json.loads((out_dir / f"{layout}_rate-8.json").read_text())
+        server = run["server_metrics"]
+        assert server["available"], "the server's /metrics could not be read"
+        assert server["server_config"]["kv_layout"] == [layout]
+        # Everything sent came back, with exactly the asked lengths (token-id prompts,
+        # ignore_eos), and the server counted the same tokens.
+        assert run["completed"] == NUM_PROMPTS and run["failed"] == 0
+        assert run["total_input_tokens"] == NUM_PROMPTS * INPUT_LEN
+        assert run["total_output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
+        assert server["prompt_tokens"] == run["total_input_tokens"]
+        assert server["generation_tokens"] == run["total_output_tokens"]
+        # The client sees the first token no sooner than the server produced it.
+        assert server["server_ttft_count"] == NUM_PROMPTS
+        assert run["mean_ttft_ms"] >= server["server_mean_ttft_ms"]
+        for key in ("median_ttft_ms", "p99_itl_ms", "mean_tpot_ms", "mean_e2el_ms"):
+            assert run[key] is not None and run[key] > 0, key
+        assert server["attention_share_of_step_time"] is not None
+        assert 0 < server["attention_share_of_step_time"] < 1
