@@ -1,0 +1,1 @@
+"""Model: Llama-family decoder, weight loading (GGUF, Hugging Face, synthetic), tokenizer, sampler."""

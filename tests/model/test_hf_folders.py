@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.loader import load_model
+from tests.model.hf_reference import PagedRunner, hf_logits
 from tests.model.test_logits_vs_hf import TOLERANCE, teacher_forced_check
 
 COMMON = dict(
@@ -65,3 +66,19 @@ def test_hf_folder_matches_transformers(kind, tmp_path):
     layout, page = {"qwen2": ("hnd", 4), "qwen3": ("token", 1), "llama3": ("hnd_x", 8)}[kind]
     diff = teacher_forced_check(ours.model, hf, layout, page, random.Random())
     assert diff < TOLERANCE, f"max abs logit diff {diff}"
+
+
+def test_bfloat16_load_tracks_float32(tmp_path):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    hf = _build("qwen3").eval()
+    _randomise(hf, gen)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load_model(str(tmp_path), torch.bfloat16, torch.device("cpu"), with_tokenizer=False)
+    assert all(p.dtype == torch.bfloat16 for p in ours.model.parameters())
+    ids = [random.randrange(320) for _ in range(24)]
+    logits = PagedRunner(ours.model).step({0: ids})[0]
+    ref = hf_logits(hf, ids)
+    assert logits.dtype == torch.float32
+    # bf16 keeps ~3 significant digits: compare relative to the logits' spread.
+    assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
