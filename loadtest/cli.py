@@ -142,8 +142,7 @@ def _traces(args: argparse.Namespace) -> tuple[Trace, Trace | None]:
 def _run_config(args: argparse.Namespace, base_url: str, rate: float) -> RunConfig:
     return RunConfig(
         base_url=base_url, endpoint=args.endpoint, model=args.model, request_rate=rate,
-        burstiness=args.burstiness, max_concurrency=args.max_concurrency, warmup=args.warmup,
-        seed=args.seed,
+        burstiness=args.burstiness, max_concurrency=args.max_concurrency, seed=args.seed,
         sampling=SamplingOptions(temperature=args.temperature,
                                  ignore_eos=not args.no_ignore_eos,
                                  extra_body=json.loads(args.extra_body) if args.extra_body
@@ -153,10 +152,15 @@ def _run_config(args: argparse.Namespace, base_url: str, rate: float) -> RunConf
         show_progress=not args.disable_tqdm, save_detailed=args.save_detailed)
 
 
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+
+
 def _main_run(argv: list[str]) -> int:
     parser, _ = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.log_level)
     try:
         cfg = _run_config(args, args.base_url.rstrip("/"), args.request_rate)
         trace, warmup = _traces(args)
@@ -174,7 +178,7 @@ def _main_run(argv: list[str]) -> int:
 def _main_sweep(argv: list[str]) -> int:
     _, parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.log_level)
     try:
         configs = [parse_server_config(c) for c in args.server_config]
         if args.configs:

@@ -32,7 +32,6 @@ class RunConfig:
     request_rate: float = math.inf
     burstiness: float = 1.0
     max_concurrency: int | None = None
-    warmup: int = 0
     seed: int = 0
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
