@@ -143,7 +143,9 @@ def inprocess_server(config: EngineConfig | None = None,
     """The app on uvicorn in a thread, on the session's shared SmolLM2 weights."""
     config = config or EngineConfig(device="cpu", dtype="float32", kv_cache_tokens=4096)
     settings = settings or ServerSettings()
-    thread = ServerThread(build_app(config, settings, loaded=smollm2())).start()
+    # A short drain at teardown: a test that failed mid-request must not stall the module.
+    thread = ServerThread(build_app(config, settings, loaded=smollm2()),
+                          shutdown_timeout=5.0).start()
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     try:
         yield InProcessServer(base_url=thread.base_url, headers=headers, thread=thread)
