@@ -1,0 +1,298 @@
+"""/metrics of a real server after real traffic, and a real Prometheus scraping it.
+
+One in-process server (the session's SmolLM2 on CPU) and, where the `prometheus` binary
+exists, one Prometheus scraping it every second are started for the module; one burst of
+streaming requests goes through them. The tests then check the server's histograms and
+counters against what the clients saw, and that every PromQL expression of
+dashboards/grafana.json returns data from Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import EngineConfig
+from tests.server.conftest import inprocess_server, wait_for
+from tests.server.test_metrics_unit import parse_exposition
+
+pytestmark = pytest.mark.timeout(600)
+P = "attnserve_"
+DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "grafana.json"
+INSTALL = "apt-get install -y prometheus"
+SCRAPE_INTERVAL_S = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Prometheus:
+    """A Prometheus process scraping one target every second, with its HTTP API."""
+
+    def __init__(self, binary: str, target: str, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            f"global:\n  scrape_interval: {SCRAPE_INTERVAL_S}s\n"
+            f"  evaluation_interval: {SCRAPE_INTERVAL_S}s\n"
+            "scrape_configs:\n  - job_name: attnserve\n    metrics_path: /metrics\n"
+            f"    static_configs:\n      - targets: ['{target}']\n")
+        self.log_path = workdir / "prometheus.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(self._ready, 60, 0.2, "Prometheus to be ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def api(self, path: str, **params: object) -> dict:
+        r = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30)
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", (path, params, body)
+        return body["data"]
+
+    def instant(self, expr: str) -> float | None:
+        result = self.api("query", query=expr)["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def prometheus_binary() -> str | None:
+    binary = shutil.which("prometheus")
+    if binary is None and os.environ.get("CI"):
+        pytest.fail(f"CI is set but the prometheus binary is missing: {INSTALL}")
+    return binary
+
+
+@dataclass
+class ClientResult:
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    client_ttft_s: float
+    server_ttft_s: float | None = None  # /generate reports the engine's own timing
+
+
+@dataclass
+class TrafficRun:
+    results: list[ClientResult]
+    before: list[tuple[str, dict[str, str], float]]
+    after: list[tuple[str, dict[str, str], float]]
+    labels: dict[str, str]
+    prometheus: Prometheus | None
+    start_unix: float
+    end_unix: float
+    notes: list[str] = field(default_factory=list)
+
+    def delta(self, name: str, **labels: str) -> float:
+        def total(samples: list[tuple[str, dict[str, str], float]]) -> float:
+            return sum(v for n, lab, v in samples if n == name and labels.items() <= lab.items())
+        return total(self.after) - total(self.before)
+
+
+async def sse_payloads(response: httpx.Response):
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[len("data: "):])
+
+
+async def generate_stream(client: httpx.AsyncClient, ids: list[int], max_tokens: int
+                          ) -> ClientResult:
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"max_tokens": max_tokens, "temperature": 0.0}}
+    sent = time.monotonic()
+    first = None
+    last: dict = {}
+    async with client.stream("POST", "/generate", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        async for chunk in sse_payloads(response):
+            assert "error" not in chunk, chunk
+            if first is None and chunk["token_ids"]:
+                first = time.monotonic()
+            last = chunk
+    assert first is not None and last["finished"], last
+    return ClientResult("/generate", len(ids), last["completion_tokens"], first - sent,
+                        last["timing"]["ttft_s"])
+
+
+async def completion_stream(client: httpx.AsyncClient, ids: list[int], max_tokens: int
+                            ) -> ClientResult:
+    body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    sent = time.monotonic()
+    first = None
+    usage = None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        async for chunk in sse_payloads(response):
+            if first is None and chunk.get("choices") and chunk["choices"][0]["text"]:
+                first = time.monotonic()
+            usage = chunk.get("usage") or usage
+    assert usage is not None
+    if first is None:  # every token decoded to empty text so far: the usage chunk is last
+        first = time.monotonic()
+    return ClientResult("/v1/completions", usage["prompt_tokens"], usage["completion_tokens"],
+                        first - sent)
+
+
+async def send_traffic(base_url: str, rng: random.Random) -> list[ClientResult]:
+    """Seven staggered streams: some share a prompt prefix (prefix-cache hits), and later
+    ones arrive while earlier ones decode (mixed steps)."""
+    shared = [rng.randrange(100, 40000) for _ in range(40)]
+
+    async def one(i: int, client: httpx.AsyncClient) -> ClientResult:
+        await asyncio.sleep(0.15 * i)
+        tail = [rng.randrange(100, 40000) for _ in range(rng.randint(3, 30))]
+        ids = shared + tail if i % 2 == 0 else tail
+        max_tokens = rng.randint(4, 12)
+        if i % 3 == 2:
+            return await completion_stream(client, ids, max_tokens)
+        return await generate_stream(client, ids, max_tokens)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        return list(await asyncio.gather(*(one(i, client) for i in range(7))))
+
+
+def scrape(base_url: str) -> list[tuple[str, dict[str, str], float]]:
+    r = httpx.get(f"{base_url}/metrics", timeout=30)
+    r.raise_for_status()
+    return parse_exposition(r.content)
+
+
+@pytest.fixture(scope="module")
+def traffic() -> Iterator[TrafficRun]:
+    config = EngineConfig(device="cpu", dtype="float32", kv_cache_tokens=2048, max_model_len=512,
+                          max_num_batched_tokens=64, attention_timing_every=2)
+    binary = prometheus_binary()
+    with inprocess_server(config) as server, tempfile.TemporaryDirectory() as tmp:
+        prometheus = None
+        if binary is not None:
+            prometheus = Prometheus(binary, server.base_url.removeprefix("http://"), Path(tmp))
+        try:
+            if prometheus is not None:  # a scrape before the traffic: rates start from 0
+                wait_for(lambda: prometheus.instant(f"{P}generation_tokens_total") is not None,
+                         60, 0.2, "the first scrape")
+            before = scrape(server.base_url)
+            start = time.time()
+            results = asyncio.run(send_traffic(server.base_url, random.Random()))
+            server.wait_idle()
+            end = time.time()
+            after = scrape(server.base_url)
+            labels = next(lab for n, lab, _ in after if n == f"{P}num_requests_running")
+            if prometheus is not None:  # a scrape after the traffic
+                want = sum(v for n, _, v in after if n == f"{P}generation_tokens_total")
+                wait_for(lambda: prometheus.instant(f"sum({P}generation_tokens_total)") == want,
+                         60, 0.2, "a scrape after the traffic")
+            yield TrafficRun(results, before, after, labels, prometheus, start, end)
+        finally:
+            if prometheus is not None:
+                prometheus.stop()
+
+
+def test_request_histograms_and_token_counters_match_the_clients(traffic: TrafficRun) -> None:
+    n = len(traffic.results)
+    assert traffic.delta(P + "time_to_first_token_seconds_count") == n
+    assert traffic.delta(P + "e2e_request_latency_seconds_count") == n
+    assert traffic.delta(P + "request_success_total") == n
+    assert traffic.delta(P + "prompt_tokens_total") == sum(r.prompt_tokens for r in traffic.results)
+    assert traffic.delta(P + "generation_tokens_total") == sum(
+        r.completion_tokens for r in traffic.results)
+    itl_count = traffic.delta(P + "inter_token_latency_seconds_count")
+    assert itl_count == sum(r.completion_tokens - 1 for r in traffic.results)
+    for r in traffic.results:
+        if r.server_ttft_s is not None:
+            assert 0 < r.server_ttft_s <= r.client_ttft_s, r
+    ttft_sum = traffic.delta(P + "time_to_first_token_seconds_sum")
+    assert ttft_sum <= sum(r.client_ttft_s for r in traffic.results)
+    assert ttft_sum >= sum(r.server_ttft_s or 0.0 for r in traffic.results) - 1e-6
+    assert traffic.delta(P + "prefix_cache_hits_total") > 0
+
+
+def test_steps_of_each_phase_observed_and_attention_within_step_time(traffic: TrafficRun
+                                                                      ) -> None:
+    for phase in ("prefill", "decode", "mixed"):
+        steps = traffic.delta(P + "step_duration_seconds_count", phase=phase)
+        timed = traffic.delta(P + "attention_duration_seconds_count", phase=phase)
+        if steps == 0:
+            continue
+        assert timed <= steps
+        attention_s = traffic.delta(P + "attention_duration_seconds_sum", phase=phase)
+        timed_step_s = traffic.delta(P + "attention_timed_step_seconds_total", phase=phase)
+        assert attention_s <= timed_step_s <= traffic.delta(
+            P + "step_duration_seconds_sum", phase=phase)
+    # Every other step is timed; the traffic makes enough decode steps for several.
+    assert traffic.delta(P + "step_duration_seconds_count", phase="decode") >= 8
+    assert traffic.delta(P + "attention_duration_seconds_count", phase="decode") >= 4
+
+
+def substitute(expr: str, labels: dict[str, str]) -> str:
+    """Grafana's variables as a scrape of this server would resolve them."""
+    out = (expr.replace("$__rate_interval", f"{10 * SCRAPE_INTERVAL_S}s")
+           .replace("$model_name", ".*")  # any name: it may hold regex characters
+           .replace("$attention_backend", labels["attention_backend"])
+           .replace("$kv_layout", labels["kv_layout"]))
+    assert "$" not in out, out
+    return out
+
+
+def test_every_dashboard_query_returns_data_from_prometheus(traffic: TrafficRun) -> None:
+    prometheus = traffic.prometheus
+    if prometheus is None:
+        pytest.skip(f"the prometheus binary is missing: {INSTALL}")
+    dashboard = json.loads(DASHBOARD.read_text())
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = substitute(target["expr"], traffic.labels)
+            data = prometheus.api("query_range", query=expr, start=traffic.start_unix - 2,
+                                  end=time.time(), step=SCRAPE_INTERVAL_S)
+            values = [float(v) for series in data["result"] for _, v in series["values"]]
+            finite = [v for v in values if math.isfinite(v)]
+            if not finite:
+                empty.append((panel["title"], expr))
+            if panel["title"] == "Attention share of step time":
+                assert all(0 < v <= 1 for v in finite), (expr, finite)
+    assert not empty, f"queries without data: {empty}"
+    # The variables' label_values() queries list this server's labels.
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        selector, label = variable["query"]["query"][len("label_values("):-1].rsplit(", ", 1)
+        match = selector.replace('"$model_name"', '".*"').replace(
+            '"$attention_backend"', f'"{traffic.labels["attention_backend"]}"')
+        series = prometheus.api("series", **{"match[]": match, "start": traffic.start_unix - 60})
+        assert traffic.labels[label] in {s[label] for s in series}, (variable["name"], series)
