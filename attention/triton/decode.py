@@ -34,14 +34,16 @@ LOG2E = 1.4426950408889634
 def _kv_tile(
     cache, table_row, kv_head, start_n, hi,
     s_page, s_off, s_head, s_xblk,
-    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, X_AS_3D: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     TRANSPOSED: tl.constexpr,
 ):
     """Tokens [start_n, start_n + BLOCK_N) of one KV head: [BLOCK_N, BLOCK_D], or
-    [BLOCK_D, BLOCK_N] when TRANSPOSED. Tokens at or past `hi` read as 0."""
+    [BLOCK_D, BLOCK_N] when TRANSPOSED. Tokens at or past `hi` read as 0. `start_n` is a
+    multiple of BLOCK_N, so the compiler sees runs of X contiguous tokens in hnd_x."""
     offs_d = tl.arange(0, BLOCK_D)
-    if LAYOUT_X:
+    if LAYOUT_X and X_AS_3D:
+        # [BLOCK_N/X, D, X] tiles of 16-byte rows, permuted in registers
         NB: tl.constexpr = BLOCK_N // X
         tok0 = start_n + tl.arange(0, NB) * X  # first token of each X-run (one page each)
         page = tl.load(table_row + tok0 // PAGE_SIZE, mask=tok0 < hi, other=0).to(tl.int64)
@@ -53,24 +55,33 @@ def _kv_tile(
             mask = mask & (offs_d[None, :, None] < HEAD_DIM)
         tile = tl.load(ptrs, mask=mask, other=0.0)  # [NB, D, X]
         if TRANSPOSED:
-            return tl.reshape(tl.permute(tile, (1, 0, 2)), (BLOCK_D, BLOCK_N))
-        return tl.reshape(tl.permute(tile, (0, 2, 1)), (BLOCK_N, BLOCK_D))
+            result = tl.reshape(tl.permute(tile, (1, 0, 2)), (BLOCK_D, BLOCK_N))
+        else:
+            result = tl.reshape(tl.permute(tile, (0, 2, 1)), (BLOCK_N, BLOCK_D))
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         page = tl.load(table_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-        base = page * s_page + (offs_n % PAGE_SIZE) * s_off + kv_head * s_head
+        if LAYOUT_X:
+            # 2-D gather; contiguous along tokens in runs of X (16 bytes)
+            in_page = offs_n % PAGE_SIZE
+            base = page * s_page + (in_page // X) * s_xblk + in_page % X + kv_head * s_head
+            d_step = X
+        else:
+            base = page * s_page + (offs_n % PAGE_SIZE) * s_off + kv_head * s_head
+            d_step = 1
         if TRANSPOSED:
-            ptrs = cache + base[None, :] + offs_d[:, None]
+            ptrs = cache + base[None, :] + offs_d[:, None] * d_step
             mask = mask_n[None, :]
             if HEAD_DIM != BLOCK_D:
                 mask = mask & (offs_d[:, None] < HEAD_DIM)
         else:
-            ptrs = cache + base[:, None] + offs_d[None, :]
+            ptrs = cache + base[:, None] + offs_d[None, :] * d_step
             mask = mask_n[:, None]
             if HEAD_DIM != BLOCK_D:
                 mask = mask & (offs_d[None, :] < HEAD_DIM)
-        return tl.load(ptrs, mask=mask, other=0.0)
+        result = tl.load(ptrs, mask=mask, other=0.0)
+    return result
 
 
 @triton.jit
@@ -83,7 +94,7 @@ def _decode_kernel(
     max_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, X_AS_3D: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -116,11 +127,12 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for tile in range(lo // BLOCK_N, tl.cdiv(hi, BLOCK_N)):
+        start_n = tile * BLOCK_N  # a visible multiple of BLOCK_N (lo is one too)
         k_t = _kv_tile(k_cache, table_row, kv_head, start_n, hi, s_page, s_off, s_head, s_xblk,
-                       PAGE_SIZE, X, LAYOUT_X, HEAD_DIM, BLOCK_D, BLOCK_N, True)
+                       PAGE_SIZE, X, LAYOUT_X, X_AS_3D, HEAD_DIM, BLOCK_D, BLOCK_N, True)
         v = _kv_tile(v_cache, table_row, kv_head, start_n, hi, s_page, s_off, s_head, s_xblk,
-                     PAGE_SIZE, X, LAYOUT_X, HEAD_DIM, BLOCK_D, BLOCK_N, False)
+                     PAGE_SIZE, X, LAYOUT_X, X_AS_3D, HEAD_DIM, BLOCK_D, BLOCK_N, False)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s = LOGITS_FN(s, q_pos, offs_n[None, :], slope, param)
@@ -199,6 +211,7 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    x_as_3d: bool = False  # hnd_x: 3-D [N/X, D, X] tile + permute instead of a 2-D gather
 
 
 def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool) -> DecodeConfig:
@@ -206,16 +219,22 @@ def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool) -> Deco
     they exercise multi-tile loops)."""
     if not on_gpu:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
-    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
+    # H100 sweep (bench/results/h100-decode-sweep-*.json): 64/4/2 was best or within 2%
+    # of the best on every shape and layout
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
 def choose_num_splits(
     batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
     block_n: int, max_splits: int = 64, programs_per_sm: int = 4, min_tokens_per_split: int = 256,
 ) -> int:
-    """Splits per sequence so that batch x kv_heads x splits programs fill the GPU, without
-    cutting any sequence into pieces shorter than `min_tokens_per_split` (or one tile)."""
+    """Splits per sequence. With at least two programs per SM already (batch x kv_heads),
+    none: the H100 sweep measured 1-2% lost to the merge at (64, 4096). Otherwise enough
+    splits for `programs_per_sm` programs per SM, never cutting a sequence into pieces
+    shorter than `min_tokens_per_split` (or one tile)."""
     programs = max(1, batch_size * num_kv_heads)
+    if programs >= 2 * num_sms:
+        return 1
     want = -(-num_sms * programs_per_sm // programs)
     longest = -(-max_seq_len // max(block_n, min_tokens_per_split))
     return max(1, min(want, longest, max_splits))
@@ -297,7 +316,7 @@ def decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x",
-        DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
+        X_AS_3D=config.x_as_3d, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **variant.kernel_args(),
     )

@@ -21,7 +21,12 @@ from attention.backends.reference import ReferenceBackend  # noqa: E402
 from attention.backends.triton_backend import TritonBackend  # noqa: E402
 from attention.base import AttentionConfig  # noqa: E402
 from attention.batch import ForwardBatch  # noqa: E402
-from attention.triton.decode import SplitBuffers, choose_num_splits, decode_attention  # noqa: E402
+from attention.triton.decode import (  # noqa: E402
+    DecodeConfig,
+    SplitBuffers,
+    choose_num_splits,
+    decode_attention,
+)
 from attention.triton.variants import triton_variant  # noqa: E402
 from attention.variants import Variant  # noqa: E402
 from kvcache.layout import KVLayout  # noqa: E402
@@ -32,6 +37,7 @@ NUM_KV_HEADS = 2
 SEQ_LENS = [37, 5, 22]  # none a multiple of 4, 8 or 16
 LAYOUT_PAGES = [("token", 1), ("nhd", 4), ("nhd", 16), ("hnd", 4), ("hnd", 16),
                 ("hnd_x", 8), ("hnd_x", 16)]
+DEFAULT = DecodeConfig(16, 4, 1)  # small tiles: several per split under the interpreter
 VARIANTS = [Variant("softmax"), Variant("softcap", 2.0), Variant("sliding_window", 7.0),
             Variant("alibi"), Variant("sigmoid"), Variant("silu")]
 
@@ -128,18 +134,23 @@ def test_decode_matches_float64_reference(layout_name: str, page_size: int, grou
     buffers = SplitBuffers.empty(q.device)
     for variant in VARIANTS:
         expected = _reference(q, k, v, scale, variant)
-        for splits in (1, 3):
+        runs = [(1, DEFAULT), (3, DEFAULT)]
+        if layout_name == "hnd_x":  # the alternative hnd_x tile load
+            runs.append((3, DecodeConfig(16, 4, 1, x_as_3d=True)))
+        for splits, config in runs:
             out = torch.full_like(q, float("nan"))
             decode_attention(q, k_cache, v_cache, layout, table, seq_lens, out, scale,
-                             triton_variant(variant), slopes, splits, buffers)
+                             triton_variant(variant), slopes, splits, buffers, config)
             assert not out.isnan().any(), f"{variant} splits={splits}: NaN in output"
             err = (out.double() - expected).norm() / expected.norm()
-            assert err < 1e-5, f"{variant} splits={splits}: relative error {err:.2e}"
+            assert err < 1e-5, f"{variant} {config} splits={splits}: relative error {err:.2e}"
 
 
 def test_split_choice_fills_the_gpu() -> None:
     # a large batch needs no split; one long request is cut into many
     assert choose_num_splits(256, 8, 1024, num_sms=132, block_n=64) == 1
+    assert choose_num_splits(64, 8, 4096, num_sms=132, block_n=64) == 1
+    assert choose_num_splits(16, 8, 16384, num_sms=132, block_n=64) == 5
     assert choose_num_splits(1, 8, 32768, num_sms=132, block_n=64) >= 32
     # short sequences are never cut below min_tokens_per_split
     assert choose_num_splits(1, 8, 300, num_sms=132, block_n=64) == 2
