@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvcache.allocator import PageAllocator
+from kvcache.radix import RadixPrefixCache
 from scheduler.policy import MIN_IN_FLIGHT_SHARE_TOKENS
 from scheduler.request import FinishReason, Request, RequestStatus, SamplingParams
 from scheduler.scheduler import RequestRejected, Scheduler, SchedulerConfig
@@ -376,3 +377,28 @@ def test_a_short_common_header_does_not_hold_requests_back(page_size: int) -> No
     assert [s.request.request_id for s in plan.seqs] == ["r0", "r1", "r2"]
     run_to_completion(scheduler, runner)
     assert all(r.output_token_ids == reference_output(r, 1024) for r in reqs)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("schedule_policy", "sjf", "unknown schedule policy 'sjf'"),
+        ("page_size", 0, "page_size"),
+        ("max_num_seqs", 0, "max_num_seqs"),
+        ("max_num_batched_tokens", 0, "max_num_batched_tokens"),
+        ("max_model_len", 1, "max_model_len"),
+    ],
+)
+def test_config_validation(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SchedulerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_prefix_cache_must_share_the_allocator() -> None:
+    alloc = PageAllocator(8)
+    with pytest.raises(ValueError, match="allocator"):
+        Scheduler(SchedulerConfig(page_size=4), alloc, RadixPrefixCache(PageAllocator(8), 4))
+    with pytest.raises(ValueError, match="page size"):
+        Scheduler(SchedulerConfig(page_size=4), alloc, RadixPrefixCache(alloc, 2))
+    off = Scheduler(SchedulerConfig(page_size=4, enable_prefix_cache=False), alloc)
+    assert off.prefix_cache is None
