@@ -62,6 +62,8 @@ def test_sweep_starts_each_configuration_and_writes_table_plots_json(tmp_path: P
             assert run["completed"] == 6 and run["config_name"] == name
             assert run["server_metrics"]["server_config"]["kv_layout"] == [layout]
             assert "--kv-layout" in run["server_launch"]["args"]
+            # One server per configuration: the second rate ran on a server used once before.
+            assert run["server_launch"]["runs_served_before"] == (0 if rate == "50" else 1)
     # Each configuration's own server answered: the slow one's TTFT is ~100 ms longer.
     gap = runs[("slow", "50.0")]["median_ttft_ms"] - runs[("fast", "50.0")]["median_ttft_ms"]
     assert 60 < gap < 140
@@ -82,3 +84,26 @@ def test_sweep_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
     summary = (tmp_path / "summary.md").read_text()
     assert "broken" in summary and "exited with code 3" in summary
     assert json.loads((tmp_path / "sweep.json").read_text()) == []
+
+
+def test_configs_file_and_restart_per_rate(tmp_path: Path) -> None:
+    configs = tmp_path / "configs.json"
+    configs.write_text(json.dumps([
+        {"name": "as-dict", "args": {"kv_layout": "hnd", "ttft_ms": 5, "no_prefix_cache": True,
+                                     "page_size": None}},
+    ]))
+    out_dir = tmp_path / "sweep"
+    code = main(["sweep", "--server-command", f"{sys.executable} {SCRIPTED_SERVER}",
+                 "--configs", str(configs), "--request-rates", "100", "inf", "--restart-per-rate",
+                 "--num-prompts", "3", "--input-len", "4", "--output-len", "2",
+                 "--output-dir", str(out_dir), "--disable-tqdm"])
+    assert code == 0
+    runs = json.loads((out_dir / "sweep.json").read_text())
+    assert [r["request_rate"] for r in runs] == [100.0, "inf"]
+    for run in runs:
+        assert run["server_launch"]["args"] == ["--kv-layout", "hnd", "--ttft-ms", "5",
+                                                "--no-prefix-cache"]
+        assert run["server_launch"]["runs_served_before"] == 0  # a fresh server each rate
+        assert run["server_metrics"]["server_config"]["kv_layout"] == ["hnd"]
+    assert sorted(p.name for p in out_dir.glob("server_*.log")) == [
+        "server_as-dict_rate-100.log", "server_as-dict_rate-inf.log"]

@@ -20,7 +20,7 @@ from loadtest.workloads import WorkloadOptions, build_trace
 from tests.loadtest.scripted_server import Script, ScriptedSSEServer
 
 TOLERANCE_MS = 2.0
-NUM_REQUESTS = 5
+NUM_REQUESTS = 9
 
 
 def _median_error(measured: list[float], known: list[float]) -> float:
