@@ -254,3 +254,20 @@ def test_two_engines_do_not_share_a_registry() -> None:
     body, content_type = a.render()
     assert content_type.startswith("text/plain")
     assert sample(parse_exposition(body), "attnserve_num_preemptions_total") == 3
+
+
+def test_request_aborted_before_its_first_token_has_no_token_timings() -> None:
+    metrics = make_metrics()
+    arrival = random.uniform(0, 100)
+    req = Request("a", [1, 2, 3], SamplingParams(), arrival_time=arrival)
+    req.first_scheduled_time = arrival + 0.25
+    req.finish_reason = FinishReason.ABORT
+    req.finished_time = arrival + 0.75
+    metrics.on_request_finished(req, arrival + 1.0)
+    samples = parse_exposition(metrics.render()[0])
+    assert sample(samples, "attnserve_request_success_total", finished_reason="abort") == 1
+    assert sample(samples, "attnserve_e2e_request_latency_seconds_sum") == pytest.approx(0.75)
+    assert sample(samples, "attnserve_request_queue_time_seconds_sum") == pytest.approx(0.25)
+    for name in ("time_to_first_token_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_time_per_output_token_seconds"):
+        assert sample(samples, f"attnserve_{name}_count") == 0, name
