@@ -13,7 +13,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on the API (/health, /metrics and "
                         "/openapi.json stay open)")
     g.add_argument("--max-queued-requests", type=int, default=256,
-                   help="waiting requests beyond which new ones get 503 with Retry-After")
+                   help="requests still waiting for their first token beyond which new ones get "
+                        "503 with Retry-After")
     g.add_argument("--max-request-bytes", type=int, default=1 << 20,
                    help="largest accepted request body in bytes (413 beyond)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -232,8 +232,11 @@ class AsyncEngine:
             self._idle.clear()
 
             def sink(out: RequestOutput, rid: str = rid) -> None:
-                if not loop.is_closed():
+                # Runs on the engine thread: it must never raise into the step.
+                try:
                     loop.call_soon_threadsafe(self._deliver, rid, out)
+                except RuntimeError:  # the event loop is closed: nobody is listening
+                    pass
 
             core.add_request(prompt_ids, params, rid, sink)
         self._wake.set()

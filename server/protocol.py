@@ -9,11 +9,23 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 FinishReasonName = Literal["stop", "length", "abort"]
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+
+
+def _integral_number(value: object) -> object:
+    """JSON Schema counts 5.0 as an integer: accept it as 5 (strings stay rejected)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def json_int(**constraints: int) -> object:
+    """An int field type; the constraints sit inside so the OpenAPI schema shows them."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral_number)]
 
 
 def _only_one_choice(n: int) -> int:
@@ -26,12 +38,12 @@ def _only_one_choice(n: int) -> int:
 
 
 OneChoice = Annotated[
-    int,
+    json_int(),
     AfterValidator(_only_one_choice),
     Field(json_schema_extra={"minimum": 1, "maximum": 1}, description="must be 1"),
 ]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[json_int(ge=0)], Field(min_length=1)]
 StopField = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
@@ -48,9 +60,9 @@ class StreamOptions(_Strict):
 class SamplingFields(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="0 or -1: disabled")
+    top_k: json_int(ge=-1) = Field(0, description="0 or -1: disabled")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: json_int(ge=0, le=2**63 - 1) | None = None
     stop: StopField = None
     ignore_eos: bool = False
 
@@ -84,8 +96,8 @@ PromptField = (
 
 class CompletionRequest(OpenAIFields):
     prompt: PromptField
-    max_tokens: int = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: json_int(ge=1) = 16
+    logprobs: json_int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     echo: Literal[False] = Field(False, description="echo is not supported")
 
     def prompt_list(self) -> list[str] | list[list[int]]:
@@ -115,14 +127,14 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(OpenAIFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(
-        None, ge=1, description="deprecated alias of max_completion_tokens"
+    max_tokens: json_int(ge=1) | None = Field(
+        None, description="deprecated alias of max_completion_tokens"
     )
-    max_completion_tokens: int | None = Field(
-        None, ge=1, description="omitted: up to the model's context length"
+    max_completion_tokens: json_int(ge=1) | None = Field(
+        None, description="omitted: up to the model's context length"
     )
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: json_int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -136,9 +148,9 @@ class ChatCompletionRequest(OpenAIFields):
 
 
 class NativeSamplingParams(SamplingFields):
-    max_tokens: int = Field(16, ge=1)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: json_int(ge=1) = 16
+    stop_token_ids: list[json_int(ge=0)] = Field(default_factory=list, max_length=64)
+    logprobs: json_int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
 
 class GenerateRequest(_Strict):

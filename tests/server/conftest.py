@@ -72,6 +72,8 @@ class ServerHandle:
 class ServerProcess(ServerHandle):
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    # /health answers seen while the model was loading: (status, error code)
+    startup_health: list[tuple[int, str | None]] = field(default_factory=list)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
@@ -114,9 +116,12 @@ def running_server(*cli_args: str, startup_timeout: float = 300.0) -> Iterator[S
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited:\n{handle.log()[-4000:]}")
             try:
-                return httpx.get(f"{handle.base_url}/health", timeout=5).status_code == 200
+                r = httpx.get(f"{handle.base_url}/health", timeout=5)
             except httpx.TransportError:
                 return False
+            code = r.json().get("error", {}).get("code") if r.status_code != 200 else None
+            handle.startup_health.append((r.status_code, code))
+            return r.status_code == 200
 
         wait_for(healthy, max(1.0, deadline - time.monotonic()), 0.2, "/health to answer 200")
         yield handle

@@ -142,11 +142,13 @@ def test_dead_engine_thread_makes_health_503():
         assert r.status_code == 503
 
 
-def test_sigterm_drains_then_exits_zero():
+def test_startup_then_sigterm_drains_then_exits_zero():
     # The short request needs one more token after its first; the timeout leaves room for a
     # slow, shared CPU, and the long one cannot finish within it.
-    timeout_s = 15.0
+    timeout_s = 10.0
     with running_server("--shutdown-timeout", str(timeout_s), "--kv-cache-tokens", "8192") as srv:
+        # the socket is open before the model loads: /health said "starting" meanwhile
+        assert (503, "starting") in srv.startup_health
         short = StreamReader(srv.base_url, {"prompt": "Count to ten:", "max_tokens": 2,
                                             "ignore_eos": True, "temperature": 0})
         long = StreamReader(srv.base_url, LONG)
