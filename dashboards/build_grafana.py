@@ -128,7 +128,8 @@ def _variable(name: str, depends_on: list[str]) -> dict[str, Any]:
     query = f"label_values({series}, {name})"
     return {
         "name": name, "label": name, "type": "query", "datasource": DATASOURCE,
-        "definition": query, "query": {"query": query, "refId": f"var_{name}"},
+        # The plain-string form: every Grafana version migrates it into its query editor.
+        "definition": query, "query": query,
         "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
         "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
     }

@@ -291,7 +291,7 @@ def test_every_dashboard_query_returns_data_from_prometheus(traffic: TrafficRun)
     for variable in dashboard["templating"]["list"]:
         if variable["type"] != "query":
             continue
-        selector, label = variable["query"]["query"][len("label_values("):-1].rsplit(", ", 1)
+        selector, label = variable["query"][len("label_values("):-1].rsplit(", ", 1)
         match = selector.replace('"$model_name"', '".*"').replace(
             '"$attention_backend"', f'"{traffic.labels["attention_backend"]}"')
         series = prometheus.api("series", **{"match[]": match, "start": traffic.start_unix - 60})
