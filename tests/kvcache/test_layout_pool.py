@@ -6,7 +6,6 @@ import torch
 from kvcache.layout import LAYOUT_NAMES, KVLayout
 from kvcache.pool import read_slots, write_slots
 
-
 LAYOUT_PAGE_SIZES = [("token", 1)] + [
     (name, p) for name in LAYOUT_NAMES if name != "token" for p in (1, 16, 32)
     if not (name == "hnd_x" and p == 1)
