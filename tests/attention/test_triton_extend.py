@@ -213,3 +213,24 @@ def test_user_registered_variant(tmp_path, monkeypatch):
         _run_case("hnd_x", 16, Variant(f"{module}:shrink_and_decay"), 3, [0, 23], [26, 9])
     finally:
         sys.modules.pop(module, None)
+
+
+def test_engine_triton_backend_matches_reference_greedy():
+    """Issue 7 b: SmolLM2 through the engine with the triton backend (extend + decode kernels
+    under the interpreter), chunked prefill and the prefix cache on, gives the reference
+    backend's greedy tokens. Tiny on purpose: the interpreter is slow."""
+    from scheduler.request import SamplingParams
+    from tests.server.engine_fixtures import make_llm, smollm2
+
+    tok = smollm2().tokenizer
+    shared = tok.encode("The history of computing is a story of abstraction layered on")
+    prompts = [shared + tok.encode(" abstraction."), shared + tok.encode(" machines and"),
+               tok.encode("Once upon a time,")]
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    outputs = {}
+    for backend in ("reference", "triton"):
+        llm = make_llm(attention_backend=backend, kv_layout="nhd", page_size=4,
+                       max_num_batched_tokens=12)
+        outputs[backend] = [r.token_ids for r in llm.generate(prompts, params)]
+    assert all(len(t) == 3 for t in outputs["reference"])
+    assert outputs["triton"] == outputs["reference"]
