@@ -28,6 +28,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     latency: float = 0.0  # end to end: until the stream ended
     send_offset: float = 0.0  # when it was sent, seconds after the run started
+    sent_at: float = 0.0  # time.perf_counter() when the TTFT/E2E clock started
     generated_text: str = ""
     conversation_id: int = 0
     turn_index: int = 0
@@ -51,7 +52,7 @@ async def send_streaming_request(
     last_content = 0.0
     done_at = 0.0
     payload_bytes = json.dumps(body).encode()  # encoded before the clock starts
-    start = time.perf_counter()
+    start = result.sent_at = time.perf_counter()
     try:
         async with client.stream("POST", ENDPOINT_PATHS[endpoint], content=payload_bytes,
                                  headers=_JSON_HEADERS) as response:

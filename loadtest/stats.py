@@ -122,6 +122,7 @@ def per_request_details(results: list[RequestResult]) -> dict[str, list[Any]]:
         "itls": [r.itl for r in results],
         "e2els": [r.latency for r in results],
         "send_offsets": [r.send_offset for r in results],
+        "sent_at": [r.sent_at for r in results],
         "generated_texts": [r.generated_text for r in results],
         "errors": [r.error for r in results],
     }
