@@ -88,3 +88,16 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> str:
                   _fmt(_server_value(run, "num_preemptions"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def configurations_markdown(runs: list[dict[str, Any]]) -> str:
+    """Each configuration's server flags, once, under the table."""
+    seen: dict[str, list[str]] = {}
+    for run in runs:
+        launch = run.get("server_launch") or {}
+        seen.setdefault(str(run.get("config_name", "-")), list(launch.get("args", [])))
+    if not seen:
+        return ""
+    lines = ["", "| config | server flags |", "|---|---|"]
+    lines += [f"| {name} | `{' '.join(args)}` |" for name, args in seen.items()]
+    return "\n".join(lines) + "\n"

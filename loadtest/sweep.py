@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.plots import write_sweep_plots
-from loadtest.report import sweep_markdown
+from loadtest.report import configurations_markdown, sweep_markdown
 from loadtest.runner import RunConfig, run_benchmark
 from loadtest.server_process import ServerProcess, ServerStartError
 from loadtest.workloads import Trace
@@ -134,7 +134,7 @@ def write_sweep_outputs(runs: list[dict[str, Any]], out_dir: Path,
                         ) -> None:
     """summary.md (the side-by-side table), sweep.json (all runs) and the PNG plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = sweep_markdown(runs)
+    text = sweep_markdown(runs) + configurations_markdown(runs)
     if failures:
         text += "\n" + "".join(f"- configuration failed: {f}\n" for f in failures)
     (out_dir / "summary.md").write_text(text)

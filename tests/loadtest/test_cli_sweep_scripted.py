@@ -69,8 +69,8 @@ def test_sweep_starts_each_configuration_and_writes_table_plots_json(tmp_path: P
     assert 60 < gap < 140
     table = (out_dir / "summary.md").read_text().splitlines()
     assert table[0].startswith("| config | rate |") and "TTFT p99 ms" in table[0]
-    assert len(table) == 2 + 4 and {row.split("|")[1].strip() for row in table[2:]} == {
-        "fast", "slow"}
+    assert {row.split("|")[1].strip() for row in table[2:6]} == {"fast", "slow"}
+    assert "| slow | `--itl-ms 3 --kv-layout hnd --ttft-ms 110` |" in table
     for png in ("ttft_vs_rate.png", "itl_vs_rate.png", "throughput_vs_latency.png"):
         data = (out_dir / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
