@@ -80,5 +80,8 @@ def test_bfloat16_load_tracks_float32(tmp_path):
     ref = hf_logits(hf, ids)
     assert logits.dtype == torch.float32
     # bf16 keeps ~3 significant digits: compare relative to the logits' spread.
-    assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
-    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    tol = 0.05 * ref.abs().max()
+    assert (logits - ref).abs().max() < tol
+    # Greedy picks may differ only between near-ties of the float32 reference.
+    picked = ref.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
+    assert (picked >= ref.amax(-1) - 2 * tol).all()
