@@ -69,7 +69,10 @@ async def send_streaming_request(
                     # Read on to the end of the body so the connection can be reused.
                     done_at = done_at or now
                     continue
-                info = parse_chunk(endpoint, json.loads(payload))
+                data = json.loads(payload)
+                if not isinstance(data, dict):
+                    raise ValueError(f"a stream chunk is not a JSON object: {payload[:200]}")
+                info = parse_chunk(endpoint, data)
                 if info.error:
                     result.error = info.error
                     return result
@@ -89,7 +92,8 @@ async def send_streaming_request(
                 if info.completion_tokens is not None:
                     usage_completion = info.completion_tokens
         end = done_at or time.perf_counter()
-    except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        # Transport errors and malformed streams are the request's failure, not the run's.
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     if content_chunks == 0:

@@ -25,6 +25,9 @@ class Script:
     gaps_s: list[float] = field(default_factory=lambda: [0.02] * 4)
     fail_every: int = 0  # every Nth request answers HTTP 500 (0: never)
     follow_max_tokens: bool = False  # emit max_tokens chunks at gaps_s[0] instead
+    # "normal"; "garbage": a non-JSON data line after the first chunk; "error_event": an
+    # {"error": ...} event after the first chunk; "empty": [DONE] with no content at all.
+    mode: str = "normal"
 
     def chunk_times(self, max_tokens: int) -> list[float]:
         gaps = [self.gaps_s[0]] * (max_tokens - 1) if self.follow_max_tokens else self.gaps_s
@@ -139,6 +142,11 @@ class ScriptedSSEServer:
             "max_tokens", 16)
         times = self.script.chunk_times(int(max_tokens))
         prompt_len = _prompt_len(path, body)
+        if self.script.mode == "empty":
+            await self._chunk(writer, "[DONE]")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return
         if path == "/v1/chat/completions":  # a role-only chunk at once: not content
             await self._chunk(writer, json.dumps(
                 {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}))
@@ -161,6 +169,10 @@ class ScriptedSSEServer:
                 c.ttft_sum += timeline[-1] - arrived
                 c.ttft_count += 1
             await self._chunk(writer, text)
+            if i == 0 and self.script.mode == "garbage":
+                await self._chunk(writer, "this is not json")
+            if i == 0 and self.script.mode == "error_event":
+                await self._chunk(writer, json.dumps({"error": {"message": "engine died"}}))
         if path != "/generate":
             await self._chunk(writer, json.dumps({"choices": [], "usage": {
                 "prompt_tokens": prompt_len, "completion_tokens": len(times),
