@@ -175,6 +175,10 @@ def reference_out(p: DecodeProblem, variant: Variant) -> torch.Tensor:
     return out.view(B, Hq, D)
 
 
+def config_label(c: DecodeConfig) -> str:
+    return f"n{c.block_n}w{c.num_warps}s{c.num_stages}m{c.x_mode}"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -201,7 +205,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--check", action="store_true",
                     help="check every Triton output against float32 torch (rel. err < 1e-2)")
     ap.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
-    ap.add_argument("--config", default=None, help="BLOCK_N,WARPS,STAGES launch override")
+    ap.add_argument("--config", default=None,
+                    help="BLOCK_N,WARPS,STAGES[,X_MODE] launch override for every layout")
+    ap.add_argument("--layout-config", action="append", default=[],
+                    help="LAYOUT=BLOCK_N,WARPS,STAGES[,X_MODE]: override for one layout")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
@@ -231,10 +238,7 @@ def run_shape(args: argparse.Namespace, shape: Shape, ceilings: DeviceCeilings,
                                  variant="softmax", time_us=us, **common))
         except Exception as exc:  # noqa: BLE001 - a peer failing must not end the run
             logger.warning("FlexAttention failed on %s: %s", shape, exc)
-    config = None
-    if args.config:
-        bn, w, s = (int(x) for x in args.config.split(","))
-        config = DecodeConfig(bn, w, s)
+    per_layout = dict(spec.split("=", 1) for spec in args.layout_config)
     variants = [parse_variant(v) for v in args.variants.split(",") if v]
     variant_shapes = {Shape.parse(s) for s in args.variant_shapes.split(",") if s}
     variant_layouts = set(args.variant_layouts.split(","))
@@ -245,6 +249,9 @@ def run_shape(args: argparse.Namespace, shape: Shape, ceilings: DeviceCeilings,
                           [int(x) for x in args.page_sizes.split(",")]):
             paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, page_size,
                                    generator=gen)
+            text = per_layout.get(layout, args.config)
+            config = (DecodeConfig(*(int(x) for x in text.split(","))) if text else
+                      default_decode_config(paged.layout, p.head_dim, device.type == "cuda"))
             for variant in variants:
                 if variant.name != "softmax" and (
                     layout not in variant_layouts
@@ -253,7 +260,7 @@ def run_shape(args: argparse.Namespace, shape: Shape, ceilings: DeviceCeilings,
                     continue
                 run = triton_run(p, paged, variant, num_sms, config, args.splits)
                 us = time_graph_us(run.fn)
-                extra: dict[str, Any] = {"splits": run.splits}
+                extra: dict[str, Any] = {"splits": run.splits, "config": config_label(config)}
                 if sdpa_us is not None:
                     extra["vs_sdpa"] = round(sdpa_us / us, 3)
                 if variant.name == "softmax":

@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 CONFIGS = [DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3),
            DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(128, 4, 3),
            DecodeConfig(128, 8, 2)]
-# hnd_x also tries the 3-D tile + permute load
-X3D_CONFIGS = [DecodeConfig(64, 4, 2, True), DecodeConfig(128, 4, 3, True),
-               DecodeConfig(64, 8, 2, True)]
+# hnd_x also tries its other tile loads (DecodeConfig.x_mode)
+X_CONFIGS = [DecodeConfig(bn, w, st, mode) for mode in (0, 1)
+             for bn, w, st in ((64, 4, 2), (128, 4, 3))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, int(ps),
                                    generator=gen)
             timings: dict[tuple[DecodeConfig, int], float] = {}
-            for cfg in CONFIGS + (X3D_CONFIGS if layout == "hnd_x" else []):
+            configs = CONFIGS if layout != "hnd_x" else (
+                [c for c in CONFIGS if c.block_n >= 64] + X_CONFIGS)
+            for cfg in configs:
                 splits = choose_num_splits(shape.batch, 8, shape.context, num_sms, cfg.block_n)
                 try:
                     timings[(cfg, splits)] = time_graph_us(
@@ -69,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             for (cfg, splits), us in sorted(timings.items(), key=lambda kv: kv[1]):
                 frac = p.nbytes / (us * 1e-6) / 1e9 / copy_gbps
                 results.append(dict(shape=text, layout=spec, block_n=cfg.block_n,
-                                    x_as_3d=cfg.x_as_3d,
+                                    x_mode=cfg.x_mode,
                                     warps=cfg.num_warps, stages=cfg.num_stages, splits=splits,
                                     heuristic_splits=heur, time_us=round(us, 2),
                                     copy_fraction=round(frac, 4)))
             top = sorted(timings.items(), key=lambda kv: kv[1])[:4]
             print(f"{text:>9} {spec:8} heur_splits={heur:<3} " + "  ".join(
-                f"[n{c.block_n}w{c.num_warps}s{c.num_stages}{'3d' if c.x_as_3d else ''} "
+                f"[n{c.block_n}w{c.num_warps}s{c.num_stages}m{c.x_mode} "
                 f"x{s}: {us:.1f}us "
                 f"{p.nbytes / (us * 1e-6) / 1e9 / copy_gbps:.3f}]" for (c, s), us in top),
                 flush=True)

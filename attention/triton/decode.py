@@ -34,7 +34,7 @@ LOG2E = 1.4426950408889634
 def _kv_tile(
     cache, table_row, kv_head, start_n, hi,
     s_page, s_off, s_head, s_xblk,
-    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, X_AS_3D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, X_MODE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     TRANSPOSED: tl.constexpr,
 ):
@@ -42,22 +42,34 @@ def _kv_tile(
     [BLOCK_D, BLOCK_N] when TRANSPOSED. Tokens at or past `hi` read as 0. `start_n` is a
     multiple of BLOCK_N, so the compiler sees runs of X contiguous tokens in hnd_x."""
     offs_d = tl.arange(0, BLOCK_D)
-    if LAYOUT_X and X_AS_3D:
-        # [BLOCK_N/X, D, X] tiles of 16-byte rows, permuted in registers
+    if LAYOUT_X and X_MODE != 0:
         NB: tl.constexpr = BLOCK_N // X
         tok0 = start_n + tl.arange(0, NB) * X  # first token of each X-run (one page each)
         page = tl.load(table_row + tok0 // PAGE_SIZE, mask=tok0 < hi, other=0).to(tl.int64)
         base = page * s_page + ((tok0 % PAGE_SIZE) // X) * s_xblk + kv_head * s_head
         offs_x = tl.arange(0, X)
-        ptrs = cache + base[:, None, None] + offs_d[None, :, None] * X + offs_x[None, None, :]
-        mask = (tok0[:, None, None] + offs_x[None, None, :]) < hi
-        if HEAD_DIM != BLOCK_D:
-            mask = mask & (offs_d[None, :, None] < HEAD_DIM)
-        tile = tl.load(ptrs, mask=mask, other=0.0)  # [NB, D, X]
-        if TRANSPOSED:
-            result = tl.reshape(tl.permute(tile, (1, 0, 2)), (BLOCK_D, BLOCK_N))
+        if X_MODE == 1:
+            # [BLOCK_N/X, D, X] tiles of 16-byte rows, permuted in registers
+            ptrs = cache + base[:, None, None] + offs_d[None, :, None] * X + offs_x[None, None, :]
+            mask = (tok0[:, None, None] + offs_x[None, None, :]) < hi
+            if HEAD_DIM != BLOCK_D:
+                mask = mask & (offs_d[None, :, None] < HEAD_DIM)
+            tile = tl.load(ptrs, mask=mask, other=0.0)  # [NB, D, X]
+            if TRANSPOSED:
+                result = tl.reshape(tl.permute(tile, (1, 0, 2)), (BLOCK_D, BLOCK_N))
+            else:
+                result = tl.reshape(tl.permute(tile, (0, 2, 1)), (BLOCK_N, BLOCK_D))
         else:
-            result = tl.reshape(tl.permute(tile, (0, 2, 1)), (BLOCK_N, BLOCK_D))
+            # [D, BLOCK_N/X, X]: merging the last two dims is a plain reshape to [D, BLOCK_N]
+            ptrs = cache + base[None, :, None] + offs_d[:, None, None] * X + offs_x[None, None, :]
+            mask = (tok0[None, :, None] + offs_x[None, None, :]) < hi
+            if HEAD_DIM != BLOCK_D:
+                mask = mask & (offs_d[:, None, None] < HEAD_DIM)
+            tile = tl.reshape(tl.load(ptrs, mask=mask, other=0.0), (BLOCK_D, BLOCK_N))
+            if TRANSPOSED:
+                result = tile
+            else:
+                result = tl.trans(tile)
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
@@ -94,7 +106,7 @@ def _decode_kernel(
     max_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, X_AS_3D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, X_MODE: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -130,9 +142,9 @@ def _decode_kernel(
     for tile in range(lo // BLOCK_N, tl.cdiv(hi, BLOCK_N)):
         start_n = tile * BLOCK_N  # a visible multiple of BLOCK_N (lo is one too)
         k_t = _kv_tile(k_cache, table_row, kv_head, start_n, hi, s_page, s_off, s_head, s_xblk,
-                       PAGE_SIZE, X, LAYOUT_X, X_AS_3D, HEAD_DIM, BLOCK_D, BLOCK_N, True)
+                       PAGE_SIZE, X, LAYOUT_X, X_MODE, HEAD_DIM, BLOCK_D, BLOCK_N, True)
         v = _kv_tile(v_cache, table_row, kv_head, start_n, hi, s_page, s_off, s_head, s_xblk,
-                     PAGE_SIZE, X, LAYOUT_X, X_AS_3D, HEAD_DIM, BLOCK_D, BLOCK_N, False)
+                     PAGE_SIZE, X, LAYOUT_X, X_MODE, HEAD_DIM, BLOCK_D, BLOCK_N, False)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s = LOGITS_FN(s, q_pos, offs_n[None, :], slope, param)
@@ -211,7 +223,9 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    x_as_3d: bool = False  # hnd_x: 3-D [N/X, D, X] tile + permute instead of a 2-D gather
+    # hnd_x tile load: 0 a 2-D gather, 1 a [N/X, D, X] tile permuted in registers,
+    # 2 a [D, N/X, X] tile reshaped to [D, N] (V transposed for the second dot)
+    x_mode: int = 2
 
 
 def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool) -> DecodeConfig:
@@ -219,9 +233,14 @@ def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool) -> Deco
     they exercise multi-tile loops)."""
     if not on_gpu:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
-    # H100 sweep (bench/results/h100-decode-sweep-*.json): 64/4/2 was best or within 2%
-    # of the best on every shape and layout
-    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    if head_dim > 128:
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
+    # From the H100 sweep (bench/results/h100-decode-sweep-2026-11-25.json): page size 1
+    # wants longer tiles (one table read per token); 64/4/2 was best or within 2% of the
+    # best for nhd/hnd on every shape.
+    if layout.name == "token":
+        return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
+    return DecodeConfig(block_n=64, num_warps=4, num_stages=2)
 
 
 def choose_num_splits(
@@ -316,7 +335,7 @@ def decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x",
-        X_AS_3D=config.x_as_3d, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
+        X_MODE=config.x_mode, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **variant.kernel_args(),
     )
