@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 
 import torch
 
@@ -29,6 +30,25 @@ CONFIGS = [DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3
 # hnd_x also tries its other tile loads (DecodeConfig.x_mode)
 X_CONFIGS = [DecodeConfig(bn, w, st, mode) for mode in (0, 1)
              for bn, w, st in ((64, 4, 2), (128, 4, 3))]
+
+
+def best_per_layout(results: list[dict]) -> dict[str, str]:
+    """Per layout name, the config with the best geometric-mean copy fraction over the
+    shapes, at the split count the heuristic picks (`BLOCK_N,WARPS,STAGES,X_MODE`)."""
+    fractions: dict[str, dict[tuple, list[float]]] = {}
+    for r in results:
+        if r["splits"] != r["heuristic_splits"]:
+            continue
+        key = (r["block_n"], r["warps"], r["stages"], r["x_mode"])
+        fractions.setdefault(r["layout"].split(":")[0], {}).setdefault(key, []).append(
+            r["copy_fraction"])
+    best = {}
+    for layout, by_config in fractions.items():
+        most = max(len(v) for v in by_config.values())
+        complete = {k: v for k, v in by_config.items() if len(v) == most}
+        top = max(complete, key=lambda k: sum(math.log(f) for f in complete[k]) / most)
+        best[layout] = ",".join(str(x) for x in top)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             del paged
         del p
         torch.cuda.empty_cache()
+    for layout, config in best_per_layout(results).items():
+        print(f"best {layout}={config}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps,
