@@ -42,8 +42,6 @@ from attention.variants import Variant, alibi_slopes
 from kvcache.layout import KVLayout
 
 _LAYOUT_CODES = {"token": 0, "nhd": 0, "hnd": 1, "hnd_x": 2}  # token == nhd with page size 1
-_LOG2E = 1.4426950408889634
-_MASKED_MAX = -1.0e30  # finite start for the running max: a fully masked tile gives p = 0, not NaN
 
 
 @triton.jit
@@ -204,6 +202,7 @@ def _extend_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # a finite start for the running max: a fully masked tile then gives p = 0, not NaN
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     qk_scale = scale * 1.4426950408889634
