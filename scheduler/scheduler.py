@@ -10,9 +10,10 @@ prompt plus the tokens it had generated are prefilled again (mostly from the cac
 
 Invariants kept between calls:
 - every page in `request.pages` carries one allocator reference owned by that request;
-- a running request locks the radix node that ends the part of its pages that is in the
-  tree, so eviction never takes a page a running request uses;
-- `request.pages` is in position order and covers `num_computed_tokens` tokens.
+- a running request locks the tree path of its computed prefix, so eviction never takes a
+  page a running request uses;
+- `request.pages` is in position order and covers `num_computed_tokens` tokens; while a
+  request runs it only grows (preemption empties it).
 Pure Python: no torch.
 """
 
@@ -335,8 +336,10 @@ class Scheduler:
     def _cache_prefix(self, req: Request) -> None:
         """Put the request's computed whole pages into the tree and lock them for it.
 
-        Pages the tree already had for the same tokens (computed concurrently by another
-        request) replace the request's own copies, which are freed.
+        Where the tree already holds the same tokens (another request computed them at the
+        same time), the tree keeps its page and the request keeps its own copy until it
+        releases its pages: `request.pages` of a running request never changes in place, so
+        a block table built from it in an earlier step stays valid.
         """
         cache = self.prefix_cache
         assert cache is not None
@@ -345,11 +348,6 @@ class Scheduler:
             return
         tokens = req.all_token_ids[: num_pages * self.page_size]
         result = cache.insert(tokens, req.pages[:num_pages])
-        for i, page in enumerate(result.pages):
-            if req.pages[i] != page:
-                self.allocator.incref([page])
-                self.allocator.decref([req.pages[i]])
-                req.pages[i] = page
         cache.lock(result.node)
         old = self._locked_node.get(req.request_id)
         if old is not None:

@@ -96,6 +96,7 @@ def test_random_workloads_keep_every_invariant(
     runner = FakeRunner(scheduler)
     accepted: list[Arrival] = []
     outputs: dict[Arrival, list[int]] = {}
+    tables: dict[Arrival, tuple[int, list[int]]] = {}
     last_arrival = max(a.step for a in arrivals)
     step = 0
     while step <= last_arrival or scheduler.has_unfinished():
@@ -124,10 +125,18 @@ def test_random_workloads_keep_every_invariant(
             if a.stop_step == step and not a.request.is_finished:
                 scheduler.finish_request(a.request.request_id, FinishReason.STOP)
         check_state(scheduler)
-        for a in accepted:  # generated tokens are never lost, preempted or not
-            produced = a.request.output_token_ids
-            assert produced[: len(outputs.get(a, []))] == outputs.get(a, [])
-            outputs[a] = list(produced)
+        for a in accepted:
+            req = a.request
+            # generated tokens are never lost, preempted or not
+            assert req.output_token_ids[: len(outputs.get(a, []))] == outputs.get(a, [])
+            outputs[a] = list(req.output_token_ids)
+            # a running request's block table only grows: the runner may keep it across steps
+            old = tables.get(a)
+            if old is not None and req.status is RequestStatus.RUNNING and old[0] == (
+                req.num_preemptions
+            ):
+                assert req.pages[: len(old[1])] == old[1]
+            tables[a] = (req.num_preemptions, list(req.pages))
         step += 1
 
     stats = scheduler.stats
