@@ -131,6 +131,57 @@ def test_prompt_forms_give_one_choice_per_prompt(shared_server: InProcessServer,
     assert r.json()["choices"][0]["text"] == refs[0].text
 
 
+def single_token_words(offline, token_ids: list[int], text: str) -> list[str]:
+    """Words of `text` that are one whole token and first occur as that token."""
+    words, offset = [], 0
+    for t in token_ids:
+        piece = offline.tokenizer.decode([t])
+        word = piece.strip()
+        start = offset + len(piece) - len(piece.lstrip())
+        if len(word) >= 3 and start > 0 and text.find(word) == start:
+            words.append(word)
+        offset += len(piece)
+    return words
+
+
+@pytest.mark.xfail(strict=True, reason="server/engine.py emits the text of a stop string's "
+                   "first tokens before the stop string completes (reported to the engine owner)")
+def test_multi_token_stop_string_is_not_leaked(shared_server: InProcessServer, offline):
+    prompt = "The old lighthouse is"
+    ref = greedy(offline, prompt, max_tokens=12)
+    pieces = [offline.tokenizer.decode([t]) for t in ref.token_ids]
+    stop = (pieces[1] + pieces[2]).strip()  # spans two tokens
+    out = httpx.post(f"{shared_server.base_url}/v1/completions",
+                     json={"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": stop},
+                     timeout=120).json()
+    assert out["choices"][0]["text"] == ref.text[: ref.text.find(stop)]
+
+
+def test_stop_string_and_seeded_sampling(shared_server: InProcessServer, offline, rng):
+    prompt = random_prompt(rng)
+    ref = greedy(offline, prompt, max_tokens=12)
+    url = f"{shared_server.base_url}/v1/completions"
+    words = single_token_words(offline, ref.token_ids, ref.text)
+    if words:  # stop at a word from the middle of the greedy text: the text ends before it
+        stop = rng.choice(words)
+        out = httpx.post(url, json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                    "stop": [stop]}, timeout=120).json()
+        assert out["choices"][0]["text"] == ref.text[: ref.text.find(stop)]
+        assert out["choices"][0]["finish_reason"] == "stop"
+
+    def sample(seed: int) -> list[int]:
+        body = {"text": prompt, "sampling_params": {
+            "max_tokens": MAX_TOKENS, "temperature": 1.0, "top_k": 50, "top_p": 0.95,
+            "min_p": 0.01, "seed": seed, "ignore_eos": True}}
+        return httpx.post(f"{shared_server.base_url}/generate", json=body,
+                          timeout=120).json()["output_ids"]
+
+    seed = rng.randrange(1 << 31)
+    first = sample(seed)
+    assert sample(seed) == first  # same seed, same tokens
+    assert any(sample(seed + k) != first for k in range(1, 4))  # other seeds differ
+
+
 def test_native_generate_returns_ids_and_timing(shared_server: InProcessServer, offline, rng):
     prompt = random_prompt(rng)
     ref = greedy(offline, prompt)

@@ -85,11 +85,16 @@ def test_dropped_stream_is_aborted_and_pages_freed(server: InProcessServer):
     reader.wait_events(3)
     stats = server.stats()
     assert stats["engine"]["num_running"] == 1 and stats["engine"]["num_pages_in_use"] > 0
+    core = server.thread.ctx.engine.core
+    steps_before = core.step_count
     reader.drop()
     t0 = time.monotonic()
     server.wait_idle(timeout=10)
     elapsed = time.monotonic() - t0
-    print(f"dropped stream released its pages after {elapsed * 1000:.0f} ms")
+    steps = core.step_count - steps_before
+    print(f"dropped stream released its pages after {elapsed * 1000:.0f} ms, {steps} steps")
+    # the step running when the client left, at most one more before the abort applies
+    assert steps <= 2, steps
     assert "[DONE]" not in reader.events
     assert _abort_count(server.base_url) == aborts + 1
 
