@@ -107,3 +107,23 @@ def test_configs_file_and_restart_per_rate(tmp_path: Path) -> None:
         assert run["server_metrics"]["server_config"]["kv_layout"] == ["hnd"]
     assert sorted(p.name for p in out_dir.glob("server_*.log")) == [
         "server_as-dict_rate-100.log", "server_as-dict_rate-inf.log"]
+
+
+def test_shipped_configuration_lists_parse_into_server_flags() -> None:
+    from loadtest.sweep import load_server_configs
+    from server.cli import build_parser  # the test may import the server; loadtest may not
+
+    serve_parser = build_parser()
+    folder = Path(__file__).parents[2] / "loadtest" / "sweeps"
+    files = sorted(folder.glob("*.json"))
+    assert files
+    for path in files:
+        configs = load_server_configs(str(path))
+        assert len({c.name for c in configs}) == len(configs) > 0
+        for config in configs:
+            assert "--kv-layout" in config.args
+            flags = config.args[::2]
+            assert all(f.startswith("--") for f in flags) and len(set(flags)) == len(flags)
+            # The server's own parser accepts them (it exits on an unknown flag or value).
+            parsed = serve_parser.parse_args(["serve", *config.args])
+            assert parsed.kv_layout == config.args[config.args.index("--kv-layout") + 1]
