@@ -26,7 +26,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's, capped at 8192
     enable_prefix_cache: bool = True
     schedule_policy: str = "fcfs"
-    attention_timing_every: int = 8
+    attention_timing_every: int = 64
     seed: int = 0
 
     def resolved_device(self) -> torch.device:

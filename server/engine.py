@@ -214,6 +214,8 @@ class EngineCore:
         if tracked is None:
             return
         self.scheduler.abort_request(request_id)
+        tracked.request.finished_time = time.monotonic()
+        self.observer.on_request_finished(tracked.request, tracked.request.finished_time)
         self._emit(tracked, [], [], finished=True, reason=FinishReason.ABORT.value)
 
     # ---- the step ---------------------------------------------------------------------------

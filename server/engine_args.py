@@ -45,7 +45,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="turn off the radix prefix cache")
     g.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"],
                    help="waiting-queue order: first come first served, or longest prefix match")
-    g.add_argument("--attention-timing-every", type=int, default=8,
+    g.add_argument("--attention-timing-every", type=int, default=64,
                    help="time the attention calls every N steps (0 = never)")
     g.add_argument("--weights-seed", type=int, default=0,
                    help="seed of the random weights of synthetic presets")
