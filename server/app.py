@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,7 +21,7 @@ from server.api_openapi import build_openapi
 from server.async_engine import AsyncEngine
 from server.config import EngineConfig
 from server.engine import EngineCore
-from server.http_errors import http_exception_handler
+from server.http_errors import http_exception_handler, internal_error_handler
 from server.http_request import APIKeyMiddleware, AppContext, ServerSettings
 from server.metrics import EngineMetrics, parse_buckets
 
@@ -38,32 +38,31 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def engine_builder(config: EngineConfig, ctx: AppContext,
-                   loaded: LoadedModel | None = None) -> Callable[[], EngineCore]:
-    """What the engine thread runs first: load the model, then attach the metrics.
+def load_engine(config: EngineConfig, settings: ServerSettings,
+                loaded: LoadedModel | None = None) -> tuple[EngineCore, EngineMetrics]:
+    """Load the model and attach the metrics (runs on the engine thread).
 
     The metrics' labels (backend, layout, page size, model name) are what the engine
     resolved, so the observer is attached right after construction, before any step.
     """
-
-    def build() -> EngineCore:
-        core = EngineCore(config, loaded=loaded)
-        observer = EngineMetrics(core.model_name, core.backend.name, core.layout.name,
-                                 core.layout.page_size, buckets=ctx.settings.latency_buckets)
-        observer.set_info(config.as_dict())
-        core.observer = observer
-        ctx.metrics = observer
-        return core
-
-    return build
+    core = EngineCore(config, loaded=loaded)
+    observer = EngineMetrics(core.model_name, core.backend.name, core.layout.name,
+                             core.layout.page_size, buckets=settings.latency_buckets)
+    observer.set_info(config.as_dict())
+    core.observer = observer
+    return core, observer
 
 
 def build_app(config: EngineConfig, settings: ServerSettings,
               loaded: LoadedModel | None = None) -> Starlette:
     """The ASGI app. The engine loads on its own thread once the app starts, so /health
     answers 503 ("starting") until the model is ready."""
-    ctx = AppContext(engine=None, settings=settings)  # type: ignore[arg-type]
-    ctx.engine = AsyncEngine(engine_builder(config, ctx, loaded), settings.max_queued_requests)
+    def build_core() -> EngineCore:
+        core, ctx.metrics = load_engine(config, settings, loaded)
+        return core
+
+    ctx = AppContext(engine=AsyncEngine(build_core, settings.max_queued_requests),
+                     settings=settings)
     openapi_doc = build_openapi(API_VERSION, with_auth=settings.api_key is not None)
 
     async def openapi(request: Request) -> Response:
@@ -90,7 +89,8 @@ def build_app(config: EngineConfig, settings: ServerSettings,
     app = Starlette(
         routes=routes, lifespan=lifespan,
         middleware=[Middleware(APIKeyMiddleware, api_key=settings.api_key)],
-        exception_handlers={HTTPException: http_exception_handler},
+        exception_handlers={HTTPException: http_exception_handler,
+                            Exception: internal_error_handler},
     )
     app.state.ctx = ctx
     return app

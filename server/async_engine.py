@@ -135,6 +135,11 @@ class AsyncEngine:
             self.state = EngineState.STOPPED
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop that `submit`/`generate` must be called on (set by `start`)."""
+        return self._loop
+
+    @property
     def thread_alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -245,7 +250,11 @@ class AsyncEngine:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """One request's outputs; aborts it in the engine if the consumer stops early."""
+        """One request's outputs; aborts it in the engine if the consumer stops early.
+
+        Iterate inside `contextlib.aclosing(...)` so that stopping early closes the
+        generator at once (and with it the request) rather than at garbage collection.
+        """
         stream = self.submit([prompt_ids], params, request_id)
         async with stream:
             async for _, out in stream:

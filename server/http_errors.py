@@ -100,13 +100,8 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
 
-async def api_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, APIError)
-    return exc.response()
-
-
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
-    logger.exception("internal error serving %s %s", request.method, request.url.path,
-                     exc_info=exc)
+    """Anything that escaped the endpoints' own handling (api_endpoint) still gets a JSON 500."""
+    logger.error("internal error serving %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, f"internal server error: {type(exc).__name__}", "server_error",
                           code="internal_error")

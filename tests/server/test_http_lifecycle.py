@@ -3,6 +3,8 @@ and a dead engine thread turns /health to 503."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from scheduler.request import SamplingParams
 from server.config import EngineConfig
 from server.http_request import ServerSettings
 from tests.server.conftest import InProcessServer, inprocess_server, running_server, wait_for
@@ -105,6 +108,26 @@ def test_non_streaming_client_timeout_aborts(server: InProcessServer):
         httpx.post(f"{server.base_url}/v1/completions", json=LONG, timeout=1.5)
     server.wait_idle(timeout=10)
     assert _abort_count(server.base_url) == aborts + 1
+
+
+def test_async_generate_stopped_early_aborts(server: InProcessServer):
+    """AsyncEngine.generate: a consumer that stops after two outputs aborts the request."""
+    engine = server.thread.ctx.engine
+    prompt = engine.core.tokenizer.encode("Once upon a time")
+    params = SamplingParams(max_tokens=500, ignore_eos=True, temperature=0)
+
+    async def take_two() -> list:
+        outs = []
+        async with contextlib.aclosing(engine.generate(prompt, params)) as outputs:
+            async for out in outputs:
+                outs.append(out)
+                if len(outs) == 2:
+                    break
+        return outs
+
+    outs = asyncio.run_coroutine_threadsafe(take_two(), engine.loop).result(60)
+    assert [len(o.new_token_ids) for o in outs] == [1, 1] and not outs[-1].finished
+    server.wait_idle(timeout=10)
 
 
 def test_full_queue_gives_503_with_retry_after(server: InProcessServer):
