@@ -238,7 +238,7 @@ def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool) -> Deco
     # From the H100 sweep (bench/results/h100-decode-sweep-2026-11-25.json): page size 1
     # wants longer tiles (one table read per token); 64/4/2 was best or within 2% of the
     # best for nhd/hnd on every shape.
-    if layout.name == "token":
+    if layout.name in ("token", "hnd_x"):  # hnd_x: bench/results/h100-decode-sweep-hndx-*
         return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=2)
 
