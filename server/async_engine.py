@@ -140,6 +140,10 @@ class AsyncEngine:
         return self._loop
 
     @property
+    def thread_native_id(self) -> int | None:
+        return self._thread.native_id
+
+    @property
     def thread_alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -128,6 +130,22 @@ def test_async_generate_stopped_early_aborts(server: InProcessServer):
     outs = asyncio.run_coroutine_threadsafe(take_two(), engine.loop).result(60)
     assert [len(o.new_token_ids) for o in outs] == [1, 1] and not outs[-1].finished
     server.wait_idle(timeout=10)
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_idle_engine_thread_sleeps(server: InProcessServer):
+    """No busy-wait: an idle engine thread uses (almost) no CPU."""
+    server.wait_idle()
+    tid = server.thread.ctx.engine.thread_native_id
+    before = _thread_cpu_seconds(tid)
+    time.sleep(1.0)
+    assert _thread_cpu_seconds(tid) - before <= 0.02
 
 
 def test_full_queue_gives_503_with_retry_after(server: InProcessServer):
