@@ -43,6 +43,13 @@ import triton.language as tl
 
 from attention.variants import Variant
 
+try:  # under TRITON_INTERPRET=1, @triton.jit makes an InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _JIT_TYPES: tuple[type, ...] = (triton.runtime.JITFunction, InterpretedFunction)
+except ImportError:  # pragma: no cover - older Triton
+    _JIT_TYPES = (triton.runtime.JITFunction,)
+
 
 @triton.jit
 def identity(s, q_pos, k_pos, slope, param):
@@ -129,7 +136,7 @@ def resolve_user_function(spec: str) -> Any:
     fn = getattr(module, func_name, None)
     if fn is None:
         raise ValueError(f"module {module_name!r} has no function {func_name!r}")
-    if not isinstance(fn, triton.runtime.JITFunction):
+    if not isinstance(fn, _JIT_TYPES):
         raise ValueError(
             f"{spec!r} must be a @triton.jit function (s, q_pos, k_pos, slope, param) -> s"
         )

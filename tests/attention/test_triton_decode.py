@@ -215,3 +215,28 @@ def test_triton_backend_mixed_step_matches_reference_backend(layout_name: str,
     want = reference.forward(rotate(q), rotate(k), v.double(), 0)
     assert not got.isnan().any()
     assert (got.double() - want).norm() / want.norm() < 1e-5
+
+
+def test_user_variant_from_module(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--attention-variant module:function`: a user's @triton.jit transform that halves the
+    scores must equal softmax at half the scale."""
+    (tmp_path / "user_transforms.py").write_text(
+        "import triton\nimport triton.language as tl\n\n\n"
+        "@triton.jit\ndef half(s, q_pos, k_pos, slope, param):\n"
+        "    return s * tl.full([1, 1], 0.5, tl.float32)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gen = torch.Generator().manual_seed(11)
+    layout = KVLayout.create("hnd", 4, NUM_KV_HEADS, HEAD_DIM, "float32")
+    k = [torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen) for n in SEQ_LENS]
+    v = [torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen) for n in SEQ_LENS]
+    q = torch.randn(len(SEQ_LENS), 2 * NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    k_cache, v_cache, table = _paged(k, v, layout, gen, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    tv = triton_variant(Variant("user_transforms:half"))
+    decode_attention(q, k_cache, v_cache, layout, table, torch.tensor(SEQ_LENS, dtype=torch.int32),
+                     out, 0.25, tv, None, 2, SplitBuffers.empty(q.device), DEFAULT)
+    expected = _reference(q, k, v, 0.125, Variant("softmax"))
+    assert (out.double() - expected).norm() / expected.norm() < 1e-5
+    with pytest.raises(ValueError, match="triton.jit"):
+        triton_variant(Variant("math:sqrt"))
