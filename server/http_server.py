@@ -94,8 +94,9 @@ def serve_forever(app: Starlette, host: str, port: int, shutdown_timeout: float)
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     server = _make_server(app, shutdown_timeout)
-    # Tests and scripts parse this line to find the port when --port 0 was given.
-    logger.info("attnserve listening on http://%s:%d", bound_host, bound_port)
+    # CLI output at any log level: scripts and tests parse it to learn the port of --port 0.
+    shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"attnserve listening on http://{shown_host}:{bound_port}", flush=True)
     server.run(sockets=[sock])
     return server.exit_code
 
