@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "loadtest":  # the load generator owns all its flags, --help too
+        from loadtest.cli import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
