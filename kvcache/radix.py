@@ -8,7 +8,10 @@ recomputing them. Everything is at page granularity: an edge holds whole pages o
 
 Ownership: the cache holds one allocator reference on every page in the tree. Requests that
 use a cached prefix `lock` the node where their prefix ends, which pins that node and all its
-ancestors; `evict` only trims unlocked leaves, least-recently-used first. Pure Python.
+ancestors; `evict` only trims unlocked leaves, least-recently-used first. Evictable leaves
+sit in a heap keyed by last use that is kept up to date lazily (an entry is checked when
+popped), so an eviction costs O(log n) per leaf instead of a walk over the whole tree.
+Pure Python.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class RadixPrefixCache:
         self._clock = itertools.count(1)
         self._num_cached_pages = 0
         self._num_locked_pages = 0  # pages in nodes with lock_ref > 0
+        # (last_access, tiebreak, node) for leaves that were evictable when pushed; stale
+        # entries (node touched, locked, given children or removed since) are skipped.
+        self._lru: list[tuple[int, int, RadixNode]] = []
+        self._tiebreak = itertools.count()
 
     # -- statistics ------------------------------------------------------------------------
 
@@ -88,6 +95,7 @@ class RadixPrefixCache:
             pages.extend(child.pages)
             pos += k * ps
             node = child
+        self._push_if_evictable(node)
         return MatchResult(pages, pos, node)
 
     def match_len(self, token_ids: Sequence[int]) -> int:
@@ -142,6 +150,7 @@ class RadixPrefixCache:
             tree_pages.extend(child.pages)
             pos += k
             node = child
+        self._push_if_evictable(node)
         return MatchResult(tree_pages, num_pages * ps, node)
 
     # -- locking ---------------------------------------------------------------------------
@@ -161,6 +170,7 @@ class RadixPrefixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self._num_locked_pages -= len(node.pages)
+                self._push_if_evictable(node)
             node = node.parent  # type: ignore[assignment]
 
     # -- eviction --------------------------------------------------------------------------
@@ -171,15 +181,12 @@ class RadixPrefixCache:
         A leaf is trimmed from its end, so exactly the pages needed go; a leaf emptied this
         way is removed and its parent may become an evictable leaf. Returns pages released.
         """
-        if num_pages <= 0 or self.num_evictable_pages == 0:
-            return 0
-        order = itertools.count()
-        heap = [(n.last_access, next(order), n) for n in self._evictable_leaves()]
-        heapq.heapify(heap)
         released = 0
         ps = self.page_size
-        while released < num_pages and heap:
-            _, _, leaf = heapq.heappop(heap)
+        while released < num_pages and self._lru:
+            access, _, leaf = heapq.heappop(self._lru)
+            if access != leaf.last_access or not self._is_evictable_leaf(leaf):
+                continue  # stale entry
             first = tuple(leaf.key[:ps])
             take = min(len(leaf.pages), num_pages - released)
             dropped = leaf.pages[len(leaf.pages) - take :]
@@ -189,13 +196,13 @@ class RadixPrefixCache:
             self._num_cached_pages -= take
             released += take
             if leaf.pages:
+                self._push(leaf)  # what is left of it stays evictable
                 continue
             parent = leaf.parent
             assert parent is not None
             del parent.children[first]
             leaf.parent = None
-            if not parent.is_root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, next(order), parent))
+            self._push_if_evictable(parent)
         return released
 
     def clear(self) -> int:
@@ -251,8 +258,25 @@ class RadixPrefixCache:
             yield node
             stack.extend(node.children.values())
 
-    def _evictable_leaves(self) -> list[RadixNode]:
-        return [n for n in self.nodes() if not n.children and n.lock_ref == 0]
+    @staticmethod
+    def _is_evictable_leaf(node: RadixNode) -> bool:
+        # a removed node has no parent, like the root: neither is ever evicted
+        return node.parent is not None and not node.children and node.lock_ref == 0
+
+    def _push(self, node: RadixNode) -> None:
+        heapq.heappush(self._lru, (node.last_access, next(self._tiebreak), node))
+        if len(self._lru) > 2 * self._num_cached_pages + 1024:
+            self._compact_lru()
+
+    def _push_if_evictable(self, node: RadixNode) -> None:
+        if self._is_evictable_leaf(node):
+            self._push(node)
+
+    def _compact_lru(self) -> None:
+        """Drop stale entries: keep one entry per evictable leaf."""
+        leaves = [n for n in self.nodes() if self._is_evictable_leaf(n)]
+        self._lru = [(n.last_access, next(self._tiebreak), n) for n in leaves]
+        heapq.heapify(self._lru)
 
     def all_pages(self) -> list[int]:
         """Every page the tree holds (for tests and statistics)."""
@@ -284,3 +308,7 @@ class RadixPrefixCache:
                 locked += len(node.pages)
         assert cached == self._num_cached_pages, "cached-page counter is off"
         assert locked == self._num_locked_pages, "locked-page counter is off"
+        queued = {id(n) for access, _, n in self._lru if access == n.last_access}
+        for node in self.nodes():
+            if self._is_evictable_leaf(node):
+                assert id(node) in queued, "an evictable leaf is missing from the LRU heap"
