@@ -182,6 +182,11 @@ class Scheduler:
         # Preemption only removes from the end, so index i keeps naming the same request.
         decode_ready = [self._is_decode_ready(r) for r in self.running]
         pending_decodes = sum(decode_ready)
+        # One eviction for every decode that crosses into a new page, rather than one each.
+        ps = self.page_size
+        self._make_free(
+            sum(1 for r in self.running if r.num_computed_tokens == len(r.pages) * ps)
+        )
         i = 0
         while i < len(self.running):
             req = self.running[i]
@@ -195,7 +200,7 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            need = _pages_for(req.num_computed_tokens + num_new, self.page_size) - len(req.pages)
+            need = _pages_for(req.num_computed_tokens + num_new, ps) - len(req.pages)
             if need > 0:
                 while not self._make_free(need):
                     victim = self.running[-1]
