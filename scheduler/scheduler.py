@@ -177,10 +177,10 @@ class Scheduler:
     ) -> int:
         """Give every running request its next token(s); returns the token budget left."""
         budget = self.config.max_num_batched_tokens
-        # Decode tokens are reserved up front so prefill chunks of older requests cannot
-        # starve newer requests' decodes.
         # Preemption only removes from the end, so index i keeps naming the same request.
         decode_ready = [self._is_decode_ready(r) for r in self.running]
+        # Decode tokens are reserved up front so prefill chunks of older requests cannot
+        # starve newer requests' decodes.
         pending_decodes = sum(decode_ready)
         # One eviction for every decode that crosses into a new page, rather than one each.
         ps = self.page_size
