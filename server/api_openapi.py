@@ -11,12 +11,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     EngineStatsResponse,
     ErrorResponse,
+    GenerateChunk,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
@@ -26,8 +29,10 @@ from server.protocol import (
 _REQUEST_MODELS: list[type[BaseModel]] = [CompletionRequest, ChatCompletionRequest, GenerateRequest]
 _RESPONSE_MODELS: list[type[BaseModel]] = [
     CompletionResponse, ChatCompletionResponse, GenerateResponse, ModelList, HealthResponse,
-    ErrorResponse, EngineStatsResponse,
+    ErrorResponse, EngineStatsResponse, CompletionChunk, ChatCompletionChunk, GenerateChunk,
 ]
+_CHUNK_OF = {CompletionResponse: CompletionChunk, ChatCompletionResponse: ChatCompletionChunk,
+             GenerateResponse: GenerateChunk}
 _ERROR_DESCRIPTIONS = {
     "400": "invalid JSON, wrong types, out-of-range values, or a prompt that cannot fit",
     "401": "missing or wrong API key",
@@ -36,8 +41,6 @@ _ERROR_DESCRIPTIONS = {
     "500": "internal error (this request only)",
     "503": "starting, draining, broken, or the queue is full (see Retry-After)",
 }
-_SSE = {"text/event-stream": {"schema": {"type": "string"},
-                              "description": "one JSON chunk per token, then data: [DONE]"}}
 
 
 def build_openapi(version: str, with_auth: bool) -> dict[str, Any]:
@@ -57,6 +60,17 @@ def build_openapi(version: str, with_auth: bool) -> dict[str, Any]:
         return {c: {"description": _ERROR_DESCRIPTIONS[c], "content": json_content(ErrorResponse)}
                 for c in codes}
 
+    def sse_content(chunk: type[BaseModel]) -> dict[str, Any]:
+        # Before OpenAPI 3.2 `schema` describes each event; its data is a JSON chunk (or an
+        # error body), or the final [DONE].
+        json_data = {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"anyOf": [ref(chunk, "serialization"),
+                                                 ref(ErrorResponse, "serialization")]}}
+        event = {"type": "object", "required": ["data"],
+                 "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]},
+                                "event": {"type": "string"}}}
+        return {"text/event-stream": {"schema": event}}
+
     security = [{"bearer": []}] if with_auth else []
 
     def generation_op(summary: str, request: type[BaseModel],
@@ -67,7 +81,8 @@ def build_openapi(version: str, with_auth: bool) -> dict[str, Any]:
                 "application/json": {"schema": ref(request, "validation")}}},
             "responses": {
                 "200": {"description": "the result, or an SSE stream when stream is true",
-                        "content": {**json_content(response), **_SSE}},
+                        "content": {**json_content(response),
+                                    **sse_content(_CHUNK_OF[response])}},
                 **errors("400", "401", "404", "413", "500", "503"),
             },
             "security": security,
