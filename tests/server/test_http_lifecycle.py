@@ -9,6 +9,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,13 @@ import pytest
 from scheduler.request import SamplingParams
 from server.config import EngineConfig
 from server.http_request import ServerSettings
-from tests.server.conftest import InProcessServer, inprocess_server, running_server, wait_for
+from tests.server.conftest import (
+    REPO_ROOT,
+    InProcessServer,
+    inprocess_server,
+    running_server,
+    wait_for,
+)
 
 LONG = {"prompt": "Tell me a very long story about", "max_tokens": 3000, "ignore_eos": True,
         "temperature": 0}
@@ -217,3 +225,13 @@ def test_startup_then_sigterm_drains_then_exits_zero():
         # waited for the timeout, then aborted the rest and left
         assert timeout_s - 0.5 <= elapsed < timeout_s + 30, elapsed
         assert "aborted 1 requests" in srv.log()
+
+
+def test_model_that_cannot_load_exits_nonzero(tmp_path: Path):
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", "0", "--model", str(missing)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "engine failed to start" in proc.stderr and "attnserve listening on" in proc.stdout
