@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from scheduler.request import SamplingParams
-from server.engine import EngineCore
+from server.engine import EngineCore, RequestRejected
 from server.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -226,6 +226,9 @@ class AsyncEngine:
                request_id: str | None = None) -> RequestStream:
         """Queue one engine request per prompt. Raises EngineUnavailable or RequestRejected
         (from EngineCore.validate) before anything is queued."""
+        if len(prompts) > self.max_queued_requests:  # could never be admitted: not a 503
+            raise RequestRejected(f"at most {self.max_queued_requests} prompts per request "
+                                  f"(got {len(prompts)})", "prompt")
         self.check_admission(len(prompts))
         core = self.core
         assert core is not None

@@ -170,6 +170,9 @@ def test_full_queue_gives_503_with_retry_after(server: InProcessServer):
     assert r.json()["error"]["type"] == "service_unavailable_error"
     assert r.json()["error"]["code"] == "queue_full"
     assert httpx.get(f"{server.base_url}/health").status_code == 200  # full is not unhealthy
+    # more prompts in one request than the queue can ever hold: a 400, not a retry
+    r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": ["a", "b"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     for reader in (*running, queued):
         reader.drop()
     server.wait_idle(timeout=15)
