@@ -86,7 +86,7 @@ def _expect_rejection(config: SchedulerConfig, num_pages: int, req: Request) -> 
     return total > config.max_model_len or pages > num_pages - 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_random_workloads_keep_every_invariant(
     workload: tuple[SchedulerConfig, int, list[Arrival]],
