@@ -88,7 +88,8 @@ def apply_variant_torch(
     scores: [..., Hq, Lq, Lk] (already multiplied by the softmax scale)
     q_pos: [..., 1, Lq, 1] and k_pos: [..., 1, 1, Lk] absolute positions
     visible: bool, broadcastable to scores: the causal / padding mask
-    Returns weights of scores' shape (rows with no visible key are all zero).
+    Returns weights of scores' shape. A softmax row with no visible key (only padding
+    queries have none) is NaN; callers drop those rows.
     """
     if not variant.is_builtin:
         raise ValueError(f"the torch oracle has no definition for user variant {variant.name!r}")
@@ -102,8 +103,7 @@ def apply_variant_torch(
         visible = visible & ((q_pos - k_pos) < int(variant.param))
     if variant.use_softmax:
         scores = scores.masked_fill(~visible, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        return torch.nan_to_num(weights, nan=0.0)
+        return torch.softmax(scores, dim=-1)
     if variant.name == "sigmoid":
         weights = torch.sigmoid(scores)
         return weights.masked_fill(~visible, 0.0)

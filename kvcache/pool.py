@@ -40,7 +40,8 @@ def write_slots(
     """Scatter `values` [T, kv_heads, head_dim] into `slots` [T]."""
     values = values.to(cache.dtype)
     if layout.name in ("token", "nhd"):
-        cache.view(-1, layout.num_kv_heads, layout.head_dim)[slots.long()] = values
+        row = layout.num_kv_heads * layout.head_dim
+        cache.view(-1, row).index_copy_(0, slots.long(), values.reshape(-1, row))
         return
     page, off = _page_and_offset(layout, slots)
     if layout.name == "hnd":

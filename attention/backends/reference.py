@@ -26,8 +26,10 @@ class _GroupPlan:
     num_tokens: int  # new tokens in this group
     q_rows: torch.Tensor  # [B, Lq] row of q for each padded query (clamped)
     q_valid: torch.Tensor  # [B, Lq] bool
-    kv_slots: torch.Tensor  # [B, Lk] slot of each key (padding -> slot 0)
-    kv_valid: torch.Tensor  # [B, Lk, 1, 1] bool: padding keys are masked, their values zeroed
+    # [B, Lk] slot of each key. Padding keys point at the sequence's first token, which
+    # holds finite values: masked to weight 0, they add exactly 0 (a NaN-poisoned or
+    # garbage scratch page could not), and no per-layer masking of K/V is needed.
+    kv_slots: torch.Tensor
     visible: torch.Tensor  # [B, 1, Lq, Lk] causal & padding mask
     q_pos: torch.Tensor  # [B, 1, Lq, 1]
     k_pos: torch.Tensor  # [B, 1, 1, Lk]
@@ -47,7 +49,7 @@ def plan_group(batch: ForwardBatch, token_offset: int) -> _GroupPlan:
     k_valid = j[None, :] < batch.seq_lens.long()[:, None]
     pages = batch.block_table.long().gather(1, (j // P).clamp(max=batch.block_table.shape[1] - 1)
                                             .expand(B, Lk))
-    kv_slots = torch.where(k_valid, pages * P + (j % P)[None, :], 0)
+    kv_slots = torch.where(k_valid, pages * P + (j % P)[None, :], pages[:, :1] * P)
     q_pos = batch.prefix_lens.long()[:, None] + i[None, :]  # [B, Lq]
     visible = (j[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :] & q_valid[:, :, None]
     return _GroupPlan(
@@ -56,7 +58,6 @@ def plan_group(batch: ForwardBatch, token_offset: int) -> _GroupPlan:
         q_rows=q_rows,
         q_valid=q_valid,
         kv_slots=kv_slots,
-        kv_valid=k_valid[:, :, None, None],
         visible=visible[:, None],
         q_pos=q_pos[:, None, :, None],
         k_pos=j.view(1, 1, 1, Lk),
@@ -78,9 +79,7 @@ def attend_group(
     G = Hq // Hkv
     qg = q[plan.q_rows].to(compute_dtype)  # [B, Lq, Hq, D]
     keys = read_slots(k_cache, pool.layout, plan.kv_slots).to(compute_dtype)  # [B, Lk, Hkv, D]
-    # the scratch page behind padding may hold anything: 0 * NaN would poison the sum
     vals = read_slots(v_cache, pool.layout, plan.kv_slots).to(compute_dtype)
-    vals = vals.masked_fill(~plan.kv_valid, 0.0)
     Lk = keys.shape[1]
     # GQA: the G query heads of a KV head become extra query rows of one matmul.
     qg = qg.view(B, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lq, D)

@@ -20,11 +20,8 @@ def sdpa_group(
     B, Lq = plan.q_rows.shape
     Hq, D = config.num_q_heads, config.head_dim
     qg = q[plan.q_rows].transpose(1, 2)  # [B, Hq, Lq, D]
-    # padding keys read the scratch page: zero them so a NaN there cannot leak through the bias
-    keys = read_slots(k_cache, pool.layout, plan.kv_slots).masked_fill(~plan.kv_valid, 0.0)
-    keys = keys.transpose(1, 2)  # [B, Hkv, Lk, D]
-    vals = read_slots(v_cache, pool.layout, plan.kv_slots).masked_fill(~plan.kv_valid, 0.0)
-    vals = vals.transpose(1, 2)
+    keys = read_slots(k_cache, pool.layout, plan.kv_slots).transpose(1, 2)  # [B, Hkv, Lk, D]
+    vals = read_slots(v_cache, pool.layout, plan.kv_slots).transpose(1, 2)
     mask: torch.Tensor = plan.visible  # [B, 1, Lq, Lk]
     variant = config.variant
     if variant.name == "sliding_window":
