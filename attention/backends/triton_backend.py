@@ -73,6 +73,12 @@ class TritonBackend(AttentionBackend):
         self._prefill: ForwardBatch | None = None
         self._prefill_offset = 0
         self._prefill_group: _GroupPlan | None = None
+        if on_gpu and self.extend is not None:
+            # compile every extend config at start-up so no serving step waits on Triton
+            from attention.triton.extend import warmup_extend
+
+            warmup_extend(pool.layout, config.num_q_heads, config.variant, device,
+                          pool.k_caches[0].dtype)
 
     # ------------------------------------------------------------------ per step
 
