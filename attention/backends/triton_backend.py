@@ -77,8 +77,12 @@ class TritonBackend(AttentionBackend):
             # compile every extend config at start-up so no serving step waits on Triton
             from attention.triton.extend import warmup_extend
 
-            warmup_extend(pool.layout, config.num_q_heads, config.variant, device,
-                          pool.k_caches[0].dtype)
+            try:
+                warmup_extend(pool.layout, config.num_q_heads, config.variant, device,
+                              pool.k_caches[0].dtype)
+            except Exception:  # a failed warm-up only costs compile time later, never a step
+                logger.warning("extend kernel warm-up failed; kernels compile on first use",
+                               exc_info=True)
 
     # ------------------------------------------------------------------ per step
 
