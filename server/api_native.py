@@ -39,8 +39,7 @@ async def generate(request: Request, ctx: AppContext) -> Response:
     stream = ctx.engine.submit([prompt], params, request_id)
     if body.stream:
         async def on_close(disconnected: bool) -> None:
-            if disconnected and not stream.done:
-                ctx.count_failure("abort")
+            # a disconnect aborts the request; the engine counts it (finished_reason="abort")
             await stream.aclose()
 
         return SSEResponse(_generate_events(stream, request_id), on_close)

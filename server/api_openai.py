@@ -42,8 +42,7 @@ from server.protocol import (
 def _stream_response(ctx: AppContext, stream: RequestStream,
                      events: AsyncIterator[str]) -> SSEResponse:
     async def on_close(disconnected: bool) -> None:
-        if disconnected and not stream.done:
-            ctx.count_failure("abort")
+        # a disconnect aborts the request; the engine counts it (finished_reason="abort")
         await stream.aclose()
 
     return SSEResponse(events, on_close)

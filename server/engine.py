@@ -48,6 +48,18 @@ def default_model_name(spec: str | None) -> str:
     return spec.rstrip("/").split("/")[-1].removeprefix("synthetic:")
 
 
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could begin a stop string: that much text is
+    held back from the stream until the stop string completes or cannot."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
 class RequestRejected(ValueError):
     """A request that can never be served (too long, bad parameters): a 400 for the client."""
 
@@ -331,11 +343,13 @@ class EngineCore:
         reason: str | None, error: str | None = None,
     ) -> RequestOutput:
         req = tracked.request
-        new_text = tracked.text[tracked.emitted_text_len :]
-        if finished:
-            new_text += tracked.detok.flush() if hasattr(tracked.detok, "flush") and reason != "stop" \
-                else ""
-        tracked.emitted_text_len = len(tracked.text)
+        end = len(tracked.text) if finished else len(tracked.text) - _stop_prefix_len(
+            tracked.text, req.sampling.stop)
+        end = max(end, tracked.emitted_text_len)
+        new_text = tracked.text[tracked.emitted_text_len : end]
+        if finished and reason != "stop":
+            new_text += tracked.detok.flush()
+        tracked.emitted_text_len = end
         tracked.emitted_tokens += len(tokens)
         off = tracked.wall_offset
         out = RequestOutput(

@@ -123,8 +123,7 @@ def api_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         except EngineUnavailable as e:
             ctx.count_failure("queue_full" if e.code == "queue_full" else "unavailable")
             return service_unavailable(str(e), e.code, ctx.settings.retry_after_s, "").response()
-        except ClientDisconnected:
-            ctx.count_failure("abort")
+        except ClientDisconnected:  # counted by the engine as finished_reason="abort"
             logger.info("client disconnected before the response; request aborted")
             return Response(status_code=499)  # nobody reads it; keeps the ASGI contract
         except Exception as e:

@@ -37,7 +37,7 @@ def test_prompts() -> list[list[int]]:
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     prompts.append(tok.encode("Once upon a time, in a small village,"))
     prompts.append(tok.encode(LONG_TEXT * 3)[:150])
-    summary = [{"role": "user", "content": "Summarise: " + LONG_TEXT * 5}]
+    summary = [{"role": "user", "content": "Summarise: " + LONG_TEXT * 8}]
     prompts.append(tok.apply_chat_template(summary)[:300])
     return prompts
 

@@ -144,8 +144,6 @@ def single_token_words(offline, token_ids: list[int], text: str) -> list[str]:
     return words
 
 
-@pytest.mark.xfail(strict=True, reason="server/engine.py emits the text of a stop string's "
-                   "first tokens before the stop string completes (reported to the engine owner)")
 def test_multi_token_stop_string_is_not_leaked(shared_server: InProcessServer, offline):
     prompt = "The old lighthouse is"
     ref = greedy(offline, prompt, max_tokens=12)

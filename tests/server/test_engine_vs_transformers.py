@@ -52,8 +52,8 @@ def test_greedy_matches_transformers(layout: str, page_size: int, chunked: bool)
 
 
 def test_preemption_keeps_outputs_and_frees_every_page() -> None:
-    # 400 tokens of KV for 8 requests of up to 332 tokens: only one or two fit at a time
-    llm = make_llm(kv_layout="nhd", page_size=16, kv_cache_tokens=400, max_num_batched_tokens=128,
+    # 640 tokens of KV for 8 requests of up to 332 tokens: decode growth forces preemption
+    llm = make_llm(kv_layout="nhd", page_size=16, kv_cache_tokens=640, max_num_batched_tokens=256,
                    enable_prefix_cache=False)
     results = llm.generate(test_prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     check_against_hf(results)

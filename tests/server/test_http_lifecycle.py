@@ -46,7 +46,7 @@ def server() -> Iterator[InProcessServer]:
 def _abort_count(base_url: str) -> float:
     text = httpx.get(f"{base_url}/metrics").text
     return sum(float(m.group(1)) for m in re.finditer(
-        r'^attnserve_request_failure_total\{[^}]*reason="abort"[^}]*\} (\S+)$', text, re.M))
+        r'^attnserve_request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', text, re.M))
 
 
 class StreamReader:
