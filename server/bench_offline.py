@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import random
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -29,16 +30,12 @@ def random_prompts(rng: random.Random, lengths: list[int], vocab_lo: int = 1000,
 
 
 def transformers_throughput(
-    model_spec: str | None, prompts: list[list[int]], out_lens: list[int], batch_size: int,
-    dtype_name: str,
+    hf: object, prompts: list[list[int]], out_lens: list[int], batch_size: int,
 ) -> float:
     """transformers' batched `generate`: left-padded batches, each running to its longest output.
     Only the requested output tokens count."""
     import torch
 
-    from model.hf_reference import load_hf_model
-
-    hf = load_hf_model(model_spec, dtype_name)
     total, t0 = 0, time.perf_counter()
     with torch.inference_mode():
         for s in range(0, len(prompts), batch_size):
@@ -61,6 +58,9 @@ def _throughput(argv: list[str]) -> int:
     p.add_argument("--range-ratio", type=float, default=0.0)
     p.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--skip-transformers", action="store_true", help="measure attnserve only")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each, alternating; the medians are reported (CPU speed "
+                        "drifts by 10-20%% between runs on a shared machine)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_engine_args(p)
     args = p.parse_args(argv)
@@ -72,16 +72,25 @@ def _throughput(argv: list[str]) -> int:
     llm = LLM(config)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:2], params[:2])  # warm-up
-    t0 = time.perf_counter()
-    llm.generate(prompts, params, progress=not args.json)
-    ours = sum(out_lens) / (time.perf_counter() - t0)
-    theirs = None
+    hf = None
     if not args.skip_transformers:
-        theirs = transformers_throughput(
-            args.model, prompts, out_lens, args.max_num_seqs, str(llm.engine.dtype)
-        )
+        from model.hf_reference import load_hf_model
+
+        hf = load_hf_model(args.model, str(llm.engine.dtype))
+        transformers_throughput(hf, prompts[:2], [2, 2], 2)  # warm-up
+    ours_runs: list[float] = []
+    theirs_runs: list[float] = []
+    for _ in range(max(1, args.repeats)):
+        t0 = time.perf_counter()
+        llm.generate(prompts, params, progress=not args.json)
+        ours_runs.append(sum(out_lens) / (time.perf_counter() - t0))
+        if hf is not None:
+            theirs_runs.append(transformers_throughput(hf, prompts, out_lens, args.max_num_seqs))
+    ours = statistics.median(ours_runs)
+    theirs = statistics.median(theirs_runs) if theirs_runs else None
     result = {"attnserve_tok_s": ours, "transformers_tok_s": theirs,
               "ratio": ours / theirs if theirs else None,
+              "attnserve_runs": ours_runs, "transformers_runs": theirs_runs,
               "num_prompts": args.num_prompts, "input_len": args.input_len,
               "output_len": args.output_len, "range_ratio": args.range_ratio}
     if args.json:
