@@ -52,16 +52,18 @@ def transformers_throughput(
 def _throughput(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="attnserve bench throughput",
                                 description="attnserve vs transformers generate, same prompts")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--range-ratio", type=float, default=0.0)
+    p.add_argument("--num-prompts", type=int, default=32, help="random prompts to generate for")
+    p.add_argument("--input-len", type=int, default=128, help="mean prompt length in tokens")
+    p.add_argument("--output-len", type=int, default=64, help="mean output length in tokens")
+    p.add_argument("--range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [L(1-R), L(1+R)], as vLLM's random dataset")
     p.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--skip-transformers", action="store_true", help="measure attnserve only")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each, alternating; the medians are reported (CPU speed "
                         "drifts by 10-20%% between runs on a shared machine)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: attnserve_tok_s, transformers_tok_s, ratio")
     add_engine_args(p)
     args = p.parse_args(argv)
     rng = random.Random(args.bench_seed)
@@ -137,13 +139,14 @@ def run_prefix_workload(llm: LLM, prompts: list[list[int]], output_len: int) -> 
 def _prefix(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="attnserve bench prefix",
                                 description="shared-prefix workload with the prefix cache on and off")
-    p.add_argument("--num-groups", type=int, default=4)
-    p.add_argument("--prompts-per-group", type=int, default=8)
-    p.add_argument("--system-prompt-len", type=int, default=1024)
-    p.add_argument("--question-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=16)
-    p.add_argument("--bench-seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--num-groups", type=int, default=4, help="groups with their own system prompt")
+    p.add_argument("--prompts-per-group", type=int, default=8, help="prompts sharing each one")
+    p.add_argument("--system-prompt-len", type=int, default=1024, help="shared prefix tokens")
+    p.add_argument("--question-len", type=int, default=64, help="unique tokens per prompt")
+    p.add_argument("--output-len", type=int, default=16, help="tokens generated per prompt")
+    p.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with cache_on and cache_off")
     add_engine_args(p)
     args = p.parse_args(argv)
     prompts = shared_prefix_prompts(random.Random(args.bench_seed), args.num_groups,
