@@ -8,6 +8,8 @@ import random
 
 import torch
 
+from kvcache.layout import KVLayout
+
 
 def oracle_slopes(num_heads: int) -> list[float]:
     """ALiBi slopes written out independently of attention.variants."""
@@ -68,3 +70,15 @@ def random_page_tables(
         need = -(-n // page_size)
         tables.append([ids.pop() for _ in range(need)])
     return tables
+
+
+def place_token(cache: torch.Tensor, layout: KVLayout, page: int, off: int, vals: torch.Tensor) -> None:
+    """Write one token's [Hkv, D] values by direct indexing of the layout's shape."""
+    if layout.name == "token":
+        cache[page] = vals
+    elif layout.name == "nhd":
+        cache[page, off] = vals
+    elif layout.name == "hnd":
+        cache[page, :, off] = vals
+    else:
+        cache[page, :, off // layout.x, :, off % layout.x] = vals

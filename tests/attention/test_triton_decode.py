@@ -31,6 +31,7 @@ from attention.triton.variants import triton_variant  # noqa: E402
 from attention.variants import Variant  # noqa: E402
 from kvcache.layout import KVLayout  # noqa: E402
 from kvcache.pool import KVPool, KVPoolConfig  # noqa: E402
+from tests.attention.attention_oracle import place_token  # noqa: E402
 
 HEAD_DIM = 16
 NUM_KV_HEADS = 2
@@ -55,17 +56,6 @@ def _slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float64)
 
 
-def _place(cache: torch.Tensor, layout: KVLayout, page: int, off: int, vals: torch.Tensor) -> None:
-    """Write one token's [Hkv, D] values by direct indexing of the layout's shape."""
-    if layout.name == "token":
-        cache[page] = vals
-    elif layout.name == "nhd":
-        cache[page, off] = vals
-    elif layout.name == "hnd":
-        cache[page, :, off] = vals
-    else:
-        cache[page, :, off // layout.x, :, off % layout.x] = vals
-
 
 def _paged(k: list[torch.Tensor], v: list[torch.Tensor], layout: KVLayout, gen: torch.Generator,
            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,8 +71,8 @@ def _paged(k: list[torch.Tensor], v: list[torch.Tensor], layout: KVLayout, gen: 
         pages = [ids.pop() for _ in range(need[b])]
         table[b, : need[b]] = torch.tensor(pages, dtype=torch.int32)
         for pos in range(kb.shape[0]):
-            _place(k_cache, layout, pages[pos // P], pos % P, kb[pos].to(dtype))
-            _place(v_cache, layout, pages[pos // P], pos % P, vb[pos].to(dtype))
+            place_token(k_cache, layout, pages[pos // P], pos % P, kb[pos].to(dtype))
+            place_token(v_cache, layout, pages[pos // P], pos % P, vb[pos].to(dtype))
     return k_cache, v_cache, table
 
 

@@ -23,6 +23,7 @@ from attention.triton.extend import extend_attention, extend_attention_with_conf
 from attention.triton.extend_config import ExtendConfig  # noqa: E402
 from attention.variants import Variant, alibi_slopes  # noqa: E402
 from kvcache.layout import KVLayout  # noqa: E402
+from tests.attention.attention_oracle import place_token  # noqa: E402
 
 LAYOUTS = ("token", "nhd", "hnd", "hnd_x")
 VARIANTS = (
@@ -36,17 +37,6 @@ VARIANTS = (
 NUM_KV_HEADS = 2
 HEAD_DIM = 32
 
-
-def _place(cache: torch.Tensor, layout: KVLayout, page: int, off: int, vals: torch.Tensor) -> None:
-    """Write one token's [Hkv, D] values by direct indexing of the layout's shape."""
-    if layout.name == "token":
-        cache[page] = vals
-    elif layout.name == "nhd":
-        cache[page, off] = vals
-    elif layout.name == "hnd":
-        cache[page, :, off] = vals
-    else:
-        cache[page, :, off // layout.x, :, off % layout.x] = vals
 
 
 def _make_batch(layout: KVLayout, prefix_lens: list[int], q_lens: list[int], dtype, gen):
@@ -64,8 +54,8 @@ def _make_batch(layout: KVLayout, prefix_lens: list[int], q_lens: list[int], dty
         k = torch.randn(p + n, layout.num_kv_heads, layout.head_dim, generator=gen, dtype=dtype)
         v = torch.randn(p + n, layout.num_kv_heads, layout.head_dim, generator=gen, dtype=dtype)
         for pos in range(p + n):
-            _place(k_cache, layout, pages[pos // P], pos % P, k[pos])
-            _place(v_cache, layout, pages[pos // P], pos % P, v[pos])
+            place_token(k_cache, layout, pages[pos // P], pos % P, k[pos])
+            place_token(v_cache, layout, pages[pos // P], pos % P, v[pos])
         tables.append(pages)
         ks.append(k)
         vs.append(v)
