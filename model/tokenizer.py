@@ -154,13 +154,26 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(self.read_offset - context_tokens, 0)
         self.text = ""  # everything emitted so far
 
+    def _widen_window(self) -> str:
+        """Move the window start back until its text is non-empty, and return that text.
+
+        A window whose tokens decode to nothing (e.g. a lone SentencePiece word-start marker or
+        skipped special tokens) makes the next decode start at a word boundary, which drops
+        the leading space the full decode keeps.
+        """
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        while not prefix_text and self.prefix_offset > 0:
+            self.prefix_offset -= 1
+            prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        return prefix_text
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (possibly empty)."""
         self.token_ids.append(int(token_id))
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        prefix_text = self._widen_window()
         full_text = self._decode(self.token_ids[self.prefix_offset :])
         if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
             return ""
@@ -174,7 +187,7 @@ class IncrementalDetokenizer:
         """At the end of a stream: emit whatever was held back (e.g. a truly invalid byte)."""
         if self.read_offset == len(self.token_ids):
             return ""
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        prefix_text = self._widen_window()
         full_text = self._decode(self.token_ids[self.prefix_offset :])
         delta = full_text[len(prefix_text) :]
         self.prefix_offset = self.read_offset
