@@ -29,7 +29,8 @@ CONFIGS = [DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3
            DecodeConfig(128, 8, 2)]
 # hnd_x also tries its other tile loads (DecodeConfig.x_mode)
 X_CONFIGS = [DecodeConfig(bn, w, st, mode) for mode in (0, 1)
-             for bn, w, st in ((64, 4, 2), (128, 4, 3))]
+             for bn, w, st in ((64, 4, 2), (128, 4, 3))] + [
+    DecodeConfig(32, 4, 3, 2), DecodeConfig(128, 4, 4, 2), DecodeConfig(64, 4, 3, 1)]
 
 
 def best_per_layout(results: list[dict]) -> dict[str, str]:
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m attention.benchmarks.decode_sweep")
     ap.add_argument("--shapes", default="64x4096,16x16384,256x1024,1x32768")
     ap.add_argument("--layouts", default="token:1,nhd:16,hnd:16,hnd_x:16,nhd:64")
+    ap.add_argument("--extra-splits", default="",
+                    help="comma-separated split counts timed for the best config besides the "
+                         "default set (1, 2, 4, ..., 64 and half/double the heuristic's)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                     logger.warning("%s %s %s: %s", shape, spec, cfg, exc)
             best_cfg = min(timings, key=timings.__getitem__)[0]
             heur = choose_num_splits(shape.batch, 8, shape.context, num_sms, best_cfg.block_n)
-            for splits in sorted({1, 2, 4, 8, 16, 32, 64, heur // 2, heur * 2} - {0}):
+            extra = {int(x) for x in args.extra_splits.split(",") if x}
+            for splits in sorted({1, 2, 4, 8, 16, 32, 64, heur // 2, heur * 2, *extra} - {0}):
                 if splits * best_cfg.block_n > shape.context or (best_cfg, splits) in timings:
                     continue
                 timings[(best_cfg, splits)] = time_graph_us(

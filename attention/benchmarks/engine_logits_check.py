@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backends", nargs=2, default=["reference", "triton"],
-                    help="oracle backend, then the backend under test")
+                    help="oracle backend, then the backend under test; PREFILL+DECODE names "
+                         "a hybrid (e.g. reference+triton)")
     ap.add_argument("--layouts", nargs="+", default=["nhd:16"], help="layout:page_size ...")
     ap.add_argument("--prefix-len", type=int, default=600)
     ap.add_argument("--suffix-len", type=int, default=100)
@@ -92,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         hits = {}
         for backend in args.backends:
+            prefill_backend, _, decode_backend = backend.partition("+")
             config = EngineConfig(
-                model=args.model, dtype=args.dtype, device=args.device, attention_backend=backend,
+                model=args.model, dtype=args.dtype, device=args.device,
+                attention_backend=prefill_backend,
+                prefill_backend=prefill_backend if decode_backend else None,
+                decode_backend=decode_backend or None,
                 kv_layout=layout, page_size=int(page or 16), kv_cache_tokens=args.kv_cache_tokens,
                 max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=True,
             )
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         errs = [float((g - w).norm() / w.norm()) for w, g in zip(want, got, strict=True)]
         worst = max(errs)
         ok &= worst < args.tolerance
-        rows.append({"layout": layout, "page_size": int(page or 16), "steps_sampled": len(errs),
+        rows.append({"backends": list(args.backends), "layout": layout,
+                     "page_size": int(page or 16), "steps_sampled": len(errs),
                      "max_rel_err": worst, "mean_rel_err": sum(errs) / len(errs),
                      "prefix_hit_tokens": hits, "passed": worst < args.tolerance})
         print(f"{spec:10s} sampled steps {len(errs):4d}  max rel err {worst:.2e}  "

@@ -40,7 +40,12 @@ def _kv_tile(
 ):
     """Tokens [start_n, start_n + BLOCK_N) of one KV head: [BLOCK_N, BLOCK_D], or
     [BLOCK_D, BLOCK_N] when TRANSPOSED. Tokens at or past `hi` read as 0. `start_n` is a
-    multiple of BLOCK_N, so the compiler sees runs of X contiguous tokens in hnd_x."""
+    multiple of BLOCK_N, so the compiler sees runs of X contiguous tokens in hnd_x.
+
+    In hnd_x the load mask is per X-run (whole 16-byte rows): a mask that varies inside a
+    row stops the compiler from issuing 16-byte vector loads. A run that straddles `hi`
+    lies inside one allocated page, so reading all of it is safe; its tail is masked
+    after the load."""
     offs_d = tl.arange(0, BLOCK_D)
     if LAYOUT_X and X_MODE != 0:
         NB: tl.constexpr = BLOCK_N // X
@@ -51,7 +56,7 @@ def _kv_tile(
         if X_MODE == 1:
             # [BLOCK_N/X, D, X] tiles of 16-byte rows, permuted in registers
             ptrs = cache + base[:, None, None] + offs_d[None, :, None] * X + offs_x[None, None, :]
-            mask = (tok0[:, None, None] + offs_x[None, None, :]) < hi
+            mask = (tok0 < hi)[:, None, None]
             if HEAD_DIM != BLOCK_D:
                 mask = mask & (offs_d[None, :, None] < HEAD_DIM)
             tile = tl.load(ptrs, mask=mask, other=0.0)  # [NB, D, X]
@@ -62,7 +67,7 @@ def _kv_tile(
         else:
             # [D, BLOCK_N/X, X]: merging the last two dims is a plain reshape to [D, BLOCK_N]
             ptrs = cache + base[None, :, None] + offs_d[:, None, None] * X + offs_x[None, None, :]
-            mask = (tok0[None, :, None] + offs_x[None, None, :]) < hi
+            mask = (tok0 < hi)[None, :, None]
             if HEAD_DIM != BLOCK_D:
                 mask = mask & (offs_d[:, None, None] < HEAD_DIM)
             tile = tl.reshape(tl.load(ptrs, mask=mask, other=0.0), (BLOCK_D, BLOCK_N))
@@ -70,6 +75,12 @@ def _kv_tile(
                 result = tile
             else:
                 result = tl.trans(tile)
+        if not TRANSPOSED:
+            # V rows past `hi` inside a loaded X-run hold stale (maybe NaN) values, and
+            # 0 * NaN leaks through the dot: zero them. (K needs nothing: its scores there
+            # are set to -inf.)
+            valid = (start_n + tl.arange(0, BLOCK_N)) < hi
+            result = tl.where(valid[:, None], result, 0.0)
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi

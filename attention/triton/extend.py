@@ -160,7 +160,7 @@ def _extend_kernel(
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
     LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr, USE_TMA: tl.constexpr,
-    TMA_DIAG: tl.constexpr,
+    TMA_DIAG: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
     # the last (longest, for causal) query blocks start first for a balanced tail.
@@ -206,7 +206,7 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     qk_scale = scale * 1.4426950408889634
-    for start in tl.range(lo, full_end, BLOCK_N):
+    for start in tl.range(lo, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
             kv_head, offs_d, d_mask, slope, qk_scale, scale, param, False, LAYOUT, PAGE_SIZE,
@@ -354,7 +354,7 @@ def extend_attention_with_config(
         PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
         WINDOW_SKIP=variant.name == "sliding_window", USE_TMA=use_tma,
-        TMA_DIAG=config.tma_diag,
+        TMA_DIAG=config.tma_diag, WARP_SPEC=config.warp_spec,
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
