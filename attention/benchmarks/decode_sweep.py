@@ -27,11 +27,10 @@ logger = logging.getLogger(__name__)
 CONFIGS = [DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3),
            DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(128, 4, 3),
            DecodeConfig(128, 8, 2)]
-# hnd_x tries its tile loads (DecodeConfig.x_mode): 1 permuted in registers for tl.dot,
-# 3 CUDA-core FMAs on the tiles as loaded (attention/triton/decode_hndx.py)
-X_CONFIGS = [DecodeConfig(64, 4, 3, 1), DecodeConfig(64, 4, 2, 1), DecodeConfig(32, 4, 3, 1)] + [
-    DecodeConfig(bn, w, st, 3)
-    for bn, w, st in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (32, 8, 2), (64, 8, 2))]
+# hnd_x also tries its other tile loads (DecodeConfig.x_mode)
+X_CONFIGS = [DecodeConfig(bn, w, st, mode) for mode in (0, 1)
+             for bn, w, st in ((64, 4, 2), (128, 4, 3))] + [
+    DecodeConfig(32, 4, 3, 2), DecodeConfig(128, 4, 4, 2), DecodeConfig(64, 4, 3, 1)]
 
 
 def best_per_layout(results: list[dict]) -> dict[str, str]:
@@ -77,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, int(ps),
                                    generator=gen)
             timings: dict[tuple[DecodeConfig, int], float] = {}
-            configs = CONFIGS if layout != "hnd_x" else X_CONFIGS
+            configs = CONFIGS if layout != "hnd_x" else (
+                [c for c in CONFIGS if c.block_n >= 64] + X_CONFIGS)
             for cfg in configs:
                 splits = choose_num_splits(shape.batch, 8, shape.context, num_sms, cfg.block_n)
                 try:

@@ -57,12 +57,6 @@ SWEEPS = {  # layout kind -> configs timed besides the table's choice
         _C(128, 128, 8, 3, tma=True, tma_diag=True, warp_spec=True),
         _C(128, 128, 8, 2, tma=True),
     ),
-    # two warpgroups of 128 rows sharing each K/V tile (--sweep-set paged_256)
-    "paged_256": (
-        _C(256, 64, 8, 3, tma=True, tma_diag=True), _C(256, 64, 8, 2, tma=True, tma_diag=True),
-        _C(256, 32, 8, 3, tma=True, tma_diag=True), _C(256, 64, 8, 4, tma=True, tma_diag=True),
-        _C(128, 64, 4, 2, tma=True, tma_diag=True), _C(128, 32, 4, 4, tma=True, tma_diag=True),
-    ),
 }
 CHECK_HEADS = (0, 13, 31)  # spread over KV groups
 TOL = 1e-2

@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.triton.decode_hndx import _decode_hndx_fma_kernel
 from attention.triton.variants import TritonVariant
 from kvcache.layout import KVLayout
 
@@ -236,8 +235,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     # hnd_x tile load: 0 a 2-D gather, 1 a [N/X, D, X] tile permuted in registers,
-    # 2 a [D, N/X, X] tile reshaped to [D, N] (V transposed for the second dot),
-    # 3 no tensor cores: [N/X, D, X] tiles reduced with FMAs (attention/triton/decode_hndx.py)
+    # 2 a [D, N/X, X] tile reshaped to [D, N] (V transposed for the second dot)
     x_mode: int = 2
 
 
@@ -338,35 +336,20 @@ def decode_attention(
     slopes_arg = slopes if (variant.needs_slopes and slopes is not None) else q
     if variant.needs_slopes and slopes is None:
         raise ValueError(f"variant {variant.name!r} needs per-head slopes")
-    if layout.name == "hnd_x" and config.x_mode == 3:
-        _decode_hndx_fma_kernel[(B, Hkv, num_splits)](
-            q, k_cache, v_cache, block_table, seq_lens, slopes_arg,
-            out, part_out, part_stat,
-            scale, variant.param, num_splits,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-            s_page, s_head, s_xblk,
-            num_splits,
-            GROUP=group, GROUP_P2=triton.next_power_of_2(group),
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, PAGE_SIZE=layout.page_size,
-            X=layout.x, DIRECT_OUT=direct,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-            **variant.kernel_args(),
-        )
-    else:
-        _decode_kernel[(B, Hkv, num_splits)](
-            q, k_cache, v_cache, block_table, seq_lens, slopes_arg,
-            out, part_out, part_stat,
-            scale, variant.param, num_splits,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-            s_page, s_off, s_head, s_xblk,
-            num_splits,
-            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
-            PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x",
-            X_MODE=config.x_mode, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=config.num_warps, num_stages=config.num_stages,
-            **variant.kernel_args(),
-        )
+    _decode_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, slopes_arg,
+        out, part_out, part_stat,
+        scale, variant.param, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        s_page, s_off, s_head, s_xblk,
+        num_splits,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
+        PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x",
+        X_MODE=config.x_mode, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        **variant.kernel_args(),
+    )
     if not direct:
         _merge_kernel[(B, Hq)](
             part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
