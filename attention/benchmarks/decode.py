@@ -29,6 +29,7 @@ from attention.benchmarks.common import (
     time_graph_us,
     write_json,
 )
+from attention.benchmarks.read_bandwidth import measure_read_gbps
 from attention.triton.decode import (
     DecodeConfig,
     SplitBuffers,
@@ -292,7 +293,10 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     ceilings = measure_ceilings(device)
-    print(f"copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    read_gbps = measure_read_gbps(device)
+    print(f"copy {ceilings.copy_gbps:.0f} GB/s, streaming read {read_gbps:.0f} GB/s "
+          f"({read_gbps / ceilings.copy_gbps:.3f}x copy), bf16 matmul "
+          f"{ceilings.matmul_tflops:.0f} TFLOP/s")
     rows: list[BenchRow] = []
     failures: list[str] = []
     for text in args.shapes.split(","):
@@ -300,7 +304,7 @@ def main(argv: list[str]) -> int:
         print(format_table(shape_rows), flush=True)
         rows += shape_rows
     if args.json_out:
-        write_json(args.json_out, device_record(ceilings, rows))
+        write_json(args.json_out, dict(device_record(ceilings, rows), read_gbps=round(read_gbps, 1)))
     for f in failures:
         print("CHECK FAILED:", f)
     return 1 if failures else 0

@@ -28,9 +28,9 @@ CONFIGS = [DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3
            DecodeConfig(64, 4, 4), DecodeConfig(64, 8, 3), DecodeConfig(128, 4, 3),
            DecodeConfig(128, 8, 2)]
 # hnd_x also tries its other tile loads (DecodeConfig.x_mode)
-X_CONFIGS = [DecodeConfig(bn, w, st, mode) for mode in (0, 1)
-             for bn, w, st in ((64, 4, 2), (128, 4, 3))] + [
-    DecodeConfig(32, 4, 3, 2), DecodeConfig(128, 4, 4, 2), DecodeConfig(64, 4, 3, 1)]
+X_CONFIGS = [DecodeConfig(bn, w, st, 1) for bn, w, st in ((32, 4, 3), (32, 4, 2), (32, 4, 4),
+                                                          (64, 4, 3), (32, 8, 3), (16, 4, 3))] + [
+    DecodeConfig(32, 4, 3, 2), DecodeConfig(128, 4, 3, 2), DecodeConfig(64, 4, 2, 0)]
 
 
 def best_per_layout(results: list[dict]) -> dict[str, str]:
