@@ -38,6 +38,10 @@ class AttentionBackend(ABC):
     name: ClassVar[str]
     supported_layouts: ClassVar[frozenset[str]]
     supported_variants: ClassVar[frozenset[str] | None] = None  # None: every variant
+    # Whether decode steps may be captured in CUDA graphs (model/cuda_graphs.py): `plan` then
+    # only reads host lists and the batch's tensors, and `forward` allocates nothing that
+    # outlives the step and never syncs.
+    supports_cuda_graphs: ClassVar[bool] = False
 
     def __init__(self, config: AttentionConfig, pool: KVPool) -> None:
         if pool.layout.name not in self.supported_layouts:
@@ -58,6 +62,11 @@ class AttentionBackend(ABC):
     def plan(self, batch: ForwardBatch) -> None:
         """Once per step, before the first layer."""
         self.batch = batch
+
+    def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Before any capture: size every per-step scratch buffer for the worst decode step
+        of up to `max_batch` sequences (a graph keeps the addresses it was captured with)."""
+        raise NotImplementedError(f"attention backend {self.name!r} has no CUDA-graph mode")
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from attention.base import AttentionBackend
 from attention.batch import ForwardBatch
+from model.cuda_graphs import DecodeGraphs
 from model.sampler import Sampler, SamplerOutput
 from scheduler.request import SamplingParams
 
@@ -116,9 +117,34 @@ class ModelRunner:
         self.device = device
         self.page_size = page_size
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture decode steps of up to `max_batch` sequences (model/cuda_graphs.py)."""
+        self.graphs = DecodeGraphs(self.model, self.backend, self.device, self.page_size,
+                                   max_batch, max_model_len)
+        with torch.inference_mode():
+            self.graphs.capture_all(max_model_len)
+
+    def _use_graph(self, step: StepInput) -> bool:
+        return (self.graphs is not None and not step.time_attention
+                and step.num_decodes == len(step.q_lens) > 0
+                and self.graphs.bucket_for(len(step.q_lens)) is not None)
+
+    def _decode_with_graph(self, step: StepInput) -> torch.Tensor:
+        assert self.graphs is not None
+        ps = self.page_size
+        positions = list(step.prefix_lens)  # a decode token sits right after its prefix
+        slots = [pages[p // ps] * ps + p % ps
+                 for p, pages in zip(positions, step.page_tables, strict=True)]
+        seq_lens = [p + 1 for p in positions]
+        return self.graphs.run(step.token_ids, positions, slots, seq_lens, step.page_tables)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
+        if self._use_graph(step):
+            hidden = self._decode_with_graph(step)
+            return self._sample(hidden, list(step.sample_seqs), step, None, "decode")
         batch = ForwardBatch.build(
             step.q_lens, step.prefix_lens, step.page_tables, self.page_size, self.device,
             num_decodes=step.num_decodes,
@@ -135,6 +161,10 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
+        return self._sample(hidden, last_rows, step, timer, batch.phase)
+
+    def _sample(self, hidden: torch.Tensor, last_rows: list[int], step: StepInput,
+                timer: _AttentionTimer | None, phase: str) -> StepOutput:
         token_ids: list[int] = []
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
         if last_rows:
@@ -149,5 +179,5 @@ class ModelRunner:
             token_ids=token_ids,
             logprobs=logprobs,
             attention_s=timer.elapsed_s() if timer is not None else None,
-            phase=batch.phase,
+            phase=phase,
         )

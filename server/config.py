@@ -27,6 +27,8 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     schedule_policy: str = "fcfs"
     attention_timing_every: int = 64
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU, backends that allow it)
+    cuda_graph_max_batch: int | None = None  # default: max_num_seqs, at most 256
     seed: int = 0
 
     def resolved_device(self) -> torch.device:

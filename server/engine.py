@@ -128,6 +128,9 @@ class EngineCore:
             self.prefix_cache,
         )
         self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        if config.cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs:
+            max_batch = config.cuda_graph_max_batch or min(config.max_num_seqs, 256)
+            self.runner.enable_cuda_graphs(min(max_batch, config.max_num_seqs), self.max_model_len)
         self._tracked: dict[str, _Tracked] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0

@@ -49,6 +49,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="time the attention calls every N steps (0 = never)")
     g.add_argument("--weights-seed", type=int, default=0,
                    help="seed of the random weights of synthetic presets")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly instead of replaying captured CUDA graphs "
+                        "(graphs are used on a GPU with the triton backend)")
+    g.add_argument("--cuda-graph-max-batch", type=int, default=None,
+                   help="largest decode batch captured in a graph (default: --max-num-seqs, "
+                        "at most 256); larger decode steps run eagerly")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -63,4 +69,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
         schedule_policy=args.schedule_policy,
         attention_timing_every=args.attention_timing_every or 10**9, seed=args.weights_seed,
+        cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch,
     )

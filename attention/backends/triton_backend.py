@@ -51,6 +51,7 @@ class TritonBackend(AttentionBackend):
     supported_layouts = frozenset(LAYOUT_NAMES)
     supported_variants = None  # built-ins and user `module:function` transforms
     fused_rope = True
+    supports_cuda_graphs = True
 
     def __init__(self, config: AttentionConfig, pool: KVPool) -> None:
         super().__init__(config, pool)
@@ -69,6 +70,7 @@ class TritonBackend(AttentionBackend):
         self.extend = _load_extend()
         self.num_splits = 1
         self.min_tokens_per_split = 256  # shorter splits cost more in merging than they gain
+        self.pow2_splits = False  # CUDA-graph mode: fewer distinct split counts to capture
         self._decode: ForwardBatch | None = None
         self._prefill: ForwardBatch | None = None
         self._prefill_offset = 0
@@ -92,11 +94,7 @@ class TritonBackend(AttentionBackend):
         self._prefill_offset = batch.qo_indptr_host[batch.num_decodes]
         if self._decode is not None:
             dec = self._decode
-            self.num_splits = choose_num_splits(
-                dec.num_seqs, self.config.num_kv_heads, dec.max_seq_len, self.num_sms,
-                self.decode_config.block_n,
-                min_tokens_per_split=self.min_tokens_per_split,
-            )
+            self.num_splits = self._splits(dec.num_seqs, dec.max_seq_len)
             if self.num_splits > 1:
                 block_d = 1 << (self.config.head_dim - 1).bit_length()
                 self.split_buffers.ensure(
@@ -105,6 +103,22 @@ class TritonBackend(AttentionBackend):
         self._prefill_group = None
         if self._prefill is not None and self.extend is None:
             self._prefill_group = plan_group(self._prefill, self._prefill_offset)
+
+    def _splits(self, num_seqs: int, max_seq_len: int) -> int:
+        splits = choose_num_splits(
+            num_seqs, self.config.num_kv_heads, max_seq_len, self.num_sms,
+            self.decode_config.block_n, min_tokens_per_split=self.min_tokens_per_split,
+        )
+        if self.pow2_splits:
+            splits = 1 << (splits - 1).bit_length()
+        return splits
+
+    def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        self.pow2_splits = True
+        # splits never decrease with the context length, so max_model_len is the worst case
+        rows = max(b * self._splits(b, max_model_len) for b in range(1, max_batch + 1))
+        block_d = 1 << (self.config.head_dim - 1).bit_length()
+        self.split_buffers.ensure(rows, self.config.num_q_heads, 1, block_d)
 
     # ------------------------------------------------------------------ per layer
 

@@ -65,7 +65,8 @@ def run_workload(engine: EngineCore, prompts: list[list[int]], max_tokens: int) 
 
 def _run_backend(args, backend: str, layout: str, page: str, loaded,
                  prompts: list[list[int]]) -> tuple[list[torch.Tensor], int]:
-    prefill_backend, _, decode_backend = backend.partition("+")
+    name, _, mode = backend.partition("@")
+    prefill_backend, _, decode_backend = name.partition("+")
     config = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device,
         attention_backend=prefill_backend,
@@ -73,6 +74,7 @@ def _run_backend(args, backend: str, layout: str, page: str, loaded,
         decode_backend=decode_backend or None,
         kv_layout=layout, page_size=int(page or 16), kv_cache_tokens=args.kv_cache_tokens,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=True,
+        cuda_graphs=mode != "eager",
     )
     engine = EngineCore(config, loaded=loaded)
     logits = run_workload(engine, prompts, args.max_tokens)
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backends", nargs="+", default=["reference", "triton"],
                     help="the oracle backend, then each backend compared with it;\n"
-                         "PREFILL+DECODE names a hybrid (e.g. reference+triton)")
+                         "PREFILL+DECODE names a hybrid (e.g. reference+triton);\n"
+                         "a @eager suffix turns CUDA graphs off (e.g. triton@eager)")
     ap.add_argument("--noise-floor", default=None, metavar="BACKEND",
                     help="a trusted peer backend (e.g. sdpa) also compared with the oracle:\n"
                          "two correct bf16 implementations differ by this much end to end,\n"

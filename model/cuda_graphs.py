@@ -1,0 +1,184 @@
+"""CUDA graphs for decode steps.
+
+A decode step of a small batch runs hundreds of short kernels (per layer: norms, three
+matmuls, rotary + store, attention, merge), and launching them from Python costs more than
+running them. A captured graph replays the whole forward pass with one launch.
+
+A graph fixes its tensors' addresses and shapes, so:
+- every input lives in a static buffer sized for the largest batch, and a step is padded
+  up to the next captured batch size (`decode_buckets`). Padding rows decode token 0 at
+  position 0 from the scratch page 0 (seq_len 1, slot 0), so they touch no real page and
+  their outputs are dropped;
+- the attention backend's `plan` runs before each replay on views of the same buffers;
+  what it decides on the host (the number of KV splits) is part of the graph, so graphs
+  are keyed by (batch size, splits), the backend rounds splits to powers of two in this
+  mode, and its split scratch is sized once for the worst case before any capture.
+Only the forward pass to the final norm is captured; logits and sampling run eagerly on
+the rows that are sampled. Steps with prefill, larger batches, or attention timing run
+eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attention.base import AttentionBackend
+from attention.batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, 8, then every 8 up to 64, every 16 up to 128, then
+    every 32, ending at `max_batch`: a step is padded by fewer than 8, 16 or 32 rows."""
+    sizes = [1, 2, 4]
+    n = 8
+    while n < max_batch:
+        sizes.append(n)
+        n += 8 if n < 64 else 16 if n < 128 else 32
+    sizes = [s for s in sizes if s < max_batch]
+    return sizes + [max_batch]
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # the graph's output: [bucket, hidden_size]
+
+
+class DecodeGraphs:
+    """Decode forward passes captured per (padded batch size, KV split count)."""
+
+    def __init__(
+        self, model: torch.nn.Module, backend: AttentionBackend, device: torch.device,
+        page_size: int, max_batch: int, max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.page_size = page_size
+        self.buckets = decode_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.max_pages = -(-max_model_len // page_size)
+        B = self.max_batch
+        ints = {"device": device}
+        self.input_ids = torch.zeros(B, dtype=torch.int64, **ints)
+        self.positions = torch.zeros(B, dtype=torch.int64, **ints)
+        self.slot_mapping = torch.zeros(B, dtype=torch.int64, **ints)
+        self.seq_lens = torch.ones(B, dtype=torch.int32, **ints)
+        self.prefix_lens = torch.zeros(B, dtype=torch.int32, **ints)
+        self.qo_indptr = torch.arange(B + 1, dtype=torch.int32, **ints)
+        self.block_table = torch.zeros(B, self.max_pages, dtype=torch.int32, **ints)
+        pin = device.type == "cuda"
+        # host staging: ids, positions, slots, seq_lens (int64) and the block table
+        self._host_vec = torch.zeros(4, B, dtype=torch.int64, pin_memory=pin)
+        self._host_table = torch.zeros(B, self.max_pages, dtype=torch.int32, pin_memory=pin)
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        backend.prepare_cuda_graphs(self.max_batch, max_model_len)
+
+    # ------------------------------------------------------------------ public
+
+    def bucket_for(self, batch_size: int) -> int | None:
+        for b in self.buckets:
+            if b >= batch_size:
+                return b
+        return None
+
+    def capture_all(self, max_model_len: int) -> None:
+        """Capture every bucket at one split and at the split count of the longest context,
+        on padding rows only (other split counts are captured on first use)."""
+        t0 = time.perf_counter()
+        for b in self.buckets:
+            for long_context in (False, True):
+                host_lens = [max_model_len if long_context else 1] * b
+                batch = self._stage([0] * b, [0] * b, [0] * b, host_lens, [[] for _ in range(b)], b)
+                self.backend.plan(batch)
+                key = (b, self.backend.num_splits)
+                if key not in self._graphs:
+                    self._graphs[key] = self._capture(b)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+                    len(self._graphs), self.buckets, time.perf_counter() - t0)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def run(
+        self, token_ids: list[int], positions: list[int], slots: list[int],
+        seq_lens: list[int], page_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Decode one token for each of len(token_ids) sequences; returns their final
+        hidden states [n, hidden] (a view of the graph's output, valid until the next run)."""
+        n = len(token_ids)
+        bucket = self.bucket_for(n)
+        if bucket is None:
+            raise ValueError(f"batch of {n} exceeds the largest captured size {self.max_batch}")
+        batch = self._stage(token_ids, positions, slots, seq_lens, page_tables, bucket)
+        self.backend.plan(batch)
+        key = (bucket, self.backend.num_splits)
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._graphs[key] = self._capture(bucket)
+            # capturing ran the step eagerly once; replaying it again is idempotent (the same
+            # K/V is stored to the same slots) and gives the output tensor its values
+        captured.graph.replay()
+        return captured.hidden[:n]
+
+    # ------------------------------------------------------------------ internals
+
+    def _stage(
+        self, token_ids: list[int], positions: list[int], slots: list[int],
+        seq_lens: list[int], page_tables: list[list[int]], bucket: int,
+    ) -> ForwardBatch:
+        """Copy a step's inputs (padded to `bucket`) into the static buffers."""
+        n = len(token_ids)
+        pad = bucket - n
+        vec = self._host_vec
+        vec[0, :bucket] = torch.tensor(token_ids + [0] * pad)
+        vec[1, :bucket] = torch.tensor(positions + [0] * pad)
+        vec[2, :bucket] = torch.tensor(slots + [0] * pad)
+        vec[3, :bucket] = torch.tensor(seq_lens + [1] * pad)
+        table = self._host_table
+        table[:bucket].zero_()
+        for i, pages in enumerate(page_tables):
+            if pages:
+                table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        nb = self.device.type == "cuda"
+        self.input_ids[:bucket].copy_(vec[0, :bucket], non_blocking=nb)
+        self.positions[:bucket].copy_(vec[1, :bucket], non_blocking=nb)
+        self.slot_mapping[:bucket].copy_(vec[2, :bucket], non_blocking=nb)
+        self.seq_lens[:bucket].copy_(vec[3, :bucket], non_blocking=nb)
+        self.block_table[:bucket].copy_(table[:bucket], non_blocking=nb)
+        return ForwardBatch(
+            positions=self.positions[:bucket],
+            qo_indptr=self.qo_indptr[: bucket + 1],
+            seq_lens=self.seq_lens[:bucket],
+            prefix_lens=self.prefix_lens[:bucket],
+            block_table=self.block_table[:bucket],
+            slot_mapping=self.slot_mapping[:bucket],
+            qo_indptr_host=list(range(bucket + 1)),
+            seq_lens_host=list(seq_lens) + [1] * pad,
+            num_decodes=bucket,
+            page_size=self.page_size,
+        )
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        return self.model(self.input_ids[:bucket], self.positions[:bucket], self.backend)
+
+    def _capture(self, bucket: int) -> _Captured:
+        # one eager run first (on a side stream, as capture requires): compiles any kernel
+        # specialisation and lets the allocator settle outside the graph
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            hidden = self._forward(bucket)
+        return _Captured(graph, hidden)

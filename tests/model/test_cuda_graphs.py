@@ -1,0 +1,156 @@
+"""Decode CUDA graphs: staging, padding and graph keying, checked on CPU.
+
+A CPU has no CUDA graphs, so `_capture` is replaced by a stand-in whose replay runs the
+same forward pass on the same static buffers: everything but the capture itself (padding
+to a bucket, the static batch the backend plans on, the split-count keys, scratch-page
+writes of padding rows) is the code that runs on the GPU. The Triton backend runs under
+the interpreter. On the GPU, `python -m server.bench_cuda_graphs` checks that the real
+graphs produce the eager path's tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from attention.backends.triton_backend import TritonBackend
+from attention.base import AttentionConfig
+from attention.batch import ForwardBatch
+from attention.variants import Variant
+from kvcache.layout import KVLayout
+from kvcache.pool import KVPool, KVPoolConfig
+from model.cuda_graphs import DecodeGraphs, _Captured, decode_buckets
+from model.loader import empty_model
+from model.presets import init_synthetic_weights, synthetic_config
+from model.runner import ModelRunner, StepInput
+from scheduler.request import SamplingParams
+
+
+class _EagerReplay:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.fn()
+
+
+class StandInGraphs(DecodeGraphs):
+    """`_capture` without CUDA: replay() reruns the forward pass into the output buffer."""
+
+    def _capture(self, bucket: int) -> _Captured:
+        hidden = self._forward(bucket).clone()
+
+        def run() -> None:
+            hidden.copy_(self._forward(bucket))
+
+        return _Captured(_EagerReplay(run), hidden)  # type: ignore[arg-type]
+
+
+def test_buckets_cover_every_batch_size() -> None:
+    for max_batch in (1, 3, 8, 30, 64, 100, 256):
+        sizes = decode_buckets(max_batch)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == max_batch
+        for n in range(1, max_batch + 1):
+            b = next(s for s in sizes if s >= n)
+            assert b - n < max(4, b // 2), (max_batch, n, b)  # bounded padding
+            assert b - n < (8 if b <= 64 else 16 if b <= 128 else 32), (max_batch, n, b)
+
+
+def _setup(layout_name: str, page_size: int):
+    cfg = dataclasses.replace(
+        synthetic_config("llama3-8b"), vocab_size=128, hidden_size=64, intermediate_size=96,
+        num_layers=2, num_heads=6, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
+    )
+    model = empty_model(cfg, torch.float32, torch.device("cpu"))
+    init_synthetic_weights(model, random.randrange(1000), std=0.2)
+    layout = KVLayout.create(layout_name, page_size, cfg.num_kv_heads, cfg.head_dim, "float32")
+    num_pages = 2048 if page_size == 1 else 64
+    pool = KVPool(KVPoolConfig(layout, cfg.num_layers, num_pages, torch.float32,
+                               torch.device("cpu")))
+    attn = AttentionConfig(num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                           head_dim=cfg.head_dim, scale=cfg.head_dim**-0.5, variant=Variant())
+    backend = TritonBackend(attn, pool)
+    backend.min_tokens_per_split = 16  # several splits at these short lengths
+    runner = ModelRunner(model, backend, torch.device("cpu"), page_size)
+    return cfg, model, pool, backend, runner, num_pages
+
+
+def _step(q_lens, prefix_lens, tables, tokens) -> StepInput:
+    n = len(q_lens)
+    return StepInput(
+        token_ids=tokens, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
+        num_decodes=n if all(q == 1 for q in q_lens) else 0,
+        sample_seqs=list(range(n)),
+        sampling=[SamplingParams(temperature=0.0)] * n, generators=[None] * n,
+    )
+
+
+@pytest.mark.parametrize(("layout_name", "page_size"), [("nhd", 4), ("token", 1)])
+def test_padded_graph_step_equals_eager_decode(layout_name: str, page_size: int) -> None:
+    cfg, model, pool, backend, runner, num_pages = _setup(layout_name, page_size)
+    rng = random.Random()
+    lens = [rng.randrange(20, 60) for _ in range(3)]
+    pages = list(range(1, num_pages))  # page 0 is the scratch page
+    rng.shuffle(pages)
+    tables = []
+    for n in lens:
+        need = -(-(n + 1) // page_size)
+        tables.append([pages.pop() for _ in range(need)])
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in lens]
+    # prefill eagerly
+    runner.execute(_step(lens, [0] * 3, tables, sum(prompts, [])))
+    new_tokens = [rng.randrange(cfg.vocab_size) for _ in range(3)]
+
+    # the eager decode step's final hidden states
+    with torch.inference_mode():
+        batch = ForwardBatch.build([1] * 3, lens, tables, page_size, torch.device("cpu"),
+                                   num_decodes=3)
+        backend.plan(batch)
+        eager_splits = backend.num_splits
+        expected = model(torch.tensor(new_tokens), batch.positions, backend)
+
+    graphs = StandInGraphs(model, backend, torch.device("cpu"), page_size, max_batch=8,
+                           max_model_len=256)
+    assert graphs.buckets == [1, 2, 4, 8]
+    k_before = [k.clone() for k in pool.k_caches]
+    runner.graphs = graphs
+    step = _step([1] * 3, lens, tables, new_tokens)
+    assert runner._use_graph(step)
+    with torch.inference_mode():
+        got = runner._decode_with_graph(step)
+    assert got.shape == (3, cfg.hidden_size)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # one graph, for the bucket of 4 and the (power-of-two) split count of this step
+    assert list(graphs._graphs) == [(4, backend.num_splits)]
+    assert backend.num_splits & (backend.num_splits - 1) == 0
+    assert eager_splits > 1  # the step really exercises split-KV and the merge
+    # the padding row wrote only the scratch page; real pages got the same K/V again
+    for before, after in zip(k_before, pool.k_caches, strict=True):
+        torch.testing.assert_close(after[1:], before[1:])
+    # a full step through the runner samples from the graph's rows
+    with torch.inference_mode():
+        out = runner.execute(step)
+    assert len(out.token_ids) == 3 and out.phase == "decode"
+    assert graphs._graphs[(4, backend.num_splits)].graph.replays == 2
+
+
+def test_steps_that_cannot_use_a_graph_run_eagerly() -> None:
+    _, _, _, backend, runner, _ = _setup("nhd", 4)
+    runner.graphs = StandInGraphs(runner.model, backend, torch.device("cpu"), 4, max_batch=2,
+                                  max_model_len=64)
+    tables = [[1, 2], [3, 4], [5, 6]]
+    assert not runner._use_graph(_step([1, 1, 1], [3, 3, 3], tables, [1, 2, 3]))  # > bucket
+    assert not runner._use_graph(_step([5, 1], [0, 3], tables[:2], [1] * 6))  # prefill
+    timed = _step([1, 1], [3, 3], tables[:2], [1, 2])
+    timed.time_attention = True
+    assert not runner._use_graph(timed)  # attention timing needs per-layer events
+    assert runner._use_graph(_step([1, 1], [3, 3], tables[:2], [1, 2]))
