@@ -77,16 +77,14 @@ def _kv_tile_offsets(
 
 
 @triton.jit
-def _attend_tile(
-    acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head,
-    offs_d, d_mask, slope, qk_scale, scale, param,
+def _load_kv(
+    start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head, offs_d, d_mask,
     MASKED: tl.constexpr, LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, X: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr, PAD_D: tl.constexpr,
-    USE_TMA: tl.constexpr, TMA_DIAG: tl.constexpr, LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr,
-    USE_SOFTMAX: tl.constexpr, LOGITS_IS_IDENTITY: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_DIAG: tl.constexpr,
 ):
-    offs_n = start + tl.arange(0, BLOCK_N)
+    """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of keys start..start+BLOCK_N."""
     if USE_TMA and (TMA_DIAG or not MASKED):
         # Bulk tensor copies of a [BLOCK_N, HEAD_DIM] tile inside one page; the caches are
         # viewed as 2-D [rows, cols] (see _tma_descriptors).
@@ -100,8 +98,7 @@ def _attend_tile(
         k = k_desc.load([row, col])
         v = v_desc.load([row, col])
         if MASKED:  # rows past seq_len may hold stale or NaN values: 0 * NaN would leak
-            v = tl.where((offs_n < seq_len)[:, None], v, 0.0)
-        k_t = tl.trans(k)
+            v = tl.where(((start + tl.arange(0, BLOCK_N)) < seq_len)[:, None], v, 0.0)
     else:
         offs, offs_n = _kv_tile_offsets(
             start, seq_len, bt_row, kv_head, offs_d, MASKED, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
@@ -117,9 +114,17 @@ def _attend_tile(
         else:
             k = tl.load(k_ptr + offs)
             v = tl.load(v_ptr + offs)
-        k_t = tl.trans(k)
-    qk = tl.dot(q, k_t)
-    k_pos = offs_n[None, :]
+    return tl.trans(k), v
+
+
+@triton.jit
+def _update(
+    acc, l_i, m_i, qk, v, start, q_pos, slope, qk_scale, scale, param,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, LOGITS_FN: tl.constexpr,
+    WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr, LOGITS_IS_IDENTITY: tl.constexpr,
+):
+    """Fold one tile's scores qk = q.K^T and values into the running (acc, l_i, m_i)."""
+    k_pos = (start + tl.arange(0, BLOCK_N))[None, :]
     if USE_SOFTMAX:  # online softmax in the log2 domain (exp2)
         if LOGITS_IS_IDENTITY and not MASKED:
             # max(qk) * c == max(qk * c) for c > 0; qk * c - m fuses into one FMA
@@ -160,7 +165,7 @@ def _extend_kernel(
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
     LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr, USE_TMA: tl.constexpr,
-    TMA_DIAG: tl.constexpr, WARP_SPEC: tl.constexpr,
+    TMA_DIAG: tl.constexpr, QK_PREFETCH: tl.constexpr,
 ):
     # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
     # the last (longest, for causal) query blocks start first for a balanced tail.
@@ -206,20 +211,41 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     qk_scale = scale * 1.4426950408889634
-    for start in tl.range(lo, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
-            kv_head, offs_d, d_mask, slope, qk_scale, scale, param, False, LAYOUT, PAGE_SIZE,
-            NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG,
-            LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
-        )
+    if QK_PREFETCH and full_end > lo:
+        # Scores of the next tile are issued before this tile's softmax, so the tensor
+        # cores work on them while the softmax runs (the last iteration recomputes the last
+        # tile's scores and drops them, keeping every load inside the visible range).
+        last = full_end - BLOCK_N
+        k_t, v = _load_kv(lo, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head, offs_d,
+                          d_mask, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N,
+                          PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
+        qk = tl.dot(q, k_t)
+        for start in tl.range(lo, full_end, BLOCK_N):
+            k_t_next, v_next = _load_kv(
+                tl.minimum(start + BLOCK_N, last), seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
+                kv_head, offs_d, d_mask, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
+                BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
+            qk_next = tl.dot(q, k_t_next)
+            acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, start, q_pos, slope, qk_scale, scale,
+                                    param, False, BLOCK_N, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX,
+                                    LOGITS_IS_IDENTITY)
+            qk = qk_next
+            v = v_next
+    else:
+        for start in tl.range(lo, full_end, BLOCK_N):
+            k_t, v = _load_kv(start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head,
+                              offs_d, d_mask, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
+                              BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
+            acc, l_i, m_i = _update(acc, l_i, m_i, tl.dot(q, k_t), v, start, q_pos, slope,
+                                    qk_scale, scale, param, False, BLOCK_N, LOGITS_FN, WEIGHT_FN,
+                                    USE_SOFTMAX, LOGITS_IS_IDENTITY)
     for start in tl.range(diag_start, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, start, q_pos, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
-            kv_head, offs_d, d_mask, slope, qk_scale, scale, param, True, LAYOUT, PAGE_SIZE,
-            NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG,
-            LOGITS_FN, WEIGHT_FN, USE_SOFTMAX, LOGITS_IS_IDENTITY,
-        )
+        k_t, v = _load_kv(start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head, offs_d,
+                          d_mask, True, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N,
+                          PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
+        acc, l_i, m_i = _update(acc, l_i, m_i, tl.dot(q, k_t), v, start, q_pos, slope, qk_scale,
+                                scale, param, True, BLOCK_N, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX,
+                                LOGITS_IS_IDENTITY)
 
     if USE_SOFTMAX:
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -354,7 +380,7 @@ def extend_attention_with_config(
         PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
         WINDOW_SKIP=variant.name == "sliding_window", USE_TMA=use_tma,
-        TMA_DIAG=config.tma_diag, WARP_SPEC=config.warp_spec,
+        TMA_DIAG=config.tma_diag, QK_PREFETCH=config.qk_prefetch,
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
