@@ -49,14 +49,6 @@ SWEEPS = {  # layout kind -> configs timed besides the table's choice
     ),
     "token": (_C(128, 64, 4, 3), _C(128, 64, 4, 4)),
     "hnd_x": (_C(128, 64, 4, 3), _C(64, 64, 4, 3)),
-    # the next tile's scores issued before this tile's softmax (--sweep-set prefetch)
-    "prefetch": (
-        _C(128, 64, 4, 3, tma=True, tma_diag=True, qk_prefetch=True),
-        _C(128, 64, 8, 3, tma=True, tma_diag=True, qk_prefetch=True),
-        _C(128, 128, 8, 2, tma=True, tma_diag=True, qk_prefetch=True),
-        _C(128, 128, 8, 3, tma=True, tma_diag=True, qk_prefetch=True),
-        _C(128, 64, 8, 3, tma=True, tma_diag=True),
-    ),
 }
 CHECK_HEADS = (0, 13, 31)  # spread over KV groups
 TOL = 1e-2

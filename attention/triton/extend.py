@@ -165,7 +165,7 @@ def _extend_kernel(
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
     LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr, USE_TMA: tl.constexpr,
-    TMA_DIAG: tl.constexpr, QK_PREFETCH: tl.constexpr,
+    TMA_DIAG: tl.constexpr,
 ):
     # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
     # the last (longest, for causal) query blocks start first for a balanced tail.
@@ -211,34 +211,13 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     qk_scale = scale * 1.4426950408889634
-    if QK_PREFETCH and full_end > lo:
-        # Scores of the next tile are issued before this tile's softmax, so the tensor
-        # cores work on them while the softmax runs (the last iteration recomputes the last
-        # tile's scores and drops them, keeping every load inside the visible range).
-        last = full_end - BLOCK_N
-        k_t, v = _load_kv(lo, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head, offs_d,
-                          d_mask, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N,
-                          PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
-        qk = tl.dot(q, k_t)
-        for start in tl.range(lo, full_end, BLOCK_N):
-            k_t_next, v_next = _load_kv(
-                tl.minimum(start + BLOCK_N, last), seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
-                kv_head, offs_d, d_mask, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
-                BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
-            qk_next = tl.dot(q, k_t_next)
-            acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, start, q_pos, slope, qk_scale, scale,
-                                    param, False, BLOCK_N, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX,
-                                    LOGITS_IS_IDENTITY)
-            qk = qk_next
-            v = v_next
-    else:
-        for start in tl.range(lo, full_end, BLOCK_N):
-            k_t, v = _load_kv(start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head,
-                              offs_d, d_mask, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
-                              BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
-            acc, l_i, m_i = _update(acc, l_i, m_i, tl.dot(q, k_t), v, start, q_pos, slope,
-                                    qk_scale, scale, param, False, BLOCK_N, LOGITS_FN, WEIGHT_FN,
-                                    USE_SOFTMAX, LOGITS_IS_IDENTITY)
+    for start in tl.range(lo, full_end, BLOCK_N):
+        k_t, v = _load_kv(start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head,
+                          offs_d, d_mask, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
+                          BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
+        acc, l_i, m_i = _update(acc, l_i, m_i, tl.dot(q, k_t), v, start, q_pos, slope,
+                                qk_scale, scale, param, False, BLOCK_N, LOGITS_FN, WEIGHT_FN,
+                                USE_SOFTMAX, LOGITS_IS_IDENTITY)
     for start in tl.range(diag_start, hi, BLOCK_N):
         k_t, v = _load_kv(start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head, offs_d,
                           d_mask, True, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N,
@@ -380,7 +359,7 @@ def extend_attention_with_config(
         PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
         WINDOW_SKIP=variant.name == "sliding_window", USE_TMA=use_tma,
-        TMA_DIAG=config.tma_diag, QK_PREFETCH=config.qk_prefetch,
+        TMA_DIAG=config.tma_diag,
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -24,13 +24,10 @@ class ExtendConfig:
     # Read unmasked nhd/hnd tiles with bulk tensor copies (TMA) when a tile fits in a page.
     tma: bool = False
     tma_diag: bool = False  # with tma: the masked (diagonal) tiles through TMA too
-    # Issue the next tile's q.K^T before this tile's softmax (the unmasked loop), so the
-    # tensor cores and the softmax overlap.
-    qk_prefetch: bool = False
 
     def __str__(self) -> str:
         flags = ("r" if self.per_row_pages else "") + ("t" if self.tma else "")
-        flags += ("d" if self.tma_diag else "") + ("p" if self.qk_prefetch else "")
+        flags += ("d" if self.tma_diag else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 

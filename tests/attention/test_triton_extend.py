@@ -169,17 +169,6 @@ def test_bulk_copy_tiles_and_per_row_pages(layout_name):
         _run_case(layout_name, 32, Variant("softcap", 1.5), 3, [45, 0], [20, 37], config=config)
 
 
-@pytest.mark.parametrize("layout_name", ["nhd", "token", "hnd_x"])
-@pytest.mark.parametrize("variant", [Variant("softmax"), Variant("silu")], ids=str)
-def test_prefetched_scores_loop(layout_name, variant):
-    # The unmasked loop that issues the next tile's scores early: prefixes of 0, 1 and many
-    # tiles, so the loop runs zero, one and several times (and recomputes its last tile).
-    page_size = 1 if layout_name == "token" else 16
-    for tma in (False, True):
-        config = ExtendConfig(16, 16, 4, 1, tma=tma, tma_diag=tma, qk_prefetch=True)
-        _run_case(layout_name, page_size, variant, 3, [0, 16, 75], [20, 5, 33], config=config)
-
-
 def test_default_alibi_slopes_and_long_prefix():
     # No slopes passed: the kernel must use the standard ALiBi slopes for Hq heads; the
     # prefix spans many tiles so the unmasked loop runs several times.
