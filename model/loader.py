@@ -52,6 +52,16 @@ def embedded_tokenizer() -> Tokenizer:
     return Tokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
+def load_tokenizer(spec: str) -> Tokenizer:
+    """A tokenizer from a Hugging Face folder or a .gguf file (`--tokenizer`)."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return Tokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if path.is_dir():
+        return Tokenizer.from_pretrained(path)
+    raise ValueError(f"--tokenizer {spec!r} is neither a tokenizer folder nor a .gguf file")
+
+
 def _progress(items: Iterator, total: int, desc: str) -> Iterator:
     return tqdm(items, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
 

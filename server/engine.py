@@ -24,7 +24,7 @@ from kvcache.allocator import PageAllocator
 from kvcache.layout import KVLayout
 from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_for_tokens
 from kvcache.radix import RadixPrefixCache
-from model.loader import LoadedModel, load_model
+from model.loader import LoadedModel, load_model, load_tokenizer
 from model.runner import ModelRunner, StepInput
 from model.sampler import make_generator
 from model.tokenizer import IncrementalDetokenizer
@@ -89,7 +89,10 @@ class EngineCore:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.observer: EngineObserver = observer or NullObserver()
-        self.loaded = loaded or load_model(config.model, self.dtype, self.device, seed=config.seed)
+        self.loaded = loaded or load_model(config.model, self.dtype, self.device, seed=config.seed,
+                                           with_tokenizer=config.tokenizer is None)
+        if config.tokenizer is not None:
+            self.loaded.tokenizer = load_tokenizer(config.tokenizer)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config

@@ -13,6 +13,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights: omitted = the embedded SmolLM2-135M-Instruct GGUF; a .gguf file; a "
                         "Hugging Face folder (config.json + safetensors); or a synthetic preset "
                         "(smollm2-135m, llama3-8b, qwen2.5-7b, qwen3-8b) with seeded random weights")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or .gguf file to use instead of the model's own (e.g. "
+                        "for a synthetic preset on a machine without the embedded SmolLM2)")
     g.add_argument("--served-model-name", default=None,
                    help="model name reported by the API and used in metric labels")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -59,7 +62,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+        model=args.model, tokenizer=args.tokenizer, served_model_name=args.served_model_name,
+        dtype=args.dtype,
         device=args.device, attention_backend=args.attention_backend,
         prefill_backend=args.prefill_backend, decode_backend=args.decode_backend,
         attention_variant=args.attention_variant, kv_layout=args.kv_layout,
