@@ -12,7 +12,8 @@ A graph fixes its tensors' addresses and shapes, so:
 - the attention backend's `plan` runs before each replay on views of the same buffers;
   what it decides on the host (the number of KV splits) is part of the graph, so graphs
   are keyed by (batch size, splits), the backend rounds splits to powers of two in this
-  mode, and its split scratch is sized once for the worst case before any capture.
+  mode, every (bucket, splits) pair a context can need is captured at start, and the
+  split scratch is sized once for the worst case before any capture.
 Only the forward pass to the final norm is captured; logits and sampling run eagerly on
 the rows that are sampled. Steps with prefill, larger batches, or attention timing run
 eagerly.
@@ -90,12 +91,19 @@ class DecodeGraphs:
         return None
 
     def capture_all(self, max_model_len: int) -> None:
-        """Capture every bucket at one split and at the split count of the longest context,
-        on padding rows only (other split counts are captured on first use)."""
+        """Capture every bucket at every split count a context up to `max_model_len` can
+        ask for, on padding rows only, so no serving step waits on a capture (a capture
+        mid-serving stalled TTFT by seconds on the H100)."""
         t0 = time.perf_counter()
+        # contexts of 256 * 2^k tokens step the split count through its powers of two
+        lengths = [1, max_model_len]
+        n = 256
+        while n < max_model_len:
+            lengths.append(n)
+            n *= 2
         for b in self.buckets:
-            for long_context in (False, True):
-                host_lens = [max_model_len if long_context else 1] * b
+            for length in sorted(lengths):
+                host_lens = [length] * b
                 batch = self._stage([0] * b, [0] * b, [0] * b, host_lens, [[] for _ in range(b)], b)
                 self.backend.plan(batch)
                 key = (b, self.backend.num_splits)
