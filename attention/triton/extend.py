@@ -154,7 +154,11 @@ def _update(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["stride_bt", "param", "window"])
+# The per-sequence arrays of a mixed step's prefill part are slices that start after the
+# decodes, so their 16-byte alignment changes from step to step: specialising on it would
+# compile new kernel instances mid-serving (seconds of TTFT on the H100).
+@triton.jit(do_not_specialize=["stride_bt", "param", "window", "qo_indptr_ptr",
+                               "prefix_lens_ptr", "seq_lens_ptr", "block_table_ptr"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
     block_table_ptr, slopes_ptr,
