@@ -119,6 +119,8 @@ class TritonBackend(AttentionBackend):
         rows = max(b * self._splits(b, max_model_len) for b in range(1, max_batch + 1))
         block_d = 1 << (self.config.head_dim - 1).bit_length()
         self.split_buffers.ensure(rows, self.config.num_q_heads, 1, block_d)
+        # eager decode steps larger than any graph may still grow the scratch later
+        self.split_buffers.keep_retired = True
 
     # ------------------------------------------------------------------ per layer
 

@@ -18,7 +18,7 @@ host, so the launches can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -281,6 +281,10 @@ class SplitBuffers:
 
     part_out: torch.Tensor  # float32, flat
     part_stat: torch.Tensor
+    # Set once CUDA graphs captured these buffers: growing must then keep the old ones
+    # alive, since a graph replays with the addresses it was captured with.
+    keep_retired: bool = False
+    retired: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def empty(cls, device: torch.device) -> SplitBuffers:
@@ -290,6 +294,8 @@ class SplitBuffers:
         rows = batch * num_q_heads * splits
         if self.part_stat.numel() < rows:
             dev = self.part_out.device
+            if self.keep_retired:
+                self.retired.append((self.part_out, self.part_stat))
             self.part_out = torch.empty(rows * block_d, dtype=torch.float32, device=dev)
             self.part_stat = torch.empty(rows, dtype=torch.float32, device=dev)
 

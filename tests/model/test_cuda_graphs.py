@@ -154,3 +154,14 @@ def test_steps_that_cannot_use_a_graph_run_eagerly() -> None:
     timed.time_attention = True
     assert not runner._use_graph(timed)  # attention timing needs per-layer events
     assert runner._use_graph(_step([1, 1], [3, 3], tables[:2], [1, 2]))
+
+
+def test_split_scratch_captured_by_graphs_is_never_freed() -> None:
+    # Graphs replay with the scratch addresses they captured; an eager step larger than any
+    # graph may grow the scratch later, and the old buffers must stay allocated.
+    _, _, _, backend, _, _ = _setup("nhd", 4)
+    backend.prepare_cuda_graphs(max_batch=4, max_model_len=256)
+    captured = backend.split_buffers.part_out
+    backend.split_buffers.ensure(64, backend.config.num_q_heads, 64, 16)
+    assert backend.split_buffers.part_out is not captured
+    assert any(out is captured for out, _ in backend.split_buffers.retired)
