@@ -63,6 +63,11 @@ class AttentionBackend(ABC):
         """Once per step, before the first layer."""
         self.batch = batch
 
+    def cuda_graph_context_lengths(self, max_model_len: int) -> list[int]:
+        """Context lengths whose decode plans reach every host-side decision `plan` can make
+        (each distinct decision is its own graph); captured at start-up."""
+        return [1, max_model_len]
+
     def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Before any capture: size every per-step scratch buffer for the worst decode step
         of up to `max_batch` sequences (a graph keeps the addresses it was captured with)."""

@@ -75,11 +75,16 @@ class DecodeGraphs:
         self.qo_indptr = torch.arange(B + 1, dtype=torch.int32, **ints)
         self.block_table = torch.zeros(B, self.max_pages, dtype=torch.int32, **ints)
         pin = device.type == "cuda"
-        # host staging: ids, positions, slots, seq_lens (int64) and the block table
-        self._host_vec = torch.zeros(4, B, dtype=torch.int64, pin_memory=pin)
-        self._host_table = torch.zeros(B, self.max_pages, dtype=torch.int32, pin_memory=pin)
+        # host staging: ids, positions, slots, seq_lens, prefix_lens (int64), and the block
+        # table's used columns (a contiguous [bucket, width] block of a flat buffer)
+        self._host_vec = torch.zeros(5, B, dtype=torch.int64, pin_memory=pin)
+        self._host_table = torch.zeros(B * self.max_pages, dtype=torch.int32, pin_memory=pin)
+        # the staging buffers are rewritten only after the previous step's copies finished
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._failed: set[tuple[int, int]] = set()
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.max_model_len = max_model_len
         backend.prepare_cuda_graphs(self.max_batch, max_model_len)
 
     # ------------------------------------------------------------------ public
@@ -95,14 +100,11 @@ class DecodeGraphs:
         ask for, on padding rows only, so no serving step waits on a capture (a capture
         mid-serving stalled TTFT by seconds on the H100)."""
         t0 = time.perf_counter()
-        # contexts of 256 * 2^k tokens step the split count through its powers of two
-        lengths = [1, max_model_len]
-        n = 256
-        while n < max_model_len:
-            lengths.append(n)
-            n *= 2
-        for b in self.buckets:
-            for length in sorted(lengths):
+        lengths = self.backend.cuda_graph_context_lengths(max_model_len)
+        # largest first: the shared pool then holds the largest graph's temporaries, which
+        # the smaller graphs reuse
+        for b in reversed(self.buckets):
+            for length in lengths:
                 host_lens = [length] * b
                 batch = self._stage([0] * b, [0] * b, [0] * b, host_lens, [[] for _ in range(b)], b)
                 self.backend.plan(batch)
@@ -119,9 +121,10 @@ class DecodeGraphs:
     def run(
         self, token_ids: list[int], positions: list[int], slots: list[int],
         seq_lens: list[int], page_tables: list[list[int]],
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Decode one token for each of len(token_ids) sequences; returns their final
-        hidden states [n, hidden] (a view of the graph's output, valid until the next run)."""
+        hidden states [n, hidden] (a view of the graph's output, valid until the next run),
+        or None when this step's graph cannot be captured (the caller runs it eagerly)."""
         n = len(token_ids)
         bucket = self.bucket_for(n)
         if bucket is None:
@@ -129,9 +132,18 @@ class DecodeGraphs:
         batch = self._stage(token_ids, positions, slots, seq_lens, page_tables, bucket)
         self.backend.plan(batch)
         key = (bucket, self.backend.num_splits)
+        if key in self._failed:
+            return None
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._graphs[key] = self._capture(bucket)
+            # not captured at start (cuda_graph_context_lengths missed it): capture now
+            logger.warning("capturing decode graph %s while serving", key)
+            try:
+                captured = self._graphs[key] = self._capture(bucket)
+            except Exception:  # a step never fails for want of a graph
+                logger.exception("decode graph %s could not be captured; it runs eagerly", key)
+                self._failed.add(key)
+                return None
             # capturing ran the step eagerly once; replaying it again is idempotent (the same
             # K/V is stored to the same slots) and gives the output tensor its values
         captured.graph.replay()
@@ -146,13 +158,20 @@ class DecodeGraphs:
         """Copy a step's inputs (padded to `bucket`) into the static buffers."""
         n = len(token_ids)
         pad = bucket - n
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have read the staging
         vec = self._host_vec
         vec[0, :bucket] = torch.tensor(token_ids + [0] * pad)
         vec[1, :bucket] = torch.tensor(positions + [0] * pad)
         vec[2, :bucket] = torch.tensor(slots + [0] * pad)
         vec[3, :bucket] = torch.tensor(seq_lens + [1] * pad)
-        table = self._host_table
-        table[:bucket].zero_()
+        vec[4, :bucket] = torch.tensor([length - 1 for length in seq_lens] + [0] * pad)
+        # Only the columns this step uses: the kernels read a row's pages below its
+        # seq_len only, so stale columns further right are never read. Padding rows get
+        # page 0 in every copied column.
+        width = max(1, max((len(p) for p in page_tables), default=1))
+        table = self._host_table[: bucket * width].view(bucket, width)
+        table.zero_()
         for i, pages in enumerate(page_tables):
             if pages:
                 table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
@@ -161,7 +180,10 @@ class DecodeGraphs:
         self.positions[:bucket].copy_(vec[1, :bucket], non_blocking=nb)
         self.slot_mapping[:bucket].copy_(vec[2, :bucket], non_blocking=nb)
         self.seq_lens[:bucket].copy_(vec[3, :bucket], non_blocking=nb)
-        self.block_table[:bucket].copy_(table[:bucket], non_blocking=nb)
+        self.prefix_lens[:bucket].copy_(vec[4, :bucket], non_blocking=nb)
+        self.block_table[:bucket, :width].copy_(table, non_blocking=nb)
+        if self._copied is not None:
+            self._copied.record()
         return ForwardBatch(
             positions=self.positions[:bucket],
             qo_indptr=self.qo_indptr[: bucket + 1],

@@ -131,7 +131,7 @@ class ModelRunner:
                 and step.num_decodes == len(step.q_lens) > 0
                 and self.graphs.bucket_for(len(step.q_lens)) is not None)
 
-    def _decode_with_graph(self, step: StepInput) -> torch.Tensor:
+    def _decode_with_graph(self, step: StepInput) -> torch.Tensor | None:
         assert self.graphs is not None
         ps = self.page_size
         positions = list(step.prefix_lens)  # a decode token sits right after its prefix
@@ -144,7 +144,8 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepOutput:
         if self._use_graph(step):
             hidden = self._decode_with_graph(step)
-            return self._sample(hidden, list(step.sample_seqs), step, None, "decode")
+            if hidden is not None:
+                return self._sample(hidden, list(step.sample_seqs), step, None, "decode")
         batch = ForwardBatch.build(
             step.q_lens, step.prefix_lens, step.page_tables, self.page_size, self.device,
             num_decodes=step.num_decodes,
@@ -168,8 +169,15 @@ class ModelRunner:
         token_ids: list[int] = []
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
         if last_rows:
-            rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
+            first = last_rows[0]
+            if last_rows == list(range(first, first + len(last_rows))):
+                picked = hidden[first : first + len(last_rows)]  # e.g. every decode row
+            else:
+                rows = torch.tensor(last_rows, dtype=torch.int64)
+                if self.device.type == "cuda":  # a pageable copy would wait for the forward
+                    rows = rows.pin_memory()
+                picked = hidden[rows.to(self.device, non_blocking=True)]
+            logits = self.model.compute_logits(picked)
             sampled = self.sampler(logits, step.sampling, step.generators)
             token_ids = sampled.token_ids.tolist()
             logprobs = _logprob_rows(sampled, step.sampling)

@@ -131,9 +131,7 @@ class EngineCore:
             self.prefix_cache,
         )
         self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
-        if config.cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs:
-            max_batch = config.cuda_graph_max_batch or min(config.max_num_seqs, 256)
-            self.runner.enable_cuda_graphs(min(max_batch, config.max_num_seqs), self.max_model_len)
+        self._setup_cuda_graphs(config)
         self._tracked: dict[str, _Tracked] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
@@ -184,6 +182,21 @@ class EngineCore:
                 f"the request needs {n + params.max_tokens} tokens of KV cache but the whole pool "
                 f"holds {self.pool.num_tokens}", "max_tokens",
             )
+
+    def _setup_cuda_graphs(self, config: EngineConfig) -> None:
+        if not config.cuda_graphs or self.device.type != "cuda":
+            return
+        if not self.backend.supports_cuda_graphs:
+            logger.info("CUDA graphs off: attention backend %s cannot be captured",
+                        self.backend.name)
+            return
+        max_batch = min(config.cuda_graph_max_batch or min(config.max_num_seqs, 256),
+                        config.max_num_seqs)
+        try:
+            self.runner.enable_cuda_graphs(max_batch, self.max_model_len)
+        except Exception:  # serving eagerly beats not serving
+            logger.exception("CUDA graph capture failed; decode steps run eagerly")
+            self.runner.graphs = None
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,

@@ -7,6 +7,13 @@ import argparse
 from server.config import EngineConfig
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
@@ -55,7 +62,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly instead of replaying captured CUDA graphs "
                         "(graphs are used on a GPU with the triton backend)")
-    g.add_argument("--cuda-graph-max-batch", type=int, default=None,
+    g.add_argument("--cuda-graph-max-batch", type=_at_least_one, default=None,
                    help="largest decode batch captured in a graph (default: --max-num-seqs, "
                         "at most 256); larger decode steps run eagerly")
 

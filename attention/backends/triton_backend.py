@@ -113,6 +113,15 @@ class TritonBackend(AttentionBackend):
             splits = 1 << (splits - 1).bit_length()
         return splits
 
+    def cuda_graph_context_lengths(self, max_model_len: int) -> list[int]:
+        # The split count grows with ceil(length / unit) and is rounded up to a power of
+        # two in graph mode, so lengths unit * 2^k step through every count it can take.
+        unit = max(self.decode_config.block_n, self.min_tokens_per_split)
+        lengths = [1]
+        while lengths[-1] < max_model_len:
+            lengths.append(min(max_model_len, unit * (1 << (len(lengths) - 1))))
+        return lengths
+
     def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.pow2_splits = True
         # splits never decrease with the context length, so max_model_len is the worst case

@@ -44,12 +44,21 @@ class _EagerReplay:
 
 
 class StandInGraphs(DecodeGraphs):
-    """`_capture` without CUDA: replay() reruns the forward pass into the output buffer."""
+    """`_capture` without CUDA: replay() reruns the forward pass into the output buffer, and
+    first checks that what a real graph would have frozen at capture (the split count, the
+    scratch and block-table addresses, the table's row stride) is what this step planned."""
+
+    def _frozen(self) -> tuple:
+        bufs = self.backend.split_buffers
+        return (self.backend.num_splits, bufs.part_out.data_ptr(), bufs.part_stat.data_ptr(),
+                self.block_table.data_ptr(), self.block_table.stride(0))
 
     def _capture(self, bucket: int) -> _Captured:
         hidden = self._forward(bucket).clone()
+        frozen = self._frozen()
 
         def run() -> None:
+            assert self._frozen() == frozen, "a real graph would replay stale host decisions"
             hidden.copy_(self._forward(bucket))
 
         return _Captured(_EagerReplay(run), hidden)  # type: ignore[arg-type]
@@ -94,7 +103,7 @@ def _step(q_lens, prefix_lens, tables, tokens) -> StepInput:
     )
 
 
-@pytest.mark.parametrize(("layout_name", "page_size"), [("nhd", 4), ("token", 1)])
+@pytest.mark.parametrize(("layout_name", "page_size"), [("nhd", 4), ("token", 1), ("hnd_x", 8)])
 def test_padded_graph_step_equals_eager_decode(layout_name: str, page_size: int) -> None:
     cfg, model, pool, backend, runner, num_pages = _setup(layout_name, page_size)
     rng = random.Random()
@@ -121,7 +130,7 @@ def test_padded_graph_step_equals_eager_decode(layout_name: str, page_size: int)
     graphs = StandInGraphs(model, backend, torch.device("cpu"), page_size, max_batch=8,
                            max_model_len=256)
     assert graphs.buckets == [1, 2, 4, 8]
-    k_before = [k.clone() for k in pool.k_caches]
+    kv_before = [t.clone() for t in (*pool.k_caches, *pool.v_caches)]
     runner.graphs = graphs
     step = _step([1] * 3, lens, tables, new_tokens)
     assert runner._use_graph(step)
@@ -134,7 +143,7 @@ def test_padded_graph_step_equals_eager_decode(layout_name: str, page_size: int)
     assert backend.num_splits & (backend.num_splits - 1) == 0
     assert eager_splits > 1  # the step really exercises split-KV and the merge
     # the padding row wrote only the scratch page; real pages got the same K/V again
-    for before, after in zip(k_before, pool.k_caches, strict=True):
+    for before, after in zip(kv_before, (*pool.k_caches, *pool.v_caches), strict=True):
         torch.testing.assert_close(after[1:], before[1:])
     # a full step through the runner samples from the graph's rows
     with torch.inference_mode():
@@ -165,3 +174,22 @@ def test_split_scratch_captured_by_graphs_is_never_freed() -> None:
     backend.split_buffers.ensure(64, backend.config.num_q_heads, 64, 16)
     assert backend.split_buffers.part_out is not captured
     assert any(out is captured for out, _ in backend.split_buffers.retired)
+
+
+def test_start_up_capture_covers_every_step() -> None:
+    # After capture_all, no decode step of any batch size and context length up to
+    # max_model_len needs a new graph (a capture while serving stalls the step).
+    _, _, _, backend, runner, _ = _setup("nhd", 4)  # min_tokens_per_split lowered to 16
+    graphs = StandInGraphs(runner.model, backend, torch.device("cpu"), 4, max_batch=6,
+                           max_model_len=200)
+    with torch.inference_mode():
+        graphs.capture_all(200)
+        captured = dict(graphs._graphs)
+        assert len(captured) > len(graphs.buckets)  # several split counts were needed
+        rng = random.Random()
+        for _ in range(12):
+            n = rng.randrange(1, 7)
+            lens = [rng.randrange(1, 201) for _ in range(n)]
+            out = graphs.run([0] * n, [x - 1 for x in lens], [0] * n, lens, [[] for _ in range(n)])
+            assert out is not None and out.shape[0] == n
+    assert graphs._graphs == captured
