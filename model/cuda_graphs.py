@@ -95,12 +95,12 @@ class DecodeGraphs:
                 return b
         return None
 
-    def capture_all(self, max_model_len: int) -> None:
+    def capture_all(self) -> None:
         """Capture every bucket at every split count a context up to `max_model_len` can
         ask for, on padding rows only, so no serving step waits on a capture (a capture
         mid-serving stalled TTFT by seconds on the H100)."""
         t0 = time.perf_counter()
-        lengths = self.backend.cuda_graph_context_lengths(max_model_len)
+        lengths = self.backend.cuda_graph_context_lengths(self.max_model_len)
         # largest first: the shared pool then holds the largest graph's temporaries, which
         # the smaller graphs reuse
         for b in reversed(self.buckets):

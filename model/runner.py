@@ -124,7 +124,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.backend, self.device, self.page_size,
                                    max_batch, max_model_len)
         with torch.inference_mode():
-            self.graphs.capture_all(max_model_len)
+            self.graphs.capture_all()
 
     def _use_graph(self, step: StepInput) -> bool:
         return (self.graphs is not None and not step.time_attention

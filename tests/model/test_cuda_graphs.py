@@ -183,7 +183,7 @@ def test_start_up_capture_covers_every_step() -> None:
     graphs = StandInGraphs(runner.model, backend, torch.device("cpu"), 4, max_batch=6,
                            max_model_len=200)
     with torch.inference_mode():
-        graphs.capture_all(200)
+        graphs.capture_all()
         captured = dict(graphs._graphs)
         assert len(captured) > len(graphs.buckets)  # several split counts were needed
         rng = random.Random()
