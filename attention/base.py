@@ -70,8 +70,9 @@ class AttentionBackend(ABC):
 
     def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Before any capture: size every per-step scratch buffer for the worst decode step
-        of up to `max_batch` sequences (a graph keeps the addresses it was captured with)."""
-        raise NotImplementedError(f"attention backend {self.name!r} has no CUDA-graph mode")
+        of up to `max_batch` sequences (a graph keeps the addresses it was captured with).
+        A backend without per-step scratch has nothing to do."""
+        return None
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:

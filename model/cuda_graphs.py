@@ -58,6 +58,8 @@ class DecodeGraphs:
         self, model: torch.nn.Module, backend: AttentionBackend, device: torch.device,
         page_size: int, max_batch: int, max_model_len: int,
     ) -> None:
+        if not backend.supports_cuda_graphs:
+            raise ValueError(f"attention backend {backend.name!r} cannot be captured in a graph")
         self.model = model
         self.backend = backend
         self.device = device

@@ -20,8 +20,7 @@ import sys
 
 import torch
 
-from model.loader import load_model
-from model.tokenizer import Tokenizer
+from model.loader import load_model, load_tokenizer
 from scheduler.request import SamplingParams
 from server.config import EngineConfig
 from server.engine import EngineCore
@@ -54,7 +53,7 @@ def run_once(engine: EngineCore, times: StepTimes, prompts: list[list[int]],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="llama3-8b", help="synthetic preset or weights")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf file (default: the model's)")
     ap.add_argument("--batches", default="1,8,32", help="comma-separated decode batch sizes")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
@@ -65,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     loaded = load_model(args.model, torch.bfloat16, device, with_tokenizer=args.tokenizer is None)
     if args.tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        loaded.tokenizer = Tokenizer(AutoTokenizer.from_pretrained(args.tokenizer))
+        loaded.tokenizer = load_tokenizer(args.tokenizer)
     batches = [int(b) for b in args.batches.split(",")]
     engines = {}
     for graphs in (False, True):

@@ -67,6 +67,7 @@ class TritonBackend(AttentionBackend):
             pool.layout, config.head_dim, on_gpu
         )
         self.split_buffers = SplitBuffers.empty(device)
+        self.block_d = 1 << (config.head_dim - 1).bit_length()  # the kernels' padded head dim
         self.extend = _load_extend()
         self.num_splits = 1
         self.min_tokens_per_split = 256  # shorter splits cost more in merging than they gain
@@ -96,9 +97,8 @@ class TritonBackend(AttentionBackend):
             dec = self._decode
             self.num_splits = self._splits(dec.num_seqs, dec.max_seq_len)
             if self.num_splits > 1:
-                block_d = 1 << (self.config.head_dim - 1).bit_length()
                 self.split_buffers.ensure(
-                    dec.num_seqs, self.config.num_q_heads, self.num_splits, block_d
+                    dec.num_seqs, self.config.num_q_heads, self.num_splits, self.block_d
                 )
         self._prefill_group = None
         if self._prefill is not None and self.extend is None:
@@ -126,8 +126,7 @@ class TritonBackend(AttentionBackend):
         self.pow2_splits = True
         # splits never decrease with the context length, so max_model_len is the worst case
         rows = max(b * self._splits(b, max_model_len) for b in range(1, max_batch + 1))
-        block_d = 1 << (self.config.head_dim - 1).bit_length()
-        self.split_buffers.ensure(rows, self.config.num_q_heads, 1, block_d)
+        self.split_buffers.ensure(rows, self.config.num_q_heads, 1, self.block_d)
         # eager decode steps larger than any graph may still grow the scratch later
         self.split_buffers.keep_retired = True
 

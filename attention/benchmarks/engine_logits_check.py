@@ -27,9 +27,8 @@ import sys
 
 import torch
 
-from model.loader import load_model
+from model.loader import load_model, load_tokenizer
 from model.sampler import SamplerOutput
-from model.tokenizer import Tokenizer
 from scheduler.request import SamplingParams
 from server.config import EngineConfig
 from server.engine import EngineCore
@@ -94,7 +93,7 @@ def _step_errors(want: list[torch.Tensor], got: list[torch.Tensor]) -> list[floa
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="llama3-8b", help="synthetic preset or weights")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf file (default: the model's)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backends", nargs="+", default=["reference", "triton"],
                     help="the oracle backend, then each backend compared with it;\n"
@@ -121,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     loaded = load_model(args.model, dtype, device, with_tokenizer=args.tokenizer is None)
     if args.tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        loaded.tokenizer = Tokenizer(AutoTokenizer.from_pretrained(args.tokenizer))
+        loaded.tokenizer = load_tokenizer(args.tokenizer)
     rng = random.Random(0)
     prefix = [rng.randrange(1000, 30000) for _ in range(args.prefix_len)]
     prompts = [prefix + [rng.randrange(1000, 30000) for _ in range(args.suffix_len + 7 * i)]
