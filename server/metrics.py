@@ -168,6 +168,11 @@ class EngineMetrics:
         self.prefix_hits = self._counter("prefix_cache_hits",
                                          "Prompt tokens served from the prefix cache.")
         self.preemptions = self._counter("num_preemptions", "Requests preempted (recomputed).")
+        self.kernel_compiles = self._counter(
+            "kernel_compiles", "Triton kernel instances built (compiled or loaded from the disk "
+            "cache) after start-up; each one stalled the step that needed it.")
+        self.kernel_compile_seconds = self._counter(
+            "kernel_compile_seconds", "Time steps spent waiting on those kernel builds.")
 
         self.running = self._gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = self._gauge("num_requests_waiting", "Requests waiting to be scheduled.")
@@ -255,6 +260,10 @@ class EngineMetrics:
     def on_preemption(self, count: int) -> None:
         if count > 0:
             self.preemptions.inc(count)
+
+    def on_kernel_compile(self, kernel: str, seconds: float) -> None:
+        self.kernel_compiles.inc()
+        self.kernel_compile_seconds.inc(seconds)
 
     def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None:
         self.running.set(num_running)

@@ -51,6 +51,9 @@ class EngineObserver(Protocol):
 
     def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None: ...
 
+    def on_kernel_compile(self, kernel: str, seconds: float) -> None:
+        """A kernel instance was built after start-up (a step waited on it)."""
+
 
 class NullObserver:
     def on_step(self, phase: str, num_tokens: int, step_s: float, attention_s: float | None) -> None:
@@ -69,4 +72,7 @@ class NullObserver:
         return None
 
     def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None:
+        return None
+
+    def on_kernel_compile(self, kernel: str, seconds: float) -> None:
         return None

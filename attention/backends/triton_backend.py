@@ -25,6 +25,7 @@ from attention.triton.decode import (
     choose_num_splits,
     decode_attention,
     default_decode_config,
+    warmup_decode,
 )
 from attention.triton.rope_store import rope_store, store_kv
 from attention.triton.variants import triton_variant
@@ -33,6 +34,8 @@ from kvcache.layout import LAYOUT_NAMES
 from kvcache.pool import KVPool
 
 logger = logging.getLogger(__name__)
+
+MAX_DECODE_SPLITS = 64  # a power of two: graph mode rounds split counts up to one
 
 
 def _load_extend() -> Any:
@@ -76,16 +79,23 @@ class TritonBackend(AttentionBackend):
         self._prefill: ForwardBatch | None = None
         self._prefill_offset = 0
         self._prefill_group: _GroupPlan | None = None
-        if on_gpu and self.extend is not None:
-            # compile every extend config at start-up so no serving step waits on Triton
-            from attention.triton.extend import warmup_extend
+        if on_gpu:
+            self._warm_up(pool)
 
-            try:
-                warmup_extend(pool.layout, config.num_q_heads, config.variant, device,
-                              pool.k_caches[0].dtype)
-            except Exception:  # a failed warm-up only costs compile time later, never a step
-                logger.warning("extend kernel warm-up failed; kernels compile on first use",
-                               exc_info=True)
+    def _warm_up(self, pool: KVPool) -> None:
+        """Compile every kernel instance a step may launch, so no serving step waits on
+        Triton (kernel_compiles_total{phase="serving"} in /metrics counts any that do)."""
+        dtype = pool.k_caches[0].dtype
+        try:
+            warmup_decode(pool.layout, self.config.num_q_heads, self.variant, self.device, dtype,
+                          self.decode_config, MAX_DECODE_SPLITS, self.split_buffers)
+            if self.extend is not None:
+                from attention.triton.extend import warmup_extend
+
+                warmup_extend(pool.layout, self.config.num_q_heads, self.config.variant,
+                              self.device, dtype)
+        except Exception:  # a failed warm-up only costs compile time later, never a step
+            logger.warning("kernel warm-up failed; kernels compile on first use", exc_info=True)
 
     # ------------------------------------------------------------------ per step
 
@@ -107,7 +117,8 @@ class TritonBackend(AttentionBackend):
     def _splits(self, num_seqs: int, max_seq_len: int) -> int:
         splits = choose_num_splits(
             num_seqs, self.config.num_kv_heads, max_seq_len, self.num_sms,
-            self.decode_config.block_n, min_tokens_per_split=self.min_tokens_per_split,
+            self.decode_config.block_n, max_splits=MAX_DECODE_SPLITS,
+            min_tokens_per_split=self.min_tokens_per_split,
         )
         if self.pow2_splits:
             splits = 1 << (splits - 1).bit_length()

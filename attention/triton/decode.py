@@ -107,7 +107,9 @@ def _kv_tile(
     return result
 
 
-@triton.jit
+# The split count and the block-table width change from step to step: specialising on them
+# (== 1, multiple of 16) would compile new instances mid-serving.
+@triton.jit(do_not_specialize=["num_splits", "max_splits", "stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache, v_cache, block_table, seq_lens, slopes_ptr,
     out_ptr, part_out_ptr, part_stat_ptr,
@@ -198,7 +200,7 @@ def _decode_kernel(
         tl.store(part_stat_ptr + row, stat, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "max_splits"])
 def _merge_kernel(
     part_out_ptr, part_stat_ptr, out_ptr,
     num_splits, max_splits, stride_ob, stride_oh,
@@ -369,3 +371,27 @@ def decode_attention(
             num_warps=4 if D >= 128 else 2,
         )
     return out
+
+
+def warmup_decode(
+    layout: KVLayout, num_q_heads: int, variant: TritonVariant, device: torch.device,
+    dtype: torch.dtype, config: DecodeConfig, max_splits: int, buffers: SplitBuffers,
+) -> None:
+    """Compile every kernel instance a serving step may launch (the direct-output decode,
+    the split decode, one merge per power-of-two bound on the split count), on a tiny batch,
+    so that no step waits on Triton."""
+    D = layout.head_dim
+    k_cache = torch.zeros(layout.cache_shape(2 if layout.page_size > 1 else 8), dtype=dtype,
+                          device=device)
+    v_cache = torch.zeros_like(k_cache)
+    q = torch.zeros(1, num_q_heads, D, dtype=dtype, device=device)
+    ints = {"device": device, "dtype": torch.int32}
+    table, seq_lens = torch.zeros(1, 1, **ints), torch.ones(1, **ints)
+    slopes = torch.zeros(num_q_heads, dtype=torch.float32, device=device)
+    splits = 1
+    while True:
+        decode_attention(q, k_cache, v_cache, layout, table, seq_lens, torch.empty_like(q),
+                         D**-0.5, variant, slopes, splits, buffers, config)
+        if splits >= max_splits:
+            break
+        splits = min(2 * splits, max_splits)

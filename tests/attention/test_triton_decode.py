@@ -26,6 +26,7 @@ from attention.triton.decode import (  # noqa: E402
     SplitBuffers,
     choose_num_splits,
     decode_attention,
+    warmup_decode,
 )
 from attention.triton.variants import triton_variant  # noqa: E402
 from attention.variants import Variant  # noqa: E402
@@ -230,3 +231,29 @@ def test_user_variant_from_module(tmp_path, monkeypatch) -> None:  # type: ignor
     assert (out.double() - expected).norm() / expected.norm() < 1e-5
     with pytest.raises(ValueError, match="triton.jit"):
         triton_variant(Variant("math:sqrt"))
+
+
+@pytest.mark.parametrize("layout_name, page_size", [("token", 1), ("hnd_x", 8)])
+def test_warmup_launches_every_split_bound_up_to_the_maximum(
+    layout_name: str, page_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """warmup_decode runs the direct kernel and one split launch per power-of-two bound
+    (each a distinct merge-kernel instance on the GPU), ending at the maximum."""
+    import attention.triton.decode as decode_module
+
+    layout = KVLayout.create(layout_name, page_size, NUM_KV_HEADS, HEAD_DIM, "float32")
+    calls: list[int] = []
+    real = decode_module.decode_attention
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(args[10])  # num_splits
+        out = real(*args, **kwargs)
+        assert torch.isfinite(out).all()
+        return out
+
+    monkeypatch.setattr(decode_module, "decode_attention", spy)
+    buffers = SplitBuffers.empty(torch.device("cpu"))
+    warmup_decode(layout, NUM_KV_HEADS * 3, triton_variant(Variant("softmax")),
+                  torch.device("cpu"), torch.float32, DecodeConfig(16, 4, 1), 12, buffers)
+    assert calls == [1, 2, 4, 8, 12]
+    assert buffers.part_stat.numel() >= NUM_KV_HEADS * 3 * 12
