@@ -126,6 +126,27 @@ class ModelRunner:
         with torch.inference_mode():
             self.graphs.capture_all()
 
+    def warm_up(self) -> None:
+        """Run a prefill, a decode and a mixed step eagerly on the scratch page (page 0, never
+        handed out), so every kernel instance and library handle a serving step needs exists
+        before the first request: no request pays for compiling or initialising them."""
+        greedy = SamplingParams(temperature=0.0, max_tokens=1)
+
+        def step(num_decodes: int, num_seqs: int) -> StepInput:
+            return StepInput(
+                token_ids=[0] * num_seqs, q_lens=[1] * num_seqs, prefix_lens=[0] * num_seqs,
+                page_tables=[[0]] * num_seqs, num_decodes=num_decodes,
+                sample_seqs=list(range(num_seqs)), sampling=[greedy] * num_seqs,
+                generators=[None] * num_seqs,
+            )
+
+        graphs, self.graphs = self.graphs, None  # eager, even once graphs are captured
+        try:
+            for num_decodes, num_seqs in ((0, 1), (1, 1), (1, 2)):
+                self.execute(step(num_decodes, num_seqs))
+        finally:
+            self.graphs = graphs
+
     def _use_graph(self, step: StepInput) -> bool:
         return (self.graphs is not None and not step.time_attention
                 and step.num_decodes == len(step.q_lens) > 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import torch
 
 from attention.backends.hybrid import build_attention_backend
 from attention.base import AttentionConfig
-from attention.triton.compile_watch import CompileEvent, watch_compiles
+from attention.triton.compile_watch import KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
 from kvcache.layout import KVLayout
@@ -91,13 +90,6 @@ class EngineCore:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.observer: EngineObserver = observer or NullObserver()
-        # Kernel builds during start-up are expected (warm-up, graph capture); any later one
-        # stalls a step, so it is logged and counted in /metrics.
-        self.serving = False
-        self._step_thread: int | None = None  # builds on other threads belong to others
-        self.startup_compiles: list[CompileEvent] = []
-        self.serving_compiles = 0
-        self._unwatch_compiles = watch_compiles(self._on_kernel_compile)
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, seed=config.seed,
                                            with_tokenizer=config.tokenizer is None)
         if config.tokenizer is not None:
@@ -140,18 +132,23 @@ class EngineCore:
             self.prefix_cache,
         )
         self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        if self.device.type == "cuda":
+            self.runner.warm_up()
         self._setup_cuda_graphs(config)
         self._tracked: dict[str, _Tracked] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
-        self.serving = True
+        # Kernels built during start-up are expected (warm-up, graph capture); any built
+        # later stalls a step, so it is logged and counted in /metrics.
+        self.kernel_watch = KernelInstanceWatch()
+        self.serving_compiles = 0
         logger.info(
             "engine ready: model=%s backend=%s layout=%s page_size=%d dtype=%s device=%s "
-            "max_model_len=%d kv_tokens=%d kernel_builds_at_startup=%d (%.1f s)",
+            "max_model_len=%d kv_tokens=%d kernel_instances=%d",
             self.model_name, self.backend.name, self.layout.name, self.layout.page_size,
             self.dtype, self.device, self.max_model_len, self.pool.num_tokens,
-            len(self.startup_compiles), sum(e.seconds for e in self.startup_compiles),
+            self.kernel_watch.total(),
         )
 
     # ---- set-up -------------------------------------------------------------------------
@@ -194,16 +191,17 @@ class EngineCore:
                 f"holds {self.pool.num_tokens}", "max_tokens",
             )
 
-    def _on_kernel_compile(self, event: CompileEvent) -> None:
-        if not self.serving:
-            self.startup_compiles.append(event)
+    def _check_kernel_builds(self, step_s: float) -> None:
+        """Log and count the kernel instances the last step had to build."""
+        grown = self.kernel_watch.new_instances()
+        if not grown:
             return
-        if threading.get_ident() != self._step_thread:
-            return
-        self.serving_compiles += 1
-        logger.warning("a step waited %.2f s for Triton to build a new instance of %s "
-                       "(not covered by the start-up warm-up)", event.seconds, event.kernel)
-        self.observer.on_kernel_compile(event.kernel, event.seconds)
+        count = sum(grown.values())
+        self.serving_compiles += count
+        logger.warning("a %.2f s step built %d Triton kernel instance(s) not covered by the "
+                       "start-up warm-up: %s", step_s, count,
+                       ", ".join(f"{name} x{n}" for name, n in grown.items()))
+        self.observer.on_kernel_compile(count, step_s)
 
     def _setup_cuda_graphs(self, config: EngineConfig) -> None:
         if not config.cuda_graphs or self.device.type != "cuda":
@@ -277,7 +275,6 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Returns the outputs it produced (also sent to sinks)."""
-        self._step_thread = threading.get_ident()
         self._drain_inbox()
         outputs: list[RequestOutput] = []
         plan = self.scheduler.schedule()
@@ -307,6 +304,7 @@ class EngineCore:
         now = time.monotonic()
         step_s = time.perf_counter() - t0
         self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
+        self._check_kernel_builds(step_s)
         outputs.extend(
             self._process_tokens(sampled_seqs, result.token_ids, result.logprobs, finished, now)
         )

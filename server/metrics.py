@@ -171,8 +171,8 @@ class EngineMetrics:
         self.kernel_compiles = self._counter(
             "kernel_compiles", "Triton kernel instances built (compiled or loaded from the disk "
             "cache) after start-up; each one stalled the step that needed it.")
-        self.kernel_compile_seconds = self._counter(
-            "kernel_compile_seconds", "Time steps spent waiting on those kernel builds.")
+        self.kernel_compile_step_seconds = self._counter(
+            "kernel_compile_step_seconds", "Wall time of the steps that built those instances.")
 
         self.running = self._gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = self._gauge("num_requests_waiting", "Requests waiting to be scheduled.")
@@ -261,9 +261,9 @@ class EngineMetrics:
         if count > 0:
             self.preemptions.inc(count)
 
-    def on_kernel_compile(self, kernel: str, seconds: float) -> None:
-        self.kernel_compiles.inc()
-        self.kernel_compile_seconds.inc(seconds)
+    def on_kernel_compile(self, count: int, step_s: float) -> None:
+        self.kernel_compiles.inc(count)
+        self.kernel_compile_step_seconds.inc(step_s)
 
     def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None:
         self.running.set(num_running)

@@ -51,8 +51,8 @@ class EngineObserver(Protocol):
 
     def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None: ...
 
-    def on_kernel_compile(self, kernel: str, seconds: float) -> None:
-        """A kernel instance was built after start-up (a step waited on it)."""
+    def on_kernel_compile(self, count: int, step_s: float) -> None:
+        """A step of step_s seconds built `count` kernel instances after start-up."""
 
 
 class NullObserver:
@@ -74,5 +74,5 @@ class NullObserver:
     def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None:
         return None
 
-    def on_kernel_compile(self, kernel: str, seconds: float) -> None:
+    def on_kernel_compile(self, count: int, step_s: float) -> None:
         return None

@@ -1,115 +1,79 @@
-"""Notice every Triton kernel instance the process compiles (or loads from Triton's disk cache).
+"""Notice the Triton kernel instances built after start-up.
 
 A serving step that meets a kernel specialisation nobody warmed up stalls on the compiler
-for up to seconds; this makes those stalls visible. `watch_compiles(listener)` subscribes a
-callable that receives a `CompileEvent` after each new instance is ready. The hooks are
-Triton's process-wide `knobs.runtime.jit_cache_hook` (called before an instance is built)
-and `jit_post_compile_hook` (after); any hooks installed before ours are still called.
-Listeners are held weakly when they are bound methods, so an engine that goes away stops
-listening without an explicit unsubscribe. Nothing fires under TRITON_INTERPRET=1, where
-kernels are interpreted rather than compiled.
+(about a second per instance on the H100). `KernelInstanceWatch` counts the compiled
+instances each of our kernels holds (Triton keeps one per specialisation in the kernel's
+per-device cache) and reports the growth since it last looked; the engine looks after every
+step and logs and counts any growth (attnserve_kernel_compiles_total).
+
+Counting the caches rather than using Triton's compile hooks is deliberate: with a hook
+installed, Triton 3.6 serialises each kernel's constexpr arguments to JSON and fails on the
+jitted variant functions this project passes as constexprs. Under TRITON_INTERPRET=1 kernels
+are interpreted, never compiled, and every count stays 0.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+from collections.abc import Iterable
 from typing import Any
 
-logger = logging.getLogger(__name__)
+# The modules whose jitted functions are launched as kernels.
+KERNEL_MODULES = (
+    "attention.triton.decode",
+    "attention.triton.extend",
+    "attention.triton.rope_store",
+)
 
 
-@dataclass(frozen=True)
-class CompileEvent:
-    kernel: str  # the jitted function's name, e.g. "_extend_kernel"
-    seconds: float  # from the cache miss to the instance being ready
-
-
-Listener = Callable[[CompileEvent], None]
-
-
-class _CompileHooks:
-    """The process-wide pair of Triton hooks fanning out to the subscribed listeners."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._listeners: list[Callable[[], Listener | None]] = []
-        self._started = threading.local()
-        self._installed = False
-        self._previous_cache_hook: Any = None
-        self._previous_post_hook: Any = None
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        ref: Callable[[], Listener | None]
-        if hasattr(listener, "__self__") and hasattr(listener, "__func__"):
-            ref = weakref.WeakMethod(listener)  # type: ignore[arg-type]
-        else:
-            ref = lambda: listener  # noqa: E731  (a plain function: held strongly)
-        with self._lock:
-            self._install()
-            self._listeners.append(ref)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if ref in self._listeners:
-                    self._listeners.remove(ref)
-
-        return unsubscribe
-
-    def _install(self) -> None:
-        if self._installed:
-            return
+def _jitted_functions(module_names: Iterable[str]) -> dict[str, Any]:
+    """Name -> jitted function, for every Triton function defined in the modules (helpers
+    that are only inlined into kernels keep empty caches and count 0)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return {}
+    found: dict[str, Any] = {}
+    for name in module_names:
         try:
-            from triton import knobs
-        except ImportError:  # Triton older than the knobs API: nothing to watch with
-            logger.info("triton.knobs unavailable: kernel compiles are not counted")
-            self._installed = True
-            return
-        runtime = knobs.runtime
-        self._previous_cache_hook = runtime.jit_cache_hook
-        self._previous_post_hook = runtime.jit_post_compile_hook
-        runtime.jit_cache_hook = self.before_compile
-        runtime.jit_post_compile_hook = self.after_compile
-        self._installed = True
-
-    # Triton calls these with keyword arguments (key, repr, fn, compile, ...). A true return
-    # value from the cache hook would make Triton skip the compile, so ours returns what the
-    # previous hook returned (None when there was none).
-    def before_compile(self, **kwargs: Any) -> Any:
-        self._started.at = time.perf_counter()
-        if self._previous_cache_hook is not None:
-            return self._previous_cache_hook(**kwargs)
-        return None
-
-    def after_compile(self, **kwargs: Any) -> Any:
-        started = getattr(self._started, "at", None)
-        self._started.at = None
-        seconds = time.perf_counter() - started if started is not None else 0.0
-        fn = kwargs.get("fn")
-        event = CompileEvent(str(getattr(fn, "name", fn)), seconds)
-        with self._lock:
-            listeners = [ref() for ref in self._listeners]
-            self._listeners = [ref for ref in self._listeners if ref() is not None]
-        for listener in listeners:
-            if listener is None:
-                continue
-            try:
-                listener(event)
-            except Exception:  # a broken listener must never fail a kernel launch
-                logger.exception("kernel compile listener failed")
-        if self._previous_post_hook is not None:
-            return self._previous_post_hook(**kwargs)
-        return None
+            module = importlib.import_module(name)
+        except ImportError:  # an optional kernel module (the extend kernel) may be absent
+            continue
+        for attr, value in vars(module).items():
+            if isinstance(value, JITFunction):
+                found[f"{name.rsplit('.', 1)[-1]}.{attr}"] = value
+    return found
 
 
-_HOOKS = _CompileHooks()
+def _instances(fn: Any) -> int:
+    """Compiled instances of one jitted function, over all devices."""
+    caches = getattr(fn, "device_caches", None)
+    if not caches:
+        return 0
+    total = 0
+    for entry in list(caches.values()):
+        kernel_cache = entry[0] if isinstance(entry, tuple) else entry
+        total += len(kernel_cache)
+    return total
 
 
-def watch_compiles(listener: Listener) -> Callable[[], None]:
-    """Call `listener(CompileEvent)` after every new Triton kernel instance; returns an
-    unsubscribe function."""
-    return _HOOKS.subscribe(listener)
+class KernelInstanceWatch:
+    """Compiled-instance counts of the project's kernels, and their growth between looks."""
+
+    def __init__(self, module_names: Iterable[str] = KERNEL_MODULES) -> None:
+        self.kernels = _jitted_functions(module_names)
+        self.last = self.counts()
+
+    def counts(self) -> dict[str, int]:
+        return {name: _instances(fn) for name, fn in self.kernels.items()}
+
+    def total(self) -> int:
+        return sum(self.last.values())
+
+    def new_instances(self) -> dict[str, int]:
+        """Kernel name -> instances built since the previous call (only those that grew)."""
+        now = self.counts()
+        grown = {name: n - self.last.get(name, 0) for name, n in now.items()
+                 if n > self.last.get(name, 0)}
+        self.last = now
+        return grown

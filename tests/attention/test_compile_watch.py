@@ -1,105 +1,64 @@
-"""attention/triton/compile_watch.py: Triton's compile hooks fan out to listeners, chain with
-hooks installed before, and a listener's failure never reaches the kernel launch. Triton
-calls the hooks only when it builds a kernel (never under TRITON_INTERPRET), so the tests
-call them the way Triton's JIT does: the cache hook, then the post-compile hook."""
+"""attention/triton/compile_watch.py: the watch finds the project's jitted functions and
+reports how many compiled instances each gained since it last looked. Nothing compiles on
+CPU (the interpreter runs kernels without building them), so the tests give real
+JITFunction objects per-device caches of the shape Triton keeps: device -> (kernel cache,
+...)."""
 
 from __future__ import annotations
 
-import gc
-import threading
-from types import SimpleNamespace
+import types
 
 import pytest
 
-from attention.triton import compile_watch
-from attention.triton.compile_watch import CompileEvent, watch_compiles
+from attention.triton.compile_watch import KERNEL_MODULES, KernelInstanceWatch
 
-knobs = pytest.importorskip("triton").knobs
-
-
-def build(name: str) -> object:
-    """Run Triton's two hooks around one 'compile' of a kernel called `name`; returns what
-    the cache hook returned (a true value would make Triton skip the build)."""
-    info = SimpleNamespace(name=name, module="tests", jit_function=None)
-    skip = knobs.runtime.jit_cache_hook(key="k", repr=name, fn=info, compile={},
-                                        is_manual_warmup=False, already_compiled=False)
-    knobs.runtime.jit_post_compile_hook(key="k", repr=name, fn=info, compile={},
-                                        is_manual_warmup=False, already_compiled=False)
-    return skip
+jit = pytest.importorskip("triton.runtime.jit")
 
 
-def test_listeners_receive_each_build_with_its_kernel_name_and_time() -> None:
-    seen: list[CompileEvent] = []
-    unsubscribe = watch_compiles(seen.append)
-    try:
-        assert not build("_decode_kernel")
-        build("_merge_kernel")
-    finally:
-        unsubscribe()
-    assert [e.kernel for e in seen] == ["_decode_kernel", "_merge_kernel"]
-    assert all(e.seconds >= 0.0 for e in seen)
-    build("_extend_kernel")  # after unsubscribing: nothing more arrives
-    assert len(seen) == 2
+def _kernel_a(x):  # bodies never run: only the JITFunction wrappers are inspected
+    return x
 
 
-def test_a_bound_method_listener_is_dropped_with_its_object() -> None:
-    class Engine:
-        def __init__(self, log: list[str]) -> None:
-            self.log = log
-
-        def on_compile(self, event: CompileEvent) -> None:
-            self.log.append(event.kernel)
-
-    log: list[str] = []
-    engine = Engine(log)
-    watch_compiles(engine.on_compile)
-    build("_a")
-    del engine
-    gc.collect()
-    build("_b")
-    assert log == ["_a"]
+def _kernel_b(x):
+    return x
 
 
-def test_a_failing_listener_does_not_stop_the_others_or_the_build() -> None:
-    seen: list[str] = []
-
-    def broken(event: CompileEvent) -> None:
-        raise RuntimeError("listener bug")
-
-    undo = [watch_compiles(broken), watch_compiles(lambda e: seen.append(e.kernel))]
-    try:
-        build("_k")
-    finally:
-        for u in undo:
-            u()
-    assert seen == ["_k"]
+def fake_kernel_module(monkeypatch: pytest.MonkeyPatch) -> tuple[str, object, object]:
+    """A module holding two JITFunctions (as a kernel module under a real GPU would)."""
+    module = types.ModuleType("fake_kernels")
+    a, b = jit.JITFunction(_kernel_a), jit.JITFunction(_kernel_b)
+    module.kernel_a, module.kernel_b, module.not_a_kernel = a, b, 42
+    for fn in (a, b):
+        fn.device_caches = {}
+    monkeypatch.setitem(__import__("sys").modules, "fake_kernels", module)
+    return "fake_kernels", a, b
 
 
-def test_hooks_installed_before_ours_are_still_called(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    hooks = compile_watch._CompileHooks()
-    monkeypatch.setattr(knobs.runtime, "jit_cache_hook",
-                        lambda **kw: calls.append("cache") or False)
-    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
-                        lambda **kw: calls.append("post"))
-    seen: list[str] = []
-    hooks.subscribe(lambda e: seen.append(e.kernel))
-    assert knobs.runtime.jit_cache_hook == hooks.before_compile
-    build("_x")
-    assert calls == ["cache", "post"] and seen == ["_x"]
+def build(fn: object, device: int = 0) -> None:
+    """What Triton does when it compiles a new specialisation on `device`."""
+    caches = fn.device_caches  # type: ignore[attr-defined]
+    entry = caches.setdefault(device, ({}, None))
+    entry[0][f"specialisation-{len(entry[0])}"] = object()
 
 
-def test_build_times_are_kept_per_thread() -> None:
-    seen: list[CompileEvent] = []
-    unsubscribe = watch_compiles(seen.append)
-    info = SimpleNamespace(name="_t")
-    try:
-        knobs.runtime.jit_cache_hook(fn=info)  # started on this thread, finished on another
-        other = threading.Thread(target=lambda: knobs.runtime.jit_post_compile_hook(fn=info))
-        other.start()
-        other.join()
-        knobs.runtime.jit_post_compile_hook(fn=info)
-    finally:
-        unsubscribe()
-    assert [e.seconds for e in seen][0] == 0.0  # the other thread never saw a start
-    assert seen[1].seconds > 0.0
+def test_growth_is_reported_once_per_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    name, a, b = fake_kernel_module(monkeypatch)
+    build(a)
+    watch = KernelInstanceWatch([name])
+    assert set(watch.kernels) == {"fake_kernels.kernel_a", "fake_kernels.kernel_b"}
+    assert watch.total() == 1 and watch.new_instances() == {}
+    build(a)
+    build(b)
+    build(b, device=1)  # another GPU's cache counts too
+    assert watch.new_instances() == {"fake_kernels.kernel_a": 1, "fake_kernels.kernel_b": 2}
+    assert watch.new_instances() == {}  # reported once
+    assert watch.total() == 4
+
+
+def test_the_project_kernel_modules_import_and_count_nothing_on_cpu() -> None:
+    watch = KernelInstanceWatch(KERNEL_MODULES)
+    assert watch.total() == 0 and watch.new_instances() == {}
+
+
+def test_a_missing_module_is_skipped() -> None:
+    assert KernelInstanceWatch(["no_such_module_for_attnserve"]).kernels == {}

@@ -1,17 +1,16 @@
-"""Kernel builds after start-up are logged and counted (attnserve_kernel_compiles_total):
-the engine hears Triton's compile hooks (attention/triton/compile_watch.py) and counts only
-builds on its own step thread once it is serving. Triton never builds under the CPU
-interpreter, so the builds are simulated by calling its hooks the way its JIT does."""
+"""Kernel instances built after start-up are logged and counted
+(attnserve_kernel_compiles_total), and the start-up warm-up step (ModelRunner.warm_up) leaves
+the KV pool and the requests' outputs untouched. Nothing compiles on CPU, so a build is
+simulated by growing a watched kernel's cache the way Triton does."""
 
 from __future__ import annotations
 
 import logging
-import threading
 
 import pytest
 
 from scheduler.request import SamplingParams
-from tests.attention.test_compile_watch import build
+from tests.attention.test_compile_watch import build, fake_kernel_module
 from tests.server.test_metrics_engine import make_engine, run_to_completion
 from tests.server.test_metrics_unit import parse_exposition, sample
 
@@ -19,30 +18,45 @@ pytestmark = pytest.mark.timeout(300)
 P = "attnserve_"
 
 
-def test_builds_while_serving_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_kernels_built_by_a_step_are_counted_and_logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine, metrics = make_engine()
-    assert engine.serving and engine.serving_compiles == 0
-    engine.add_request(list(range(100, 120)), SamplingParams(max_tokens=3))
-    run_to_completion(engine)  # the step thread is now this one
-    with caplog.at_level(logging.WARNING, logger="server.engine"):
-        build("_extend_kernel")
-    assert engine.serving_compiles == 1
-    assert any("_extend_kernel" in r.getMessage() for r in caplog.records)
+    name, kernel, _ = fake_kernel_module(monkeypatch)
+    engine.kernel_watch.kernels = {"fake.kernel_a": kernel}
+    engine.kernel_watch.last = engine.kernel_watch.counts()
 
-    other = threading.Thread(target=build, args=("_decode_kernel",))  # not a step: ignored
-    other.start()
-    other.join()
-    assert engine.serving_compiles == 1
+    engine.add_request(list(range(100, 120)), SamplingParams(max_tokens=3))
+    engine.step()  # builds nothing
+    assert engine.serving_compiles == 0
+    build(kernel)
+    build(kernel)  # as if the next step had met two new specialisations
+    with caplog.at_level(logging.WARNING, logger="server.engine"):
+        engine.step()
+    assert engine.serving_compiles == 2
+    assert any("fake.kernel_a x2" in r.getMessage() for r in caplog.records)
+    run_to_completion(engine)
+    assert engine.serving_compiles == 2
 
     samples = parse_exposition(metrics.render()[0])
     labels = {"attention_backend": engine.backend.name, "kv_layout": engine.layout.name}
-    assert sample(samples, P + "kernel_compiles_total", **labels) == 1.0
-    assert sample(samples, P + "kernel_compile_seconds_total", **labels) >= 0.0
+    assert sample(samples, P + "kernel_compiles_total", **labels) == 2.0
+    assert sample(samples, P + "kernel_compile_step_seconds_total", **labels) > 0.0
 
 
-def test_builds_before_serving_are_start_up_work() -> None:
-    engine, _ = make_engine()
-    before = len(engine.startup_compiles)
-    engine.serving = False  # as during warm-up and graph capture
-    build("_rope_store_kernel")
-    assert len(engine.startup_compiles) == before + 1 and engine.serving_compiles == 0
+def test_warm_up_steps_leave_pages_and_outputs_untouched() -> None:
+    engine, _ = make_engine(enable_prefix_cache=False)  # both runs compute every token
+    prompt = list(range(200, 240))
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+
+    def generate() -> list[int]:
+        outputs = []
+        engine.add_request(prompt, params, sink=outputs.append)
+        run_to_completion(engine)
+        return [t for out in outputs for t in out.new_token_ids]
+
+    first = generate()
+    free_before = engine.allocator.num_free
+    engine.runner.warm_up()  # writes only the scratch page
+    assert engine.allocator.num_free == free_before
+    assert len(first) == 8 and generate() == first
