@@ -87,6 +87,11 @@ def panels() -> list[Panel]:
             Target(f"sum by ({BY}) (rate(attnserve_num_preemptions_total{{{SEL}}}{RATE}))",
                    LEGEND),
         ], "short"),
+        Panel("Kernel builds while serving", "Triton kernel instances a step had to build "
+              "after start-up (each stalls that step; should stay 0).", [
+            Target(f"sum by ({BY}) (increase(attnserve_kernel_compiles_total{{{SEL}}}{RATE}))",
+                   LEGEND),
+        ], "short"),
         Panel("Finished and failed requests", "Requests per second by finish reason, and "
               "engine failures.", [
             Target(f"sum by ({BY}, finished_reason) "
