@@ -30,45 +30,66 @@ logger = logging.getLogger("loadtest")
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("requests")
-    g.add_argument("--endpoint", choices=list(ENDPOINT_PATHS), default="completions")
+    g.add_argument("--endpoint", choices=list(ENDPOINT_PATHS), default="completions",
+                   help="completions (/v1/completions), chat (/v1/chat/completions, streamed) "
+                        "or generate (/generate); default completions")
     g.add_argument("--model", default=None,
                    help="model field of the requests (default: the first of GET /v1/models)")
-    g.add_argument("--num-prompts", type=int, default=100)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-prompts", type=int, default=100,
+                   help="requests (random) or conversations (multi-turn) in the trace (default 100)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the trace and the arrival times: same seed, same trace")
     g.add_argument("--warmup", type=int, default=0,
                    help="requests sent (with other prompts) before the measured run")
     g.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape of the gaps between arrivals; 1 is a Poisson process")
-    g.add_argument("--max-concurrency", type=int, default=None)
+    g.add_argument("--max-concurrency", type=int, default=None,
+                   help="at most this many requests in flight (default: no limit)")
     g.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:4000 (milliseconds)")
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of the requests (default 0: greedy)")
     g.add_argument("--no-ignore-eos", action="store_true",
                    help="do not ask for exact output lengths (ignore_eos)")
     g.add_argument("--extra-body", default=None, help="JSON merged into every request body")
-    g.add_argument("--request-timeout", type=float, default=600.0)
-    g.add_argument("--metric-percentiles", default="90,95,99")
+    g.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds before a request counts as failed (default 600)")
+    g.add_argument("--metric-percentiles", default="90,95,99",
+                   help="comma-separated percentiles reported besides mean and median")
     g.add_argument("--save-detailed", action="store_true",
                    help="keep per-request arrays (ttfts, itls, ...) in the JSON")
-    g.add_argument("--disable-tqdm", action="store_true")
-    g.add_argument("--log-level", default="info")
+    g.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    g.add_argument("--log-level", default="info",
+                   help="debug, info, warning or error (default info)")
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", choices=WORKLOADS, default="random")
-    w.add_argument("--input-len", type=int, default=1024)
-    w.add_argument("--output-len", type=int, default=128)
+    w.add_argument("--workload", choices=WORKLOADS, default="random",
+                   help="random prompts, shared-prefix groups, multi-turn chats, or a JSONL "
+                        "--file (default random)")
+    w.add_argument("--input-len", type=int, default=1024,
+                   help="prompt tokens per request (random) or per user turn (multi-turn); "
+                        "default 1024")
+    w.add_argument("--output-len", type=int, default=128,
+                   help="tokens asked per answer (default 128)")
     w.add_argument("--range-ratio", type=float, default=0.0,
                    help="lengths uniform in [len*(1-r), len*(1+r)]")
-    w.add_argument("--num-groups", type=int, default=64)
-    w.add_argument("--prompts-per-group", type=int, default=16)
-    w.add_argument("--system-prompt-len", type=int, default=2048)
-    w.add_argument("--question-len", type=int, default=128)
-    w.add_argument("--turns", type=int, default=3)
+    w.add_argument("--num-groups", type=int, default=64,
+                   help="shared-prefix: groups, each with its own system prompt (default 64)")
+    w.add_argument("--prompts-per-group", type=int, default=16,
+                   help="shared-prefix: questions per group (default 16)")
+    w.add_argument("--system-prompt-len", type=int, default=2048,
+                   help="shared-prefix: tokens of each group's shared prefix (default 2048)")
+    w.add_argument("--question-len", type=int, default=128,
+                   help="shared-prefix: tokens of each question after the prefix (default 128)")
+    w.add_argument("--turns", type=int, default=3,
+                   help="multi-turn: user turns per conversation (default 3)")
     w.add_argument("--file", default=None, help="JSONL for --workload file")
     w.add_argument("--tokenizer", default=None,
                    help="HF name, folder or .gguf file; makes text prompts length-exact")
     w.add_argument("--vocab-size", type=int, default=None,
                    help="sample prompt ids from [min(1000, V/10), 0.9 V)")
-    w.add_argument("--token-id-range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    w.add_argument("--token-id-range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="prompt token ids drawn from [LOW, HIGH) (default: from --vocab-size "
+                        "or --tokenizer, else 1000 30000)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -76,7 +97,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         prog="attnserve loadtest",
         description="Replay a request trace against an OpenAI-compatible server "
                     "(subcommand 'sweep': against several attnserve configurations).")
-    run.add_argument("--base-url", default="http://127.0.0.1:8000")
+    run.add_argument("--base-url", default="http://127.0.0.1:8000",
+                     help="the server to load (default http://127.0.0.1:8000)")
     run.add_argument("--request-rate", type=parse_rate, default=float("inf"),
                      help="requests per second, or inf (all at once)")
     run.add_argument("--output", default=None, help="write the result JSON here")
@@ -89,15 +111,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="repeatable, e.g. 'hnd16=--kv-layout hnd --page-size 16'")
     sweep.add_argument("--configs", default=None,
                        help='JSON list of {"name": ..., "args": "flags" | [..] | {..}}')
-    sweep.add_argument("--request-rates", type=parse_rate, nargs="+", default=[float("inf")])
+    sweep.add_argument("--request-rates", type=parse_rate, nargs="+", default=[float("inf")],
+                       help="requests per second to replay the trace at, each a run; inf = "
+                            "all at once (default inf)")
     sweep.add_argument("--server-args", default="", help="flags given to every configuration")
     sweep.add_argument("--server-command", default=None,
                        help="how to start the server (default: python -m server serve)")
-    sweep.add_argument("--host", default="127.0.0.1")
-    sweep.add_argument("--startup-timeout", type=float, default=300.0)
+    sweep.add_argument("--host", default="127.0.0.1", help="address the servers listen on")
+    sweep.add_argument("--startup-timeout", type=float, default=300.0,
+                       help="seconds a server may take to answer /health (default 300)")
     sweep.add_argument("--restart-per-rate", action="store_true",
                        help="a fresh server for every rate (no cache carried between rates)")
-    sweep.add_argument("--output-dir", default="loadtest-results")
+    sweep.add_argument("--output-dir", default="loadtest-results",
+                       help="results, plots and server logs go here (default loadtest-results)")
     _add_common(sweep)
     return run, sweep
 

@@ -17,13 +17,24 @@ OPS = ("decode", "prefill", "extend")
 
 
 def main(argv: list[str]) -> int:
+    # --help is handled by hand: with --op it belongs to that benchmark's own parser
     ap = argparse.ArgumentParser(
-        prog="attnserve bench attention",
-        description="Attention kernel benchmarks on the GPU (see --op OP --help for each).",
+        prog="attnserve bench attention", add_help=False,
+        description="Attention kernel benchmarks on the GPU (--op OP --help lists each one's "
+                    "flags).",
     )
-    ap.add_argument("--op", choices=OPS, required=True, help="which kernel family to measure")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    ap.add_argument("--op", choices=OPS, help="which kernel family to measure (required)")
+    ap.add_argument("--log-level", default="INFO",
+                    help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     args, rest = ap.parse_known_args(argv)
+    if args.op is None:
+        if args.help:
+            ap.print_help()
+            return 0
+        ap.error("--op is required")
+    if args.help:
+        rest = [*rest, "--help"]
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.op == "decode":

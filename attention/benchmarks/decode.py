@@ -187,21 +187,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="attnserve bench attention --op decode")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="attnserve bench attention --op decode",
+        description="Batch decode: the Triton kernel on every layout against the device's copy "
+                    "bandwidth and torch peers on contiguous K/V, measured in the same run.")
     ap.add_argument("--shapes", default="64x4096,16x16384,256x1024,1x32768",
                     help="comma-separated BATCHxCONTEXT")
-    ap.add_argument("--layouts", default="token,nhd,hnd,hnd_x")
-    ap.add_argument("--page-sizes", default="16,64")
+    ap.add_argument("--layouts", default="token,nhd,hnd,hnd_x",
+                    help="comma-separated KV layouts (token always has page size 1)")
+    ap.add_argument("--page-sizes", default="16,64",
+                    help="comma-separated page sizes for the paged layouts")
     ap.add_argument("--variants", default="softmax",
                     help="comma-separated, e.g. softmax,softcap:30,sliding_window:1024,alibi")
     ap.add_argument("--variant-shapes", default="",
                     help="shapes on which non-softmax variants run (default: all)")
     ap.add_argument("--variant-layouts", default="nhd",
                     help="layouts on which non-softmax variants run")
-    ap.add_argument("--num-q-heads", type=int, default=32)
-    ap.add_argument("--num-kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--num-q-heads", type=int, default=32, help="query heads (default 32)")
+    ap.add_argument("--num-kv-heads", type=int, default=8, help="KV heads (default 8)")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
     ap.add_argument("--peers", default="sdpa,flex", help="comma-separated: sdpa, flex")
     ap.add_argument("--check", action="store_true",
                     help="check every Triton output against float32 torch (rel. err < 1e-2)")
@@ -210,10 +215,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="BLOCK_N,WARPS,STAGES[,X_MODE] launch override for every layout")
     ap.add_argument("--layout-config", action="append", default=[],
                     help="LAYOUT=BLOCK_N,WARPS,STAGES[,X_MODE]: override for one layout")
-    ap.add_argument("--json-out", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda")
-    return ap.parse_args(argv)
+    ap.add_argument("--json-out", default=None, help="write the run (device, peers, rows) here")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random q/K/V")
+    ap.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    return ap
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run_shape(args: argparse.Namespace, shape: Shape, ceilings: DeviceCeilings,

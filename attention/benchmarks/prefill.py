@@ -225,23 +225,27 @@ def summary_table(rows: list[BenchRow], ceilings: DeviceCeilings) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--op", choices=["prefill", "extend", "all"], default="all")
+    parser.add_argument("--op", choices=["prefill", "extend", "all"], default="all",
+                        help="causal prefill cases, the extend case, or both (default all)")
     parser.add_argument("--layouts", default="nhd:64,hnd:64,token:1,hnd_x:64",
                         help="comma list of layout:page_size")
-    parser.add_argument("--num-q-heads", type=int, default=32)
-    parser.add_argument("--num-kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--peers", default="sdpa_flash,cudnn,flex")
+    parser.add_argument("--num-q-heads", type=int, default=32, help="query heads (default 32)")
+    parser.add_argument("--num-kv-heads", type=int, default=8, help="KV heads (default 8)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
+    parser.add_argument("--peers", default="sdpa_flash,cudnn,flex",
+                        help="comma-separated peers on contiguous K/V: sdpa_flash, cudnn, flex")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="time only the table config of the kernel")
     parser.add_argument("--sweep-set", choices=sorted(SWEEPS), default=None,
                         help="time this config set for every layout (default: by layout kind)")
     parser.add_argument("--no-checks", dest="checks", action="store_false",
                         help="skip the variant and head-dim-64 checks")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--out", default="prefill.json", help="JSON output path")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                        help="q/K/V dtype (default bfloat16)")
+    parser.add_argument("--iters", type=int, default=30, help="timed repetitions per case")
+    parser.add_argument("--out", "--json-out", dest="out", default="prefill.json",
+                        help="JSON output path (default prefill.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random q/K/V")
 
 
 def run(args: argparse.Namespace) -> list[BenchRow]:
@@ -288,7 +292,8 @@ def run(args: argparse.Namespace) -> list[BenchRow]:
 
 def main(args: argparse.Namespace | list[str] | None = None) -> None:
     if not isinstance(args, argparse.Namespace):
-        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser = argparse.ArgumentParser(prog="attnserve bench attention --op prefill|extend",
+                                         description=__doc__.splitlines()[0])
         add_arguments(parser)
         args = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
