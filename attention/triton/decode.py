@@ -248,16 +248,19 @@ def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool) -> Deco
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
     if head_dim > 128:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
-    # From the H100 sweep (bench/results/h100-decode-sweep-2026-11-25.json): page size 1
-    # wants longer tiles (one table read per token); 64/4/2 was best or within 2% of the
-    # best for nhd/hnd on every shape.
+    # From the H100 sweep (bench/results/h100-decode-sweep-2026-11-25.json): 64/4/2 was best
+    # or within 2% of the best for nhd/hnd on every shape.
     if layout.name == "hnd_x":
         # [N/X, D, X] tiles (16-byte rows, coalesced) permuted for tl.dot; 32-token tiles
         # reached 87-92% of copy bandwidth at batch >= 16, 75% for one 32k request
         # (bench/results/h100-decode-sweep-hndx-2026-11-25b.json).
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3, x_mode=1)
     if layout.name == "token":
-        return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
+        # 64-token tiles: 0.98 of copy bandwidth at (64, 4096) in the sweep, where 128-token
+        # tiles gave 0.97 with two splits and 0.91 with one (the split count chosen there;
+        # h100-decode-2026-11-25b.json); within 1% or better on the other shapes
+        # (h100-decode-sweep-2026-11-25.json).
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=2)
 
 
