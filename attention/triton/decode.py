@@ -107,9 +107,11 @@ def _kv_tile(
     return result
 
 
-# The split count and the block-table width change from step to step: specialising on them
-# (== 1, multiple of 16) would compile new instances mid-serving.
-@triton.jit(do_not_specialize=["num_splits", "max_splits", "stride_bt"])
+# The block-table width changes from step to step: specialising on it (== 1, multiple of
+# 16) would compile new instances mid-serving. The split count stays specialised: knowing
+# it is 1 made hnd_x 6% faster at (256, 1024) on the H100, and its three classes (1, a
+# multiple of 16, other) are all compiled by warmup_decode.
+@triton.jit(do_not_specialize=["max_splits", "stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache, v_cache, block_table, seq_lens, slopes_ptr,
     out_ptr, part_out_ptr, part_stat_ptr,
@@ -380,9 +382,10 @@ def warmup_decode(
     layout: KVLayout, num_q_heads: int, variant: TritonVariant, device: torch.device,
     dtype: torch.dtype, config: DecodeConfig, max_splits: int, buffers: SplitBuffers,
 ) -> None:
-    """Compile every kernel instance a serving step may launch (the direct-output decode,
-    the split decode, one merge per power-of-two bound on the split count), on a tiny batch,
-    so that no step waits on Triton."""
+    """Compile every kernel instance a serving step may launch, on a tiny batch, so that no
+    step waits on Triton: split counts 1, 2, 4, ... up to `max_splits` cover the decode
+    kernel's three split classes (1 with direct output, multiples of 16, others) and one
+    merge instance per power-of-two bound on the split count."""
     D = layout.head_dim
     k_cache = torch.zeros(layout.cache_shape(2 if layout.page_size > 1 else 8), dtype=dtype,
                           device=device)
