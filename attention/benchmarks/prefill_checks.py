@@ -1,7 +1,7 @@
 """GPU correctness checks of the extend kernel that the prefill benchmark runs first.
 
 Every variant on a ragged bf16 batch (empty and odd-length prefixes, a one-token run,
-shuffled pages), against the reference backend's batched torch path in fp32; plus the
+shuffled pages, NaN in every cache slot no sequence owns), against the reference backend's batched torch path in fp32; plus the
 SmolLM2 shape (head dim 64, 9 query / 3 KV heads). Each check returns a dict with the
 relative error and whether it is under 1e-2 with every output element written.
 """
@@ -40,17 +40,25 @@ def _check(
     pool = KVPool(KVPoolConfig(layout, 1, num_pages, dtype, device))
     ids = (torch.randperm(num_pages - 1) + 1).tolist()
     tables = [[ids.pop() for _ in range(n)] for n in pages_needed]
+    owned = torch.zeros(num_pages * P, dtype=torch.bool)
     for table, s in zip(tables, seq_lens, strict=True):
         pos = torch.arange(s)
-        slots = (torch.tensor(table)[pos // P] * P + pos % P).to(device)
+        slots = torch.tensor(table)[pos // P] * P + pos % P
+        owned[slots] = True
         for cache in (pool.k_caches[0], pool.v_caches[0]):
-            write_slots(cache, layout, slots, torch.randn(s, hkv, d, device=device))
+            write_slots(cache, layout, slots.to(device), torch.randn(s, hkv, d, device=device))
     batch = ForwardBatch.build(q_lens, prefix_lens, tables, P, device, num_decodes=0)
     q = torch.randn(batch.num_tokens, hq, d, device=device, dtype=dtype)
     config = AttentionConfig(hq, hkv, d, d**-0.5, variant)
     plan = plan_group(batch, 0)
     ref = attend_group(plan, q, pool.k_caches[0], pool.v_caches[0], pool, config, torch.float32)
     ref = ref[plan.q_valid]
+    # Slots no sequence owns (page tails past seq_len, other pages) become NaN: a kernel that
+    # reads a key past a sequence's end then fails the finiteness check.
+    stale = (~owned).nonzero().flatten().to(device)
+    nan = torch.full((stale.numel(), hkv, d), float("nan"), device=device)
+    for cache in (pool.k_caches[0], pool.v_caches[0]):
+        write_slots(cache, layout, stale, nan)
     out = torch.full_like(q, float("nan"))
     extend_attention(
         q, pool.k_caches[0], pool.v_caches[0], layout, batch.qo_indptr, batch.prefix_lens,
