@@ -133,7 +133,10 @@ class EngineCore:
         )
         self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
         if self.device.type == "cuda":
-            self.runner.warm_up()
+            try:
+                self.runner.warm_up()
+            except Exception:  # costs the first requests some compile time, nothing more
+                logger.warning("warm-up step failed; kernels build on first use", exc_info=True)
         self._setup_cuda_graphs(config)
         self._tracked: dict[str, _Tracked] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -141,14 +144,14 @@ class EngineCore:
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
         # Kernels built during start-up are expected (warm-up, graph capture); any built
         # later stalls a step, so it is logged and counted in /metrics.
-        self.kernel_watch = KernelInstanceWatch()
+        self.kernel_watch: KernelInstanceWatch | None = KernelInstanceWatch()
         self.serving_compiles = 0
         logger.info(
             "engine ready: model=%s backend=%s layout=%s page_size=%d dtype=%s device=%s "
             "max_model_len=%d kv_tokens=%d kernel_instances=%d",
             self.model_name, self.backend.name, self.layout.name, self.layout.page_size,
             self.dtype, self.device, self.max_model_len, self.pool.num_tokens,
-            self.kernel_watch.total(),
+            self.kernel_watch.total() if self.kernel_watch is not None else -1,
         )
 
     # ---- set-up -------------------------------------------------------------------------
@@ -192,8 +195,18 @@ class EngineCore:
             )
 
     def _check_kernel_builds(self, step_s: float) -> None:
-        """Log and count the kernel instances the last step had to build."""
-        grown = self.kernel_watch.new_instances()
+        """Log and count the kernel instances the last step had to build. A diagnostic: if
+        reading Triton's caches ever fails (its internals change), the watch turns off
+        instead of failing steps."""
+        if self.kernel_watch is None:
+            return
+        try:
+            grown = self.kernel_watch.new_instances()
+        except Exception:
+            logger.warning("cannot read Triton's kernel caches; kernel builds are no longer "
+                           "counted", exc_info=True)
+            self.kernel_watch = None
+            return
         if not grown:
             return
         count = sum(grown.values())
@@ -201,7 +214,9 @@ class EngineCore:
         logger.warning("a %.2f s step built %d Triton kernel instance(s) not covered by the "
                        "start-up warm-up: %s", step_s, count,
                        ", ".join(f"{name} x{n}" for name, n in grown.items()))
-        self.observer.on_kernel_compile(count, step_s)
+        hook = getattr(self.observer, "on_kernel_compile", None)  # older observers lack it
+        if hook is not None:
+            hook(count, step_s)
 
     def _setup_cuda_graphs(self, config: EngineConfig) -> None:
         if not config.cuda_graphs or self.device.type != "cuda":
@@ -297,6 +312,7 @@ class EngineCore:
                 self.scheduler.abort_request(rid)
                 if tracked is not None:
                     outputs.append(self._emit_failure(tracked, f"internal error: {e}"))
+            self._check_kernel_builds(time.perf_counter() - t0)
             return outputs
         # which sequences were sampled must be read before update() advances the requests
         sampled_seqs = [seq for seq in plan.seqs if seq.needs_sample]

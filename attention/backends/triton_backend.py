@@ -84,7 +84,7 @@ class TritonBackend(AttentionBackend):
 
     def _warm_up(self, pool: KVPool) -> None:
         """Compile every kernel instance a step may launch, so no serving step waits on
-        Triton (kernel_compiles_total{phase="serving"} in /metrics counts any that do)."""
+        Triton (attnserve_kernel_compiles_total in /metrics counts any that do)."""
         dtype = pool.k_caches[0].dtype
         try:
             warmup_decode(pool.layout, self.config.num_q_heads, self.variant, self.device, dtype,

@@ -1,9 +1,10 @@
 """GPU correctness checks of the extend kernel that the prefill benchmark runs first.
 
 Every variant on a ragged bf16 batch (empty and odd-length prefixes, a one-token run,
-shuffled pages, NaN in every cache slot no sequence owns), against the reference backend's batched torch path in fp32; plus the
-SmolLM2 shape (head dim 64, 9 query / 3 KV heads). Each check returns a dict with the
-relative error and whether it is under 1e-2 with every output element written.
+shuffled pages, NaN in every cache slot no sequence owns), against the reference backend's
+batched torch path in fp32; plus the SmolLM2 shape (head dim 64, 9 query / 3 KV heads).
+Each check returns a dict with the relative error and whether it is under 1e-2 with every
+output element written.
 """
 
 from __future__ import annotations

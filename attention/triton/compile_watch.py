@@ -6,6 +6,10 @@ instances each of our kernels holds (Triton keeps one per specialisation in the 
 per-device cache) and reports the growth since it last looked; the engine looks after every
 step and logs and counts any growth (attnserve_kernel_compiles_total).
 
+The caches belong to the process, not to one engine: a second engine or a benchmark in the
+same process that builds kernels shows up in the first engine's count too (the server runs
+one engine per process).
+
 Counting the caches rather than using Triton's compile hooks is deliberate: with a hook
 installed, Triton 3.6 serialises each kernel's constexpr arguments to JSON and fails on the
 jitted variant functions this project passes as constexprs. Under TRITON_INTERPRET=1 kernels
@@ -34,13 +38,16 @@ def _jitted_functions(module_names: Iterable[str]) -> dict[str, Any]:
     except ImportError:
         return {}
     found: dict[str, Any] = {}
+    seen: set[int] = set()
     for name in module_names:
         try:
             module = importlib.import_module(name)
         except ImportError:  # an optional kernel module (the extend kernel) may be absent
             continue
         for attr, value in vars(module).items():
-            if isinstance(value, JITFunction):
+            # a function imported from another listed module is counted once
+            if isinstance(value, JITFunction) and id(value) not in seen:
+                seen.add(id(value))
                 found[f"{name.rsplit('.', 1)[-1]}.{attr}"] = value
     return found
 

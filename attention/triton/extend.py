@@ -338,11 +338,9 @@ def extend_attention_with_config(
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
     tv = triton_variant(variant)
-    slopes = alibi_slopes
-    if tv.needs_slopes and slopes is None:
-        slopes = _slopes_for(Hq, q.device)
-    if slopes is None:
-        slopes = qo_indptr  # never read (HAS_SLOPES is False); any device pointer will do
+    # Always a float32 tensor, read only by alibi: the pointer's type is part of the kernel
+    # instance, so a stand-in of another type would compile (and warm up) another instance.
+    slopes = alibi_slopes if alibi_slopes is not None else _slopes_for(Hq, q.device)
     page_size = layout.page_size
     # sliding_window masks keys with q_pos - k_pos >= window; whole tiles below are skipped
     window = math.ceil(tv.param) if variant.name == "sliding_window" else 0

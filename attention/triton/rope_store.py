@@ -40,7 +40,10 @@ def _rotate_halves(ptr, row, heads, offs_h, mask, cos, sin, stride_h, HALF: tl.c
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
-@triton.jit
+# A hybrid backend hands this kernel slices of the step's positions/slots that start after
+# the decodes; their alignment then changes with the decode count, and specialising on it
+# would build new instances mid-serving.
+@triton.jit(do_not_specialize=["positions", "slots"])
 def _rope_store_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, positions, cos_sin, slots, k_cache, v_cache,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,

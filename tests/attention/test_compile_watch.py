@@ -6,6 +6,8 @@ JITFunction objects per-device caches of the shape Triton keeps: device -> (kern
 
 from __future__ import annotations
 
+import os
+import sys
 import types
 
 import pytest
@@ -30,7 +32,7 @@ def fake_kernel_module(monkeypatch: pytest.MonkeyPatch) -> tuple[str, object, ob
     module.kernel_a, module.kernel_b, module.not_a_kernel = a, b, 42
     for fn in (a, b):
         fn.device_caches = {}
-    monkeypatch.setitem(__import__("sys").modules, "fake_kernels", module)
+    monkeypatch.setitem(sys.modules, "fake_kernels", module)
     return "fake_kernels", a, b
 
 
@@ -55,9 +57,27 @@ def test_growth_is_reported_once_per_kernel(monkeypatch: pytest.MonkeyPatch) -> 
     assert watch.total() == 4
 
 
-def test_the_project_kernel_modules_import_and_count_nothing_on_cpu() -> None:
+def test_the_project_kernel_modules_are_found() -> None:
     watch = KernelInstanceWatch(KERNEL_MODULES)
-    assert watch.total() == 0 and watch.new_instances() == {}
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # interpreted kernels are not JITFunctions and are never built: nothing to count
+        assert watch.kernels == {} and watch.total() == 0
+    else:
+        assert {"decode._decode_kernel", "decode._merge_kernel", "extend._extend_kernel",
+                "rope_store._rope_store_kernel"} <= set(watch.kernels)
+    assert watch.new_instances() == {}
+
+
+def test_a_function_imported_into_several_modules_is_counted_once(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, a, _ = fake_kernel_module(monkeypatch)
+    other = types.ModuleType("fake_kernels_importer")
+    other.kernel_a = a  # `from fake_kernels import kernel_a`
+    monkeypatch.setitem(sys.modules, "fake_kernels_importer", other)
+    watch = KernelInstanceWatch([name, "fake_kernels_importer"])
+    build(a)
+    assert watch.new_instances() == {"fake_kernels.kernel_a": 1}
 
 
 def test_a_missing_module_is_skipped() -> None:

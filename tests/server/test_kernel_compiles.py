@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from scheduler.request import SamplingParams
 from tests.attention.test_compile_watch import build, fake_kernel_module
@@ -57,6 +58,12 @@ def test_warm_up_steps_leave_pages_and_outputs_untouched() -> None:
 
     first = generate()
     free_before = engine.allocator.num_free
-    engine.runner.warm_up()  # writes only the scratch page
+    caches = (*engine.pool.k_caches, *engine.pool.v_caches)
+    for c in caches:
+        c[0].fill_(float("nan"))  # the scratch page: the warm-up's K/V land here
+    pages = [c[1:].clone() for c in caches]
+    engine.runner.warm_up()
     assert engine.allocator.num_free == free_before
+    assert all(torch.isfinite(c[0]).any() for c in caches), "warm-up stored nothing"
+    assert all(torch.equal(c[1:], before) for c, before in zip(caches, pages, strict=True))
     assert len(first) == 8 and generate() == first
