@@ -59,9 +59,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="time the attention calls every N steps (0 = never)")
     g.add_argument("--weights-seed", type=int, default=0,
                    help="seed of the random weights of synthetic presets")
-    g.add_argument("--no-cuda-graphs", action="store_true",
+    g.add_argument("--no-cuda-graphs", "--enforce-eager", dest="no_cuda_graphs",
+                   action="store_true",
                    help="run decode steps eagerly instead of replaying captured CUDA graphs "
-                        "(graphs are used on a GPU with the triton backend)")
+                        "(graphs are used on a GPU with the triton backend); --enforce-eager "
+                        "is vLLM's name for it")
     g.add_argument("--cuda-graph-max-batch", type=_at_least_one, default=None,
                    help="largest decode batch captured in a graph (default: --max-num-seqs, "
                         "at most 256); larger decode steps run eagerly")
