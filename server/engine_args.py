@@ -29,8 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights and KV dtype; auto = float32 on CPU, bfloat16 on GPU")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when present)")
     g.add_argument("--attention-backend", default="auto",
-                   help="attention backend: reference, sdpa, triton (auto = triton on GPU, reference "
-                        "on CPU)")
+                   help="attention backend: reference, sdpa, flex, triton (auto = triton on GPU, "
+                        "reference on CPU)")
     g.add_argument("--prefill-backend", default=None,
                    help="backend for prefill/extend sequences (default: --attention-backend)")
     g.add_argument("--decode-backend", default=None,

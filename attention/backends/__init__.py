@@ -3,7 +3,7 @@
 from attention.backends import hybrid, reference  # noqa: F401
 
 try:  # torch peers: present in every torch >= 2.5
-    from attention.backends import sdpa  # noqa: F401
+    from attention.backends import flex, sdpa  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 

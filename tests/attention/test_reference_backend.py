@@ -1,4 +1,4 @@
-"""The reference backend (and the SDPA peer) against the float64 oracle, over every layout,
+"""The reference backend (and the SDPA and FlexAttention peers) against the float64 oracle, over every layout,
 page size, GQA group and variant, on ragged mixed batches with cached prefixes."""
 
 from __future__ import annotations
@@ -75,6 +75,44 @@ def test_reference_backend_matches_oracle(layout: str, page_size: int, group: in
                                                 ("softmax", "alibi", "sliding_window")])
 def test_sdpa_backend_matches_oracle(layout: str, page_size: int, variant: str, param: float) -> None:
     run_case("sdpa", layout, page_size, 3, variant, param)
+
+
+@pytest.mark.parametrize(("layout", "page_size"), LAYOUTS[:4])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize(("variant", "param"), [v for v in VARIANTS if v[0] in
+                                                ("softmax", "softcap", "alibi",
+                                                 "sliding_window")])
+def test_flex_backend_matches_oracle(layout: str, page_size: int, group: int, variant: str,
+                                     param: float) -> None:
+    run_case("flex", layout, page_size, group, variant, param)
+
+
+def test_flex_backend_pads_single_row_groups() -> None:
+    """A lone decode and a lone one-token prefill (batch, query and key lengths of 1, which
+    the flex backend pads to 2) still come out right."""
+    from attention.backends.flex import _pad_to_two
+
+    t = torch.tensor([[5]])
+    assert _pad_to_two(t, (0, 1), None).tolist() == [[5, 5], [5, 5]]
+    assert _pad_to_two(t.bool(), (0, 1), False).tolist() == [[True, False], [False, False]]
+    for _ in range(3):
+        run_single_case("flex")
+
+
+def run_single_case(backend_name: str) -> None:
+    hkv, hq, d, P = 2, 6, 16, 4
+    layout = KVLayout.create("nhd", P, hkv, d, "float32")
+    pool = KVPool(KVPoolConfig(layout, 1, 8, torch.float32, torch.device("cpu")))
+    for t in pool.k_caches + pool.v_caches:
+        t.fill_(float("nan"))
+    k, v, q = torch.randn(1, hkv, d), torch.randn(1, hkv, d), torch.randn(1, hq, d)
+    cfg = AttentionConfig(hq, hkv, d, d**-0.5, Variant("softmax"))
+    backend = create_backend(backend_name, cfg, pool)
+    batch = ForwardBatch.build([1], [0], [[3]], P, torch.device("cpu"), num_decodes=0)
+    backend.plan(batch)
+    out = backend.forward(q, k, v, 0)
+    want = oracle_attention(q, k, v, 0, d**-0.5, "softmax", 0.0)
+    assert torch.allclose(out.double(), want, atol=1e-5)
 
 
 def test_reference_backend_bfloat16_pool() -> None:

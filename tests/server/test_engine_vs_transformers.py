@@ -60,3 +60,15 @@ def test_preemption_keeps_outputs_and_frees_every_page() -> None:
     sched = llm.engine.scheduler
     assert sched.stats.num_preemptions_total > 0
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_total
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_torch_peer_backends_match_transformers(backend: str) -> None:
+    """The SDPA and FlexAttention peers serve the same greedy tokens as transformers (chunked
+    prefill, so steps mix decodes and prefill chunks)."""
+    llm = make_llm(kv_layout="nhd", page_size=16, max_num_batched_tokens=64,
+                   attention_backend=backend)
+    assert llm.engine.backend.name == backend
+    results = llm.generate(test_prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    check_against_hf(results)
+    assert llm.engine.stats()["num_pages_in_use"] == 0

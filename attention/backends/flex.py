@@ -1,0 +1,180 @@
+"""FlexAttention (torch.nn.attention.flex_attention) as a peer backend.
+
+Like `sdpa`, each phase group's paged K/V is gathered into a padded block, then attended;
+the mask (causal, padding, sliding window) is a `BlockMask` built once per step in `plan`
+from the group's visibility, so Flex skips the blocks no query may see, and softcap and
+ALiBi are `score_mod` functions. Flex always normalises with softmax, so the pointwise
+variants (sigmoid, silu) are not offered.
+
+On a GPU `flex_attention` runs compiled (`torch.compile(..., dynamic=True)`, one compile
+per shape class, done by `warm_up` at start so no step waits on it); on the CPU it runs
+eagerly (Flex's unfused path, which materialises the scores: correct, not fast).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from attention.backends.reference import ReferenceBackend, _GroupPlan
+from attention.base import AttentionConfig, register_backend
+from attention.batch import ForwardBatch
+from attention.variants import alibi_slopes
+from kvcache.layout import LAYOUT_NAMES
+from kvcache.pool import KVPool, read_slots
+
+logger = logging.getLogger(__name__)
+
+ScoreMod = Callable[..., torch.Tensor]
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+
+
+def _flex_for(device: torch.device) -> Callable[..., torch.Tensor]:
+    """Compiled Flex on CUDA (shared by every layer and engine), eager elsewhere."""
+    global _compiled_flex
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+@dataclass
+class _FlexGroup:
+    """One phase group, padded so that batch, query and key lengths are all >= 2: compiled
+    with dynamic shapes, Flex specialises on sizes of 1, and every extra shape class would be
+    another compile."""
+
+    token_offset: int
+    num_tokens: int
+    q_rows: torch.Tensor  # [B, Lq]
+    q_valid: torch.Tensor  # [B, Lq]
+    kv_slots: torch.Tensor  # [B, Lk]
+    block_mask: BlockMask
+    score_mod: ScoreMod | None
+
+
+def _pad_to_two(t: torch.Tensor, dims: tuple[int, ...], value: Any) -> torch.Tensor:
+    """Pad each listed dim of size 1 to 2 (repeating the edge, or with `value`)."""
+    for d in dims:
+        if t.shape[d] == 1:
+            extra = torch.full_like(t.narrow(d, 0, 1), value) if value is not None else \
+                t.narrow(d, 0, 1)
+            t = torch.cat([t, extra], dim=d)
+    return t
+
+
+def _score_mod(config: AttentionConfig, q_pos: torch.Tensor, slopes: torch.Tensor
+               ) -> ScoreMod | None:
+    """The variant's logits transform as a Flex score_mod (None: plain softmax)."""
+    variant = config.variant
+    if variant.name == "softcap":
+        cap = float(variant.param)
+
+        def softcap(score: torch.Tensor, b: Any, h: Any, q: Any, k: Any) -> torch.Tensor:
+            return cap * torch.tanh(score / cap)
+
+        return softcap
+    if variant.name == "alibi":
+
+        def alibi(score: torch.Tensor, b: Any, h: Any, q: Any, k: Any) -> torch.Tensor:
+            return score + slopes[h] * (k - q_pos[b, q]).to(score.dtype)
+
+        return alibi
+    return None
+
+
+def flex_group(
+    group: _FlexGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    pool: KVPool, config: AttentionConfig,
+) -> torch.Tensor:
+    """Attention of one group -> [B, Lq, Hq, D] (padding rows are zeros)."""
+    B, Lq = group.q_rows.shape
+    qg = q[group.q_rows].transpose(1, 2)  # [B, Hq, Lq, D]
+    keys = read_slots(k_cache, pool.layout, group.kv_slots).transpose(1, 2)  # [B, Hkv, Lk, D]
+    vals = read_slots(v_cache, pool.layout, group.kv_slots).transpose(1, 2)
+    with warnings.catch_warnings():  # eager (CPU) use warns that it is unfused, every call
+        warnings.filterwarnings("ignore", message=".*flex_attention.*")
+        out = _flex_for(q.device)(
+            qg, keys, vals, score_mod=group.score_mod, block_mask=group.block_mask,
+            scale=config.scale, enable_gqa=True,
+        )
+    return out.transpose(1, 2).reshape(B, Lq, config.num_q_heads, config.head_dim)
+
+
+@register_backend("flex")
+class FlexBackend(ReferenceBackend):
+    name = "flex"
+    supported_layouts = frozenset(LAYOUT_NAMES)
+    supported_variants = frozenset(["softmax", "softcap", "sliding_window", "alibi"])
+
+    def __init__(self, config: AttentionConfig, pool: KVPool) -> None:
+        super().__init__(config, pool)
+        device = pool.k_caches[0].device if pool.k_caches else torch.device("cpu")
+        self.slopes = alibi_slopes(config.num_q_heads).to(device, torch.float32)
+        self.flex_groups: list[_FlexGroup] = []
+        if device.type == "cuda":
+            self._compile_shape_classes(device, pool.k_caches[0].dtype)
+
+    def _compile_shape_classes(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Compile Flex for the shape classes a step can meet (few and many queries: Flex
+        takes its decoding kernel below 128 query rows), logging any later recompile."""
+        torch._logging.set_logs(recompiles=True)
+        cfg = self.config
+        for B, Lq, Lk in ((2, 2, 300), (3, 2, 5000), (2, 200, 700), (3, 300, 2000)):
+            q = torch.zeros(B, cfg.num_q_heads, Lq, cfg.head_dim, dtype=dtype, device=device)
+            kv = torch.zeros(B, cfg.num_kv_heads, Lk, cfg.head_dim, dtype=dtype, device=device)
+            q_pos = (torch.arange(Lq, device=device) + (Lk - Lq)).expand(B, Lq)
+            allowed = torch.arange(Lk, device=device)[None, None, :] <= q_pos[:, :, None]
+
+            def visible(b: Any, h: Any, qi: Any, ki: Any, allowed: torch.Tensor = allowed
+                        ) -> torch.Tensor:
+                return allowed[b, qi, ki]
+
+            mask = create_block_mask(visible, B, None, Lq, Lk, device=device)
+            _flex_for(device)(q, kv, kv, score_mod=_score_mod(cfg, q_pos, self.slopes),
+                              block_mask=mask, scale=cfg.scale, enable_gqa=True)
+        torch.cuda.synchronize(device)
+
+    def plan(self, batch: ForwardBatch) -> None:
+        super().plan(batch)
+        self.flex_groups = [self._plan_flex(g) for g in self.groups]
+
+    def _plan_flex(self, plan: _GroupPlan) -> _FlexGroup:
+        allowed = plan.visible[:, 0]  # [B, Lq, Lk]
+        if self.config.variant.name == "sliding_window":
+            window = int(self.config.variant.param)
+            allowed = allowed & ((plan.q_pos - plan.k_pos)[:, 0] < window)
+        allowed = _pad_to_two(allowed, (0, 1, 2), False)
+        B, Lq, Lk = allowed.shape
+
+        def visible(b: Any, h: Any, q: Any, k: Any) -> torch.Tensor:
+            return allowed[b, q, k]
+
+        block_mask = create_block_mask(visible, B, None, Lq, Lk, device=allowed.device)
+        q_pos = _pad_to_two(plan.q_pos[:, 0, :, 0], (0, 1), None)  # [B, Lq]
+        return _FlexGroup(
+            token_offset=plan.token_offset, num_tokens=plan.num_tokens,
+            q_rows=_pad_to_two(plan.q_rows, (0, 1), None),
+            q_valid=_pad_to_two(plan.q_valid, (0, 1), False),
+            kv_slots=_pad_to_two(plan.kv_slots, (0, 1), None),
+            block_mask=block_mask,
+            score_mod=_score_mod(self.config, q_pos, self.slopes),
+        )
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        assert self.batch is not None, "plan() must run before forward()"
+        self.pool.store(layer, k, v, self.batch.slot_mapping)
+        out = torch.empty_like(q)
+        for g in self.flex_groups:
+            start, n = g.token_offset, g.num_tokens
+            o = flex_group(g, q[start : start + n], self.pool.k_caches[layer],
+                           self.pool.v_caches[layer], self.pool, self.config)
+            out[start : start + n] = o[g.q_valid]
+        return out
