@@ -123,24 +123,38 @@ class FlexBackend(ReferenceBackend):
             self._compile_shape_classes(device, pool.k_caches[0].dtype)
 
     def _compile_shape_classes(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Compile Flex for the shape classes a step can meet (few and many queries: Flex
-        takes its decoding kernel below 128 query rows), logging any later recompile."""
+        """Compile Flex, in inference mode as the steps run, for the shape classes a step can
+        meet: its guards single out fewer than 128 query rows (the decoding kernel), exactly
+        one query block or one key block of 128, and sizes that happen to be equal (so no
+        two sizes here are). A later recompile is logged."""
         torch._logging.set_logs(recompiles=True)
-        cfg = self.config
-        for B, Lq, Lk in ((2, 2, 300), (3, 2, 5000), (2, 200, 700), (3, 300, 2000)):
-            q = torch.zeros(B, cfg.num_q_heads, Lq, cfg.head_dim, dtype=dtype, device=device)
-            kv = torch.zeros(B, cfg.num_kv_heads, Lk, cfg.head_dim, dtype=dtype, device=device)
-            q_pos = (torch.arange(Lq, device=device) + (Lk - Lq)).expand(B, Lq)
-            allowed = torch.arange(Lk, device=device)[None, None, :] <= q_pos[:, :, None]
-
-            def visible(b: Any, h: Any, qi: Any, ki: Any, allowed: torch.Tensor = allowed
-                        ) -> torch.Tensor:
-                return allowed[b, qi, ki]
-
-            mask = create_block_mask(visible, B, None, Lq, Lk, device=device)
-            _flex_for(device)(q, kv, kv, score_mod=_score_mod(cfg, q_pos, self.slopes),
-                              block_mask=mask, scale=cfg.scale, enable_gqa=True)
+        # a shape class beyond the limit would silently run Flex uncompiled
+        dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed over versions
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), 64))
+        with torch.inference_mode():
+            for B, Lq, Lk in ((3, 5, 300), (4, 6, 100), (5, 128, 700), (6, 200, 900),
+                              (7, 130, 131)):
+                self._run_dummy(device, dtype, B, Lq, Lk)
         torch.cuda.synchronize(device)
+
+    def _run_dummy(self, device: torch.device, dtype: torch.dtype, B: int, Lq: int, Lk: int
+                   ) -> None:
+        """One causal Flex call of the given sizes on zeros."""
+        cfg = self.config
+        q = torch.zeros(B, cfg.num_q_heads, Lq, cfg.head_dim, dtype=dtype, device=device)
+        kv = torch.zeros(B, cfg.num_kv_heads, Lk, cfg.head_dim, dtype=dtype, device=device)
+        q_pos = (torch.arange(Lq, device=device) + (Lk - Lq)).expand(B, Lq)
+        allowed = torch.arange(Lk, device=device)[None, None, :] <= q_pos[:, :, None]
+
+        def visible(b: Any, h: Any, qi: Any, ki: Any, allowed: torch.Tensor = allowed
+                    ) -> torch.Tensor:
+            return allowed[b, qi, ki]
+
+        mask = create_block_mask(visible, B, None, Lq, Lk, device=device)
+        _flex_for(device)(q, kv, kv, score_mod=_score_mod(cfg, q_pos, self.slopes),
+                          block_mask=mask, scale=cfg.scale, enable_gqa=True)
 
     def plan(self, batch: ForwardBatch) -> None:
         super().plan(batch)
