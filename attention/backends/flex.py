@@ -7,8 +7,9 @@ ALiBi are `score_mod` functions. Flex always normalises with softmax, so the poi
 variants (sigmoid, silu) are not offered.
 
 On a GPU `flex_attention` runs compiled (`torch.compile(..., dynamic=True)`, one compile
-per shape class, done by `warm_up` at start so no step waits on it); on the CPU it runs
-eagerly (Flex's unfused path, which materialises the scores: correct, not fast).
+per shape class, most of them done when the backend is built; the H100 sweep still met two
+classes later, logged as recompiles); on the CPU it runs eagerly (Flex's unfused path, which
+materialises the scores: correct, not fast).
 """
 
 from __future__ import annotations
