@@ -47,7 +47,7 @@ def format_run_summary(result: dict[str, Any], percentiles: tuple[float, ...]) -
     if server.get("available"):
         lines.append("{s:{c}^60}".format(s=" Server /metrics over the run ", c="-"))
         for key in ("server_mean_ttft_ms", "attention_share_of_step_time",
-                    "prefix_cache_hit_rate", "num_preemptions"):
+                    "prefix_cache_hit_rate", "num_preemptions", "kernel_builds"):
             lines.append(f"{key:<44}{_fmt(server.get(key), 3):>16}")
     for err in result.get("error_samples", []):
         lines.append(f"error x{err['count']}: {err['error'][:200]}")
@@ -78,14 +78,15 @@ def _server_value(result: dict[str, Any], key: str) -> Any:
 def sweep_markdown(runs: list[dict[str, Any]]) -> str:
     """One row per (configuration, rate), the same columns for all: a side-by-side table."""
     header = ["config", "rate"] + [title for _, title in SWEEP_COLUMNS]
-    header += ["attn share", "prefix hit", "preempt"]
+    header += ["attn share", "prefix hit", "preempt", "kernel builds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [str(run.get("config_name", "-")), _fmt(run.get("request_rate"))]
         cells += [_fmt(run.get(key)) for key, _ in SWEEP_COLUMNS]
         cells += [_fmt(_server_value(run, "attention_share_of_step_time"), 3),
                   _fmt(_server_value(run, "prefix_cache_hit_rate"), 3),
-                  _fmt(_server_value(run, "num_preemptions"), 0)]
+                  _fmt(_server_value(run, "num_preemptions"), 0),
+                  _fmt(_server_value(run, "kernel_builds"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -124,6 +124,8 @@ def server_metrics_delta(
     out["prefix_cache_hits"] = hits
     out["prefix_cache_hit_rate"] = _ratio(hits, queries)
     out["num_preemptions"] = d("num_preemptions_total")
+    # kernel instances a step had to build during the run (each stalled it; should be 0)
+    out["kernel_builds"] = d("kernel_compiles_total")
     out["prompt_tokens"] = d("prompt_tokens_total")
     out["generation_tokens"] = d("generation_tokens_total")
     return out

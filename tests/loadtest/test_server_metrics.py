@@ -25,7 +25,8 @@ class _FakeServer:
                              registry=reg)
         self.counters = {name: Counter(f"attnserve_{name}", "", names, registry=reg)
                          for name in ("prefix_cache_queries", "prefix_cache_hits",
-                                      "num_preemptions", "prompt_tokens", "generation_tokens")}
+                                      "num_preemptions", "prompt_tokens", "generation_tokens",
+                                      "kernel_compiles")}
         info = Info("attnserve_engine_config", "", names, registry=reg)
         info.labels(**LABELS).info({"max_num_seqs": "8"})
 
@@ -62,6 +63,7 @@ def test_deltas_over_the_run() -> None:
     server.counters["num_preemptions"].labels(**LABELS).inc(2)
     server.counters["prompt_tokens"].labels(**LABELS).inc(321)
     server.counters["generation_tokens"].labels(**LABELS).inc(77)
+    server.counters["kernel_compiles"].labels(**LABELS).inc(3)
     after = MetricsSnapshot.parse(server.text())
 
     out = server_metrics_delta(before, after)
@@ -77,6 +79,7 @@ def test_deltas_over_the_run() -> None:
     assert out["prefix_cache_hit_rate"] == pytest.approx(0.25)
     assert out["num_preemptions"] == 2
     assert out["prompt_tokens"] == 321 and out["generation_tokens"] == 77
+    assert out["kernel_builds"] == 3
     assert out["server_config"]["kv_layout"] == ["hnd"]
     assert out["engine_config"]["max_num_seqs"] == "8"
 
@@ -89,6 +92,7 @@ def test_a_server_without_these_metrics_gives_nulls() -> None:
     assert out["available"]
     assert out["server_mean_ttft_ms"] is None and out["attention_share_of_step_time"] is None
     assert out["prompt_tokens"] is None and out["prefix_cache_hit_rate"] is None
+    assert out["kernel_builds"] is None
     assert server_metrics_delta(None, snap) == {"available": False}
 
 

@@ -64,3 +64,4 @@ def test_small_sweep_against_attnserve(tmp_path: Path) -> None:
             assert run[key] is not None and run[key] > 0, key
         assert server["attention_share_of_step_time"] is not None
         assert 0 < server["attention_share_of_step_time"] < 1
+        assert server["kernel_builds"] == 0  # exported, and nothing builds on the CPU
