@@ -378,6 +378,17 @@ def decode_attention(
     return out
 
 
+def warmup_inputs(
+    layout: KVLayout, num_q_heads: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero K/V caches of a few pages and one zero query token: the smallest launch of a
+    kernel instance, for warm-up."""
+    k_cache = torch.zeros(layout.cache_shape(2 if layout.page_size > 1 else 8), dtype=dtype,
+                          device=device)
+    q = torch.zeros(1, num_q_heads, layout.head_dim, dtype=dtype, device=device)
+    return k_cache, torch.zeros_like(k_cache), q
+
+
 def warmup_decode(
     layout: KVLayout, num_q_heads: int, variant: TritonVariant, device: torch.device,
     dtype: torch.dtype, config: DecodeConfig, max_splits: int, buffers: SplitBuffers,
@@ -387,10 +398,7 @@ def warmup_decode(
     kernel's three split classes (1 with direct output, multiples of 16, others) and one
     merge instance per power-of-two bound on the split count."""
     D = layout.head_dim
-    k_cache = torch.zeros(layout.cache_shape(2 if layout.page_size > 1 else 8), dtype=dtype,
-                          device=device)
-    v_cache = torch.zeros_like(k_cache)
-    q = torch.zeros(1, num_q_heads, D, dtype=dtype, device=device)
+    k_cache, v_cache, q = warmup_inputs(layout, num_q_heads, dtype, device)
     ints = {"device": device, "dtype": torch.int32}
     table, seq_lens = torch.zeros(1, 1, **ints), torch.ones(1, **ints)
     slopes = torch.zeros(num_q_heads, dtype=torch.float32, device=device)

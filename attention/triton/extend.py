@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attention.triton.decode import warmup_inputs
 from attention.triton.extend_config import ExtendConfig, extend_config, table_configs
 from attention.triton.variants import identity, triton_variant
 from attention.variants import Variant, alibi_slopes
@@ -265,10 +266,7 @@ def warmup_extend(
     """Compile every table config this layout/head dim/variant may use, on a tiny batch, so
     that no serving step waits on Triton compilation."""
     D = layout.head_dim
-    k_cache = torch.zeros(layout.cache_shape(2 if layout.page_size > 1 else 8), dtype=dtype,
-                          device=device)
-    v_cache = torch.zeros_like(k_cache)
-    q = torch.zeros(1, num_q_heads, D, dtype=dtype, device=device)
+    k_cache, v_cache, q = warmup_inputs(layout, num_q_heads, dtype, device)
     ints = {"device": device, "dtype": torch.int32}
     for config in table_configs(D, _capability(device), layout.name):
         extend_attention_with_config(

@@ -216,3 +216,29 @@ def test_engine_triton_backend_matches_reference_greedy():
         outputs[backend] = [r.token_ids for r in llm.generate(prompts, params)]
     assert all(len(t) == 3 for t in outputs["reference"])
     assert outputs["triton"] == outputs["reference"]
+
+
+@pytest.mark.parametrize(("layout_name", "page_size"), [("token", 1), ("nhd", 16), ("hnd_x", 8)])
+def test_warmup_launches_each_table_config(
+    layout_name: str, page_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """warmup_extend launches the kernel once per config the table may pick, with a float32
+    slopes pointer as serving passes (another pointer type would be another instance)."""
+    import attention.triton.extend as extend_module
+
+    real = extend_module._extend_kernel
+    slopes_dtypes: list[torch.dtype] = []
+
+    class SpyKernel:
+        def __getitem__(self, grid: object):
+            def launch(*args: object, **kwargs: object) -> object:
+                slopes_dtypes.append(args[10].dtype)  # slopes_ptr
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(extend_module, "_extend_kernel", SpyKernel())
+    layout = KVLayout.create(layout_name, page_size, 2, 16, "float32")
+    extend_module.warmup_extend(layout, 6, Variant("softcap", 3.0), torch.device("cpu"),
+                                torch.float32)
+    configs = extend_module.table_configs(16, None, layout_name)
+    assert slopes_dtypes == [torch.float32] * len(configs) and configs
