@@ -144,14 +144,15 @@ class EngineCore:
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
         # Kernels built during start-up are expected (warm-up, graph capture); any built
         # later stalls a step, so it is logged and counted in /metrics.
-        self.kernel_watch: KernelInstanceWatch | None = KernelInstanceWatch()
+        watch = KernelInstanceWatch()
+        self.kernel_watch: KernelInstanceWatch | None = watch
         self.serving_compiles = 0
         logger.info(
             "engine ready: model=%s backend=%s layout=%s page_size=%d dtype=%s device=%s "
             "max_model_len=%d kv_tokens=%d kernel_instances=%d",
             self.model_name, self.backend.name, self.layout.name, self.layout.page_size,
             self.dtype, self.device, self.max_model_len, self.pool.num_tokens,
-            self.kernel_watch.total() if self.kernel_watch is not None else -1,
+            watch.total(),
         )
 
     # ---- set-up -------------------------------------------------------------------------
@@ -214,9 +215,7 @@ class EngineCore:
         logger.warning("a %.2f s step built %d Triton kernel instance(s) not covered by the "
                        "start-up warm-up: %s", step_s, count,
                        ", ".join(f"{name} x{n}" for name, n in grown.items()))
-        hook = getattr(self.observer, "on_kernel_compile", None)  # older observers lack it
-        if hook is not None:
-            hook(count, step_s)
+        self.observer.on_kernel_compile(count, step_s)
 
     def _setup_cuda_graphs(self, config: EngineConfig) -> None:
         if not config.cuda_graphs or self.device.type != "cuda":

@@ -14,7 +14,6 @@ materialises the scores: correct, not fast).
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from attention.batch import ForwardBatch
 from attention.variants import alibi_slopes
 from kvcache.layout import LAYOUT_NAMES
 from kvcache.pool import KVPool, read_slots
-
-logger = logging.getLogger(__name__)
 
 ScoreMod = Callable[..., torch.Tensor]
 _compiled_flex: Callable[..., torch.Tensor] | None = None
@@ -69,6 +66,16 @@ def _pad_to_two(t: torch.Tensor, dims: tuple[int, ...], value: Any) -> torch.Ten
                 t.narrow(d, 0, 1)
             t = torch.cat([t, extra], dim=d)
     return t
+
+
+def _block_mask(allowed: torch.Tensor) -> BlockMask:
+    """The Flex block mask of a [B, Lq, Lk] visibility tensor (the same for every head)."""
+    B, Lq, Lk = allowed.shape
+
+    def visible(b: Any, h: Any, q: Any, k: Any) -> torch.Tensor:
+        return allowed[b, q, k]
+
+    return create_block_mask(visible, B, None, Lq, Lk, device=allowed.device)
 
 
 def _score_mod(config: AttentionConfig, q_pos: torch.Tensor, slopes: torch.Tensor
@@ -148,14 +155,8 @@ class FlexBackend(ReferenceBackend):
         kv = torch.zeros(B, cfg.num_kv_heads, Lk, cfg.head_dim, dtype=dtype, device=device)
         q_pos = (torch.arange(Lq, device=device) + (Lk - Lq)).expand(B, Lq)
         allowed = torch.arange(Lk, device=device)[None, None, :] <= q_pos[:, :, None]
-
-        def visible(b: Any, h: Any, qi: Any, ki: Any, allowed: torch.Tensor = allowed
-                    ) -> torch.Tensor:
-            return allowed[b, qi, ki]
-
-        mask = create_block_mask(visible, B, None, Lq, Lk, device=device)
         _flex_for(device)(q, kv, kv, score_mod=_score_mod(cfg, q_pos, self.slopes),
-                          block_mask=mask, scale=cfg.scale, enable_gqa=True)
+                          block_mask=_block_mask(allowed), scale=cfg.scale, enable_gqa=True)
 
     def plan(self, batch: ForwardBatch) -> None:
         super().plan(batch)
@@ -166,13 +167,7 @@ class FlexBackend(ReferenceBackend):
         if self.config.variant.name == "sliding_window":
             window = int(self.config.variant.param)
             allowed = allowed & ((plan.q_pos - plan.k_pos)[:, 0] < window)
-        allowed = _pad_to_two(allowed, (0, 1, 2), False)
-        B, Lq, Lk = allowed.shape
-
-        def visible(b: Any, h: Any, q: Any, k: Any) -> torch.Tensor:
-            return allowed[b, q, k]
-
-        block_mask = create_block_mask(visible, B, None, Lq, Lk, device=allowed.device)
+        block_mask = _block_mask(_pad_to_two(allowed, (0, 1, 2), False))
         q_pos = _pad_to_two(plan.q_pos[:, 0, :, 0], (0, 1), None)  # [B, Lq]
         return _FlexGroup(
             token_offset=plan.token_offset, num_tokens=plan.num_tokens,
