@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 _C = ExtendConfig
 SWEEPS = {  # layout kind -> configs timed besides the table's choice
     "paged": (
+        _C(128, 64, 4, 3, tma=True, tma_diag=True, hopper=True),
         _C(128, 64, 4, 3, tma=True, tma_diag=True), _C(128, 64, 4, 3, tma=True),
         _C(128, 64, 4, 4, tma=True, tma_diag=True), _C(128, 64, 4, 2, tma=True, tma_diag=True),
         _C(128, 64, 4, 3),

@@ -42,6 +42,11 @@ from attention.triton.variants import identity, triton_variant
 from attention.variants import Variant, alibi_slopes
 from kvcache.layout import KVLayout
 
+try:  # Gluon's Hopper API (Triton >= 3.5); without it every call takes the portable kernel
+    from attention.triton import extend_sm90
+except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
+    extend_sm90 = None
+
 _LAYOUT_CODES = {"token": 0, "nhd": 0, "hnd": 1, "hnd_x": 2}  # token == nhd with page size 1
 
 
@@ -336,6 +341,12 @@ def extend_attention_with_config(
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
     tv = triton_variant(variant)
+    if (config.hopper and extend_sm90 is not None
+            and extend_sm90.supports(q, layout, variant.name, tv.logits is identity)):
+        return extend_sm90.extend_attention_sm90(
+            q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table, out,
+            scale, max_q_len,
+        )
     # Always a float32 tensor, read only by alibi: the pointer's type is part of the kernel
     # instance, so a stand-in of another type would compile (and warm up) another instance.
     slopes = alibi_slopes if alibi_slopes is not None else _slopes_for(Hq, q.device)

@@ -24,10 +24,13 @@ class ExtendConfig:
     # Read unmasked nhd/hnd tiles with bulk tensor copies (TMA) when a tile fits in a page.
     tma: bool = False
     tma_diag: bool = False  # with tma: the masked (diagonal) tiles through TMA too
+    # On Hopper, serve the calls it supports (softmax, nhd/hnd, pages of >= 64 keys) with the
+    # Gluon kernel of extend_sm90.py; the fields above then configure only the fallback.
+    hopper: bool = False
 
     def __str__(self) -> str:
         flags = ("r" if self.per_row_pages else "") + ("t" if self.tma else "")
-        flags += ("d" if self.tma_diag else "")
+        flags += ("d" if self.tma_diag else "") + ("h" if self.hopper else "")
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 

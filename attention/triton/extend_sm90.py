@@ -18,6 +18,8 @@ through a ring of NUM_STAGES buffers, each with its own arrival barrier.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -92,7 +94,10 @@ def _zero_keys_past_end(v_buf, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
     _cta_barrier()
 
 
-@gluon.jit
+# The per-sequence arrays of a mixed step's prefill part are slices whose alignment changes
+# from step to step: no specialisation on it (see extend.py).
+@gluon.jit(do_not_specialize=["stride_bt", "qo_indptr_ptr", "prefix_lens_ptr", "seq_lens_ptr",
+                              "block_table_ptr"])
 def _extend_sm90_kernel(
     q_desc, k_desc, v_desc, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
     block_table_ptr, stride_ot, stride_oh, stride_bt, qk_scale,
@@ -222,11 +227,16 @@ NUM_STAGES = 3
 NUM_WARPS = 8
 
 
+@functools.cache
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
 def supports(q: torch.Tensor, layout: KVLayout, variant_name: str, logits_is_identity: bool,
              block_n: int = BLOCK_N) -> bool:
     """Whether this kernel serves the call (else the portable Triton kernel does)."""
     return (
-        q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+        q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else 0)
         and q.dtype in _GL_DTYPES and variant_name == "softmax" and logits_is_identity
         and layout.name in ("nhd", "hnd") and layout.page_size % block_n == 0
         and layout.head_dim in (64, 128) and q.stride(-1) == 1
