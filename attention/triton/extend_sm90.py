@@ -29,7 +29,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -48,20 +47,25 @@ def _issue_kv_tile(
     LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
 ):
-    """Start the bulk copies of key tile `tile` (keys tile*BLOCK_N ...) into its ring slot."""
-    start = tile * BLOCK_N
-    page = gl.load(bt_row + start // PAGE_SIZE)
-    if LAYOUT == 0:  # nhd viewed as [pages * page_size, kv_heads * head_dim]
-        row = page * PAGE_SIZE + start % PAGE_SIZE
-        col = kv_head * HEAD_DIM
-    else:  # hnd viewed as [pages * kv_heads * page_size, head_dim]
-        row = (page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + start % PAGE_SIZE
-        col = 0
+    """Start the bulk copies of key tile `tile` (keys tile*BLOCK_N ...) into its ring slot:
+    one copy per page the tile spans (a tile may cover several pages, never part of one)."""
+    COPY_ROWS: gl.constexpr = k_desc.block_type.shape[0]
     slot = tile % NUM_STAGES
-    mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes)
-    _tma_load(k_desc, [row, col], k_bars.index(slot), k_bufs.index(slot))
-    mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes)
-    _tma_load(v_desc, [row, col], v_bars.index(slot), v_bufs.index(slot))
+    mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
+    mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
+    for c in gl.static_range(BLOCK_N // COPY_ROWS):
+        start = tile * BLOCK_N + c * COPY_ROWS
+        page = gl.load(bt_row + start // PAGE_SIZE)
+        if LAYOUT == 0:  # nhd viewed as [pages * page_size, kv_heads * head_dim]
+            row = page * PAGE_SIZE + start % PAGE_SIZE
+            col = kv_head * HEAD_DIM
+        else:  # hnd viewed as [pages * kv_heads * page_size, head_dim]
+            row = (page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + start % PAGE_SIZE
+            col = 0
+        _tma_load(k_desc, [row, col], k_bars.index(slot),
+                  k_bufs.index(slot).slice(c * COPY_ROWS, COPY_ROWS))
+        _tma_load(v_desc, [row, col], v_bars.index(slot),
+                  v_bufs.index(slot).slice(c * COPY_ROWS, COPY_ROWS))
 
 
 @gluon.jit
@@ -155,50 +159,55 @@ def _extend_sm90_kernel(
     q_pos = first_q_pos + gl.arange(0, BLOCK_M, layout=ROW_S)
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=ROW_S)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_S)
-    acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
     s_init = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT)
 
+    # Tile 0's scores and probabilities; then per tile j >= 1: q.K_j^T goes to the tensor
+    # cores, the output is rescaled meanwhile, P_{j-1}.V_{j-1} follows, and the softmax of
+    # tile j runs while that P.V does. No MMA is in flight across iterations (an accumulator
+    # read while its MMA runs makes ptxas serialise every MMA of the kernel).
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_bars.index(0), 0)
     s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
+    if n_full > 0:
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, 0, q_pos, qk_scale, False, S_LAYOUT,
+                                           BLOCK_N)
+    else:
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, 0, q_pos, qk_scale, True, S_LAYOUT,
+                                           BLOCK_N)
+    p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
 
-    for j in range(n_tiles - 1):
-        # the next tile's scores go to the tensor cores while this tile's softmax runs
-        nxt = j + 1
-        mbarrier.wait(k_bars.index(nxt % NUM_STAGES), (nxt // NUM_STAGES) & 1)
-        s_next = warpgroup_mma(q_smem, k_bufs.index(nxt % NUM_STAGES).permute((1, 0)), s_init,
-                               use_acc=False, is_async=True)
+    for j in range(1, n_tiles):
+        slot = j % NUM_STAGES
+        mbarrier.wait(k_bars.index(slot), (j // NUM_STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_init, use_acc=False,
+                          is_async=True)
+        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+        prev = (j - 1) % NUM_STAGES
+        mbarrier.wait(v_bars.index(prev), ((j - 1) // NUM_STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s,))  # this tile's scores; P.V still running
         if j >= n_full:
             p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, j * BLOCK_N, q_pos, qk_scale, True,
                                                S_LAYOUT, BLOCK_N)
         else:
             p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, j * BLOCK_N, q_pos, qk_scale, False,
                                                S_LAYOUT, BLOCK_N)
-        acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous tile's P.V is done
-        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
         p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
-        slot = j % NUM_STAGES
-        mbarrier.wait(v_bars.index(slot), (j // NUM_STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_next,))  # P.V of this tile may still run
-        # The slot of tile j-1 is free in this warpgroup (its q.K^T and P.V are done);
-        # the barrier makes it free in both before a copy overwrites it.
-        refill = j + NUM_STAGES - 1
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        # Tile j-1's slot is free in this warpgroup; the barrier makes it free in both
+        # before a copy overwrites it.
+        refill = j - 1 + NUM_STAGES
         if refill < n_tiles:
             _cta_barrier()
             _issue_kv_tile(refill, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
                            kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
                            NUM_STAGES)
 
-    # the last tile holds the diagonal (and maybe keys past seq_len): always masked
     last = n_tiles - 1
-    p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, last * BLOCK_N, q_pos, qk_scale, True,
-                                       S_LAYOUT, BLOCK_N)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
     acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-    p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
     slot = last % NUM_STAGES
     mbarrier.wait(v_bars.index(slot), (last // NUM_STAGES) & 1)
     if last * BLOCK_N + BLOCK_N > seq_len:
@@ -238,14 +247,17 @@ def supports(q: torch.Tensor, layout: KVLayout, variant_name: str, logits_is_ide
     return (
         q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else 0)
         and q.dtype in _GL_DTYPES and variant_name == "softmax" and logits_is_identity
-        and layout.name in ("nhd", "hnd") and layout.page_size % block_n == 0
+        and layout.name in ("nhd", "hnd")
+        and (layout.page_size % block_n == 0 or block_n % layout.page_size == 0)
+        and layout.page_size >= 64
         and layout.head_dim in (64, 128) and q.stride(-1) == 1
         and q.stride(1) == layout.head_dim
     )
 
 
 def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = NUM_STAGES,
-                    page_size: int = 64, num_kv_heads: int = 8, group: int = 4):
+                    page_size: int = 64, num_kv_heads: int = 8, group: int = 4,
+                    block_n: int = BLOCK_N):
     """Build the kernel for sm_90a on a machine without a GPU (CI, PTX inspection) and
     return Triton's compiled kernel. Needs TRITON_INTERPRET unset when the module is
     imported: under the interpreter the reductions Gluon calls are not compilable."""
@@ -254,7 +266,7 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
     q2 = torch.empty(256, num_kv_heads * group * head_dim, dtype=torch.bfloat16)
     kv = torch.empty(1024, num_kv_heads * head_dim, dtype=torch.bfloat16)
     q_desc = _descriptor(q2, [BLOCK_M, head_dim], gl.bfloat16)
-    kv_desc = _descriptor(kv, [BLOCK_N, head_dim], gl.bfloat16)
+    kv_desc = _descriptor(kv, [min(block_n, page_size), head_dim], gl.bfloat16)
     signature = {
         "q_desc": q_desc.__mangle__(), "k_desc": kv_desc.__mangle__(),
         "v_desc": kv_desc.__mangle__(), "out_ptr": "*bf16", "qo_indptr_ptr": "*i32",
@@ -263,7 +275,7 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
     }
     constants = dict(LAYOUT=0 if layout_name == "nhd" else 1, PAGE_SIZE=page_size,
                      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
-                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=num_stages,
+                     BLOCK_M=BLOCK_M, BLOCK_N=block_n, NUM_STAGES=num_stages,
                      num_warps=NUM_WARPS)
     signature.update({name: "constexpr" for name in constants})
     source = gluon._runtime.GluonASTSource(_extend_sm90_kernel, signature=signature,
@@ -287,8 +299,7 @@ def extend_attention_sm90(
     `extend.extend_attention`); callers check `supports` first."""
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
-    # tile j+1's keys must be in flight while tile j-1's slot is still being read
-    assert num_stages >= 3, "the pipeline needs at least three K/V buffers"
+    assert num_stages >= 2, "the pipeline needs at least two K/V buffers"
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
     dtype = _GL_DTYPES[q.dtype]
@@ -296,8 +307,9 @@ def extend_attention_sm90(
     q2 = q.as_strided((T, Hq * D), (q.stride(0), 1))
     cols = Hkv * D if layout.name == "nhd" else D
     q_desc = _descriptor(q2, [BLOCK_M, D], dtype)
-    k_desc = _descriptor(k_cache.view(-1, cols), [block_n, D], dtype)
-    v_desc = _descriptor(v_cache.view(-1, cols), [block_n, D], dtype)
+    copy_rows = min(block_n, layout.page_size)  # one bulk copy per page of a tile
+    k_desc = _descriptor(k_cache.view(-1, cols), [copy_rows, D], dtype)
+    v_desc = _descriptor(v_cache.view(-1, cols), [copy_rows, D], dtype)
     grid = (Hq, triton.cdiv(max_q_len, BLOCK_M), B)
     _extend_sm90_kernel[grid](
         q_desc, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens, block_table,
