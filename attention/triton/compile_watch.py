@@ -26,6 +26,7 @@ from typing import Any
 KERNEL_MODULES = (
     "attention.triton.decode",
     "attention.triton.extend",
+    "attention.triton.extend_sm90",
     "attention.triton.rope_store",
 )
 
