@@ -98,35 +98,17 @@ def _zero_keys_past_end(v_buf, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
     _cta_barrier()
 
 
-# The per-sequence arrays of a mixed step's prefill part are slices whose alignment changes
-# from step to step: no specialisation on it (see extend.py).
-@gluon.jit(do_not_specialize=["stride_bt", "qo_indptr_ptr", "prefix_lens_ptr", "seq_lens_ptr",
-                              "block_table_ptr"])
-def _extend_sm90_kernel(
-    q_desc, k_desc, v_desc, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
-    block_table_ptr, stride_ot, stride_oh, stride_bt, qk_scale,
+@gluon.jit
+def _attend(
+    q_smem, k_bufs, v_bufs, k_bars, v_bars, empty_bars, k_desc, v_desc, bt_row, kv_head,
+    first_q_pos, seq_len, n_tiles, n_full, qk_scale,
     LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
-    HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr,
 ):
-    # Heads vary fastest (the GROUP heads of a KV head share its tiles through L2); the
-    # longest (last) query blocks of a sequence start first.
-    head = gl.program_id(0)
-    q_block = gl.num_programs(1) - 1 - gl.program_id(1)
-    seq = gl.program_id(2)
-    q_start = gl.load(qo_indptr_ptr + seq)
-    q_len = gl.load(qo_indptr_ptr + seq + 1) - q_start
-    if q_block * BLOCK_M >= q_len:
-        return
-    prefix = gl.load(prefix_lens_ptr + seq)
-    seq_len = gl.load(seq_lens_ptr + seq)
-    kv_head = head // GROUP
-    bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
-    first_q_pos = prefix + q_block * BLOCK_M
-    hi = gl.minimum(seq_len, prefix + gl.minimum((q_block + 1) * BLOCK_M, q_len))
-    n_tiles = gl.cdiv(hi, BLOCK_N)
-    n_full = (first_q_pos + 1) // BLOCK_N  # tiles every row of the block sees whole
-
+    """The KV loop of one program: returns the unnormalised output rows and their softmax
+    sums. With PRODUCER_WARP the copies are another partition's job and a freed ring slot is
+    signalled on its `empty` barrier; otherwise these warps refill the slot themselves."""
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
@@ -134,27 +116,7 @@ def _extend_sm90_kernel(
     P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-    dtype: gl.constexpr = q_desc.dtype
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-    fence_async_shared()
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(
-        q_desc, [q_start + q_block * BLOCK_M, head * HEAD_DIM], q_bar, q_smem)
-    for i in gl.static_range(NUM_STAGES - 1):
-        if i < n_tiles:
-            _issue_kv_tile(i, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
-                           LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, NUM_STAGES)
+    dtype: gl.constexpr = q_smem.dtype
 
     q_pos = first_q_pos + gl.arange(0, BLOCK_M, layout=ROW_S)
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=ROW_S)
@@ -166,7 +128,6 @@ def _extend_sm90_kernel(
     # cores, the output is rescaled meanwhile, P_{j-1}.V_{j-1} follows, and the softmax of
     # tile j runs while that P.V does. No MMA is in flight across iterations (an accumulator
     # read while its MMA runs makes ptxas serialise every MMA of the kernel).
-    mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_bars.index(0), 0)
     s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False,
                       is_async=True)
@@ -199,12 +160,16 @@ def _extend_sm90_kernel(
         acc = warpgroup_mma_wait(0, deps=(acc,))
         # Tile j-1's slot is free in this warpgroup; the barrier makes it free in both
         # before a copy overwrites it.
-        refill = j - 1 + NUM_STAGES
-        if refill < n_tiles:
+        if PRODUCER_WARP:
             _cta_barrier()
-            _issue_kv_tile(refill, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
-                           kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
-                           NUM_STAGES)
+            mbarrier.arrive(empty_bars.index(prev), count=1)
+        else:
+            refill = j - 1 + NUM_STAGES
+            if refill < n_tiles:
+                _cta_barrier()
+                _issue_kv_tile(refill, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
+                               kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
+                               NUM_STAGES)
 
     last = n_tiles - 1
     acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
@@ -216,10 +181,105 @@ def _extend_sm90_kernel(
     acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
 
+    return acc, l_i
+
+
+@gluon.jit
+def _kv_producer(
+    k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, bt_row, kv_head, n_tiles,
+    LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+):
+    """One warp that keeps the K/V ring full: tile t waits until tile t - NUM_STAGES has
+    left its slot."""
+    for t in range(n_tiles):
+        if t >= NUM_STAGES:
+            mbarrier.wait(empty_bars.index(t % NUM_STAGES), (t // NUM_STAGES - 1) & 1)
+        _issue_kv_tile(t, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
+                       LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, NUM_STAGES)
+
+
+# The per-sequence arrays of a mixed step's prefill part are slices whose alignment changes
+# from step to step: no specialisation on it (see extend.py).
+@gluon.jit(do_not_specialize=["stride_bt", "qo_indptr_ptr", "prefix_lens_ptr", "seq_lens_ptr",
+                              "block_table_ptr"])
+def _extend_sm90_kernel(
+    q_desc, k_desc, v_desc, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
+    block_table_ptr, stride_ot, stride_oh, stride_bt, qk_scale,
+    LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+    HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_WARP: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    # Heads vary fastest (the GROUP heads of a KV head share its tiles through L2); the
+    # longest (last) query blocks of a sequence start first.
+    head = gl.program_id(0)
+    q_block = gl.num_programs(1) - 1 - gl.program_id(1)
+    seq = gl.program_id(2)
+    q_start = gl.load(qo_indptr_ptr + seq)
+    q_len = gl.load(qo_indptr_ptr + seq + 1) - q_start
+    if q_block * BLOCK_M >= q_len:
+        return
+    prefix = gl.load(prefix_lens_ptr + seq)
+    seq_len = gl.load(seq_lens_ptr + seq)
+    kv_head = head // GROUP
+    bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
+    first_q_pos = prefix + q_block * BLOCK_M
+    hi = gl.minimum(seq_len, prefix + gl.minimum((q_block + 1) * BLOCK_M, q_len))
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+    n_full = (first_q_pos + 1) // BLOCK_N  # tiles every row of the block sees whole
+
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+    dtype: gl.constexpr = q_desc.dtype
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=1)
+    fence_async_shared()
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(
+        q_desc, [q_start + q_block * BLOCK_M, head * HEAD_DIM], q_bar, q_smem)
+    if not PRODUCER_WARP:
+        for i in gl.static_range(NUM_STAGES - 1):
+            if i < n_tiles:
+                _issue_kv_tile(i, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
+                               kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
+                               NUM_STAGES)
+
+    mbarrier.wait(q_bar, 0)
+    if PRODUCER_WARP:
+        acc, l_i = gl.warp_specialize(
+            [(_attend, (q_smem, k_bufs, v_bufs, k_bars, v_bars, empty_bars, k_desc, v_desc,
+                        bt_row, kv_head, first_q_pos, seq_len, n_tiles, n_full, qk_scale,
+                        LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_M, BLOCK_N,
+                        NUM_STAGES, True, num_warps)),
+             (_kv_producer, (k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                             bt_row, kv_head, n_tiles, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
+                             HEAD_DIM, BLOCK_N, NUM_STAGES))],
+            [1], [24])
+    else:
+        acc, l_i = _attend(q_smem, k_bufs, v_bufs, k_bars, v_bars, empty_bars, k_desc, v_desc,
+                           bt_row, kv_head, first_q_pos, seq_len, n_tiles, n_full, qk_scale,
+                           LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_M, BLOCK_N,
+                           NUM_STAGES, False, num_warps)
+
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
+        mbarrier.invalidate(empty_bars.index(i))
 
     l_o = gl.convert_layout(l_i, ROW_O)
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
@@ -234,6 +294,7 @@ BLOCK_M = 128  # two warpgroups of 64 query rows
 BLOCK_N = 64
 NUM_STAGES = 3
 NUM_WARPS = 8
+PRODUCER_WARP = False  # a separate warp issues the K/V copies (warp specialisation)
 
 
 @functools.cache
@@ -257,7 +318,7 @@ def supports(q: torch.Tensor, layout: KVLayout, variant_name: str, logits_is_ide
 
 def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = NUM_STAGES,
                     page_size: int = 64, num_kv_heads: int = 8, group: int = 4,
-                    block_n: int = BLOCK_N):
+                    block_n: int = BLOCK_N, producer_warp: bool = PRODUCER_WARP):
     """Build the kernel for sm_90a on a machine without a GPU (CI, PTX inspection) and
     return Triton's compiled kernel. Needs TRITON_INTERPRET unset when the module is
     imported: under the interpreter the reductions Gluon calls are not compilable."""
@@ -276,7 +337,7 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
     constants = dict(LAYOUT=0 if layout_name == "nhd" else 1, PAGE_SIZE=page_size,
                      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
                      BLOCK_M=BLOCK_M, BLOCK_N=block_n, NUM_STAGES=num_stages,
-                     num_warps=NUM_WARPS)
+                     PRODUCER_WARP=producer_warp, num_warps=NUM_WARPS)
     signature.update({name: "constexpr" for name in constants})
     source = gluon._runtime.GluonASTSource(_extend_sm90_kernel, signature=signature,
                                            constexprs=constants)
@@ -293,7 +354,7 @@ def extend_attention_sm90(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, out: torch.Tensor, scale: float, max_q_len: int,
-    block_n: int = BLOCK_N, num_stages: int = NUM_STAGES,
+    block_n: int = BLOCK_N, num_stages: int = NUM_STAGES, producer_warp: bool = PRODUCER_WARP,
 ) -> torch.Tensor:
     """Softmax attention of the new tokens over cached prefix + themselves (see
     `extend.extend_attention`); callers check `supports` first."""
@@ -316,6 +377,6 @@ def extend_attention_sm90(
         out.stride(0), out.stride(1), block_table.stride(0), float(scale) * 1.4426950408889634,
         LAYOUT=0 if layout.name == "nhd" else 1, PAGE_SIZE=layout.page_size,
         NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        NUM_STAGES=num_stages, num_warps=NUM_WARPS,
+        NUM_STAGES=num_stages, PRODUCER_WARP=producer_warp, num_warps=NUM_WARPS,
     )
     return out
