@@ -251,8 +251,8 @@ def _extend_sm90_kernel(
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(
         q_desc, [q_start + q_block * BLOCK_M, head * HEAD_DIM], q_bar, q_smem)
-    if not PRODUCER_WARP:
-        for i in gl.static_range(NUM_STAGES - 1):
+    if not PRODUCER_WARP:  # fill every slot; the loop refills a slot once it is free
+        for i in gl.static_range(NUM_STAGES):
             if i < n_tiles:
                 _issue_kv_tile(i, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
                                kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
@@ -318,7 +318,8 @@ def supports(q: torch.Tensor, layout: KVLayout, variant_name: str, logits_is_ide
 
 def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = NUM_STAGES,
                     page_size: int = 64, num_kv_heads: int = 8, group: int = 4,
-                    block_n: int = BLOCK_N, producer_warp: bool = PRODUCER_WARP):
+                    block_n: int = BLOCK_N, producer_warp: bool = PRODUCER_WARP,
+                    block_m: int = BLOCK_M, num_warps: int = NUM_WARPS):
     """Build the kernel for sm_90a on a machine without a GPU (CI, PTX inspection) and
     return Triton's compiled kernel. Needs TRITON_INTERPRET unset when the module is
     imported: under the interpreter the reductions Gluon calls are not compilable."""
@@ -326,7 +327,7 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
 
     q2 = torch.empty(256, num_kv_heads * group * head_dim, dtype=torch.bfloat16)
     kv = torch.empty(1024, num_kv_heads * head_dim, dtype=torch.bfloat16)
-    q_desc = _descriptor(q2, [BLOCK_M, head_dim], gl.bfloat16)
+    q_desc = _descriptor(q2, [block_m, head_dim], gl.bfloat16)
     kv_desc = _descriptor(kv, [min(block_n, page_size), head_dim], gl.bfloat16)
     signature = {
         "q_desc": q_desc.__mangle__(), "k_desc": kv_desc.__mangle__(),
@@ -336,13 +337,13 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
     }
     constants = dict(LAYOUT=0 if layout_name == "nhd" else 1, PAGE_SIZE=page_size,
                      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
-                     BLOCK_M=BLOCK_M, BLOCK_N=block_n, NUM_STAGES=num_stages,
-                     PRODUCER_WARP=producer_warp, num_warps=NUM_WARPS)
+                     BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages,
+                     PRODUCER_WARP=producer_warp, num_warps=num_warps)
     signature.update({name: "constexpr" for name in constants})
     source = gluon._runtime.GluonASTSource(_extend_sm90_kernel, signature=signature,
                                            constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": NUM_WARPS})
+                          options={"num_warps": num_warps})
 
 
 def _descriptor(t2d: torch.Tensor, block: list[int], dtype) -> TensorDescriptor:
@@ -355,6 +356,7 @@ def extend_attention_sm90(
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, out: torch.Tensor, scale: float, max_q_len: int,
     block_n: int = BLOCK_N, num_stages: int = NUM_STAGES, producer_warp: bool = PRODUCER_WARP,
+    block_m: int = BLOCK_M, num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """Softmax attention of the new tokens over cached prefix + themselves (see
     `extend.extend_attention`); callers check `supports` first."""
@@ -367,16 +369,16 @@ def extend_attention_sm90(
     Hkv = layout.num_kv_heads
     q2 = q.as_strided((T, Hq * D), (q.stride(0), 1))
     cols = Hkv * D if layout.name == "nhd" else D
-    q_desc = _descriptor(q2, [BLOCK_M, D], dtype)
+    q_desc = _descriptor(q2, [block_m, D], dtype)
     copy_rows = min(block_n, layout.page_size)  # one bulk copy per page of a tile
     k_desc = _descriptor(k_cache.view(-1, cols), [copy_rows, D], dtype)
     v_desc = _descriptor(v_cache.view(-1, cols), [copy_rows, D], dtype)
-    grid = (Hq, triton.cdiv(max_q_len, BLOCK_M), B)
+    grid = (Hq, triton.cdiv(max_q_len, block_m), B)
     _extend_sm90_kernel[grid](
         q_desc, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens, block_table,
         out.stride(0), out.stride(1), block_table.stride(0), float(scale) * 1.4426950408889634,
         LAYOUT=0 if layout.name == "nhd" else 1, PAGE_SIZE=layout.page_size,
-        NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        NUM_STAGES=num_stages, PRODUCER_WARP=producer_warp, num_warps=NUM_WARPS,
+        NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n,
+        NUM_STAGES=num_stages, PRODUCER_WARP=producer_warp, num_warps=num_warps,
     )
     return out
