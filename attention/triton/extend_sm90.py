@@ -290,10 +290,16 @@ def _extend_sm90_kernel(
     gl.store(ptrs, out.to(dtype), mask=(offs_m < q_len)[:, None])
 
 
-BLOCK_M = 128  # two warpgroups of 64 query rows
+# One warpgroup of 64 query rows, 64-key tiles, three K/V buffers: 112 KB of shared memory,
+# so two programs share an SM and one's softmax overlaps the other's MMAs. From the H200
+# A/B runs (bench/results/h200-prefill-gluon-ab-2026-12-02*.json): any config needing more
+# than half an SM's shared memory (four stages, 128-key tiles) runs one program per SM and
+# loses 25-35%; two warpgroups over 128 rows (8 warps) and the producer-warp variant were
+# slower too.
+BLOCK_M = 64
 BLOCK_N = 64
 NUM_STAGES = 3
-NUM_WARPS = 8
+NUM_WARPS = 4
 PRODUCER_WARP = False  # a separate warp issues the K/V copies (warp specialisation)
 
 
