@@ -242,3 +242,26 @@ def test_warmup_launches_each_table_config(
                                 torch.float32)
     configs = extend_module.table_configs(16, None, layout_name)
     assert slopes_dtypes == [torch.float32] * len(configs) and configs
+
+
+def test_hopper_table_sends_short_paged_runs_to_the_gluon_kernel() -> None:
+    """The launch table marks Hopper head-dim-128 short runs on nhd/hnd (the measured win of
+    extend_sm90.py) and nothing else; the fallback fields stay a valid Triton config."""
+    from attention.triton.extend_config import LONG_Q_LEN, extend_config
+
+    short, long = 512, LONG_Q_LEN + 1
+    for name in ("nhd", "hnd"):
+        picked = extend_config(128, 9, name, short)
+        assert picked.hopper and picked.block_m > 0 and picked.num_stages > 0
+        assert not extend_config(128, 9, name, long).hopper
+    for name in ("token", "hnd_x"):
+        assert not extend_config(128, 9, name, short).hopper
+    assert not extend_config(128, 8, "nhd", short).hopper  # Ampere: no Gluon wgmma
+    assert not extend_config(64, 9, "nhd", short).hopper  # not measured for head dim 64
+
+
+def test_hopper_flag_on_cpu_runs_the_portable_kernel() -> None:
+    """A config with `hopper` set still serves calls the Gluon kernel cannot (here: CPU
+    tensors under the interpreter) through the Triton kernel, with the same result."""
+    _run_case("nhd", 16, Variant("softmax"), 2, [13, 0], [20, 33],
+              config=ExtendConfig(16, 16, 4, 1, hopper=True))
