@@ -29,6 +29,7 @@ mask computed, no bounds checks) and the diagonal tiles that need the causal mas
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -46,6 +47,11 @@ try:  # Gluon's Hopper API (Triton >= 3.5); without it every call takes the port
     from attention.triton import extend_sm90
 except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
     extend_sm90 = None
+
+logger = logging.getLogger(__name__)
+# Set when the Gluon kernel failed to build or launch here (another Triton build, a driver
+# without what it needs): every later call takes the portable kernel instead.
+_sm90_unavailable: str | None = None
 
 _LAYOUT_CODES = {"token": 0, "nhd": 0, "hnd": 1, "hnd_x": 2}  # token == nhd with page size 1
 
@@ -247,6 +253,13 @@ def _extend_kernel(
     )
 
 
+def _disable_sm90(exc: Exception) -> None:
+    global _sm90_unavailable
+    _sm90_unavailable = f"{type(exc).__name__}: {exc}"
+    logger.warning("the Gluon sm90 extend kernel failed here (%s); using the Triton kernel "
+                   "for every extend call from now on", _sm90_unavailable)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -341,12 +354,15 @@ def extend_attention_with_config(
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
     tv = triton_variant(variant)
-    if (config.hopper and extend_sm90 is not None
+    if (config.hopper and extend_sm90 is not None and _sm90_unavailable is None
             and extend_sm90.supports(q, layout, variant.name, tv.logits is identity)):
-        return extend_sm90.extend_attention_sm90(
-            q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table, out,
-            scale, max_q_len,
-        )
+        try:
+            return extend_sm90.extend_attention_sm90(
+                q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table,
+                out, scale, max_q_len,
+            )
+        except Exception as exc:  # raised while building or launching, before any write
+            _disable_sm90(exc)
     # Always a float32 tensor, read only by alibi: the pointer's type is part of the kernel
     # instance, so a stand-in of another type would compile (and warm up) another instance.
     slopes = alibi_slopes if alibi_slopes is not None else _slopes_for(Hq, q.device)

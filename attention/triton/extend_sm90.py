@@ -319,6 +319,8 @@ def supports(q: torch.Tensor, layout: KVLayout, variant_name: str, logits_is_ide
         and layout.page_size >= 64
         and layout.head_dim in (64, 128) and q.stride(-1) == 1
         and q.stride(1) == layout.head_dim
+        # the bulk-copy descriptor of q: 16-byte aligned base and row pitch
+        and q.data_ptr() % 16 == 0 and (q.stride(0) * q.element_size()) % 16 == 0
     )
 
 

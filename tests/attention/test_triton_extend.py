@@ -265,3 +265,34 @@ def test_hopper_flag_on_cpu_runs_the_portable_kernel() -> None:
     tensors under the interpreter) through the Triton kernel, with the same result."""
     _run_case("nhd", 16, Variant("softmax"), 2, [13, 0], [20, 33],
               config=ExtendConfig(16, 16, 4, 1, hopper=True))
+
+
+def test_a_gluon_kernel_that_cannot_launch_falls_back_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the Gluon kernel raises while building or launching (another Triton build, a
+    driver without what it needs), the call and every later one run the Triton kernel:
+    right results, one warning, no further attempts."""
+    import attention.triton.extend as extend_module
+
+    class Unlaunchable:
+        calls = 0
+
+        @staticmethod
+        def supports(*args: object, **kwargs: object) -> bool:
+            return True
+
+        @classmethod
+        def extend_attention_sm90(cls, *args: object, **kwargs: object) -> None:
+            cls.calls += 1
+            raise RuntimeError("no sm_90a here")
+
+    monkeypatch.setattr(extend_module, "extend_sm90", Unlaunchable)
+    monkeypatch.setattr(extend_module, "_sm90_unavailable", None)
+    config = ExtendConfig(16, 16, 4, 1, hopper=True)
+    with caplog.at_level("WARNING", logger="attention.triton.extend"):
+        _run_case("hnd", 16, Variant("softmax"), 2, [13, 0], [20, 33], config=config)
+        _run_case("nhd", 16, Variant("softmax"), 1, [5], [9], config=config)
+    assert Unlaunchable.calls == 1
+    assert "no sm_90a here" in (extend_module._sm90_unavailable or "")
+    assert sum("Gluon sm90 extend kernel failed" in r.message for r in caplog.records) == 1
