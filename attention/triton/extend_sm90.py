@@ -100,15 +100,15 @@ def _zero_keys_past_end(v_buf, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
 
 @gluon.jit
 def _attend(
-    q_smem, k_bufs, v_bufs, k_bars, v_bars, empty_bars, k_desc, v_desc, bt_row, kv_head,
+    q_smem, k_bufs, v_bufs, k_bars, v_bars, k_desc, v_desc, bt_row, kv_head,
     first_q_pos, seq_len, n_tiles, n_full, qk_scale,
     LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    NUM_STAGES: gl.constexpr, PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr,
+    NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """The KV loop of one program: returns the unnormalised output rows and their softmax
-    sums. With PRODUCER_WARP the copies are another partition's job and a freed ring slot is
-    signalled on its `empty` barrier; otherwise these warps refill the slot themselves."""
+    sums. The ring's first NUM_STAGES tiles are already on their way; a slot is refilled
+    as soon as both of its MMAs are done."""
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
@@ -158,18 +158,14 @@ def _attend(
                                                S_LAYOUT, BLOCK_N)
         p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
         acc = warpgroup_mma_wait(0, deps=(acc,))
-        # Tile j-1's slot is free in this warpgroup; the barrier makes it free in both
+        # Tile j-1's slot is free in this warp; the barrier makes it free in all of them
         # before a copy overwrites it.
-        if PRODUCER_WARP:
+        refill = j - 1 + NUM_STAGES
+        if refill < n_tiles:
             _cta_barrier()
-            mbarrier.arrive(empty_bars.index(prev), count=1)
-        else:
-            refill = j - 1 + NUM_STAGES
-            if refill < n_tiles:
-                _cta_barrier()
-                _issue_kv_tile(refill, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
-                               kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
-                               NUM_STAGES)
+            _issue_kv_tile(refill, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
+                           kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
+                           NUM_STAGES)
 
     last = n_tiles - 1
     acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
@@ -184,21 +180,6 @@ def _attend(
     return acc, l_i
 
 
-@gluon.jit
-def _kv_producer(
-    k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, bt_row, kv_head, n_tiles,
-    LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
-    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-):
-    """One warp that keeps the K/V ring full: tile t waits until tile t - NUM_STAGES has
-    left its slot."""
-    for t in range(n_tiles):
-        if t >= NUM_STAGES:
-            mbarrier.wait(empty_bars.index(t % NUM_STAGES), (t // NUM_STAGES - 1) & 1)
-        _issue_kv_tile(t, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
-                       LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, NUM_STAGES)
-
-
 # The per-sequence arrays of a mixed step's prefill part are slices whose alignment changes
 # from step to step: no specialisation on it (see extend.py).
 @gluon.jit(do_not_specialize=["stride_bt", "qo_indptr_ptr", "prefix_lens_ptr", "seq_lens_ptr",
@@ -208,8 +189,7 @@ def _extend_sm90_kernel(
     block_table_ptr, stride_ot, stride_oh, stride_bt, qk_scale,
     LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_WARP: gl.constexpr,
-    num_warps: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Heads vary fastest (the GROUP heads of a KV head share its tiles through L2); the
     # longest (last) query blocks of a sequence start first.
@@ -240,46 +220,29 @@ def _extend_sm90_kernel(
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=1)
     fence_async_shared()
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(
         q_desc, [q_start + q_block * BLOCK_M, head * HEAD_DIM], q_bar, q_smem)
-    if not PRODUCER_WARP:  # fill every slot; the loop refills a slot once it is free
-        for i in gl.static_range(NUM_STAGES):
-            if i < n_tiles:
-                _issue_kv_tile(i, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
-                               kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
-                               NUM_STAGES)
+    for i in gl.static_range(NUM_STAGES):  # fill the ring; the loop refills freed slots
+        if i < n_tiles:
+            _issue_kv_tile(i, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
+                           LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, NUM_STAGES)
 
     mbarrier.wait(q_bar, 0)
-    if PRODUCER_WARP:
-        acc, l_i = gl.warp_specialize(
-            [(_attend, (q_smem, k_bufs, v_bufs, k_bars, v_bars, empty_bars, k_desc, v_desc,
-                        bt_row, kv_head, first_q_pos, seq_len, n_tiles, n_full, qk_scale,
-                        LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_M, BLOCK_N,
-                        NUM_STAGES, True, num_warps)),
-             (_kv_producer, (k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
-                             bt_row, kv_head, n_tiles, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
-                             HEAD_DIM, BLOCK_N, NUM_STAGES))],
-            [1], [24])
-    else:
-        acc, l_i = _attend(q_smem, k_bufs, v_bufs, k_bars, v_bars, empty_bars, k_desc, v_desc,
-                           bt_row, kv_head, first_q_pos, seq_len, n_tiles, n_full, qk_scale,
-                           LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_M, BLOCK_N,
-                           NUM_STAGES, False, num_warps)
+    acc, l_i = _attend(q_smem, k_bufs, v_bufs, k_bars, v_bars, k_desc, v_desc, bt_row, kv_head,
+                       first_q_pos, seq_len, n_tiles, n_full, qk_scale, LAYOUT, PAGE_SIZE,
+                       NUM_KV_HEADS, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
-        mbarrier.invalidate(empty_bars.index(i))
 
     l_o = gl.convert_layout(l_i, ROW_O)
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
@@ -294,13 +257,12 @@ def _extend_sm90_kernel(
 # so two programs share an SM and one's softmax overlaps the other's MMAs. From the H200
 # A/B runs (bench/results/h200-prefill-gluon-ab-2026-12-02*.json): any config needing more
 # than half an SM's shared memory (four stages, 128-key tiles) runs one program per SM and
-# loses 25-35%; two warpgroups over 128 rows (8 warps) and the producer-warp variant were
-# slower too.
+# loses 25-35%; two warpgroups over 128 rows (8 warps) were slower too, and so was a
+# producer warp issuing the copies (warp specialisation; the variant is in commit 1043c26).
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_STAGES = 3
 NUM_WARPS = 4
-PRODUCER_WARP = False  # a separate warp issues the K/V copies (warp specialisation)
 
 
 @functools.cache
@@ -326,8 +288,8 @@ def supports(q: torch.Tensor, layout: KVLayout, variant_name: str, logits_is_ide
 
 def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = NUM_STAGES,
                     page_size: int = 64, num_kv_heads: int = 8, group: int = 4,
-                    block_n: int = BLOCK_N, producer_warp: bool = PRODUCER_WARP,
-                    block_m: int = BLOCK_M, num_warps: int = NUM_WARPS):
+                    block_n: int = BLOCK_N, block_m: int = BLOCK_M,
+                    num_warps: int = NUM_WARPS):
     """Build the kernel for sm_90a on a machine without a GPU (CI, PTX inspection) and
     return Triton's compiled kernel. Needs TRITON_INTERPRET unset when the module is
     imported: under the interpreter the reductions Gluon calls are not compilable."""
@@ -346,7 +308,7 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
     constants = dict(LAYOUT=0 if layout_name == "nhd" else 1, PAGE_SIZE=page_size,
                      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
                      BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages,
-                     PRODUCER_WARP=producer_warp, num_warps=num_warps)
+                     num_warps=num_warps)
     signature.update({name: "constexpr" for name in constants})
     source = gluon._runtime.GluonASTSource(_extend_sm90_kernel, signature=signature,
                                            constexprs=constants)
@@ -363,8 +325,8 @@ def extend_attention_sm90(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, out: torch.Tensor, scale: float, max_q_len: int,
-    block_n: int = BLOCK_N, num_stages: int = NUM_STAGES, producer_warp: bool = PRODUCER_WARP,
-    block_m: int = BLOCK_M, num_warps: int = NUM_WARPS,
+    block_n: int = BLOCK_N, num_stages: int = NUM_STAGES, block_m: int = BLOCK_M,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """Softmax attention of the new tokens over cached prefix + themselves (see
     `extend.extend_attention`); callers check `supports` first."""
@@ -387,6 +349,6 @@ def extend_attention_sm90(
         out.stride(0), out.stride(1), block_table.stride(0), float(scale) * 1.4426950408889634,
         LAYOUT=0 if layout.name == "nhd" else 1, PAGE_SIZE=layout.page_size,
         NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_STAGES=num_stages, PRODUCER_WARP=producer_warp, num_warps=num_warps,
+        NUM_STAGES=num_stages, num_warps=num_warps,
     )
     return out

@@ -30,28 +30,25 @@ HOPPER_SMEM_PER_BLOCK = 227 * 1024
 _BUILD = """
 import json, sys
 from attention.triton.extend_sm90 import compile_offline
-c = compile_offline(int(sys.argv[1]), sys.argv[2], producer_warp=sys.argv[3] == "1")
+c = compile_offline(int(sys.argv[1]), sys.argv[2])
 print(json.dumps({"ptx": c.asm["ptx"], "cubin": len(c.asm.get("cubin") or b""),
                   "shared": c.metadata.shared}))
 """
 
 
-def _build(head_dim: int, layout_name: str, producer_warp: bool = False) -> dict:
+def _build(head_dim: int, layout_name: str) -> dict:
     # a fresh interpreter without TRITON_INTERPRET (conftest sets it for the Triton tests)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    args = [str(head_dim), layout_name, "1" if producer_warp else "0"]
-    done = subprocess.run([sys.executable, "-c", _BUILD, *args], env=env,
+    done = subprocess.run([sys.executable, "-c", _BUILD, str(head_dim), layout_name], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("head_dim,layout_name,producer_warp",
-                         [(128, "nhd", False), (128, "hnd", False), (64, "nhd", False),
-                          (128, "nhd", True)])
-def test_builds_with_hopper_instructions(head_dim, layout_name, producer_warp):
-    built = _build(head_dim, layout_name, producer_warp)
+@pytest.mark.parametrize("head_dim,layout_name", [(128, "nhd"), (128, "hnd"), (64, "nhd")])
+def test_builds_with_hopper_instructions(head_dim, layout_name):
+    built = _build(head_dim, layout_name)
     ptx = built["ptx"]
     assert "wgmma.mma_async" in ptx  # q.K^T and P.V on the warpgroup MMA
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # waits that leave one MMA in flight
@@ -77,12 +74,11 @@ def _ptxas_report(ptx: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("producer_warp", [False, True])
-def test_mmas_stay_asynchronous_without_spills(producer_warp):
+def test_mmas_stay_asynchronous_without_spills():
     """ptxas serialises every warpgroup MMA of a kernel (warning C7514/C7515) when other
     instructions touch an accumulator while its MMA is in flight: the kernel would still be
     right but lose the overlap it exists for. And no register spills."""
-    report = _ptxas_report(_build(128, "nhd", producer_warp)["ptx"])
+    report = _ptxas_report(_build(128, "nhd")["ptx"])
     if report is None:
         pytest.skip("no ptxas here accepts this Triton's PTX")
     assert "C7514" not in report and "C7515" not in report, report
