@@ -6,14 +6,15 @@ with pages of at least one key tile, bf16/fp16, head dim 64 or 128. Everything e
 the portable Triton kernel, which `extend.extend_attention` falls back to.
 
 Why a second kernel: per key tile, the Triton kernel waits for q.K^T, then runs the
-softmax, then issues P.V; the tensor cores idle while the exponentials run and the SM
-issues the exponentials while the tensor cores run (about half of each tile's time on
-either side with head dim 128). Gluon exposes the asynchronous warpgroup MMA and its wait,
-so here the q.K^T of tile j+1 is in flight while the softmax of tile j runs, and the P.V
-of tile j while the scores of tile j+1 are awaited (FlashAttention-3's intra-warpgroup
-overlap). One program holds 128 query rows over two warpgroups (64 rows each), so every
-K/V tile brought into shared memory by a bulk tensor copy (TMA) serves both; tiles stream
-through a ring of NUM_STAGES buffers, each with its own arrival barrier.
+softmax, then issues P.V; the tensor cores idle while the exponentials run (about half of
+each tile's time with head dim 128). Gluon exposes the asynchronous warpgroup MMA and its
+wait, so each tile j here goes: issue q.K_j^T, rescale the output rows meanwhile, issue
+P_{j-1}.V_{j-1}, wait for the scores only, and run tile j's softmax while that P.V runs
+(FlashAttention-3's intra-warpgroup overlap). K/V tiles come in by bulk tensor copies (TMA)
+through a ring of NUM_STAGES shared-memory buffers, each with its own arrival barrier. One
+program is one warpgroup over 64 query rows; at 112 KB of shared memory two programs share
+an SM, so one's softmax also overlaps the other's MMAs (docs/kernels.md has the
+measurements behind these choices).
 """
 
 from __future__ import annotations
