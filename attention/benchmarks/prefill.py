@@ -34,7 +34,7 @@ from attention.benchmarks.common import (
 )
 from attention.benchmarks.prefill_checks import check_head_dim_64, check_variants
 from attention.benchmarks.prefill_peers import PEERS, PeerUnavailable, reference_rel_error
-from attention.triton.extend import default_config, extend_attention_with_config
+from attention.triton.extend import default_config, extend_attention_with_config, kernel_name
 from attention.triton.extend_config import ExtendConfig, layout_kind
 from attention.variants import Variant
 
@@ -146,6 +146,7 @@ def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[Be
             if not ok:
                 logger.error("triton %s %s %s: rel err %.2e", case.label(), layout_name, cfg, err)
             extra = {"config": str(cfg), "default": cfg == default, "rel_err": f"{err:.1e}",
+                     "kernel": kernel_name(cfg, q, paged.layout, variant),
                      "check": "ok" if ok else "FAIL",
                      "sweep": {str(c): [round(t, 1), f"{errors[c]:.1e}"]
                                for c, t in timings.items()}}
@@ -208,7 +209,7 @@ def summary_table(rows: list[BenchRow], ceilings: DeviceCeilings) -> str:
     lines = [f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s, "
              f"copy {ceilings.copy_gbps:.0f} GB/s",
              f"{'case':26} {'backend':10} {'layout':10} {'TFLOP/s':>8} {'x flash':>8} "
-             f"{'x cudnn':>8} {'x flex':>7} {'config':12} {'err':>8} target"]
+             f"{'x cudnn':>8} {'x flex':>7} {'kernel':12} {'err':>8} target"]
     for r in rows:
         if r.backend == "triton" and not r.extra.get("default") and r.extra.get("config"):
             label = "best"
@@ -219,7 +220,8 @@ def summary_table(rows: list[BenchRow], ceilings: DeviceCeilings) -> str:
         lines.append(
             f"{case:26} {r.backend:10} {r.layout:10} {r.tflops:>8.1f} "
             f"{e.get('vs_sdpa_flash', ''):>8} {e.get('vs_cudnn', ''):>8} {e.get('vs_flex', ''):>7} "
-            f"{e.get('config', '') + (' ' + label if label else ''):12} {e.get('rel_err', ''):>8} "
+            f"{e.get('kernel', e.get('config', '')) + (' ' + label if label else ''):12} "
+            f"{e.get('rel_err', ''):>8} "
             f"{e.get('target', '')}"
         )
     return "\n".join(lines)

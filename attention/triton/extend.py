@@ -253,6 +253,21 @@ def _extend_kernel(
     )
 
 
+def _uses_sm90(config: ExtendConfig, q: torch.Tensor, layout: KVLayout, variant: Variant) -> bool:
+    """Whether a call with this config goes to the Gluon Hopper kernel."""
+    return (config.hopper and extend_sm90 is not None and _sm90_unavailable is None
+            and extend_sm90.supports(q, layout, variant.name,
+                                     triton_variant(variant).logits is identity))
+
+
+def kernel_name(config: ExtendConfig, q: torch.Tensor, layout: KVLayout,
+                variant: Variant) -> str:
+    """The kernel and launch config a call with `config` runs (for benchmark reports)."""
+    if _uses_sm90(config, q, layout, variant):
+        return extend_sm90.describe()
+    return f"triton {config}"
+
+
 def _disable_sm90(exc: Exception) -> None:
     global _sm90_unavailable
     _sm90_unavailable = f"{type(exc).__name__}: {exc}"
@@ -354,8 +369,7 @@ def extend_attention_with_config(
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
     tv = triton_variant(variant)
-    if (config.hopper and extend_sm90 is not None and _sm90_unavailable is None
-            and extend_sm90.supports(q, layout, variant.name, tv.logits is identity)):
+    if _uses_sm90(config, q, layout, variant):
         try:
             return extend_sm90.extend_attention_sm90(
                 q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table,

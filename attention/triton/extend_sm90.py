@@ -266,6 +266,11 @@ NUM_STAGES = 3
 NUM_WARPS = 4
 
 
+def describe(block_n: int = BLOCK_N, num_stages: int = NUM_STAGES, block_m: int = BLOCK_M,
+             num_warps: int = NUM_WARPS) -> str:
+    return f"gluon-sm90 m{block_m}n{block_n}w{num_warps}s{num_stages}"
+
+
 @functools.cache
 def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9

@@ -296,3 +296,20 @@ def test_a_gluon_kernel_that_cannot_launch_falls_back_once(
     assert Unlaunchable.calls == 1
     assert "no sm_90a here" in (extend_module._sm90_unavailable or "")
     assert sum("Gluon sm90 extend kernel failed" in r.message for r in caplog.records) == 1
+
+
+def test_benchmarks_name_the_kernel_that_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill benchmark labels each row with the kernel a call actually takes."""
+    import attention.triton.extend as extend_module
+
+    layout = KVLayout.create("nhd", 64, 2, 16, "float32")
+    q = torch.zeros(3, 4, 16)
+    config = ExtendConfig(16, 16, 4, 1, hopper=True)
+    assert extend_module.kernel_name(config, q, layout, Variant("softmax")) == f"triton {config}"
+    if extend_module.extend_sm90 is not None:
+        monkeypatch.setattr(extend_module.extend_sm90, "supports", lambda *a, **k: True)
+        monkeypatch.setattr(extend_module, "_sm90_unavailable", None)
+        name = extend_module.kernel_name(config, q, layout, Variant("softmax"))
+        assert name.startswith("gluon-sm90 ")
+        plain = ExtendConfig(16, 16, 4, 1)
+        assert extend_module.kernel_name(plain, q, layout, Variant("softmax")).startswith("triton")
