@@ -256,8 +256,7 @@ def _extend_kernel(
 def _uses_sm90(config: ExtendConfig, q: torch.Tensor, layout: KVLayout, variant: Variant) -> bool:
     """Whether a call with this config goes to the Gluon Hopper kernel."""
     return (config.hopper and extend_sm90 is not None and _sm90_unavailable is None
-            and extend_sm90.supports(q, layout, variant.name,
-                                     triton_variant(variant).logits is identity))
+            and extend_sm90.supports(q, layout, variant.name))
 
 
 def kernel_name(config: ExtendConfig, q: torch.Tensor, layout: KVLayout,

@@ -192,8 +192,9 @@ def _extend_sm90_kernel(
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
-    # Heads vary fastest (the GROUP heads of a KV head share its tiles through L2); the
-    # longest (last) query blocks of a sequence start first.
+    # The same work mapping as extend._extend_kernel (kept in step by hand: a Gluon kernel
+    # cannot call a Triton function): heads vary fastest (the GROUP heads of a KV head share
+    # its tiles through L2); the longest (last) query blocks of a sequence start first.
     head = gl.program_id(0)
     q_block = gl.num_programs(1) - 1 - gl.program_id(1)
     seq = gl.program_id(2)
@@ -276,12 +277,13 @@ def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
-def supports(q: torch.Tensor, layout: KVLayout, variant_name: str, logits_is_identity: bool,
+def supports(q: torch.Tensor, layout: KVLayout, variant_name: str,
              block_n: int = BLOCK_N) -> bool:
-    """Whether this kernel serves the call (else the portable Triton kernel does)."""
+    """Whether this kernel serves the call (else the portable Triton kernel does). Only the
+    built-in plain softmax: user variants are named `module:function`, never "softmax"."""
     return (
         q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else 0)
-        and q.dtype in _GL_DTYPES and variant_name == "softmax" and logits_is_identity
+        and q.dtype in _GL_DTYPES and variant_name == "softmax"
         and layout.name in ("nhd", "hnd")
         and (layout.page_size % block_n == 0 or block_n % layout.page_size == 0)
         and layout.page_size >= 64

@@ -89,4 +89,4 @@ def test_mmas_stay_asynchronous_without_spills():
 def test_supports_only_what_it_implements():
     layout = KVLayout.create("nhd", 64, 8, 128, "torch.bfloat16")
     q = torch.empty(4, 32, 128, dtype=torch.bfloat16)  # a CPU tensor: never this kernel
-    assert not sm90.supports(q, layout, "softmax", True)
+    assert not sm90.supports(q, layout, "softmax")
