@@ -40,11 +40,13 @@ LONG_Q_LEN = 4096  # a batch whose longest new-token run exceeds this uses the "
 # flag only takes effect where a tile fits in a page (nhd/hnd, page_size % block_n == 0).
 # Hopper head dim 128 from the H100 sweep of 2026-11-25 (bench/results/h100-prefill-*.json).
 _TABLE: dict[tuple[int, int, str, str], ExtendConfig] = {
-    # short runs (8 x 2048 prefill, chunked prefill, extend): the Gluon kernel, 1.07-1.09x
-    # this Triton config on the H200 (bench/results/h200-prefill-gluon-ab-2026-12-02c.json)
+    # nhd/hnd: the Gluon ping-pong kernel, 1.06-1.30x this Triton config on every prefill
+    # and extend shape of the H200 A/B (bench/results/h200-prefill-pingpong-ab-2026-12-02.json);
+    # the Triton config serves what the Gluon kernel does not (other variants, small pages).
     (9, 128, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True,
                                              hopper=True),
-    (9, 128, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True),
+    (9, 128, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True,
+                                            hopper=True),
     (9, 128, "token", "short"): ExtendConfig(128, 64, 4, 3),
     (9, 128, "token", "long"): ExtendConfig(128, 64, 4, 3),
     (9, 128, "hnd_x", "short"): ExtendConfig(128, 64, 4, 3),

@@ -1,20 +1,25 @@
-"""Hopper (sm_90) causal prefill/extend attention in Gluon, with wgmma software pipelining.
+"""Hopper (sm_90) causal prefill/extend attention in Gluon: warp-specialised, with two
+consumer warpgroups in ping-pong and a producer warp.
 
 Same contract as `extend.extend_attention` (see its module docstring) for the case that
 matters most on the GPU: softmax attention (plain logits) over the `nhd` or `hnd` layout
-with pages of at least one key tile, bf16/fp16, head dim 64 or 128. Everything else stays on
-the portable Triton kernel, which `extend.extend_attention` falls back to.
+with pages of at least 64 keys, bf16/fp16, head dim 64 or 128. Everything else stays on the
+portable Triton kernel, which `extend.extend_attention` falls back to.
 
 Why a second kernel: per key tile, the Triton kernel waits for q.K^T, then runs the
-softmax, then issues P.V; the tensor cores idle while the exponentials run (about half of
-each tile's time with head dim 128). Gluon exposes the asynchronous warpgroup MMA and its
-wait, so each tile j here goes: issue q.K_j^T, rescale the output rows meanwhile, issue
-P_{j-1}.V_{j-1}, wait for the scores only, and run tile j's softmax while that P.V runs
-(FlashAttention-3's intra-warpgroup overlap). K/V tiles come in by bulk tensor copies (TMA)
-through a ring of NUM_STAGES shared-memory buffers, each with its own arrival barrier. One
-program is one warpgroup over 64 query rows; at 112 KB of shared memory two programs share
-an SM, so one's softmax also overlaps the other's MMAs (docs/kernels.md has the
-measurements behind these choices).
+softmax, then issues P.V; the tensor cores idle while the exponentials run. Gluon exposes
+the asynchronous warpgroup MMA, its wait, bulk tensor copies (TMA), mbarriers and warp
+specialisation, so the FlashAttention-3 schedule can be written out:
+- one program covers 128 query rows of a head: two consumer warpgroups of 64 rows each
+  share every K/V tile, and a producer warp keeps a ring of NUM_STAGES K/V buffers full
+  (one TMA copy per page of a tile; an `empty` barrier per slot counts both consumers out);
+- within a consumer, tile j goes: issue q.K_j^T, rescale the output meanwhile, issue
+  P_{j-1}.V_{j-1}, wait for the scores only, run tile j's softmax while that P.V runs;
+- between the consumers, "ping-pong": they take turns issuing a round of MMAs (consumer 0,
+  then 1, then 0 ...), so one warpgroup's softmax runs while the other's MMAs do. Both run
+  the same number of rounds; a consumer with fewer tiles (the lower rows of a causal block
+  see fewer keys) keeps taking empty turns and releasing the slots of the tiles it skips.
+docs/kernels.md has the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def _issue_kv_tile(
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
 ):
     """Start the bulk copies of key tile `tile` (keys tile*BLOCK_N ...) into its ring slot:
-    one copy per page the tile spans (a tile may cover several pages, never part of one)."""
+    one copy per page the tile spans, or one copy when the tile lies inside a page."""
     COPY_ROWS: gl.constexpr = k_desc.block_type.shape[0]
     slot = tile % NUM_STAGES
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
@@ -100,16 +105,33 @@ def _zero_keys_past_end(v_buf, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
 
 
 @gluon.jit
-def _attend(
-    q_smem, k_bufs, v_bufs, k_bars, v_bars, k_desc, v_desc, bt_row, kv_head,
-    first_q_pos, seq_len, n_tiles, n_full, qk_scale,
-    LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+def _take_turn(turn_bars, half: gl.constexpr, rnd):
+    """Wait until the other consumer has issued its MMAs of the previous round (consumer 0
+    goes first in every round)."""
+    if half == 0:
+        if rnd > 0:
+            mbarrier.wait(turn_bars.index(0), (rnd - 1) & 1)
+    else:
+        mbarrier.wait(turn_bars.index(1), rnd & 1)
+
+
+@gluon.jit
+def _release_slot(empty_bars, tile, NUM_STAGES: gl.constexpr):
+    _cta_barrier()  # every warp of this consumer is done with the slot
+    mbarrier.arrive(empty_bars.index(tile % NUM_STAGES), count=1)
+
+
+@gluon.jit
+def _consumer(
+    half: gl.constexpr, q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
+    stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n_mine, n_cta,
+    zero_last, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
 ):
-    """The KV loop of one program: returns the unnormalised output rows and their softmax
-    sums. The ring's first NUM_STAGES tiles are already on their way; a slot is refilled
-    as soon as both of its MMAs are done."""
+    """One warpgroup over query rows [64*half, 64*half + 64) of the program's 128: its
+    rounds of MMAs, then its empty rounds, then its output rows."""
+    num_warps: gl.constexpr = 4
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
@@ -117,72 +139,142 @@ def _attend(
     P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-    dtype: gl.constexpr = q_smem.dtype
+    dtype: gl.constexpr = k_bufs.dtype
+
+    row0 = q_block * 2 * BLOCK_M + half * BLOCK_M  # first row of this half in its sequence
+    first_q_pos = prefix + row0
+    n_full = (first_q_pos + 1) // BLOCK_N
+    q_smem = q_bufs.index(half)
+    other_turn = turn_bars.index(1 - half)
 
     q_pos = first_q_pos + gl.arange(0, BLOCK_M, layout=ROW_S)
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=ROW_S)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=ROW_S)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
     s_init = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT)
+    alpha = gl.full([BLOCK_M], 1.0, gl.float32, layout=ROW_S)
+    p_op = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=P_LAYOUT)
 
-    # Tile 0's scores and probabilities; then per tile j >= 1: q.K_j^T goes to the tensor
-    # cores, the output is rescaled meanwhile, P_{j-1}.V_{j-1} follows, and the softmax of
-    # tile j runs while that P.V does. No MMA is in flight across iterations (an accumulator
-    # read while its MMA runs makes ptxas serialise every MMA of the kernel).
-    mbarrier.wait(k_bars.index(0), 0)
-    s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False,
-                      is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s,))
-    if n_full > 0:
-        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, 0, q_pos, qk_scale, False, S_LAYOUT,
-                                           BLOCK_N)
-    else:
-        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, 0, q_pos, qk_scale, True, S_LAYOUT,
-                                           BLOCK_N)
-    p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
-
-    for j in range(1, n_tiles):
-        slot = j % NUM_STAGES
-        mbarrier.wait(k_bars.index(slot), (j // NUM_STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_init, use_acc=False,
+    mbarrier.wait(q_bar, 0)
+    if n_mine > 0:
+        # round 0: tile 0's scores
+        mbarrier.wait(k_bars.index(0), 0)
+        _take_turn(turn_bars, half, 0)
+        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False,
                           is_async=True)
-        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-        prev = (j - 1) % NUM_STAGES
-        mbarrier.wait(v_bars.index(prev), ((j - 1) // NUM_STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s,))  # this tile's scores; P.V still running
-        if j >= n_full:
-            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, j * BLOCK_N, q_pos, qk_scale, True,
+        mbarrier.arrive(other_turn, count=1)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        if n_full > 0:
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, 0, q_pos, qk_scale, False,
                                                S_LAYOUT, BLOCK_N)
         else:
-            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, j * BLOCK_N, q_pos, qk_scale, False,
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, 0, q_pos, qk_scale, True,
                                                S_LAYOUT, BLOCK_N)
         p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+
+        # rounds 1 .. n_mine-1: q.K_j^T and P_{j-1}.V_{j-1}
+        for j in range(1, n_mine):
+            slot = j % NUM_STAGES
+            prev = (j - 1) % NUM_STAGES
+            mbarrier.wait(k_bars.index(slot), (j // NUM_STAGES) & 1)
+            mbarrier.wait(v_bars.index(prev), ((j - 1) // NUM_STAGES) & 1)
+            _take_turn(turn_bars, half, j)
+            s = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_init,
+                              use_acc=False, is_async=True)
+            acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+            acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            mbarrier.arrive(other_turn, count=1)
+            s = warpgroup_mma_wait(1, deps=(s,))
+            if j >= n_full:
+                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, j * BLOCK_N, q_pos, qk_scale,
+                                                   True, S_LAYOUT, BLOCK_N)
+            else:
+                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, j * BLOCK_N, q_pos, qk_scale,
+                                                   False, S_LAYOUT, BLOCK_N)
+            p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            _release_slot(empty_bars, j - 1, NUM_STAGES)
+
+        # round n_mine: the last P.V
+        last = n_mine - 1
+        slot = last % NUM_STAGES
+        mbarrier.wait(v_bars.index(slot), (last // NUM_STAGES) & 1)
+        _take_turn(turn_bars, half, n_mine)
+        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+        # Rows past seq_len of the program's last tile: zeroed by the first consumer to use
+        # it (consumer 0 reaches any round before consumer 1 does).
+        if zero_last and last * BLOCK_N + BLOCK_N > seq_len:
+            _zero_keys_past_end(v_bufs.index(slot), seq_len - last * BLOCK_N, BLOCK_N,
+                                HEAD_DIM, num_warps)
+        acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
+        mbarrier.arrive(other_turn, count=1)
         acc = warpgroup_mma_wait(0, deps=(acc,))
-        # Tile j-1's slot is free in this warp; the barrier makes it free in all of them
-        # before a copy overwrites it.
-        refill = j - 1 + NUM_STAGES
-        if refill < n_tiles:
-            _cta_barrier()
-            _issue_kv_tile(refill, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row,
-                           kv_head, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
-                           NUM_STAGES)
+        _release_slot(empty_bars, last, NUM_STAGES)
+        first_empty_round = n_mine + 1
+    else:
+        first_empty_round = 0
 
-    last = n_tiles - 1
-    acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-    slot = last % NUM_STAGES
-    mbarrier.wait(v_bars.index(slot), (last // NUM_STAGES) & 1)
-    if last * BLOCK_N + BLOCK_N > seq_len:
-        _zero_keys_past_end(v_bufs.index(slot), seq_len - last * BLOCK_N, BLOCK_N, HEAD_DIM,
-                            num_warps)
-    acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
+    # Empty rounds keep the turns alternating; round r >= 1 releases skipped tile r - 1.
+    for r in range(first_empty_round, n_cta + 1):
+        _take_turn(turn_bars, half, r)
+        mbarrier.arrive(other_turn, count=1)
+        if r >= 1:
+            t = r - 1
+            mbarrier.wait(k_bars.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
+            mbarrier.wait(v_bars.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
+            _release_slot(empty_bars, t, NUM_STAGES)
 
-    return acc, l_i
+    l_o = gl.convert_layout(l_i, ROW_O)
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=ROW_O)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_LAYOUT))
+    rows = (q_start + offs_m).to(gl.int64)
+    ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    gl.store(ptrs, out.to(dtype), mask=(offs_m < q_len)[:, None])
 
 
-# The per-sequence arrays of a mixed step's prefill part are slices whose alignment changes
-# from step to step: no specialisation on it (see extend.py).
+@gluon.jit
+def _consumer0(q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
+               stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n0, n1,
+               n_cta, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    _consumer(0, q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
+              stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n0, n_cta,
+              n0 == n_cta, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES)
+
+
+@gluon.jit
+def _consumer1(q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
+               stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n0, n1,
+               n_cta, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    _consumer(1, q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
+              stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n1, n_cta,
+              n0 < n_cta, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES)
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, bt_row, kv_head,
+              n_cta, LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr,
+              NUM_KV_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr):
+    """One warp keeping the K/V ring full: tile t waits until both consumers have released
+    tile t - NUM_STAGES."""
+    for t in range(n_cta):
+        if t >= NUM_STAGES:
+            mbarrier.wait(empty_bars.index(t % NUM_STAGES), (t // NUM_STAGES - 1) & 1)
+        _issue_kv_tile(t, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
+                       LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, NUM_STAGES)
+
+
+@gluon.jit
+def _tiles_of_half(half, q_block, prefix, q_len, seq_len, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr):
+    row0 = q_block * 2 * BLOCK_M + half * BLOCK_M
+    hi = gl.minimum(seq_len, prefix + gl.minimum(row0 + BLOCK_M, q_len))
+    return gl.where(row0 < q_len, gl.cdiv(hi, BLOCK_N), 0)
+
+
 @gluon.jit(do_not_specialize=["stride_bt", "qo_indptr_ptr", "prefix_lens_ptr", "seq_lens_ptr",
                               "block_table_ptr"])
 def _extend_sm90_kernel(
@@ -190,86 +282,81 @@ def _extend_sm90_kernel(
     block_table_ptr, stride_ot, stride_oh, stride_bt, qk_scale,
     LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
 ):
-    # The same work mapping as extend._extend_kernel (kept in step by hand: a Gluon kernel
-    # cannot call a Triton function): heads vary fastest (the GROUP heads of a KV head share
-    # its tiles through L2); the longest (last) query blocks of a sequence start first.
+    # The work mapping of extend._extend_kernel (kept in step by hand: a Gluon kernel cannot
+    # call a Triton function) over blocks of 2 * BLOCK_M rows: heads vary fastest (the
+    # GROUP heads of a KV head share its tiles through L2); the longest (last) query blocks
+    # of a sequence start first.
     head = gl.program_id(0)
     q_block = gl.num_programs(1) - 1 - gl.program_id(1)
     seq = gl.program_id(2)
     q_start = gl.load(qo_indptr_ptr + seq)
     q_len = gl.load(qo_indptr_ptr + seq + 1) - q_start
-    if q_block * BLOCK_M >= q_len:
+    if q_block * 2 * BLOCK_M >= q_len:
         return
     prefix = gl.load(prefix_lens_ptr + seq)
     seq_len = gl.load(seq_lens_ptr + seq)
     kv_head = head // GROUP
     bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
-    first_q_pos = prefix + q_block * BLOCK_M
-    hi = gl.minimum(seq_len, prefix + gl.minimum((q_block + 1) * BLOCK_M, q_len))
-    n_tiles = gl.cdiv(hi, BLOCK_N)
-    n_full = (first_q_pos + 1) // BLOCK_N  # tiles every row of the block sees whole
+    n0 = _tiles_of_half(0, q_block, prefix, q_len, seq_len, BLOCK_M, BLOCK_N)
+    n1 = _tiles_of_half(1, q_block, prefix, q_len, seq_len, BLOCK_M, BLOCK_N)
+    n_cta = gl.maximum(n0, n1)
 
-    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
-    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     dtype: gl.constexpr = q_desc.dtype
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2)  # one release per consumer
+    mbarrier.init(turn_bars.index(0), count=1)
+    mbarrier.init(turn_bars.index(1), count=1)
     fence_async_shared()
 
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(
-        q_desc, [q_start + q_block * BLOCK_M, head * HEAD_DIM], q_bar, q_smem)
-    for i in gl.static_range(NUM_STAGES):  # fill the ring; the loop refills freed slots
-        if i < n_tiles:
-            _issue_kv_tile(i, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
-                           LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, NUM_STAGES)
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    for h in gl.static_range(2):
+        _tma_load(q_desc, [q_start + q_block * 2 * BLOCK_M + h * BLOCK_M, head * HEAD_DIM],
+                  q_bar, q_bufs.index(h))
 
-    mbarrier.wait(q_bar, 0)
-    acc, l_i = _attend(q_smem, k_bufs, v_bufs, k_bars, v_bars, k_desc, v_desc, bt_row, kv_head,
-                       first_q_pos, seq_len, n_tiles, n_full, qk_scale, LAYOUT, PAGE_SIZE,
-                       NUM_KV_HEADS, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
-
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
-
-    l_o = gl.convert_layout(l_i, ROW_O)
-    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-    offs_m = q_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=ROW_O)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_LAYOUT))
-    rows = (q_start + offs_m).to(gl.int64)
-    ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
-    gl.store(ptrs, out.to(dtype), mask=(offs_m < q_len)[:, None])
+    gl.warp_specialize(
+        [(_consumer0, (q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars,
+                       out_ptr, stride_ot, stride_oh, q_start, q_len, q_block, head, prefix,
+                       seq_len, n0, n1, n_cta, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+                       NUM_STAGES)),
+         (_consumer1, (q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars,
+                       out_ptr, stride_ot, stride_oh, q_start, q_len, q_block, head, prefix,
+                       seq_len, n0, n1, n_cta, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+                       NUM_STAGES)),
+         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, bt_row,
+                      kv_head, n_cta, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
+                      NUM_STAGES))],
+        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-# One warpgroup of 64 query rows, 64-key tiles, three K/V buffers: 112 KB of shared memory,
-# so two programs share an SM and one's softmax overlaps the other's MMAs. From the H200
-# A/B runs (bench/results/h200-prefill-gluon-ab-2026-12-02*.json): any config needing more
-# than half an SM's shared memory (four stages, 128-key tiles) runs one program per SM and
-# loses 25-35%; two warpgroups over 128 rows (8 warps) were slower too, and so was a
-# producer warp issuing the copies (warp specialisation; the variant is in commit 1043c26).
-BLOCK_M = 64
-BLOCK_N = 64
+# Two consumer warpgroups of 64 query rows (a program covers 128), 128-key tiles, three K/V
+# buffers: 32 KB of q + 3 x 64 KB = 224 KB of shared memory, one program per SM. From the
+# H200 A/B (bench/results/h200-prefill-pingpong-ab-2026-12-02.json): 471-651 TFLOP/s where
+# the previous kernel (one warpgroup per program, two programs per SM, 64-key tiles; in
+# history at f40e666) reached 444-532 and the Triton kernel 444-518; 64-key tiles with four
+# or five buffers reached 434-559.
+BLOCK_M = 64  # rows per consumer warpgroup
+BLOCK_N = 128
 NUM_STAGES = 3
-NUM_WARPS = 4
+CONSUMER_REGS = 232  # per thread of the second consumer (setmaxnreg)
+PRODUCER_REGS = 40
 
 
-def describe(block_n: int = BLOCK_N, num_stages: int = NUM_STAGES, block_m: int = BLOCK_M,
-             num_warps: int = NUM_WARPS) -> str:
-    return f"gluon-sm90 m{block_m}n{block_n}w{num_warps}s{num_stages}"
+def describe(block_n: int = BLOCK_N, num_stages: int = NUM_STAGES) -> str:
+    return f"gluon-sm90 pingpong m{2 * BLOCK_M}n{block_n}s{num_stages}"
 
 
 @functools.cache
@@ -296,8 +383,7 @@ def supports(q: torch.Tensor, layout: KVLayout, variant_name: str,
 
 def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = NUM_STAGES,
                     page_size: int = 64, num_kv_heads: int = 8, group: int = 4,
-                    block_n: int = BLOCK_N, block_m: int = BLOCK_M,
-                    num_warps: int = NUM_WARPS):
+                    block_n: int = BLOCK_N):
     """Build the kernel for sm_90a on a machine without a GPU (CI, PTX inspection) and
     return Triton's compiled kernel. Needs TRITON_INTERPRET unset when the module is
     imported: under the interpreter the reductions Gluon calls are not compilable."""
@@ -305,7 +391,7 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
 
     q2 = torch.empty(256, num_kv_heads * group * head_dim, dtype=torch.bfloat16)
     kv = torch.empty(1024, num_kv_heads * head_dim, dtype=torch.bfloat16)
-    q_desc = _descriptor(q2, [block_m, head_dim], gl.bfloat16)
+    q_desc = _descriptor(q2, [BLOCK_M, head_dim], gl.bfloat16)
     kv_desc = _descriptor(kv, [min(block_n, page_size), head_dim], gl.bfloat16)
     signature = {
         "q_desc": q_desc.__mangle__(), "k_desc": kv_desc.__mangle__(),
@@ -315,13 +401,12 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
     }
     constants = dict(LAYOUT=0 if layout_name == "nhd" else 1, PAGE_SIZE=page_size,
                      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
-                     BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages,
-                     num_warps=num_warps)
+                     BLOCK_M=BLOCK_M, BLOCK_N=block_n, NUM_STAGES=num_stages,
+                     CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS)
     signature.update({name: "constexpr" for name in constants})
     source = gluon._runtime.GluonASTSource(_extend_sm90_kernel, signature=signature,
                                            constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
 def _descriptor(t2d: torch.Tensor, block: list[int], dtype) -> TensorDescriptor:
@@ -333,8 +418,7 @@ def extend_attention_sm90(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, out: torch.Tensor, scale: float, max_q_len: int,
-    block_n: int = BLOCK_N, num_stages: int = NUM_STAGES, block_m: int = BLOCK_M,
-    num_warps: int = NUM_WARPS,
+    block_n: int = BLOCK_N, num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Softmax attention of the new tokens over cached prefix + themselves (see
     `extend.extend_attention`); callers check `supports` first."""
@@ -347,16 +431,17 @@ def extend_attention_sm90(
     Hkv = layout.num_kv_heads
     q2 = q.as_strided((T, Hq * D), (q.stride(0), 1))
     cols = Hkv * D if layout.name == "nhd" else D
-    q_desc = _descriptor(q2, [block_m, D], dtype)
+    q_desc = _descriptor(q2, [BLOCK_M, D], dtype)
     copy_rows = min(block_n, layout.page_size)  # one bulk copy per page of a tile
     k_desc = _descriptor(k_cache.view(-1, cols), [copy_rows, D], dtype)
     v_desc = _descriptor(v_cache.view(-1, cols), [copy_rows, D], dtype)
-    grid = (Hq, triton.cdiv(max_q_len, block_m), B)
+    grid = (Hq, triton.cdiv(max_q_len, 2 * BLOCK_M), B)
     _extend_sm90_kernel[grid](
         q_desc, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens, block_table,
         out.stride(0), out.stride(1), block_table.stride(0), float(scale) * 1.4426950408889634,
         LAYOUT=0 if layout.name == "nhd" else 1, PAGE_SIZE=layout.page_size,
-        NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_STAGES=num_stages, num_warps=num_warps,
+        NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4,
     )
     return out

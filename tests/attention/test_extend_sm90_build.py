@@ -5,8 +5,9 @@ numerics are checked on the device (`attnserve bench attention --op prefill` run
 ragged, NaN-poisoned checks through `extend_attention`, which dispatches there on sm_90).
 What CI can check is that the kernel still compiles, for the layouts and head dims it
 claims, down to machine code with Hopper's instructions: the asynchronous warpgroup MMA
-with a wait that leaves one MMA in flight, bulk tensor copies, and a CTA that fits the
-SM's shared memory.
+with a wait that leaves one MMA in flight, bulk tensor copies, warp specialisation with
+register reallocation between the consumers and the producer, mbarrier hand-offs between
+them, and a CTA that fits the SM's shared memory.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def test_builds_with_hopper_instructions(head_dim, layout_name):
     assert "wgmma.mma_async" in ptx  # q.K^T and P.V on the warpgroup MMA
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # waits that leave one MMA in flight
     assert "cp.async.bulk.tensor" in ptx  # q/K/V tiles by bulk tensor copies
+    # the producer warp gives registers up, the consumer warpgroups take them
+    assert "setmaxnreg.dec" in ptx and "setmaxnreg.inc" in ptx
+    # ring slots released and ping-pong turns passed by mbarrier arrivals
+    assert "mbarrier.arrive.shared" in ptx and "mbarrier.try_wait" in ptx
     assert built["cubin"] > 0
     assert built["shared"] <= HOPPER_SMEM_PER_BLOCK
 

@@ -244,16 +244,17 @@ def test_warmup_launches_each_table_config(
     assert slopes_dtypes == [torch.float32] * len(configs) and configs
 
 
-def test_hopper_table_sends_short_paged_runs_to_the_gluon_kernel() -> None:
-    """The launch table marks Hopper head-dim-128 short runs on nhd/hnd (the measured win of
-    extend_sm90.py) and nothing else; the fallback fields stay a valid Triton config."""
+def test_hopper_table_sends_paged_runs_to_the_gluon_kernel() -> None:
+    """The launch table marks Hopper head-dim-128 runs on nhd/hnd, short and long (the
+    measured win of extend_sm90.py) and nothing else; the fallback fields stay a valid
+    Triton config."""
     from attention.triton.extend_config import LONG_Q_LEN, extend_config
 
     short, long = 512, LONG_Q_LEN + 1
     for name in ("nhd", "hnd"):
         picked = extend_config(128, 9, name, short)
         assert picked.hopper and picked.block_m > 0 and picked.num_stages > 0
-        assert not extend_config(128, 9, name, long).hopper
+        assert extend_config(128, 9, name, long).hopper
     for name in ("token", "hnd_x"):
         assert not extend_config(128, 9, name, short).hopper
     assert not extend_config(128, 8, "nhd", short).hopper  # Ampere: no Gluon wgmma
