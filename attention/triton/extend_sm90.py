@@ -49,14 +49,13 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise ren
 
 @gluon.jit
 def _issue_kv_tile(
-    tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
+    tile, slot, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
     LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
-    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
 ):
-    """Start the bulk copies of key tile `tile` (keys tile*BLOCK_N ...) into its ring slot:
-    one copy per page the tile spans, or one copy when the tile lies inside a page."""
+    """Start the bulk copies of key tile `tile` (keys tile*BLOCK_N ...) into ring slot
+    `slot`: one copy per page the tile spans, or one copy when the tile lies inside a page."""
     COPY_ROWS: gl.constexpr = k_desc.block_type.shape[0]
-    slot = tile % NUM_STAGES
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
     for c in gl.static_range(BLOCK_N // COPY_ROWS):
@@ -107,7 +106,7 @@ def _zero_keys_past_end(v_buf, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
 @gluon.jit
 def _take_turn(turn_bars, half: gl.constexpr, rnd):
     """Wait until the other consumer has issued its MMAs of the previous round (consumer 0
-    goes first in every round)."""
+    goes first in every round). Rounds are counted over all of a program's work items."""
     if half == 0:
         if rnd > 0:
             mbarrier.wait(turn_bars.index(0), (rnd - 1) & 1)
@@ -116,21 +115,55 @@ def _take_turn(turn_bars, half: gl.constexpr, rnd):
 
 
 @gluon.jit
-def _release_slot(empty_bars, tile, NUM_STAGES: gl.constexpr):
-    _cta_barrier()  # every warp of this consumer is done with the slot
-    mbarrier.arrive(empty_bars.index(tile % NUM_STAGES), count=1)
+def _release(bar):
+    _cta_barrier()  # every warp of this consumer is done with the buffer
+    mbarrier.arrive(bar, count=1)
 
 
 @gluon.jit
-def _consumer(
-    half: gl.constexpr, q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
-    stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n_mine, n_cta,
-    zero_last, qk_scale,
+def _work_item(k, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr, num_seqs, num_q_blocks,
+               NUM_HEADS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The k-th work item of this program: a head over a block of 2 * BLOCK_M query rows of
+    a sequence. Items run longest first (the last query blocks of every sequence first;
+    heads fastest, so the heads of a KV head read its tiles from L2 together) and are dealt
+    to the programs in a snake (0 .. G-1, then G-1 .. 0), which evens out their total work.
+    Every partition walks the same items; `valid` is false past the end and for blocks
+    beyond a sequence's new tokens."""
+    G = gl.num_programs(0)
+    pid = gl.program_id(0)
+    i = k * G + gl.where(k % 2 == 0, pid, G - 1 - pid)
+    head = i % NUM_HEADS
+    seq = (i // NUM_HEADS) % num_seqs
+    q_block = num_q_blocks - 1 - i // (NUM_HEADS * num_seqs)
+    q_start = gl.load(qo_indptr_ptr + seq)
+    q_len = gl.load(qo_indptr_ptr + seq + 1) - q_start
+    prefix = gl.load(prefix_lens_ptr + seq)
+    seq_len = gl.load(seq_lens_ptr + seq)
+    valid = (q_block >= 0) & (q_block * 2 * BLOCK_M < q_len)
+    n0 = _tiles_of_half(0, q_block, prefix, q_len, seq_len, BLOCK_M, BLOCK_N)
+    n1 = _tiles_of_half(1, q_block, prefix, q_len, seq_len, BLOCK_M, BLOCK_N)
+    return valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1
+
+
+@gluon.jit
+def _tiles_of_half(half, q_block, prefix, q_len, seq_len, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr):
+    row0 = q_block * 2 * BLOCK_M + half * BLOCK_M
+    hi = gl.minimum(seq_len, prefix + gl.minimum(row0 + BLOCK_M, q_len))
+    return gl.where(row0 < q_len, gl.cdiv(hi, BLOCK_N), 0)
+
+
+@gluon.jit
+def _attend_rows(
+    half: gl.constexpr, q_smem, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+    turn_bars, out_ptr, stride_ot, stride_oh, head, q_block, q_start, q_len, prefix, seq_len,
+    n_mine, n_cta, zero_last, qk_scale, tile_base, round_base, item_count,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr,
 ):
-    """One warpgroup over query rows [64*half, 64*half + 64) of the program's 128: its
-    rounds of MMAs, then its empty rounds, then its output rows."""
+    """One consumer's part of one work item: query rows [64*half, 64*half + 64) of the
+    block. Its rounds of MMAs, then its empty rounds, then its output rows. The item's tile
+    j sits in ring slot (tile_base + j) % NUM_STAGES; round r is round_base + r."""
     num_warps: gl.constexpr = 4
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
@@ -144,7 +177,6 @@ def _consumer(
     row0 = q_block * 2 * BLOCK_M + half * BLOCK_M  # first row of this half in its sequence
     first_q_pos = prefix + row0
     n_full = (first_q_pos + 1) // BLOCK_N
-    q_smem = q_bufs.index(half)
     other_turn = turn_bars.index(1 - half)
 
     q_pos = first_q_pos + gl.arange(0, BLOCK_M, layout=ROW_S)
@@ -155,15 +187,18 @@ def _consumer(
     alpha = gl.full([BLOCK_M], 1.0, gl.float32, layout=ROW_S)
     p_op = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=P_LAYOUT)
 
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_full, item_count & 1)
     if n_mine > 0:
         # round 0: tile 0's scores
-        mbarrier.wait(k_bars.index(0), 0)
-        _take_turn(turn_bars, half, 0)
-        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False,
-                          is_async=True)
+        g = tile_base
+        mbarrier.wait(k_bars.index(g % NUM_STAGES), (g // NUM_STAGES) & 1)
+        _take_turn(turn_bars, half, round_base)
+        s = warpgroup_mma(q_smem, k_bufs.index(g % NUM_STAGES).permute((1, 0)), s_init,
+                          use_acc=False, is_async=True)
         mbarrier.arrive(other_turn, count=1)
         s = warpgroup_mma_wait(0, deps=(s,))
+        if n_mine == 1:  # q's last MMA is done: the producer may load the next item's
+            _release(q_empty)
         if n_full > 0:
             p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, 0, q_pos, qk_scale, False,
                                                S_LAYOUT, BLOCK_N)
@@ -174,17 +209,20 @@ def _consumer(
 
         # rounds 1 .. n_mine-1: q.K_j^T and P_{j-1}.V_{j-1}
         for j in range(1, n_mine):
-            slot = j % NUM_STAGES
-            prev = (j - 1) % NUM_STAGES
-            mbarrier.wait(k_bars.index(slot), (j // NUM_STAGES) & 1)
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // NUM_STAGES) & 1)
-            _take_turn(turn_bars, half, j)
+            g = tile_base + j
+            slot = g % NUM_STAGES
+            prev = (g - 1) % NUM_STAGES
+            mbarrier.wait(k_bars.index(slot), (g // NUM_STAGES) & 1)
+            mbarrier.wait(v_bars.index(prev), ((g - 1) // NUM_STAGES) & 1)
+            _take_turn(turn_bars, half, round_base + j)
             s = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_init,
                               use_acc=False, is_async=True)
             acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
             acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
             mbarrier.arrive(other_turn, count=1)
             s = warpgroup_mma_wait(1, deps=(s,))
+            if j == n_mine - 1:
+                _release(q_empty)
             if j >= n_full:
                 p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, j * BLOCK_N, q_pos, qk_scale,
                                                    True, S_LAYOUT, BLOCK_N)
@@ -193,36 +231,39 @@ def _consumer(
                                                    False, S_LAYOUT, BLOCK_N)
             p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            _release_slot(empty_bars, j - 1, NUM_STAGES)
+            _release(empty_bars.index(prev))
 
         # round n_mine: the last P.V
         last = n_mine - 1
-        slot = last % NUM_STAGES
-        mbarrier.wait(v_bars.index(slot), (last // NUM_STAGES) & 1)
-        _take_turn(turn_bars, half, n_mine)
+        g = tile_base + last
+        slot = g % NUM_STAGES
+        mbarrier.wait(v_bars.index(slot), (g // NUM_STAGES) & 1)
+        _take_turn(turn_bars, half, round_base + n_mine)
         acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-        # Rows past seq_len of the program's last tile: zeroed by the first consumer to use
-        # it (consumer 0 reaches any round before consumer 1 does).
+        # Rows past seq_len of the item's last tile: zeroed by the first consumer to use it
+        # (consumer 0 reaches any round before consumer 1 does).
         if zero_last and last * BLOCK_N + BLOCK_N > seq_len:
             _zero_keys_past_end(v_bufs.index(slot), seq_len - last * BLOCK_N, BLOCK_N,
                                 HEAD_DIM, num_warps)
         acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
         mbarrier.arrive(other_turn, count=1)
         acc = warpgroup_mma_wait(0, deps=(acc,))
-        _release_slot(empty_bars, last, NUM_STAGES)
+        _release(empty_bars.index(slot))
         first_empty_round = n_mine + 1
     else:
+        _release(q_empty)
         first_empty_round = 0
 
-    # Empty rounds keep the turns alternating; round r >= 1 releases skipped tile r - 1.
+    # Empty rounds keep the turns alternating; round r >= 1 releases skipped tile r - 1
+    # (after its copy has landed, so the release counts toward that fill of the slot).
     for r in range(first_empty_round, n_cta + 1):
-        _take_turn(turn_bars, half, r)
+        _take_turn(turn_bars, half, round_base + r)
         mbarrier.arrive(other_turn, count=1)
         if r >= 1:
-            t = r - 1
-            mbarrier.wait(k_bars.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
-            mbarrier.wait(v_bars.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
-            _release_slot(empty_bars, t, NUM_STAGES)
+            g = tile_base + r - 1
+            mbarrier.wait(k_bars.index(g % NUM_STAGES), (g // NUM_STAGES) & 1)
+            mbarrier.wait(v_bars.index(g % NUM_STAGES), (g // NUM_STAGES) & 1)
+            _release(empty_bars.index(g % NUM_STAGES))
 
     l_o = gl.convert_layout(l_i, ROW_O)
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
@@ -234,111 +275,150 @@ def _consumer(
 
 
 @gluon.jit
-def _consumer0(q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
-               stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n0, n1,
-               n_cta, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    _consumer(0, q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
-              stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n0, n_cta,
-              n0 == n_cta, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES)
+def _consumer(
+    half: gl.constexpr, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+    turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
+    num_seqs, num_q_blocks, qk_scale,
+    NUM_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+):
+    """A consumer warpgroup's walk over its program's work items."""
+    tile_base = 0
+    round_base = 0
+    item_count = 0
+    num_items = num_seqs * num_q_blocks * NUM_HEADS
+    for k in range(gl.cdiv(num_items, gl.num_programs(0))):
+        valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1 = _work_item(
+            k, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr, num_seqs, num_q_blocks,
+            NUM_HEADS, BLOCK_M, BLOCK_N)
+        n_cta = gl.maximum(n0, n1)
+        if valid:
+            if half == 0:
+                n_mine = n0
+                zero_last = n0 == n_cta
+            else:
+                n_mine = n1
+                zero_last = n0 < n_cta
+            _attend_rows(half, q_bufs.index(half), q_full, q_empty, k_bufs, v_bufs, k_bars,
+                         v_bars, empty_bars, turn_bars, out_ptr, stride_ot, stride_oh, head,
+                         q_block, q_start, q_len, prefix, seq_len, n_mine, n_cta, zero_last,
+                         qk_scale, tile_base, round_base, item_count, HEAD_DIM, BLOCK_M,
+                         BLOCK_N, NUM_STAGES)
+            tile_base += n_cta
+            round_base += n_cta + 1
+            item_count += 1
 
 
 @gluon.jit
-def _consumer1(q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
-               stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n0, n1,
-               n_cta, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    _consumer(1, q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars, out_ptr,
-              stride_ot, stride_oh, q_start, q_len, q_block, head, prefix, seq_len, n1, n_cta,
-              n0 < n_cta, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES)
+def _consumer0(q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars,
+               out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
+               num_seqs, num_q_blocks, qk_scale, NUM_HEADS: gl.constexpr,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               NUM_STAGES: gl.constexpr):
+    _consumer(0, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+              turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
+              seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM, BLOCK_M,
+              BLOCK_N, NUM_STAGES)
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, bt_row, kv_head,
-              n_cta, LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr,
-              NUM_KV_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              NUM_STAGES: gl.constexpr):
-    """One warp keeping the K/V ring full: tile t waits until both consumers have released
-    tile t - NUM_STAGES."""
-    for t in range(n_cta):
-        if t >= NUM_STAGES:
-            mbarrier.wait(empty_bars.index(t % NUM_STAGES), (t // NUM_STAGES - 1) & 1)
-        _issue_kv_tile(t, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
-                       LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, NUM_STAGES)
+def _consumer1(q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars,
+               out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
+               num_seqs, num_q_blocks, qk_scale, NUM_HEADS: gl.constexpr,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               NUM_STAGES: gl.constexpr):
+    _consumer(1, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+              turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
+              seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM, BLOCK_M,
+              BLOCK_N, NUM_STAGES)
 
 
 @gluon.jit
-def _tiles_of_half(half, q_block, prefix, q_len, seq_len, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr):
-    row0 = q_block * 2 * BLOCK_M + half * BLOCK_M
-    hi = gl.minimum(seq_len, prefix + gl.minimum(row0 + BLOCK_M, q_len))
-    return gl.where(row0 < q_len, gl.cdiv(hi, BLOCK_N), 0)
+def _producer(q_desc, k_desc, v_desc, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars,
+              empty_bars, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr, block_table_ptr,
+              stride_bt, num_seqs, num_q_blocks,
+              LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
+              NUM_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """One warp loading every work item's q (once both consumers are done with the last
+    item's) and keeping the K/V ring full across items: ring fill g waits until both
+    consumers have released fill g - NUM_STAGES."""
+    GROUP: gl.constexpr = NUM_HEADS // NUM_KV_HEADS
+    tile_base = 0
+    item_count = 0
+    num_items = num_seqs * num_q_blocks * NUM_HEADS
+    for k in range(gl.cdiv(num_items, gl.num_programs(0))):
+        valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1 = _work_item(
+            k, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr, num_seqs, num_q_blocks,
+            NUM_HEADS, BLOCK_M, BLOCK_N)
+        n_cta = gl.maximum(n0, n1)
+        if valid:
+            if item_count > 0:
+                mbarrier.wait(q_empty, (item_count - 1) & 1)
+            mbarrier.expect(q_full, 2 * q_desc.block_type.nbytes)
+            for h in gl.static_range(2):
+                _tma_load(q_desc, [q_start + q_block * 2 * BLOCK_M + h * BLOCK_M,
+                                   head * HEAD_DIM], q_full, q_bufs.index(h))
+            bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
+            for t in range(n_cta):
+                g = tile_base + t
+                if g >= NUM_STAGES:
+                    mbarrier.wait(empty_bars.index(g % NUM_STAGES), (g // NUM_STAGES - 1) & 1)
+                _issue_kv_tile(t, g % NUM_STAGES, k_desc, v_desc, k_bufs, v_bufs, k_bars,
+                               v_bars, bt_row, head // GROUP, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
+                               HEAD_DIM, BLOCK_N)
+            tile_base += n_cta
+            item_count += 1
 
 
+# The per-sequence arrays of a mixed step's prefill part are slices whose alignment changes
+# from step to step: no specialisation on it (see extend.py).
 @gluon.jit(do_not_specialize=["stride_bt", "qo_indptr_ptr", "prefix_lens_ptr", "seq_lens_ptr",
-                              "block_table_ptr"])
+                              "block_table_ptr", "num_seqs", "num_q_blocks"])
 def _extend_sm90_kernel(
     q_desc, k_desc, v_desc, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
-    block_table_ptr, stride_ot, stride_oh, stride_bt, qk_scale,
+    block_table_ptr, stride_ot, stride_oh, stride_bt, qk_scale, num_seqs, num_q_blocks,
     LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
     HEAD_DIM: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
 ):
-    # The work mapping of extend._extend_kernel (kept in step by hand: a Gluon kernel cannot
-    # call a Triton function) over blocks of 2 * BLOCK_M rows: heads vary fastest (the
-    # GROUP heads of a KV head share its tiles through L2); the longest (last) query blocks
-    # of a sequence start first.
-    head = gl.program_id(0)
-    q_block = gl.num_programs(1) - 1 - gl.program_id(1)
-    seq = gl.program_id(2)
-    q_start = gl.load(qo_indptr_ptr + seq)
-    q_len = gl.load(qo_indptr_ptr + seq + 1) - q_start
-    if q_block * 2 * BLOCK_M >= q_len:
-        return
-    prefix = gl.load(prefix_lens_ptr + seq)
-    seq_len = gl.load(seq_lens_ptr + seq)
-    kv_head = head // GROUP
-    bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
-    n0 = _tiles_of_half(0, q_block, prefix, q_len, seq_len, BLOCK_M, BLOCK_N)
-    n1 = _tiles_of_half(1, q_block, prefix, q_len, seq_len, BLOCK_M, BLOCK_N)
-    n_cta = gl.maximum(n0, n1)
-
+    # Persistent: one program per SM walks work items (see _work_item), so the next item's
+    # q and first K/V tiles load while the current one finishes.
+    NUM_HEADS: gl.constexpr = NUM_KV_HEADS * GROUP
     dtype: gl.constexpr = q_desc.dtype
     q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_full, count=1)
+    mbarrier.init(q_empty, count=2)  # one release per consumer
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=2)  # one release per consumer
+        mbarrier.init(empty_bars.index(i), count=2)
     mbarrier.init(turn_bars.index(0), count=1)
     mbarrier.init(turn_bars.index(1), count=1)
     fence_async_shared()
 
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    for h in gl.static_range(2):
-        _tma_load(q_desc, [q_start + q_block * 2 * BLOCK_M + h * BLOCK_M, head * HEAD_DIM],
-                  q_bar, q_bufs.index(h))
-
     gl.warp_specialize(
-        [(_consumer0, (q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars,
-                       out_ptr, stride_ot, stride_oh, q_start, q_len, q_block, head, prefix,
-                       seq_len, n0, n1, n_cta, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
-                       NUM_STAGES)),
-         (_consumer1, (q_bufs, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars,
-                       out_ptr, stride_ot, stride_oh, q_start, q_len, q_block, head, prefix,
-                       seq_len, n0, n1, n_cta, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
-                       NUM_STAGES)),
-         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, bt_row,
-                      kv_head, n_cta, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, BLOCK_N,
-                      NUM_STAGES))],
+        [(_consumer0, (q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                       turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
+                       seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM,
+                       BLOCK_M, BLOCK_N, NUM_STAGES)),
+         (_consumer1, (q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                       turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
+                       seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM,
+                       BLOCK_M, BLOCK_N, NUM_STAGES)),
+         (_producer, (q_desc, k_desc, v_desc, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars,
+                      v_bars, empty_bars, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
+                      block_table_ptr, stride_bt, num_seqs, num_q_blocks, LAYOUT, PAGE_SIZE,
+                      NUM_KV_HEADS, NUM_HEADS, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES))],
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -351,8 +431,8 @@ def _extend_sm90_kernel(
 BLOCK_M = 64  # rows per consumer warpgroup
 BLOCK_N = 128
 NUM_STAGES = 3
-CONSUMER_REGS = 232  # per thread of the second consumer (setmaxnreg)
-PRODUCER_REGS = 40
+CONSUMER_REGS = 240  # per thread of the second consumer (setmaxnreg)
+PRODUCER_REGS = 24
 
 
 def describe(block_n: int = BLOCK_N, num_stages: int = NUM_STAGES) -> str:
@@ -362,6 +442,15 @@ def describe(block_n: int = BLOCK_N, num_stages: int = NUM_STAGES) -> str:
 @functools.cache
 def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else 0)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def supports(q: torch.Tensor, layout: KVLayout, variant_name: str,
@@ -398,6 +487,7 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
         "v_desc": kv_desc.__mangle__(), "out_ptr": "*bf16", "qo_indptr_ptr": "*i32",
         "prefix_lens_ptr": "*i32", "seq_lens_ptr": "*i32", "block_table_ptr": "*i32",
         "stride_ot": "i32", "stride_oh": "i32", "stride_bt": "i32", "qk_scale": "fp32",
+        "num_seqs": "i32", "num_q_blocks": "i32",
     }
     constants = dict(LAYOUT=0 if layout_name == "nhd" else 1, PAGE_SIZE=page_size,
                      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
@@ -435,10 +525,12 @@ def extend_attention_sm90(
     copy_rows = min(block_n, layout.page_size)  # one bulk copy per page of a tile
     k_desc = _descriptor(k_cache.view(-1, cols), [copy_rows, D], dtype)
     v_desc = _descriptor(v_cache.view(-1, cols), [copy_rows, D], dtype)
-    grid = (Hq, triton.cdiv(max_q_len, 2 * BLOCK_M), B)
+    num_q_blocks = triton.cdiv(max_q_len, 2 * BLOCK_M)
+    grid = (min(_num_sms(q.device), Hq * num_q_blocks * B),)
     _extend_sm90_kernel[grid](
         q_desc, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens, block_table,
         out.stride(0), out.stride(1), block_table.stride(0), float(scale) * 1.4426950408889634,
+        B, num_q_blocks,
         LAYOUT=0 if layout.name == "nhd" else 1, PAGE_SIZE=layout.page_size,
         NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
