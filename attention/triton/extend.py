@@ -253,10 +253,12 @@ def _extend_kernel(
     )
 
 
-def _uses_sm90(config: ExtendConfig, q: torch.Tensor, layout: KVLayout, variant: Variant) -> bool:
-    """Whether a call with this config goes to the Gluon Hopper kernel."""
+def _uses_sm90(config: ExtendConfig, q: torch.Tensor, layout: KVLayout, variant: Variant,
+               other_dtypes: tuple[torch.dtype, ...] = ()) -> bool:
+    """Whether a call with this config goes to the Gluon Hopper kernel (`other_dtypes`: the
+    caches' and the output's, when known)."""
     return (config.hopper and extend_sm90 is not None and _sm90_unavailable is None
-            and extend_sm90.supports(q, layout, variant.name))
+            and extend_sm90.supports(q, layout, variant.name, other_dtypes=other_dtypes))
 
 
 def kernel_name(config: ExtendConfig, q: torch.Tensor, layout: KVLayout,
@@ -368,7 +370,7 @@ def extend_attention_with_config(
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
     tv = triton_variant(variant)
-    if _uses_sm90(config, q, layout, variant):
+    if _uses_sm90(config, q, layout, variant, (k_cache.dtype, v_cache.dtype, out.dtype)):
         try:
             return extend_sm90.extend_attention_sm90(
                 q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table,

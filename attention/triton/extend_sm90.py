@@ -49,7 +49,7 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise ren
 
 @gluon.jit
 def _issue_kv_tile(
-    tile, slot, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head,
+    tile, slot, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, bt_row, kv_head, seq_len,
     LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_KV_HEADS: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
 ):
@@ -60,7 +60,10 @@ def _issue_kv_tile(
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
     for c in gl.static_range(BLOCK_N // COPY_ROWS):
         start = tile * BLOCK_N + c * COPY_ROWS
-        page = gl.load(bt_row + start // PAGE_SIZE)
+        # A copy that starts past the sequence's end (the last tile's second page) reads the
+        # last page again rather than a block-table entry past the row: its keys are masked
+        # and its values zeroed all the same.
+        page = gl.load(bt_row + gl.minimum(start, seq_len - 1) // PAGE_SIZE)
         if LAYOUT == 0:  # nhd viewed as [pages * page_size, kv_heads * head_dim]
             row = page * PAGE_SIZE + start % PAGE_SIZE
             col = kv_head * HEAD_DIM
@@ -365,8 +368,8 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, q_full, q_empty, k_bufs, v_bufs, k
                 if g >= NUM_STAGES:
                     mbarrier.wait(empty_bars.index(g % NUM_STAGES), (g // NUM_STAGES - 1) & 1)
                 _issue_kv_tile(t, g % NUM_STAGES, k_desc, v_desc, k_bufs, v_bufs, k_bars,
-                               v_bars, bt_row, head // GROUP, LAYOUT, PAGE_SIZE, NUM_KV_HEADS,
-                               HEAD_DIM, BLOCK_N)
+                               v_bars, bt_row, head // GROUP, seq_len, LAYOUT, PAGE_SIZE,
+                               NUM_KV_HEADS, HEAD_DIM, BLOCK_N)
             tile_base += n_cta
             item_count += 1
 
@@ -454,12 +457,14 @@ def _sm_count(device_index: int) -> int:
 
 
 def supports(q: torch.Tensor, layout: KVLayout, variant_name: str,
-             block_n: int = BLOCK_N) -> bool:
+             block_n: int = BLOCK_N, other_dtypes: tuple[torch.dtype, ...] = ()) -> bool:
     """Whether this kernel serves the call (else the portable Triton kernel does). Only the
-    built-in plain softmax: user variants are named `module:function`, never "softmax"."""
+    built-in plain softmax: user variants are named `module:function`, never "softmax".
+    `other_dtypes` (the caches', the output's) must all be q's: one dtype runs throughout."""
     return (
         q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else 0)
         and q.dtype in _GL_DTYPES and variant_name == "softmax"
+        and all(dtype == q.dtype for dtype in other_dtypes)
         and layout.name in ("nhd", "hnd")
         and (layout.page_size % block_n == 0 or block_n % layout.page_size == 0)
         and layout.page_size >= 64

@@ -31,25 +31,27 @@ HOPPER_SMEM_PER_BLOCK = 227 * 1024
 _BUILD = """
 import json, sys
 from attention.triton.extend_sm90 import compile_offline
-c = compile_offline(int(sys.argv[1]), sys.argv[2])
+c = compile_offline(int(sys.argv[1]), sys.argv[2], page_size=int(sys.argv[3]))
 print(json.dumps({"ptx": c.asm["ptx"], "cubin": len(c.asm.get("cubin") or b""),
                   "shared": c.metadata.shared}))
 """
 
 
-def _build(head_dim: int, layout_name: str) -> dict:
+def _build(head_dim: int, layout_name: str, page_size: int = 64) -> dict:
     # a fresh interpreter without TRITON_INTERPRET (conftest sets it for the Triton tests)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", _BUILD, str(head_dim), layout_name], env=env,
+    done = subprocess.run([sys.executable, "-c", _BUILD, str(head_dim), layout_name, str(page_size)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("head_dim,layout_name", [(128, "nhd"), (128, "hnd"), (64, "nhd")])
-def test_builds_with_hopper_instructions(head_dim, layout_name):
-    built = _build(head_dim, layout_name)
+# pages of 64 keys: two copies per 128-key tile; of 128: one
+@pytest.mark.parametrize("head_dim,layout_name,page_size",
+                         [(128, "nhd", 64), (128, "hnd", 64), (64, "nhd", 64), (128, "hnd", 128)])
+def test_builds_with_hopper_instructions(head_dim, layout_name, page_size):
+    built = _build(head_dim, layout_name, page_size)
     ptx = built["ptx"]
     assert "wgmma.mma_async" in ptx  # q.K^T and P.V on the warpgroup MMA
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # waits that leave one MMA in flight

@@ -86,9 +86,20 @@ def test_synthetic_weights_are_seeded():
 def test_synthetic_load_runs():
     loaded = load_model("synthetic:smollm2-135m", torch.float32, torch.device("cpu"),
                         seed=random.randrange(1000), with_tokenizer=False)
-    w = loaded.model.layers[3].mlp.gate_up_proj.weight
-    assert math.isclose(w.std().item(), 0.02, rel_tol=0.02)
-    assert abs(w.mean().item()) < 1e-3
+    cfg = loaded.config
+    # the scaled initialisation: 1/sqrt(fan_in), residual-stream writers / sqrt(2 * layers)
+    layer = loaded.model.layers[3]
+    expected = {
+        layer.mlp.gate_up_proj.weight: cfg.hidden_size ** -0.5,
+        layer.self_attn.qkv_proj.weight: cfg.hidden_size ** -0.5,
+        layer.mlp.down_proj.weight: (cfg.intermediate_size * 2 * cfg.num_layers) ** -0.5,
+        layer.self_attn.o_proj.weight: (cfg.num_heads * cfg.head_dim * 2 * cfg.num_layers) ** -0.5,
+        loaded.model.embed_tokens.weight: 0.02,
+    }
+    for w, std in expected.items():
+        assert math.isclose(w.std().item(), std, rel_tol=0.03), (w.shape, w.std().item(), std)
+        assert abs(w.mean().item()) < std / 20
+    assert bool((layer.input_layernorm.weight == 1).all())
     assert loaded.source.startswith("synthetic:smollm2-135m")
     logits = PagedRunner(loaded.model).step({0: [1, 2, 3, 4]})[0]
     assert logits.shape == (4, 49152) and torch.isfinite(logits).all()
