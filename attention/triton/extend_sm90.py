@@ -10,7 +10,7 @@ Why a second kernel: per key tile, the Triton kernel waits for q.K^T, then runs 
 softmax, then issues P.V; the tensor cores idle while the exponentials run. Gluon exposes
 the asynchronous warpgroup MMA, its wait, bulk tensor copies (TMA), mbarriers and warp
 specialisation, so the FlashAttention-3 schedule can be written out:
-- one program covers 128 query rows of a head: two consumer warpgroups of 64 rows each
+- a work item is 128 query rows of a head: two consumer warpgroups of 64 rows each
   share every K/V tile, and a producer warp keeps a ring of NUM_STAGES K/V buffers full
   (one TMA copy per page of a tile; an `empty` barrier per slot counts both consumers out);
 - within a consumer, tile j goes: issue q.K_j^T, rescale the output meanwhile, issue
@@ -18,7 +18,10 @@ specialisation, so the FlashAttention-3 schedule can be written out:
 - between the consumers, "ping-pong": they take turns issuing a round of MMAs (consumer 0,
   then 1, then 0 ...), so one warpgroup's softmax runs while the other's MMAs do. Both run
   the same number of rounds; a consumer with fewer tiles (the lower rows of a causal block
-  see fewer keys) keeps taking empty turns and releasing the slots of the tiles it skips.
+  see fewer keys) keeps taking empty turns and releasing the slots of the tiles it skips;
+- persistent: one program per SM walks work items (a head over a 128-row query block),
+  longest first; the ring runs on across items and the next item's q loads while the
+  current one finishes, so an item's start-up hides under the previous item's tail.
 docs/kernels.md has the measurements behind these choices.
 """
 
@@ -425,16 +428,18 @@ def _extend_sm90_kernel(
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-# Two consumer warpgroups of 64 query rows (a program covers 128), 128-key tiles, three K/V
+# Two consumer warpgroups of 64 query rows (an item covers 128), 128-key tiles, three K/V
 # buffers: 32 KB of q + 3 x 64 KB = 224 KB of shared memory, one program per SM. From the
-# H200 A/B (bench/results/h200-prefill-pingpong-ab-2026-12-02.json): 471-651 TFLOP/s where
-# the previous kernel (one warpgroup per program, two programs per SM, 64-key tiles; in
-# history at f40e666) reached 444-532 and the Triton kernel 444-518; 64-key tiles with four
-# or five buffers reached 434-559.
+# H200 A/B runs (bench/results/h200-prefill-{pingpong,persistent}-ab-2026-12-02*.json):
+# ping-pong reached 471-651 TFLOP/s where the previous kernel (one warpgroup per program,
+# two programs per SM, 64-key tiles; in history at f40e666) reached 444-532 and the Triton
+# kernel 444-518; 64-key tiles with four or five buffers 434-559; persistence then took
+# 8x2048 from 472-474 to 507-514 and left the long cases within run-to-run noise.
+# 240 + 240 + 24 registers per thread fill the register file; 232 spilled 8 bytes.
 BLOCK_M = 64  # rows per consumer warpgroup
 BLOCK_N = 128
 NUM_STAGES = 3
-CONSUMER_REGS = 240  # per thread of the second consumer (setmaxnreg)
+CONSUMER_REGS = 240  # per thread of a consumer warpgroup (setmaxnreg)
 PRODUCER_REGS = 24
 
 
