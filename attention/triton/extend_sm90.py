@@ -316,30 +316,6 @@ def _consumer(
 
 
 @gluon.jit
-def _consumer0(q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars,
-               out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
-               num_seqs, num_q_blocks, qk_scale, NUM_HEADS: gl.constexpr,
-               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-               NUM_STAGES: gl.constexpr):
-    _consumer(0, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
-              turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
-              seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM, BLOCK_M,
-              BLOCK_N, NUM_STAGES)
-
-
-@gluon.jit
-def _consumer1(q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars, turn_bars,
-               out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
-               num_seqs, num_q_blocks, qk_scale, NUM_HEADS: gl.constexpr,
-               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-               NUM_STAGES: gl.constexpr):
-    _consumer(1, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
-              turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
-              seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM, BLOCK_M,
-              BLOCK_N, NUM_STAGES)
-
-
-@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars,
               empty_bars, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr, block_table_ptr,
               stride_bt, num_seqs, num_q_blocks,
@@ -413,14 +389,14 @@ def _extend_sm90_kernel(
     fence_async_shared()
 
     gl.warp_specialize(
-        [(_consumer0, (q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
-                       turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
-                       seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM,
-                       BLOCK_M, BLOCK_N, NUM_STAGES)),
-         (_consumer1, (q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
-                       turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
-                       seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM,
-                       BLOCK_M, BLOCK_N, NUM_STAGES)),
+        [(_consumer, (0, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                      turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
+                      seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM,
+                      BLOCK_M, BLOCK_N, NUM_STAGES)),
+         (_consumer, (1, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                      turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
+                      seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM,
+                      BLOCK_M, BLOCK_N, NUM_STAGES)),
          (_producer, (q_desc, k_desc, v_desc, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars,
                       v_bars, empty_bars, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
                       block_table_ptr, stride_bt, num_seqs, num_q_blocks, LAYOUT, PAGE_SIZE,
