@@ -148,7 +148,13 @@ def _work_item(k, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr, num_seqs, num_q_
     valid = (q_block >= 0) & (q_block * 2 * BLOCK_M < q_len)
     n0 = _tiles_of_half(0, q_block, prefix, q_len, seq_len, BLOCK_M, BLOCK_N)
     n1 = _tiles_of_half(1, q_block, prefix, q_len, seq_len, BLOCK_M, BLOCK_N)
-    return valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1
+    return valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1, gl.maximum(n0, n1)
+
+
+@gluon.jit
+def _walk_length(num_seqs, num_q_blocks, NUM_HEADS: gl.constexpr):
+    """How many `_work_item` steps each program takes (the last may be past the end)."""
+    return gl.cdiv(num_seqs * num_q_blocks * NUM_HEADS, gl.num_programs(0))
 
 
 @gluon.jit
@@ -292,12 +298,10 @@ def _consumer(
     tile_base = 0
     round_base = 0
     item_count = 0
-    num_items = num_seqs * num_q_blocks * NUM_HEADS
-    for k in range(gl.cdiv(num_items, gl.num_programs(0))):
-        valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1 = _work_item(
+    for k in range(_walk_length(num_seqs, num_q_blocks, NUM_HEADS)):
+        valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1, n_cta = _work_item(
             k, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr, num_seqs, num_q_blocks,
             NUM_HEADS, BLOCK_M, BLOCK_N)
-        n_cta = gl.maximum(n0, n1)
         if valid:
             if half == 0:
                 n_mine = n0
@@ -328,12 +332,10 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, q_full, q_empty, k_bufs, v_bufs, k
     GROUP: gl.constexpr = NUM_HEADS // NUM_KV_HEADS
     tile_base = 0
     item_count = 0
-    num_items = num_seqs * num_q_blocks * NUM_HEADS
-    for k in range(gl.cdiv(num_items, gl.num_programs(0))):
-        valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1 = _work_item(
+    for k in range(_walk_length(num_seqs, num_q_blocks, NUM_HEADS)):
+        valid, seq, head, q_block, q_start, q_len, prefix, seq_len, n0, n1, n_cta = _work_item(
             k, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr, num_seqs, num_q_blocks,
             NUM_HEADS, BLOCK_M, BLOCK_N)
-        n_cta = gl.maximum(n0, n1)
         if valid:
             if item_count > 0:
                 mbarrier.wait(q_empty, (item_count - 1) & 1)
