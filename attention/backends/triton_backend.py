@@ -22,7 +22,6 @@ from attention.batch_slices import split_phases
 from attention.triton.decode import (
     DecodeConfig,
     SplitBuffers,
-    choose_num_splits,
     decode_attention,
     default_decode_config,
     warmup_decode,
@@ -34,8 +33,6 @@ from kvcache.layout import LAYOUT_NAMES
 from kvcache.pool import KVPool
 
 logger = logging.getLogger(__name__)
-
-MAX_DECODE_SPLITS = 64  # a power of two: graph mode rounds split counts up to one
 
 
 def _load_extend() -> Any:
@@ -88,7 +85,7 @@ class TritonBackend(AttentionBackend):
         dtype = pool.k_caches[0].dtype
         try:
             warmup_decode(pool.layout, self.config.num_q_heads, self.variant, self.device, dtype,
-                          self.decode_config, MAX_DECODE_SPLITS, self.split_buffers)
+                          self.decode_config, self.decode_config.max_splits, self.split_buffers)
             if self.extend is not None:
                 from attention.triton.extend import warmup_extend
 
@@ -115,9 +112,8 @@ class TritonBackend(AttentionBackend):
             self._prefill_group = plan_group(self._prefill, self._prefill_offset)
 
     def _splits(self, num_seqs: int, max_seq_len: int) -> int:
-        splits = choose_num_splits(
+        splits = self.decode_config.num_splits(
             num_seqs, self.config.num_kv_heads, max_seq_len, self.num_sms,
-            self.decode_config.block_n, max_splits=MAX_DECODE_SPLITS,
             min_tokens_per_split=self.min_tokens_per_split,
         )
         if self.pow2_splits:

@@ -33,7 +33,6 @@ from attention.benchmarks.read_bandwidth import measure_read_gbps
 from attention.triton.decode import (
     DecodeConfig,
     SplitBuffers,
-    choose_num_splits,
     decode_attention,
     default_decode_config,
 )
@@ -147,8 +146,7 @@ def triton_run(p: DecodeProblem, paged: Any, variant: Variant, num_sms: int,
     slopes = alibi_slopes(p.num_q_heads).float().to(p.q.device)
     cfg = config or default_decode_config(paged.layout, p.head_dim, True)
     if splits is None:
-        splits = choose_num_splits(p.shape.batch, p.num_kv_heads, p.shape.context, num_sms,
-                                   cfg.block_n)
+        splits = cfg.num_splits(p.shape.batch, p.num_kv_heads, p.shape.context, num_sms)
     out = torch.empty_like(p.q)
     buffers = SplitBuffers.empty(p.q.device)
     buffers.ensure(p.shape.batch, p.num_q_heads, splits, 1 << (p.head_dim - 1).bit_length())
@@ -177,6 +175,8 @@ def reference_out(p: DecodeProblem, variant: Variant) -> torch.Tensor:
 
 
 def config_label(c: DecodeConfig) -> str:
+    if c.gluon_hndx:
+        return f"gluon-hndx-n{c.block_n}w{c.num_warps}"
     return f"n{c.block_n}w{c.num_warps}s{c.num_stages}m{c.x_mode}"
 
 

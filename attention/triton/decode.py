@@ -27,6 +27,11 @@ import triton.language as tl
 from attention.triton.variants import TritonVariant
 from kvcache.layout import KVLayout
 
+try:  # Gluon (Triton >= 3.5): the register-direct hnd_x decode kernel
+    from attention.triton import decode_hndx
+except ImportError:  # pragma: no cover - older Triton: the portable kernel serves hnd_x
+    decode_hndx = None
+
 LOG2E = 1.4426950408889634
 
 
@@ -241,13 +246,43 @@ class DecodeConfig:
     # hnd_x tile load: 0 a 2-D gather, 1 a [N/X, D, X] tile permuted in registers,
     # 2 a [D, N/X, X] tile reshaped to [D, N] (V transposed for the second dot)
     x_mode: int = 2
+    # hnd_x on sm_80+: the Gluon kernel of decode_hndx serves every call it supports
+    # (one warp per program, so it wants more splits); the others take this kernel
+    gluon_hndx: bool = False
+    max_splits: int = 64  # a power of two: CUDA-graph mode rounds split counts up to one
+
+    def num_splits(self, batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                   min_tokens_per_split: int = 256) -> int:
+        """Splits per sequence for a decode batch, by the heuristic of the kernel used."""
+        if self.gluon_hndx:
+            return decode_hndx.choose_num_splits(
+                batch_size, num_kv_heads, max_seq_len, num_sms, self.max_splits,
+                min_tokens_per_split=min_tokens_per_split)
+        return choose_num_splits(batch_size, num_kv_heads, max_seq_len, num_sms, self.block_n,
+                                 max_splits=self.max_splits,
+                                 min_tokens_per_split=min_tokens_per_split)
 
 
-def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool) -> DecodeConfig:
+def gluon_hndx_available(layout: KVLayout, head_dim: int) -> bool:
+    """Whether decode_hndx can serve this layout on the current GPU (dtype and group size
+    are checked per call)."""
+    return (decode_hndx is not None and layout.name == "hnd_x" and layout.x == decode_hndx.RUN
+            and head_dim in (64, 128) and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 8)
+
+
+def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool,
+                          allow_gluon: bool = True) -> DecodeConfig:
     """Launch configuration; the CPU interpreter gets small tiles (cheap to emulate, and
     they exercise multi-tile loops)."""
     if not on_gpu:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
+    if allow_gluon and gluon_hndx_available(layout, head_dim):
+        # K/V runs straight into mma operand registers: 0.91-0.94 of copy bandwidth on the
+        # H200 at batch >= 16 and 0.74 for one 32k request, where the Triton kernel below
+        # reached 0.65-0.69 and 0.56 (bench/results/h200-decode-hndx-registers-*.json)
+        return DecodeConfig(block_n=decode_hndx.BLOCK_N, num_warps=1, num_stages=1,
+                            gluon_hndx=True, max_splits=128)
     if head_dim > 128:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
     # From the H100 sweep (bench/results/h100-decode-sweep-2026-11-25.json): 64/4/2 was best
@@ -333,17 +368,13 @@ def decode_attention(
     num_splits > 1 (`SplitBuffers.ensure`); pass the same object every step.
     """
     B, Hq, D = q.shape
-    Hkv = layout.num_kv_heads
     if B == 0:
         return out
-    group = Hq // Hkv
     block_d = triton.next_power_of_2(D)
     if config is None:
         config = default_decode_config(layout, D, q.is_cuda)
-    block_n = config.block_n
-    if layout.name == "hnd_x":
-        block_n = max(block_n, layout.x)
-    s_page, s_off, s_head, s_dim, s_xblk = layout.strides()
+    if variant.needs_slopes and slopes is None:
+        raise ValueError(f"variant {variant.name!r} needs per-head slopes")
     direct = num_splits == 1
     if not direct:
         if buffers is None:
@@ -352,8 +383,39 @@ def decode_attention(
     part_out = out if direct else buffers.part_out
     part_stat = out if direct else buffers.part_stat
     slopes_arg = slopes if (variant.needs_slopes and slopes is not None) else q
-    if variant.needs_slopes and slopes is None:
-        raise ValueError(f"variant {variant.name!r} needs per-head slopes")
+    if config.gluon_hndx and decode_hndx.supports(q, k_cache, layout):
+        decode_hndx.launch(q, k_cache, v_cache, layout, block_table, seq_lens, out, scale,
+                           variant, slopes_arg, num_splits, part_out, part_stat)
+    else:
+        if config.gluon_hndx:  # a call the Gluon kernel does not take (dtype, group size)
+            config = default_decode_config(layout, D, q.is_cuda, allow_gluon=False)
+        _launch_triton(q, k_cache, v_cache, layout, block_table, seq_lens, slopes_arg, out,
+                       part_out, part_stat, scale, variant, num_splits, config)
+    if not direct:
+        _merge_kernel[(B, Hq)](
+            part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=block_d, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            USE_SOFTMAX=variant.use_softmax, NORMALIZE_BY_VISIBLE=variant.normalize_by_visible,
+            num_warps=4 if D >= 128 else 2,
+        )
+    return out
+
+
+def _launch_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
+    block_table: torch.Tensor, seq_lens: torch.Tensor, slopes_arg: torch.Tensor,
+    out: torch.Tensor, part_out: torch.Tensor, part_stat: torch.Tensor, scale: float,
+    variant: TritonVariant, num_splits: int, config: DecodeConfig,
+) -> None:
+    B, Hq, D = q.shape
+    Hkv = layout.num_kv_heads
+    group = Hq // Hkv
+    block_d = triton.next_power_of_2(D)
+    block_n = config.block_n
+    if layout.name == "hnd_x":
+        block_n = max(block_n, layout.x)
+    s_page, s_off, s_head, s_dim, s_xblk = layout.strides()
+    direct = num_splits == 1
     _decode_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, slopes_arg,
         out, part_out, part_stat,
@@ -368,14 +430,6 @@ def decode_attention(
         num_warps=config.num_warps, num_stages=config.num_stages,
         **variant.kernel_args(),
     )
-    if not direct:
-        _merge_kernel[(B, Hq)](
-            part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            USE_SOFTMAX=variant.use_softmax, NORMALIZE_BY_VISIBLE=variant.normalize_by_visible,
-            num_warps=4 if D >= 128 else 2,
-        )
-    return out
 
 
 def warmup_inputs(
