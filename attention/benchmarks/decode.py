@@ -29,6 +29,7 @@ from attention.benchmarks.common import (
     time_graph_us,
     write_json,
 )
+from attention.benchmarks.decode_checks import ragged_checks
 from attention.benchmarks.read_bandwidth import measure_read_gbps
 from attention.triton.decode import (
     DecodeConfig,
@@ -209,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
     ap.add_argument("--peers", default="sdpa,flex", help="comma-separated: sdpa, flex")
     ap.add_argument("--check", action="store_true",
-                    help="check every Triton output against float32 torch (rel. err < 1e-2)")
+                    help="first the ragged, NaN-poisoned checks of every variant on each layout "
+                         "(attention.benchmarks.decode_checks, float64 torch), then every timed "
+                         "Triton output against float32 torch (rel. err < 1e-2)")
     ap.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
     ap.add_argument("--config", default=None,
                     help="BLOCK_N,WARPS,STAGES[,X_MODE] launch override for every layout")
@@ -308,12 +311,22 @@ def main(argv: list[str]) -> int:
           f"{ceilings.matmul_tflops:.0f} TFLOP/s")
     rows: list[BenchRow] = []
     failures: list[str] = []
+    checks: list[dict[str, Any]] = []
+    if args.check:
+        for layout in args.layouts.split(","):
+            for page_size in ([1] if layout == "token" else
+                              [int(x) for x in args.page_sizes.split(",")]):
+                checks += ragged_checks(layout, page_size, device, gen)
+        failures += [f"ragged check {c}" for c in checks if not c["ok"]]
+        print(f"ragged checks: {sum(c['ok'] for c in checks)}/{len(checks)} ok, max rel err "
+              f"{max(c['rel_err'] for c in checks):.2e}", flush=True)
     for text in args.shapes.split(","):
         shape_rows = run_shape(args, Shape.parse(text), ceilings, gen, failures)
         print(format_table(shape_rows), flush=True)
         rows += shape_rows
     if args.json_out:
-        write_json(args.json_out, dict(device_record(ceilings, rows), read_gbps=round(read_gbps, 1)))
+        write_json(args.json_out, dict(device_record(ceilings, rows), read_gbps=round(read_gbps, 1),
+                                       checks=checks))
     for f in failures:
         print("CHECK FAILED:", f)
     return 1 if failures else 0

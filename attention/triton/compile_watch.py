@@ -25,6 +25,7 @@ from typing import Any
 # The modules whose jitted functions are launched as kernels.
 KERNEL_MODULES = (
     "attention.triton.decode",
+    "attention.triton.decode_hndx",
     "attention.triton.extend",
     "attention.triton.extend_sm90",
     "attention.triton.rope_store",
