@@ -38,9 +38,7 @@ from kvcache.layout import KVLayout
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 BLOCK_N = 64  # tokens per tile: 8 runs x 8 slots (one mma column block per slot)
-CHUNK_D = 64  # head dims loaded and multiplied at a time (registers)
 RUN = 8  # tokens per 16-byte run
-MAX_REGISTERS: int | None = None
 
 
 @gluon.jit
@@ -245,7 +243,7 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout
 
 def compile_offline(head_dim: int = 128, page_size: int = 16, group: int = 4,
                     direct: bool = True, variant: str = "softmax", arch: int = 90,
-                    maxnreg: int | None = MAX_REGISTERS):
+                    maxnreg: int | None = None):
     """Build the kernel for an NVIDIA target on a machine without a GPU (CI, PTX checks).
     Needs TRITON_INTERPRET unset when this module is imported."""
     from triton.backends.compiler import GPUTarget
