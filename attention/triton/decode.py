@@ -14,6 +14,9 @@ split writes a partial result: for softmax variants the normalised output and it
 log2-sum-exp; for pointwise variants the unnormalised sum and the visible-key count. A
 second kernel merges the splits. Nothing on the launch path reads device memory on the
 host, so the launches can be captured in a CUDA graph.
+
+On sm_80+ `decode_attention` hands hnd_x to `decode_hndx` (Gluon), which loads the 16-byte
+runs straight into mma registers; the merge kernel here serves both.
 """
 
 from __future__ import annotations
@@ -278,9 +281,9 @@ def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool,
     if not on_gpu:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
     if allow_gluon and gluon_hndx_available(layout, head_dim):
-        # K/V runs straight into mma operand registers: 0.91-0.94 of copy bandwidth on the
-        # H200 at batch >= 16 and 0.74 for one 32k request, where the Triton kernel below
-        # reached 0.65-0.69 and 0.56 (bench/results/h200-decode-hndx-registers-*.json)
+        # K/V runs straight into mma operand registers: 0.89-0.94 of copy bandwidth on the
+        # H200 at batch >= 16 and 0.71-0.74 for one 32k request, where the Triton kernel
+        # below reached 0.65-0.69 and 0.56 (bench/results/h200-decode-2026-12-02c.json)
         return DecodeConfig(block_n=decode_hndx.BLOCK_N, num_warps=1, num_stages=1,
                             gluon_hndx=True, max_splits=128)
     if head_dim > 128:
