@@ -10,6 +10,7 @@ import pytest
 from attention.benchmarks import cli as bench_cli
 from attention.benchmarks import decode as decode_bench
 from attention.benchmarks import prefill as prefill_bench
+from attention.benchmarks import rope_store as rope_store_bench
 from loadtest.cli import build_parser as loadtest_parsers
 from server.cli import build_parser as server_parser
 
@@ -31,6 +32,7 @@ def _parsers():
     prefill = argparse.ArgumentParser()
     prefill_bench.add_arguments(prefill)
     yield "bench attention --op prefill", prefill
+    yield "bench attention --op rope_store", rope_store_bench.build_parser()
 
 
 def test_every_option_has_help_text() -> None:
@@ -45,7 +47,8 @@ def test_every_option_has_help_text() -> None:
 
 
 @pytest.mark.parametrize("op, flag", [("decode", "--shapes"), ("prefill", "--sweep-set"),
-                                      ("extend", "--no-checks")])
+                                      ("extend", "--no-checks"),
+                                      ("rope_store", "--layouts")])
 def test_bench_help_reaches_the_benchmark_parser(
     op: str, flag: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

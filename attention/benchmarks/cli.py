@@ -3,6 +3,7 @@
     attnserve bench attention --op decode  [decode flags]   (attention.benchmarks.decode)
     attnserve bench attention --op prefill [prefill flags]  (attention.benchmarks.prefill)
     attnserve bench attention --op extend  [extend flags]   (attention.benchmarks.prefill)
+    attnserve bench attention --op rope_store [flags]       (attention.benchmarks.rope_store)
 
 Everything after `--op OP` goes to that benchmark's own parser (`--help` lists its flags).
 The benchmark modules are imported only when chosen: they need a GPU and triton.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-OPS = ("decode", "prefill", "extend")
+OPS = ("decode", "prefill", "extend", "rope_store")
 
 
 def main(argv: list[str]) -> int:
@@ -41,6 +42,10 @@ def main(argv: list[str]) -> int:
         from attention.benchmarks.decode import main as decode_main
 
         return decode_main(rest)
+    if args.op == "rope_store":
+        from attention.benchmarks.rope_store import main as rope_store_main
+
+        return rope_store_main(rest)
     from attention.benchmarks import prefill
 
     # the prefill benchmark serves both ops and takes --op itself

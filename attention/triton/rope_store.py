@@ -8,6 +8,13 @@ rotated k and the plain v at the token's slot:
     cos_sin_cache [max_positions, head_dim] = (cos half | sin half), float32
 
 With ROTATE=False the same kernel is the plain K/V store (q untouched, no cos|sin read).
+
+hnd_x gets its own kernel. There a 16-byte run holds one dim of x consecutive slots, so one
+token's head vector lands 2 bytes in each of head_dim runs: stored a token at a time, every
+2-byte store is its own memory transaction. `_rope_store_hndx_kernel` takes BLOCK_T tokens
+per program and stores [heads, dims, tokens] tiles whose last (fastest) axis is the token:
+consecutive lanes write consecutive slots, so a warp's stores fill whole runs whenever the
+tokens' slots are consecutive (a prompt's are), and stay correct when they are not.
 """
 
 from __future__ import annotations
@@ -18,16 +25,16 @@ import triton.language as tl
 
 from kvcache.layout import KVLayout
 
+# Tokens per program of the hnd_x kernel: x of them (8 for 2-byte elements) fill a 16-byte
+# run; 16 give each program two runs per (head, dim).
+HNDX_BLOCK_T = 16
+
 
 @triton.jit
-def _slot_offsets(slot, heads, offs_d, s_page, s_off, s_head, s_xblk,
-                  PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr):
-    """Element offsets [H, D] of one slot's (head, dim) elements in a layer's cache."""
+def _slot_offsets(slot, heads, offs_d, s_page, s_off, s_head, PAGE_SIZE: tl.constexpr):
+    """Element offsets [H, D] of one slot's (head, dim) elements in a token/nhd/hnd cache."""
     page = slot // PAGE_SIZE
     off = slot % PAGE_SIZE
-    if LAYOUT_X:
-        base = page * s_page + (off // X) * s_xblk + off % X
-        return base + heads[:, None] * s_head + offs_d[None, :] * X
     return page * s_page + off * s_off + heads[:, None] * s_head + offs_d[None, :]
 
 
@@ -48,11 +55,11 @@ def _rope_store_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, positions, cos_sin, slots, k_cache, v_cache,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qot, stride_qoh, stride_cs,
-    s_page, s_off, s_head, s_xblk,
+    s_page, s_off, s_head,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, ROTATE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, ROTATE: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slots + t).to(tl.int64)
@@ -75,16 +82,13 @@ def _rope_store_kernel(
         k_mask = kv_mask_h[:, None] & mask_half[None, :]
         k1, k2 = _rotate_halves(k_ptr, t * stride_kt, kv_heads, offs_h, k_mask, cos, sin,
                                 stride_kh, HALF)
-        dst = _slot_offsets(slot, kv_heads, offs_h, s_page, s_off, s_head, s_xblk,
-                            PAGE_SIZE, X, LAYOUT_X)
+        dst = _slot_offsets(slot, kv_heads, offs_h, s_page, s_off, s_head, PAGE_SIZE)
         tl.store(k_cache + dst, k1.to(cache_ty), mask=k_mask)
-        dst2 = _slot_offsets(slot, kv_heads, offs_h + HALF, s_page, s_off, s_head, s_xblk,
-                             PAGE_SIZE, X, LAYOUT_X)
+        dst2 = _slot_offsets(slot, kv_heads, offs_h + HALF, s_page, s_off, s_head, PAGE_SIZE)
         tl.store(k_cache + dst2, k2.to(cache_ty), mask=k_mask)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = kv_mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
-    dst = _slot_offsets(slot, kv_heads, offs_d, s_page, s_off, s_head, s_xblk,
-                        PAGE_SIZE, X, LAYOUT_X)
+    dst = _slot_offsets(slot, kv_heads, offs_d, s_page, s_off, s_head, PAGE_SIZE)
     if not ROTATE:
         k = tl.load(k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
@@ -92,6 +96,85 @@ def _rope_store_kernel(
     v = tl.load(v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     tl.store(v_cache + dst, v.to(cache_ty), mask=kv_mask)
+
+
+
+@triton.jit
+def _hndx_tile_offsets(slots_t, heads, offs_d, s_page, s_head, s_xblk,
+                       PAGE_SIZE: tl.constexpr, X: tl.constexpr):
+    """Element offsets [H, D, T] of tokens' (head, dim) elements in an hnd_x cache."""
+    page = slots_t // PAGE_SIZE
+    off = slots_t % PAGE_SIZE
+    base = page * s_page + (off // X) * s_xblk + off % X
+    return base[None, None, :] + heads[:, None, None] * s_head + offs_d[None, :, None] * X
+
+
+# num_tokens is not specialised either: a step's token count changes every step.
+@triton.jit(do_not_specialize=["positions", "slots", "num_tokens"])
+def _rope_store_hndx_kernel(
+    q_ptr, k_ptr, v_ptr, q_out_ptr, positions, cos_sin, slots, k_cache, v_cache, num_tokens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh, stride_cs,
+    s_page, s_head, s_xblk,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, X: tl.constexpr, ROTATE: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    t0 = tl.program_id(0) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < num_tokens
+    slots_t = tl.load(slots + offs_t, mask=t_mask, other=0).to(tl.int64)
+    kv_heads = tl.arange(0, HKV_PAD)
+    kv_mask_h = kv_heads < NUM_KV_HEADS
+    cache_ty = k_cache.dtype.element_ty
+    # [T, H, D] tiles as read; stored transposed to [H, D, T]
+    t3 = offs_t[:, None, None]
+    h3 = kv_heads[None, :, None]
+    if ROTATE:
+        offs_h = tl.arange(0, BLOCK_HALF)
+        mask_half = offs_h < HALF
+        # q, a token at a time (a [T, Hq, D] tile would not fit in registers)
+        q_heads = tl.arange(0, HQ_PAD)
+        q_mask_h = (q_heads < NUM_Q_HEADS)[:, None] & mask_half[None, :]
+        for i in tl.static_range(BLOCK_T):
+            t = t0 + i
+            if t < num_tokens:
+                pos = tl.load(positions + t).to(tl.int64)
+                cos = tl.load(cos_sin + pos * stride_cs + offs_h, mask=mask_half, other=0.0)
+                sin = tl.load(cos_sin + pos * stride_cs + HALF + offs_h, mask=mask_half,
+                              other=0.0)
+                q1, q2 = _rotate_halves(q_ptr, t * stride_qt, q_heads, offs_h, q_mask_h,
+                                        cos[None, :], sin[None, :], stride_qh, HALF)
+                q_out = q_out_ptr + t * stride_qot + q_heads[:, None] * stride_qoh + offs_h[None, :]
+                tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=q_mask_h)
+                tl.store(q_out + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=q_mask_h)
+        pos_t = tl.load(positions + offs_t, mask=t_mask, other=0).to(tl.int64)
+        d3 = offs_h[None, None, :]
+        cs_mask = t_mask[:, None] & mask_half[None, :]
+        cs_rows = cos_sin + pos_t[:, None] * stride_cs + offs_h[None, :]
+        cos = tl.load(cs_rows, mask=cs_mask, other=0.0)[:, None, :]
+        sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0)[:, None, :]
+        k_mask = t_mask[:, None, None] & kv_mask_h[None, :, None] & mask_half[None, None, :]
+        k_rows = k_ptr + t3 * stride_kt + h3 * stride_kh + d3
+        k1 = tl.load(k_rows, mask=k_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_rows + HALF, mask=k_mask, other=0.0).to(tl.float32)
+        store_mask = tl.permute(k_mask, (1, 2, 0))
+        dst = _hndx_tile_offsets(slots_t, kv_heads, offs_h, s_page, s_head, s_xblk, PAGE_SIZE, X)
+        tl.store(k_cache + dst, tl.permute((k1 * cos - k2 * sin).to(cache_ty), (1, 2, 0)),
+                 mask=store_mask)
+        tl.store(k_cache + dst + HALF * X,
+                 tl.permute((k2 * cos + k1 * sin).to(cache_ty), (1, 2, 0)), mask=store_mask)
+    offs_d = tl.arange(0, BLOCK_D)
+    d3 = offs_d[None, None, :]
+    kv_mask = t_mask[:, None, None] & kv_mask_h[None, :, None] & (offs_d < HEAD_DIM)[None, None, :]
+    store_mask = tl.permute(kv_mask, (1, 2, 0))
+    dst = _hndx_tile_offsets(slots_t, kv_heads, offs_d, s_page, s_head, s_xblk, PAGE_SIZE, X)
+    if not ROTATE:
+        k = tl.load(k_ptr + t3 * stride_kt + h3 * stride_kh + d3, mask=kv_mask, other=0.0)
+        tl.store(k_cache + dst, tl.permute(k.to(cache_ty), (1, 2, 0)), mask=store_mask)
+    v = tl.load(v_ptr + t3 * stride_vt + h3 * stride_vh + d3, mask=kv_mask, other=0.0)
+    tl.store(v_cache + dst, tl.permute(v.to(cache_ty), (1, 2, 0)), mask=store_mask)
 
 
 def _launch(
@@ -111,6 +194,24 @@ def _launch(
     Hq = q.shape[1] if rotate else Hkv
     half = D // 2
     dummy = k
+    if layout.name == "hnd_x":
+        _rope_store_hndx_kernel[(triton.cdiv(T, HNDX_BLOCK_T),)](
+            q if rotate else dummy, k, v, q_out if rotate else dummy,
+            positions if rotate else slot_mapping, cos_sin_cache if rotate else dummy,
+            slot_mapping, k_cache, v_cache, T,
+            q.stride(0) if rotate else 0, q.stride(1) if rotate else 0,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q_out.stride(0) if rotate else 0, q_out.stride(1) if rotate else 0,
+            cos_sin_cache.stride(0) if rotate else 0,
+            s_page, s_head, s_xblk,
+            NUM_Q_HEADS=Hq, NUM_KV_HEADS=Hkv,
+            HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv),
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=half,
+            BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
+            PAGE_SIZE=layout.page_size, X=layout.x, ROTATE=rotate, BLOCK_T=HNDX_BLOCK_T,
+            num_warps=4,
+        )
+        return
     _rope_store_kernel[(T,)](
         q if rotate else dummy, k, v, q_out if rotate else dummy,
         positions if rotate else slot_mapping, cos_sin_cache if rotate else dummy,
@@ -119,12 +220,12 @@ def _launch(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0) if rotate else 0, q_out.stride(1) if rotate else 0,
         cos_sin_cache.stride(0) if rotate else 0,
-        s_page, s_off, s_head, s_xblk,
+        s_page, s_off, s_head,
         NUM_Q_HEADS=Hq, NUM_KV_HEADS=Hkv,
         HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv),
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=half,
         BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-        PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x", ROTATE=rotate,
+        PAGE_SIZE=layout.page_size, ROTATE=rotate,
         num_warps=4 if Hq * D >= 2048 else 1,
     )
 

@@ -96,3 +96,34 @@ def test_rope_store_in_place_q() -> None:
     rope_store(q, k, k.clone(), positions, cs.float(), torch.arange(4, 9), cache, cache.clone(),
                layout, q_out=q)
     assert (q.double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("page_size", [8, 16])
+def test_hndx_tiles_of_consecutive_and_scattered_slots(page_size: int) -> None:
+    """hnd_x stores tiles of tokens: a prompt-like run of consecutive slots that starts and
+    ends mid-run, then scattered decode slots, over several tiles and a partial last one,
+    in bf16 (the serving dtype; rotation in float32 then one rounding)."""
+    gen = torch.Generator().manual_seed(page_size)
+    D, num_pages, group = 32, 12, 2
+    layout = KVLayout.create("hnd_x", page_size, NUM_KV_HEADS, D, "bfloat16")
+    run = torch.arange(3, 3 + 41) + page_size  # crosses pages and 16-byte runs
+    scattered = torch.randperm(num_pages * page_size - 60, generator=gen)[:9] + 60
+    slots = torch.cat([run, scattered])
+    T = slots.numel()
+    positions = torch.randint(0, 200, (T,), generator=gen)
+    cs = _cos_sin(256, D)
+    q = torch.randn(T, NUM_KV_HEADS * group, D, generator=gen).bfloat16()
+    k = torch.randn(T, NUM_KV_HEADS, D, generator=gen).bfloat16()
+    v = torch.randn(T, NUM_KV_HEADS, D, generator=gen).bfloat16()
+    k_cache = torch.full(layout.cache_shape(num_pages), float("nan"), dtype=torch.bfloat16)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    q_out = rope_store(q, k, v, positions, cs.float(), slots, k_cache, v_cache, layout)
+    assert (q_out.double() - _rotate(q, cs[positions])).abs().max() < 2e-2
+    want_k = _rotate(k, cs[positions])
+    for t, slot in enumerate(slots.tolist()):
+        assert (_read(k_cache, layout, slot).double() - want_k[t]).abs().max() < 2e-2
+        assert torch.equal(_read(v_cache, layout, slot), v[t])
+    written = torch.zeros(k_cache.shape, dtype=torch.bool)
+    for slot in slots.tolist():
+        _read(written, layout, slot).fill_(True)
+    assert k_cache[~written].isnan().all() and v_cache[~written].isnan().all()
