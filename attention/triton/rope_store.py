@@ -194,41 +194,28 @@ def _launch(
     Hq = q.shape[1] if rotate else Hkv
     half = D // 2
     dummy = k
+    tensors = (q if rotate else dummy, k, v, q_out if rotate else dummy,
+               positions if rotate else slot_mapping, cos_sin_cache if rotate else dummy,
+               slot_mapping, k_cache, v_cache)
+    strides = (q.stride(0) if rotate else 0, q.stride(1) if rotate else 0,
+               k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               q_out.stride(0) if rotate else 0, q_out.stride(1) if rotate else 0,
+               cos_sin_cache.stride(0) if rotate else 0)
+    shapes = dict(NUM_Q_HEADS=Hq, NUM_KV_HEADS=Hkv,
+                  HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv),
+                  HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=half,
+                  BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
+                  PAGE_SIZE=layout.page_size, ROTATE=rotate)
     if layout.name == "hnd_x":
         _rope_store_hndx_kernel[(triton.cdiv(T, HNDX_BLOCK_T),)](
-            q if rotate else dummy, k, v, q_out if rotate else dummy,
-            positions if rotate else slot_mapping, cos_sin_cache if rotate else dummy,
-            slot_mapping, k_cache, v_cache, T,
-            q.stride(0) if rotate else 0, q.stride(1) if rotate else 0,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            q_out.stride(0) if rotate else 0, q_out.stride(1) if rotate else 0,
-            cos_sin_cache.stride(0) if rotate else 0,
-            s_page, s_head, s_xblk,
-            NUM_Q_HEADS=Hq, NUM_KV_HEADS=Hkv,
-            HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv),
-            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=half,
-            BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-            PAGE_SIZE=layout.page_size, X=layout.x, ROTATE=rotate, BLOCK_T=HNDX_BLOCK_T,
-            num_warps=4,
+            *tensors, T, *strides, s_page, s_head, s_xblk, **shapes,
+            X=layout.x, BLOCK_T=HNDX_BLOCK_T, num_warps=4,
         )
         return
     _rope_store_kernel[(T,)](
-        q if rotate else dummy, k, v, q_out if rotate else dummy,
-        positions if rotate else slot_mapping, cos_sin_cache if rotate else dummy,
-        slot_mapping, k_cache, v_cache,
-        q.stride(0) if rotate else 0, q.stride(1) if rotate else 0,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        q_out.stride(0) if rotate else 0, q_out.stride(1) if rotate else 0,
-        cos_sin_cache.stride(0) if rotate else 0,
-        s_page, s_off, s_head,
-        NUM_Q_HEADS=Hq, NUM_KV_HEADS=Hkv,
-        HQ_PAD=triton.next_power_of_2(Hq), HKV_PAD=triton.next_power_of_2(Hkv),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-        PAGE_SIZE=layout.page_size, ROTATE=rotate,
+        *tensors, *strides, s_page, s_off, s_head, **shapes,
         num_warps=4 if Hq * D >= 2048 else 1,
     )
-
 
 def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
