@@ -2,8 +2,8 @@
 consumer warpgroups in ping-pong and a producer warp.
 
 Same contract as `extend.extend_attention` (see its module docstring) for the case that
-matters most on the GPU: softmax attention (plain logits) over the `nhd` or `hnd` layout
-with pages of at least 64 keys, bf16/fp16, head dim 64 or 128. Everything else stays on the
+matters most on the GPU: softmax attention (plain logits) over the `nhd`, `hnd` or `hnd_x`
+layout with pages of at least 64 keys, bf16/fp16, head dim 64 or 128. Everything else stays on the
 portable Triton kernel, which `extend.extend_attention` falls back to.
 
 Why a second kernel: per key tile, the Triton kernel waits for q.K^T, then runs the
@@ -58,7 +58,9 @@ def _issue_kv_tile(
 ):
     """Start the bulk copies of key tile `tile` (keys tile*BLOCK_N ...) into ring slot
     `slot`: one copy per page the tile spans, or one copy when the tile lies inside a page."""
-    COPY_ROWS: gl.constexpr = k_desc.block_type.shape[0]
+    # keys per copy (hnd_x copies count runs of 8 keys)
+    COPY_ROWS: gl.constexpr = k_desc.block_type.shape[0] * (8 if LAYOUT == 2 else 1)
+    RUNS: gl.constexpr = COPY_ROWS // 8  # hnd_x: runs of 8 keys per copy
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
     for c in gl.static_range(BLOCK_N // COPY_ROWS):
@@ -67,16 +69,49 @@ def _issue_kv_tile(
         # last page again rather than a block-table entry past the row: its keys are masked
         # and its values zeroed all the same.
         page = gl.load(bt_row + gl.minimum(start, seq_len - 1) // PAGE_SIZE)
-        if LAYOUT == 0:  # nhd viewed as [pages * page_size, kv_heads * head_dim]
-            row = page * PAGE_SIZE + start % PAGE_SIZE
-            col = kv_head * HEAD_DIM
-        else:  # hnd viewed as [pages * kv_heads * page_size, head_dim]
-            row = (page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + start % PAGE_SIZE
-            col = 0
-        _tma_load(k_desc, [row, col], k_bars.index(slot),
-                  k_bufs.index(slot).slice(c * COPY_ROWS, COPY_ROWS))
-        _tma_load(v_desc, [row, col], v_bars.index(slot),
-                  v_bufs.index(slot).slice(c * COPY_ROWS, COPY_ROWS))
+        if LAYOUT == 2:
+            # hnd_x viewed as [pages * kv_heads * page_size/8, head_dim, 8]: the copy lands
+            # verbatim, runs of 8 keys after one another (see _kv_operands)
+            run = ((page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + start % PAGE_SIZE) // 8
+            _tma_load(k_desc, [run, 0, 0], k_bars.index(slot),
+                      k_bufs.index(slot).slice(c * RUNS, RUNS))
+            _tma_load(v_desc, [run, 0, 0], v_bars.index(slot),
+                      v_bufs.index(slot).slice(c * RUNS, RUNS))
+        else:
+            if LAYOUT == 0:  # nhd viewed as [pages * page_size, kv_heads * head_dim]
+                row = page * PAGE_SIZE + start % PAGE_SIZE
+                col = kv_head * HEAD_DIM
+            else:  # hnd viewed as [pages * kv_heads * page_size, head_dim]
+                row = (page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + start % PAGE_SIZE
+                col = 0
+            _tma_load(k_desc, [row, col], k_bars.index(slot),
+                      k_bufs.index(slot).slice(c * COPY_ROWS, COPY_ROWS))
+            _tma_load(v_desc, [row, col], v_bars.index(slot),
+                      v_bufs.index(slot).slice(c * COPY_ROWS, COPY_ROWS))
+
+
+@gluon.jit
+def _k_operand(k_buf, LAYOUT: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """A ring slot's keys as the K^T [head_dim, keys] operand of q.K^T.
+
+    hnd_x slots hold [keys/8, head_dim, 8]: key n = 8*run + x of dim d at
+    run*8*head_dim + 8*d + x. Read as K^T that is wgmma's no-swizzle key-major layout (8 dims
+    x 8 keys per 128-byte core matrix, the next dims 128 bytes on, the next run 16*head_dim
+    bytes on); the pages are used as stored, with no transpose anywhere."""
+    if LAYOUT == 2:
+        return k_buf.permute((1, 0, 2)).reshape([HEAD_DIM, BLOCK_N])
+    else:
+        return k_buf.permute((1, 0))
+
+
+@gluon.jit
+def _v_operand(v_buf, LAYOUT: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """A ring slot's values as the V [keys, head_dim] operand of P.V (for hnd_x the same
+    bytes as in _k_operand, now the no-swizzle operand whose reduction axis is contiguous)."""
+    if LAYOUT == 2:
+        return v_buf.permute((0, 2, 1)).reshape([BLOCK_N, HEAD_DIM])
+    else:
+        return v_buf
 
 
 @gluon.jit
@@ -170,8 +205,8 @@ def _attend_rows(
     half: gl.constexpr, q_smem, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
     turn_bars, out_ptr, stride_ot, stride_oh, head, q_block, q_start, q_len, prefix, seq_len,
     n_mine, n_cta, zero_last, qk_scale, tile_base, round_base, item_count,
-    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    NUM_STAGES: gl.constexpr,
+    LAYOUT: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
 ):
     """One consumer's part of one work item: query rows [64*half, 64*half + 64) of the
     block. Its rounds of MMAs, then its empty rounds, then its output rows. The item's tile
@@ -205,8 +240,8 @@ def _attend_rows(
         g = tile_base
         mbarrier.wait(k_bars.index(g % NUM_STAGES), (g // NUM_STAGES) & 1)
         _take_turn(turn_bars, half, round_base)
-        s = warpgroup_mma(q_smem, k_bufs.index(g % NUM_STAGES).permute((1, 0)), s_init,
-                          use_acc=False, is_async=True)
+        s = warpgroup_mma(q_smem, _k_operand(k_bufs.index(g % NUM_STAGES), LAYOUT, BLOCK_N,
+                                             HEAD_DIM), s_init, use_acc=False, is_async=True)
         mbarrier.arrive(other_turn, count=1)
         s = warpgroup_mma_wait(0, deps=(s,))
         if n_mine == 1:  # q's last MMA is done: the producer may load the next item's
@@ -227,10 +262,11 @@ def _attend_rows(
             mbarrier.wait(k_bars.index(slot), (g // NUM_STAGES) & 1)
             mbarrier.wait(v_bars.index(prev), ((g - 1) // NUM_STAGES) & 1)
             _take_turn(turn_bars, half, round_base + j)
-            s = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_init,
-                              use_acc=False, is_async=True)
+            s = warpgroup_mma(q_smem, _k_operand(k_bufs.index(slot), LAYOUT, BLOCK_N, HEAD_DIM),
+                              s_init, use_acc=False, is_async=True)
             acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-            acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            acc = warpgroup_mma(p_op, _v_operand(v_bufs.index(prev), LAYOUT, BLOCK_N, HEAD_DIM),
+                                acc, is_async=True)
             mbarrier.arrive(other_turn, count=1)
             s = warpgroup_mma_wait(1, deps=(s,))
             if j == n_mine - 1:
@@ -254,10 +290,10 @@ def _attend_rows(
         acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
         # Rows past seq_len of the item's last tile: zeroed by the first consumer to use it
         # (consumer 0 reaches any round before consumer 1 does).
+        v_last = _v_operand(v_bufs.index(slot), LAYOUT, BLOCK_N, HEAD_DIM)
         if zero_last and last * BLOCK_N + BLOCK_N > seq_len:
-            _zero_keys_past_end(v_bufs.index(slot), seq_len - last * BLOCK_N, BLOCK_N,
-                                HEAD_DIM, num_warps)
-        acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
+            _zero_keys_past_end(v_last, seq_len - last * BLOCK_N, BLOCK_N, HEAD_DIM, num_warps)
+        acc = warpgroup_mma(p_op, v_last, acc, is_async=True)
         mbarrier.arrive(other_turn, count=1)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         _release(empty_bars.index(slot))
@@ -291,8 +327,8 @@ def _consumer(
     half: gl.constexpr, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
     turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
     num_seqs, num_q_blocks, qk_scale,
-    NUM_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    LAYOUT: gl.constexpr, NUM_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
 ):
     """A consumer warpgroup's walk over its program's work items."""
     tile_base = 0
@@ -312,8 +348,8 @@ def _consumer(
             _attend_rows(half, q_bufs.index(half), q_full, q_empty, k_bufs, v_bufs, k_bars,
                          v_bars, empty_bars, turn_bars, out_ptr, stride_ot, stride_oh, head,
                          q_block, q_start, q_len, prefix, seq_len, n_mine, n_cta, zero_last,
-                         qk_scale, tile_base, round_base, item_count, HEAD_DIM, BLOCK_M,
-                         BLOCK_N, NUM_STAGES)
+                         qk_scale, tile_base, round_base, item_count, LAYOUT, HEAD_DIM,
+                         BLOCK_M, BLOCK_N, NUM_STAGES)
             tile_base += n_cta
             round_base += n_cta + 1
             item_count += 1
@@ -372,8 +408,16 @@ def _extend_sm90_kernel(
     NUM_HEADS: gl.constexpr = NUM_KV_HEADS * GROUP
     dtype: gl.constexpr = q_desc.dtype
     q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    if LAYOUT == 2:  # hnd_x: a slot holds [keys/8, head_dim, 8] as the pages store it
+        k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N // 8, HEAD_DIM, 8],
+                                           k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N // 8, HEAD_DIM, 8],
+                                           v_desc.layout)
+    else:
+        k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM],
+                                           k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM],
+                                           v_desc.layout)
     q_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -393,12 +437,12 @@ def _extend_sm90_kernel(
     gl.warp_specialize(
         [(_consumer, (0, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
                       turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
-                      seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM,
-                      BLOCK_M, BLOCK_N, NUM_STAGES)),
+                      seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, LAYOUT, NUM_HEADS,
+                      HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES)),
          (_consumer, (1, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
                       turn_bars, out_ptr, stride_ot, stride_oh, qo_indptr_ptr, prefix_lens_ptr,
-                      seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, NUM_HEADS, HEAD_DIM,
-                      BLOCK_M, BLOCK_N, NUM_STAGES)),
+                      seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, LAYOUT, NUM_HEADS,
+                      HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES)),
          (_producer, (q_desc, k_desc, v_desc, q_bufs, q_full, q_empty, k_bufs, v_bufs, k_bars,
                       v_bars, empty_bars, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
                       block_table_ptr, stride_bt, num_seqs, num_q_blocks, LAYOUT, PAGE_SIZE,
@@ -414,6 +458,10 @@ def _extend_sm90_kernel(
 # kernel 444-518; 64-key tiles with four or five buffers 434-559; persistence then took
 # 8x2048 from 472-474 to 507-514 and left the long cases within run-to-run noise.
 # 240 + 240 + 24 registers per thread fill the register file; 232 spilled 8 bytes.
+LAYOUT_IDS = {"nhd": 0, "hnd": 1, "hnd_x": 2}
+# hnd_x builds (tests/attention/test_extend_sm90_build.py) but is served here only once its
+# numerics have been checked on a Hopper GPU; until then it stays on the portable kernel.
+HNDX_ON_GPU = False
 BLOCK_M = 64  # rows per consumer warpgroup
 BLOCK_N = 128
 NUM_STAGES = 3
@@ -448,7 +496,7 @@ def supports(q: torch.Tensor, layout: KVLayout, variant_name: str,
         q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else 0)
         and q.dtype in _GL_DTYPES and variant_name == "softmax"
         and all(dtype == q.dtype for dtype in other_dtypes)
-        and layout.name in ("nhd", "hnd")
+        and (layout.name in ("nhd", "hnd") or (layout.name == "hnd_x" and HNDX_ON_GPU))
         and (layout.page_size % block_n == 0 or block_n % layout.page_size == 0)
         and layout.page_size >= 64
         and layout.head_dim in (64, 128) and q.stride(-1) == 1
@@ -467,17 +515,18 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
     from triton.backends.compiler import GPUTarget
 
     q2 = torch.empty(256, num_kv_heads * group * head_dim, dtype=torch.bfloat16)
-    kv = torch.empty(1024, num_kv_heads * head_dim, dtype=torch.bfloat16)
+    layout = KVLayout.create(layout_name, page_size, num_kv_heads, head_dim, "torch.bfloat16")
+    kv = torch.empty(layout.cache_shape(1024 // page_size), dtype=torch.bfloat16)
     q_desc = _descriptor(q2, [BLOCK_M, head_dim], gl.bfloat16)
-    kv_desc = _descriptor(kv, [min(block_n, page_size), head_dim], gl.bfloat16)
+    kv_desc = _kv_descriptor(kv, layout, block_n, gl.bfloat16)
     signature = {
-        "q_desc": q_desc.__mangle__(), "k_desc": kv_desc.__mangle__(),
-        "v_desc": kv_desc.__mangle__(), "out_ptr": "*bf16", "qo_indptr_ptr": "*i32",
+        "q_desc": _mangle(q_desc), "k_desc": _mangle(kv_desc),
+        "v_desc": _mangle(kv_desc), "out_ptr": "*bf16", "qo_indptr_ptr": "*i32",
         "prefix_lens_ptr": "*i32", "seq_lens_ptr": "*i32", "block_table_ptr": "*i32",
         "stride_ot": "i32", "stride_oh": "i32", "stride_bt": "i32", "qk_scale": "fp32",
         "num_seqs": "i32", "num_q_blocks": "i32",
     }
-    constants = dict(LAYOUT=0 if layout_name == "nhd" else 1, PAGE_SIZE=page_size,
+    constants = dict(LAYOUT=LAYOUT_IDS[layout_name], PAGE_SIZE=page_size,
                      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
                      BLOCK_M=BLOCK_M, BLOCK_N=block_n, NUM_STAGES=num_stages,
                      CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS)
@@ -487,9 +536,31 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def _descriptor(t2d: torch.Tensor, block: list[int], dtype) -> TensorDescriptor:
+def _mangle(desc: TensorDescriptor) -> str:
+    """A descriptor's signature type (Triton 3.6 has no `__mangle__` yet)."""
+    if hasattr(desc, "__mangle__"):
+        return desc.__mangle__()
+    from triton.runtime.jit import mangle_type
+
+    return mangle_type(desc)
+
+
+def _descriptor(t: torch.Tensor, block: list[int], dtype) -> TensorDescriptor:
     shared = gl.NVMMASharedLayout.get_default_for(block, dtype)
-    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), block, shared)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, shared)
+
+
+def _kv_descriptor(cache: torch.Tensor, layout: KVLayout, block_n: int,
+                   dtype) -> TensorDescriptor:
+    """The bulk-copy descriptor of a K or V cache: one copy per page of a key tile (or one
+    per tile inside a page). nhd and hnd copy [keys, head_dim] rows; hnd_x copies
+    [keys/8, head_dim, 8], its pages' own order (no swizzle: 16-byte rows)."""
+    copy_rows = min(block_n, layout.page_size)
+    D = layout.head_dim
+    if layout.name == "hnd_x":
+        return _descriptor(cache.view(-1, D, 8), [copy_rows // 8, D, 8], dtype)
+    cols = layout.num_kv_heads * D if layout.name == "nhd" else D
+    return _descriptor(cache.view(-1, cols), [copy_rows, D], dtype)
 
 
 def extend_attention_sm90(
@@ -508,18 +579,16 @@ def extend_attention_sm90(
     dtype = _GL_DTYPES[q.dtype]
     Hkv = layout.num_kv_heads
     q2 = q.as_strided((T, Hq * D), (q.stride(0), 1))
-    cols = Hkv * D if layout.name == "nhd" else D
     q_desc = _descriptor(q2, [BLOCK_M, D], dtype)
-    copy_rows = min(block_n, layout.page_size)  # one bulk copy per page of a tile
-    k_desc = _descriptor(k_cache.view(-1, cols), [copy_rows, D], dtype)
-    v_desc = _descriptor(v_cache.view(-1, cols), [copy_rows, D], dtype)
+    k_desc = _kv_descriptor(k_cache, layout, block_n, dtype)
+    v_desc = _kv_descriptor(v_cache, layout, block_n, dtype)
     num_q_blocks = triton.cdiv(max_q_len, 2 * BLOCK_M)
     grid = (min(_num_sms(q.device), Hq * num_q_blocks * B),)
     _extend_sm90_kernel[grid](
         q_desc, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens, block_table,
         out.stride(0), out.stride(1), block_table.stride(0), float(scale) * 1.4426950408889634,
         B, num_q_blocks,
-        LAYOUT=0 if layout.name == "nhd" else 1, PAGE_SIZE=layout.page_size,
+        LAYOUT=LAYOUT_IDS[layout.name], PAGE_SIZE=layout.page_size,
         NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=4,

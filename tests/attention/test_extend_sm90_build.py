@@ -49,7 +49,8 @@ def _build(head_dim: int, layout_name: str, page_size: int = 64) -> dict:
 
 # pages of 64 keys: two copies per 128-key tile; of 128: one
 @pytest.mark.parametrize("head_dim,layout_name,page_size",
-                         [(128, "nhd", 64), (128, "hnd", 64), (64, "nhd", 64), (128, "hnd", 128)])
+                         [(128, "nhd", 64), (128, "hnd", 64), (64, "nhd", 64), (128, "hnd", 128),
+                          (128, "hnd_x", 64), (64, "hnd_x", 128)])
 def test_builds_with_hopper_instructions(head_dim, layout_name, page_size):
     built = _build(head_dim, layout_name, page_size)
     ptx = built["ptx"]
