@@ -3,8 +3,8 @@ consumer warpgroups in ping-pong and a producer warp.
 
 Same contract as `extend.extend_attention` (see its module docstring) for the case that
 matters most on the GPU: softmax attention (plain logits) over the `nhd`, `hnd` or `hnd_x`
-layout with pages of at least 64 keys, bf16/fp16, head dim 64 or 128. Everything else stays on the
-portable Triton kernel, which `extend.extend_attention` falls back to.
+layout with pages of at least 64 keys, bf16/fp16, head dim 64 or 128. Everything else stays
+on the portable Triton kernel, which `extend.extend_attention` falls back to.
 
 Why a second kernel: per key tile, the Triton kernel waits for q.K^T, then runs the
 softmax, then issues P.V; the tensor cores idle while the exponentials run. Gluon exposes
@@ -71,7 +71,7 @@ def _issue_kv_tile(
         page = gl.load(bt_row + gl.minimum(start, seq_len - 1) // PAGE_SIZE)
         if LAYOUT == 2:
             # hnd_x viewed as [pages * kv_heads * page_size/8, head_dim, 8]: the copy lands
-            # verbatim, runs of 8 keys after one another (see _kv_operands)
+            # verbatim, runs of 8 keys after one another (see _k_operand)
             run = ((page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + start % PAGE_SIZE) // 8
             _tma_load(k_desc, [run, 0, 0], k_bars.index(slot),
                       k_bufs.index(slot).slice(c * RUNS, RUNS))
@@ -450,6 +450,11 @@ def _extend_sm90_kernel(
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+LAYOUT_IDS = {"nhd": 0, "hnd": 1, "hnd_x": 2}
+# hnd_x builds (tests/attention/test_extend_sm90_build.py) but is served here only once its
+# numerics have been checked on a Hopper GPU; until then it stays on the portable kernel.
+HNDX_ON_GPU = False
+
 # Two consumer warpgroups of 64 query rows (an item covers 128), 128-key tiles, three K/V
 # buffers: 32 KB of q + 3 x 64 KB = 224 KB of shared memory, one program per SM. From the
 # H200 A/B runs (bench/results/h200-prefill-{pingpong,persistent}-ab-2026-12-02*.json):
@@ -458,10 +463,6 @@ def _extend_sm90_kernel(
 # kernel 444-518; 64-key tiles with four or five buffers 434-559; persistence then took
 # 8x2048 from 472-474 to 507-514 and left the long cases within run-to-run noise.
 # 240 + 240 + 24 registers per thread fill the register file; 232 spilled 8 bytes.
-LAYOUT_IDS = {"nhd": 0, "hnd": 1, "hnd_x": 2}
-# hnd_x builds (tests/attention/test_extend_sm90_build.py) but is served here only once its
-# numerics have been checked on a Hopper GPU; until then it stays on the portable kernel.
-HNDX_ON_GPU = False
 BLOCK_M = 64  # rows per consumer warpgroup
 BLOCK_N = 128
 NUM_STAGES = 3
