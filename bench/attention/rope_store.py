@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attention.benchmarks.common import (
+from attention.triton.rope_store import rope_store
+from bench.attention.common import (
     device_record,
     format_table,
     make_row,
@@ -27,7 +28,6 @@ from attention.benchmarks.common import (
     time_graph_us,
     write_json,
 )
-from attention.triton.rope_store import rope_store
 from kvcache.layout import KVLayout
 from kvcache.pool import read_slots
 

@@ -1,7 +1,7 @@
 """Launch-configuration sweep of the Triton decode kernel (GPU), used to pick
 `default_decode_config` and the split heuristic in `choose_num_splits`.
 
-    python -m attention.benchmarks.decode_sweep --shapes 64x4096,1x32768 --json-out sweep.json
+    python -m bench.attention.decode_sweep --shapes 64x4096,1x32768 --json-out sweep.json
 
 For every shape x layout x page size it times each (BLOCK_N, warps, stages) config at the
 heuristic's split count, then the best config at other split counts, and prints the
@@ -17,10 +17,10 @@ import math
 
 import torch
 
-from attention.benchmarks.common import build_paged_kv, measure_copy_gbps, time_graph_us
-from attention.benchmarks.decode import Shape, make_problem, triton_run
 from attention.triton.decode import DecodeConfig, choose_num_splits
 from attention.variants import Variant
+from bench.attention.common import build_paged_kv, measure_copy_gbps, time_graph_us
+from bench.attention.decode import Shape, make_problem, triton_run
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def best_per_layout(results: list[dict]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m attention.benchmarks.decode_sweep")
+    ap = argparse.ArgumentParser(prog="python -m bench.attention.decode_sweep")
     ap.add_argument("--shapes", default="64x4096,16x16384,256x1024,1x32768")
     ap.add_argument("--layouts", default="token:1,nhd:16,hnd:16,hnd_x:16,nhd:64")
     ap.add_argument("--extra-splits", default="",

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attention.benchmarks.common import (
+from attention.triton.decode import (
+    DecodeConfig,
+    SplitBuffers,
+    decode_attention,
+    default_decode_config,
+)
+from attention.triton.variants import triton_variant
+from attention.variants import Variant, alibi_slopes, apply_variant_torch, parse_variant
+from bench.attention.common import (
     BenchRow,
     DeviceCeilings,
     build_paged_kv,
@@ -29,16 +37,8 @@ from attention.benchmarks.common import (
     time_graph_us,
     write_json,
 )
-from attention.benchmarks.decode_checks import ragged_checks
-from attention.benchmarks.read_bandwidth import measure_read_gbps
-from attention.triton.decode import (
-    DecodeConfig,
-    SplitBuffers,
-    decode_attention,
-    default_decode_config,
-)
-from attention.triton.variants import triton_variant
-from attention.variants import Variant, alibi_slopes, apply_variant_torch, parse_variant
+from bench.attention.decode_checks import ragged_checks
+from bench.attention.read_bandwidth import measure_read_gbps
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peers", default="sdpa,flex", help="comma-separated: sdpa, flex")
     ap.add_argument("--check", action="store_true",
                     help="first the ragged, NaN-poisoned checks of every variant on each layout "
-                         "(attention.benchmarks.decode_checks, float64 torch), then every timed "
+                         "(bench.attention.decode_checks, float64 torch), then every timed "
                          "Triton output against float32 torch (rel. err < 1e-2)")
     ap.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
     ap.add_argument("--config", default=None,

@@ -1,6 +1,6 @@
 """Model-level check of the `triton` backend (GPU): teacher-forced logits vs `reference`.
 
-    python -m attention.benchmarks.decode_model_check --model synthetic:smollm2-135m
+    python -m bench.decode_model_check --model synthetic:smollm2-135m
 
 A batch of prompts is prefilled, then decoded for several steps with the same fixed
 (teacher-forced) tokens through each backend, one step mixing decodes with a new prompt's
@@ -70,7 +70,7 @@ def run_trace(model, attn_cfg, backend: str, layout_name: str, page_size: int,  
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m attention.benchmarks.decode_model_check")
+    ap = argparse.ArgumentParser(prog="python -m bench.decode_model_check")
     ap.add_argument("--model", default="synthetic:smollm2-135m")
     ap.add_argument("--layouts", default="token:1,nhd:16,hnd:64,hnd_x:16")
     ap.add_argument("--steps", type=int, default=6)

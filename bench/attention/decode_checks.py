@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from attention.benchmarks.common import build_paged_kv
 from attention.triton.decode import SplitBuffers, decode_attention, default_decode_config
 from attention.triton.variants import triton_variant
 from attention.variants import Variant, alibi_slopes, apply_variant_torch
+from bench.attention.common import build_paged_kv
 from kvcache.pool import write_slots
 
 TOL = 1e-2

@@ -8,7 +8,7 @@ torch SDPA-flash, cuDNN attention and FlexAttention on contiguous K/V of the sam
 all in the same run, next to the measured bf16 matmul rate and copy bandwidth. Causal
 FLOPs count the visible (query, key) pairs: half the square for a prefill.
 
-Rows go to a JSON file in the format of attention/benchmarks/common.py (peers are rows with
+Rows go to a JSON file in the format of bench/attention/common.py (peers are rows with
 their own `backend` and layout "contiguous"); the JSON is rewritten after every case so a
 run cut short still leaves its numbers. The summary table is printed last.
 """
@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from attention.benchmarks.common import (
+from attention.triton.extend import default_config, extend_attention_with_config, kernel_name
+from attention.triton.extend_config import ExtendConfig, layout_kind
+from attention.variants import Variant
+from bench.attention.common import (
     BenchRow,
     DeviceCeilings,
     build_paged_kv,
@@ -32,11 +35,8 @@ from attention.benchmarks.common import (
     time_cuda_us,
     write_json,
 )
-from attention.benchmarks.prefill_checks import check_head_dim_64, check_variants
-from attention.benchmarks.prefill_peers import PEERS, PeerUnavailable, reference_rel_error
-from attention.triton.extend import default_config, extend_attention_with_config, kernel_name
-from attention.triton.extend_config import ExtendConfig, layout_kind
-from attention.variants import Variant
+from bench.attention.prefill_checks import check_head_dim_64, check_variants
+from bench.attention.prefill_peers import PEERS, PeerUnavailable, reference_rel_error
 
 logger = logging.getLogger(__name__)
 
