@@ -1,4 +1,4 @@
-"""Attention: backend interface, batch metadata, backends, Triton kernels, benchmarks."""
+"""Attention: backend interface, batch metadata, backends, Triton kernels (benchmarks: bench/)."""
 
 from attention.base import (
     AttentionBackend,
