@@ -80,9 +80,9 @@ class DecodeProblem:
 
 
 def make_problem(shape: Shape, hq: int, hkv: int, d: int, device: torch.device,
-                 gen: torch.Generator) -> DecodeProblem:
+                 gen: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> DecodeProblem:
     def rnd(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=gen, device=device, dtype=torch.bfloat16)
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype)
 
     B, L = shape.batch, shape.context
     return DecodeProblem(shape, hq, hkv, d, rnd(B, hq, d), rnd(B, L, hkv, d), rnd(B, L, hkv, d))
