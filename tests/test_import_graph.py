@@ -65,7 +65,7 @@ NEVER_LOADS: dict[str, frozenset[str]] = {
 }
 
 # (importer, imported): sub-packages of one package where the first must never import the
-# second. A rule applies once both sub-packages exist as folders.
+# second. A rule applies once both sub-packages exist as folders of modules.
 SUBPACKAGE_RULES: tuple[tuple[str, str], ...] = (
     ("server.engine", "server.http"),  # server.http may import server.engine, never the reverse
 )
@@ -201,8 +201,9 @@ def check_tree(root: Path, rules: Rules) -> list[str]:
 
 
 def _active_subpackage_rules(root: Path, rules: Rules) -> list[tuple[str, str]]:
-    def exists(name: str) -> bool:
-        return (root / name.replace(".", "/") / "__init__.py").is_file()
+    def exists(name: str) -> bool:  # a folder of modules (with or without __init__.py)
+        folder = root / name.replace(".", "/")
+        return folder.is_dir() and any(folder.glob("*.py"))
 
     return [(a, b) for a, b in rules.subpackage_rules if exists(a) and exists(b)]
 
@@ -270,7 +271,7 @@ def test_the_scan_sees_the_project() -> None:
 
 def test_the_subpackage_rule_applies_once_both_sides_exist() -> None:
     active = _active_subpackage_rules(ROOT, RULES)
-    both = all((ROOT / "server" / sub / "__init__.py").is_file() for sub in ("engine", "http"))
+    both = all(any((ROOT / "server" / sub).glob("*.py")) for sub in ("engine", "http"))
     assert (("server.engine", "server.http") in active) == both
 
 
