@@ -225,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.num_kv_heads < 1 or args.num_q_heads % args.num_kv_heads:
+        ap.error(f"--num-q-heads {args.num_q_heads} is not a multiple of --num-kv-heads "
+                 f"{args.num_kv_heads}")
+    return args
 
 
 def run_shape(args: argparse.Namespace, shape: Shape, ceilings: DeviceCeilings,

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.num_kv_heads < 1 or args.num_q_heads % args.num_kv_heads:
+        ap.error(f"--num-q-heads {args.num_q_heads} is not a multiple of --num-kv-heads "
+                 f"{args.num_kv_heads}")
     if not torch.cuda.is_available():
         ap.error("this benchmark needs a CUDA GPU")
     device = torch.device("cuda")

@@ -13,7 +13,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
-import argparse  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -23,6 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 from attention.triton.extend import default_config  # noqa: E402
 from attention.triton.rope_store import rope_store  # noqa: E402
 from attention.variants import Variant  # noqa: E402
+from bench.attention import cli as bench_cli  # noqa: E402
 from bench.attention import decode, decode_checks, prefill, prefill_checks  # noqa: E402
 from bench.attention import rope_store as rope_store_bench  # noqa: E402
 from bench.attention.common import build_paged_kv  # noqa: E402
@@ -112,11 +112,15 @@ def test_prefill_ragged_check() -> None:
     assert result["heads"] == [HQ, HKV]
 
 
-def test_prefill_benchmark_rejects_heads_that_do_not_group() -> None:
-    parser = argparse.ArgumentParser()
-    prefill.add_arguments(parser)
-    with pytest.raises(SystemExit, match="not a multiple"):
-        prefill.run(parser.parse_args(["--num-q-heads", "28", "--num-kv-heads", "3"]))
+@pytest.mark.parametrize("op", ["prefill", "extend", "decode", "rope_store"])
+def test_benchmarks_reject_heads_that_do_not_group(
+    op: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before any device work: a clear message, not an error deep in a check."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_cli.main(["--op", op, "--num-q-heads", "28", "--num-kv-heads", "3"])
+    assert exit_info.value.code not in (0, None)
+    assert "not a multiple of --num-kv-heads 3" in f"{exit_info.value.code}{capsys.readouterr().err}"
 
 
 # ----------------------------------------------------------------------------- decode
