@@ -7,10 +7,10 @@ import argparse
 
 import pytest
 
-from attention.benchmarks import cli as bench_cli
-from attention.benchmarks import decode as decode_bench
-from attention.benchmarks import prefill as prefill_bench
-from attention.benchmarks import rope_store as rope_store_bench
+from bench.attention import cli as bench_cli
+from bench.attention import decode as decode_bench
+from bench.attention import prefill as prefill_bench
+from bench.attention import rope_store as rope_store_bench
 from loadtest.cli import build_parser as loadtest_parsers
 from server.cli import build_parser as server_parser
 

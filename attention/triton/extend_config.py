@@ -2,7 +2,7 @@
 
 A fixed table per GPU generation, head dim, layout kind (paged pages vs the page-size-1
 `token` layout) and query length (short runs vs long prompts), chosen from the sweep that
-`attention/benchmarks/prefill.py` runs on the device (bench/results/*prefill*.json). No
+`bench/attention/prefill.py` runs on the device (bench/results/*prefill*.json). No
 autotuning happens in a serving step; `table_configs` lists the configs a backend should
 compile at warm-up so that no later step waits on compilation.
 """

@@ -3,7 +3,7 @@ heuristic and dispatch rules.
 
 Gluon kernels do not run under the CPU interpreter, so the kernel's numerics are checked on
 the device: `attnserve bench attention --op decode --check` runs every variant on ragged,
-NaN-poisoned batches through `decode_attention` (attention/benchmarks/decode_checks.py),
+NaN-poisoned batches through `decode_attention` (bench/attention/decode_checks.py),
 which dispatches hnd_x there. What CI checks is the property the kernel exists for: K/V go
 from global memory straight into mma operand registers in 16-byte loads, with no shared
 memory at all (the portable kernel's transpose through shared memory is what it replaces).

@@ -4,7 +4,7 @@ A CPU has no CUDA graphs, so `_capture` is replaced by a stand-in whose replay r
 same forward pass on the same static buffers: everything but the capture itself (padding
 to a bucket, the static batch the backend plans on, the split-count keys, scratch-page
 writes of padding rows) is the code that runs on the GPU. The Triton backend runs under
-the interpreter. On the GPU, `python -m server.bench_cuda_graphs` checks that the real
+the interpreter. On the GPU, `python -m bench.cuda_graphs` checks that the real
 graphs produce the eager path's tokens.
 """
 

@@ -1,9 +1,9 @@
 """`attnserve bench attention ...`: the kernel benchmarks' entry point.
 
-    attnserve bench attention --op decode  [decode flags]   (attention.benchmarks.decode)
-    attnserve bench attention --op prefill [prefill flags]  (attention.benchmarks.prefill)
-    attnserve bench attention --op extend  [extend flags]   (attention.benchmarks.prefill)
-    attnserve bench attention --op rope_store [flags]       (attention.benchmarks.rope_store)
+    attnserve bench attention --op decode  [decode flags]   (bench.attention.decode)
+    attnserve bench attention --op prefill [prefill flags]  (bench.attention.prefill)
+    attnserve bench attention --op extend  [extend flags]   (bench.attention.prefill)
+    attnserve bench attention --op rope_store [flags]       (bench.attention.rope_store)
 
 Everything after `--op OP` goes to that benchmark's own parser (`--help` lists its flags).
 The benchmark modules are imported only when chosen: they need a GPU and triton.
@@ -39,14 +39,14 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.op == "decode":
-        from attention.benchmarks.decode import main as decode_main
+        from bench.attention.decode import main as decode_main
 
         return decode_main(rest)
     if args.op == "rope_store":
-        from attention.benchmarks.rope_store import main as rope_store_main
+        from bench.attention.rope_store import main as rope_store_main
 
         return rope_store_main(rest)
-    from attention.benchmarks import prefill
+    from bench.attention import prefill
 
     # the prefill benchmark serves both ops and takes --op itself
     result = prefill.main([*rest, "--op", args.op])

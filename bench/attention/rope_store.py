@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attention.benchmarks.common import (
+from attention.triton.rope_store import rope_store
+from bench.attention.common import (
     device_record,
     format_table,
     make_row,
@@ -27,7 +28,6 @@ from attention.benchmarks.common import (
     time_graph_us,
     write_json,
 )
-from attention.triton.rope_store import rope_store
 from kvcache.layout import KVLayout
 from kvcache.pool import read_slots
 
@@ -68,6 +68,29 @@ def _rotate(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
 
+def rotary_table(head_dim: int, positions: int, device: torch.device) -> torch.Tensor:
+    """cos | sin rows [positions, head_dim] of the default rotary base."""
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], -1).to(device)
+
+
+def case_call_args(
+    case: StoreCase, layout: KVLayout, num_pages: int, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, cos_sin: torch.Tensor, num_q_heads: int, gen: torch.Generator,
+) -> tuple:
+    """`rope_store`'s arguments for one case: random q/k/v of the caches' dtype and device,
+    positions anywhere in the rotary table, slots as `_slots` lays them out."""
+    T, device, dtype = case.num_tokens, k_cache.device, k_cache.dtype
+    Hkv, D = layout.num_kv_heads, layout.head_dim
+    slots = _slots(case, layout, num_pages, gen).to(device)
+    positions = torch.randint(0, cos_sin.shape[0], (T,), generator=gen).to(device)
+    q = torch.randn(T, num_q_heads, D, generator=gen).to(device, dtype)
+    k = torch.randn(T, Hkv, D, generator=gen).to(device, dtype)
+    v = torch.randn(T, Hkv, D, generator=gen).to(device, dtype)
+    return q, k, v, positions, cos_sin, slots, k_cache, v_cache, layout, torch.empty_like(q)
+
+
 def _check(call_args: tuple) -> float:
     """Max abs error of q_out and the stored K/V against float32 torch (after the timing
     runs, which all store the same values)."""
@@ -103,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.num_kv_heads < 1 or args.num_q_heads % args.num_kv_heads:
+        ap.error(f"--num-q-heads {args.num_q_heads} is not a multiple of --num-kv-heads "
+                 f"{args.num_kv_heads}")
     if not torch.cuda.is_available():
         ap.error("this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
@@ -110,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     Hq, Hkv, D = args.num_q_heads, args.num_kv_heads, args.head_dim
     ceilings = measure_ceilings(device)
     gen = torch.Generator().manual_seed(args.seed)
-    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
-    angles = torch.arange(8192, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(device)
+    cos_sin = rotary_table(D, 8192, device)
     rows = []
     for spec in args.layouts.split(","):
         name, page = spec.split(":")
@@ -122,12 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         v_cache = torch.zeros_like(k_cache)
         for case in CASES:
             T = case.num_tokens
-            slots = _slots(case, layout, num_pages, gen).to(device)
-            positions = torch.randint(0, 8192, (T,), generator=gen).to(device)
-            q = torch.randn(T, Hq, D, generator=gen).to(device, dtype)
-            k = torch.randn(T, Hkv, D, generator=gen).to(device, dtype)
-            v = torch.randn(T, Hkv, D, generator=gen).to(device, dtype)
-            call_args = (q, k, v, positions, cos_sin, slots, k_cache, v_cache, layout, torch.empty_like(q))
+            call_args = case_call_args(case, layout, num_pages, k_cache, v_cache, cos_sin, Hq, gen)
             time_us = time_graph_us(functools.partial(rope_store, *call_args))
             error = _check(call_args)
             nbytes = T * (2 * Hq * D * 2 + 4 * Hkv * D * 2 + D * 4)

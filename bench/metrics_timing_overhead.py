@@ -1,6 +1,6 @@
 """How much does timing attention cost? Step time with attention timed on every step vs never.
 
-    python -m server.metrics_timing_overhead [--device cpu] [--model M] [--reps 6] [--batch 4]
+    python -m bench.metrics_timing_overhead [--device cpu] [--model M] [--reps 6] [--batch 4]
         [--tokens 32] [--tokenizer-folder DIR]
 
 Runs the offline engine (one model load) on the same greedy batch, alternating between

@@ -1,6 +1,6 @@
 """Decode step time with and without CUDA graphs, through the engine (GPU).
 
-    python -m server.bench_cuda_graphs --model llama3-8b --tokenizer DIR --batches 1,8,32
+    python -m bench.cuda_graphs --model llama3-8b --tokenizer DIR --batches 1,8,32
 
 For each batch size, the same requests (short random prompts, `--output-len` greedy tokens,
 EOS ignored) run through one EngineCore with graphs and one without, alternating

@@ -16,7 +16,7 @@ logits error per position against the exact run. If it barely moves while P's pr
 grows 256-fold, the gap is not the kernel's rounding but the model amplifying any
 difference in a bf16 activation, and only a bit-identical implementation closes it.
 
-  python -m attention.benchmarks.rounding_floor --layers 32 --width 1024 --tokens 384
+  python -m bench.rounding_floor --layers 32 --width 1024 --tokens 384
 """
 
 from __future__ import annotations

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attention.benchmarks.common import (
+from attention.triton.decode import (
+    DecodeConfig,
+    SplitBuffers,
+    decode_attention,
+    default_decode_config,
+)
+from attention.triton.variants import triton_variant
+from attention.variants import Variant, alibi_slopes, apply_variant_torch, parse_variant
+from bench.attention.common import (
     BenchRow,
     DeviceCeilings,
     build_paged_kv,
@@ -29,16 +37,8 @@ from attention.benchmarks.common import (
     time_graph_us,
     write_json,
 )
-from attention.benchmarks.decode_checks import ragged_checks
-from attention.benchmarks.read_bandwidth import measure_read_gbps
-from attention.triton.decode import (
-    DecodeConfig,
-    SplitBuffers,
-    decode_attention,
-    default_decode_config,
-)
-from attention.triton.variants import triton_variant
-from attention.variants import Variant, alibi_slopes, apply_variant_torch, parse_variant
+from bench.attention.decode_checks import ragged_checks
+from bench.attention.read_bandwidth import measure_read_gbps
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ class DecodeProblem:
 
 
 def make_problem(shape: Shape, hq: int, hkv: int, d: int, device: torch.device,
-                 gen: torch.Generator) -> DecodeProblem:
+                 gen: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> DecodeProblem:
     def rnd(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=gen, device=device, dtype=torch.bfloat16)
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype)
 
     B, L = shape.batch, shape.context
     return DecodeProblem(shape, hq, hkv, d, rnd(B, hq, d), rnd(B, L, hkv, d), rnd(B, L, hkv, d))
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peers", default="sdpa,flex", help="comma-separated: sdpa, flex")
     ap.add_argument("--check", action="store_true",
                     help="first the ragged, NaN-poisoned checks of every variant on each layout "
-                         "(attention.benchmarks.decode_checks, float64 torch), then every timed "
+                         "(bench.attention.decode_checks, float64 torch), then every timed "
                          "Triton output against float32 torch (rel. err < 1e-2)")
     ap.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
     ap.add_argument("--config", default=None,
@@ -225,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.num_kv_heads < 1 or args.num_q_heads % args.num_kv_heads:
+        ap.error(f"--num-q-heads {args.num_q_heads} is not a multiple of --num-kv-heads "
+                 f"{args.num_kv_heads}")
+    return args
 
 
 def run_shape(args: argparse.Namespace, shape: Shape, ceilings: DeviceCeilings,

@@ -1,7 +1,7 @@
 """Launch-configuration sweep of the Triton decode kernel (GPU), used to pick
 `default_decode_config` and the split heuristic in `choose_num_splits`.
 
-    python -m attention.benchmarks.decode_sweep --shapes 64x4096,1x32768 --json-out sweep.json
+    python -m bench.attention.decode_sweep --shapes 64x4096,1x32768 --json-out sweep.json
 
 For every shape x layout x page size it times each (BLOCK_N, warps, stages) config at the
 heuristic's split count, then the best config at other split counts, and prints the
@@ -17,10 +17,10 @@ import math
 
 import torch
 
-from attention.benchmarks.common import build_paged_kv, measure_copy_gbps, time_graph_us
-from attention.benchmarks.decode import Shape, make_problem, triton_run
 from attention.triton.decode import DecodeConfig, choose_num_splits
 from attention.variants import Variant
+from bench.attention.common import build_paged_kv, measure_copy_gbps, time_graph_us
+from bench.attention.decode import Shape, make_problem, triton_run
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +53,20 @@ def best_per_layout(results: list[dict]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m attention.benchmarks.decode_sweep")
+    ap = argparse.ArgumentParser(prog="python -m bench.attention.decode_sweep")
     ap.add_argument("--shapes", default="64x4096,16x16384,256x1024,1x32768")
     ap.add_argument("--layouts", default="token:1,nhd:16,hnd:16,hnd_x:16,nhd:64")
     ap.add_argument("--extra-splits", default="",
                     help="comma-separated split counts timed for the best config besides the "
                          "default set (1, 2, 4, ..., 64 and half/double the heuristic's)")
+    ap.add_argument("--num-q-heads", type=int, default=32, help="query heads (default 32)")
+    ap.add_argument("--num-kv-heads", type=int, default=8, help="KV heads (default 8)")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
+    hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
+    if hkv < 1 or hq % hkv:
+        ap.error(f"--num-q-heads {hq} is not a multiple of --num-kv-heads {hkv}")
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda")
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy {copy_gbps:.0f} GB/s, {num_sms} SMs")
     for text in args.shapes.split(","):
         shape = Shape.parse(text)
-        p = make_problem(shape, 32, 8, 128, device, gen)
+        p = make_problem(shape, hq, hkv, d, device, gen)
         for spec in args.layouts.split(","):
             layout, _, ps = spec.partition(":")
             paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, int(ps),
@@ -79,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             configs = CONFIGS if layout != "hnd_x" else (
                 [c for c in CONFIGS if c.block_n >= 64] + X_CONFIGS)
             for cfg in configs:
-                splits = choose_num_splits(shape.batch, 8, shape.context, num_sms, cfg.block_n)
+                splits = choose_num_splits(shape.batch, hkv, shape.context, num_sms, cfg.block_n)
                 try:
                     timings[(cfg, splits)] = time_graph_us(
                         triton_run(p, paged, Variant(), num_sms, cfg, splits).fn)
                 except Exception as exc:  # noqa: BLE001 - a config may not compile
                     logger.warning("%s %s %s: %s", shape, spec, cfg, exc)
             best_cfg = min(timings, key=timings.__getitem__)[0]
-            heur = choose_num_splits(shape.batch, 8, shape.context, num_sms, best_cfg.block_n)
+            heur = choose_num_splits(shape.batch, hkv, shape.context, num_sms, best_cfg.block_n)
             extra = {int(x) for x in args.extra_splits.split(",") if x}
             for splits in sorted({1, 2, 4, 8, 16, 32, 64, heur // 2, heur * 2, *extra} - {0}):
                 if splits * best_cfg.block_n > shape.context or (best_cfg, splits) in timings:
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps,
-                       "results": results}, f, indent=1)
+                       "heads": [hq, hkv], "head_dim": d, "results": results}, f, indent=1)
     return 0
 
 

@@ -6,7 +6,7 @@ returns tokens drawn from a generator seeded by the call index), so their schedu
 the same step for step and the logits can be compared row for row. The workload exercises
 the prefix cache (a first request, then seven sharing its prefix) and chunked prefill.
 
-  python -m attention.benchmarks.engine_logits_check --model llama3-8b --tokenizer DIR \
+  python -m bench.engine_logits_check --model llama3-8b --tokenizer DIR \
       --backends reference triton --noise-floor sdpa --layouts nhd:16 hnd:64 --json-out FILE
 
 In bf16 two correct attention implementations already differ end to end: their outputs

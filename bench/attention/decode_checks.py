@@ -12,14 +12,15 @@ relative error is under 1e-2 and every output element is finite (outputs start a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from attention.benchmarks.common import build_paged_kv
 from attention.triton.decode import SplitBuffers, decode_attention, default_decode_config
 from attention.triton.variants import triton_variant
 from attention.variants import Variant, alibi_slopes, apply_variant_torch
+from bench.attention.common import build_paged_kv
 from kvcache.pool import write_slots
 
 TOL = 1e-2
@@ -50,18 +51,24 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int
     return torch.stack(outs)
 
 
-def ragged_checks(layout_name: str, page_size: int, device: torch.device,
-                  generator: torch.Generator) -> list[dict[str, Any]]:
+def ragged_checks(
+    layout_name: str, page_size: int, device: torch.device, generator: torch.Generator,
+    shapes: Sequence[tuple[int, int, int, torch.dtype]] = SHAPES, lens: Sequence[int] = LENS,
+    variants: Sequence[Variant] | None = None,
+) -> list[dict[str, Any]]:
+    """One result per (shape, variant, split count). By default every variant runs on the
+    first shape and softmax and silu on the others; `variants` runs those on every shape."""
     results = []
-    B, L = len(LENS), max(LENS)
-    for hq, hkv, d, dtype in SHAPES:
+    lens = list(lens)
+    B, L = len(lens), max(lens)
+    for hq, hkv, d, dtype in shapes:
         q = torch.randn(B, hq, d, device=device, dtype=dtype, generator=generator)
         k = torch.randn(B, L, hkv, d, device=device, dtype=dtype, generator=generator)
         v = torch.randn(B, L, hkv, d, device=device, dtype=dtype, generator=generator)
-        paged = build_paged_kv(k, v, LENS, layout_name, page_size, generator)
+        paged = build_paged_kv(k, v, lens, layout_name, page_size, generator)
         P = paged.layout.page_size
         owned = torch.zeros(paged.k_cache.numel() // (hkv * d), dtype=torch.bool, device=device)
-        for b, n in enumerate(LENS):
+        for b, n in enumerate(lens):
             pos = torch.arange(n, device=device)
             owned[paged.block_table[b, pos // P].long() * P + pos % P] = True
         stale = (~owned).nonzero().flatten()
@@ -71,9 +78,9 @@ def ragged_checks(layout_name: str, page_size: int, device: torch.device,
         config = default_decode_config(paged.layout, d, True)
         slopes = alibi_slopes(hq).float().to(device)
         # every variant on the first shape; the others (a compile each) softmax and silu
-        variants = VARIANTS if hq == SHAPES[0][0] and d == SHAPES[0][2] else VARIANTS[::5]
-        for variant in variants:
-            want = _reference(q, k, v, LENS, d**-0.5, variant)
+        first = hq == shapes[0][0] and d == shapes[0][2]
+        for variant in variants or (VARIANTS if first else VARIANTS[::5]):
+            want = _reference(q, k, v, lens, d**-0.5, variant)
             # the decode kernel's three split classes: 1 (direct output), other, 16k
             for splits in (1, 3, 16) if variant.name == "softmax" else (1, 16):
                 out = torch.full_like(q, float("nan"))

@@ -8,7 +8,7 @@ torch SDPA-flash, cuDNN attention and FlexAttention on contiguous K/V of the sam
 all in the same run, next to the measured bf16 matmul rate and copy bandwidth. Causal
 FLOPs count the visible (query, key) pairs: half the square for a prefill.
 
-Rows go to a JSON file in the format of attention/benchmarks/common.py (peers are rows with
+Rows go to a JSON file in the format of bench/attention/common.py (peers are rows with
 their own `backend` and layout "contiguous"); the JSON is rewritten after every case so a
 run cut short still leaves its numbers. The summary table is printed last.
 """
@@ -18,13 +18,18 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from attention.benchmarks.common import (
+from attention.triton.extend import default_config, extend_attention_with_config, kernel_name
+from attention.triton.extend_config import ExtendConfig, layout_kind
+from attention.variants import Variant
+from bench.attention.common import (
     BenchRow,
     DeviceCeilings,
+    PagedKV,
     build_paged_kv,
     device_record,
     make_row,
@@ -32,11 +37,13 @@ from attention.benchmarks.common import (
     time_cuda_us,
     write_json,
 )
-from attention.benchmarks.prefill_checks import check_head_dim_64, check_variants
-from attention.benchmarks.prefill_peers import PEERS, PeerUnavailable, reference_rel_error
-from attention.triton.extend import default_config, extend_attention_with_config, kernel_name
-from attention.triton.extend_config import ExtendConfig, layout_kind
-from attention.variants import Variant
+from bench.attention.prefill_checks import check_head_dim_64, check_variants
+from bench.attention.prefill_peers import (
+    PEERS,
+    PeerUnavailable,
+    check_heads,
+    reference_rel_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +58,6 @@ SWEEPS = {  # layout kind -> configs timed besides the table's choice
     "token": (_C(128, 64, 4, 3), _C(128, 64, 4, 4)),
     "hnd_x": (_C(128, 64, 4, 3), _C(64, 64, 4, 3)),
 }
-CHECK_HEADS = (0, 13, 31)  # spread over KV groups
 TOL = 1e-2
 
 
@@ -98,43 +104,65 @@ TARGETS = {  # (op, layout) -> (min ratio to sdpa_flash, min ratio to cudnn), fr
 }
 
 
-def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[BenchRow]:
-    B, Lq = case.batch, case.new_tokens
-    hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
-    scale = d**-0.5
+def paged_launcher(
+    case: Case, q4: torch.Tensor, paged: PagedKV, variant: Variant
+) -> tuple[Callable[[ExtendConfig], object], torch.Tensor]:
+    """A launch of the extend kernel for `case` over paged K/V (one config per call), and
+    the output it writes: q4 is [B, new_tokens, Hq, D], each sequence `case.context` long."""
+    B, Lq, hq, d = q4.shape
     dev = q4.device
     q = q4.reshape(B * Lq, hq, d)
     qo_indptr = torch.arange(0, B * Lq + 1, Lq, dtype=torch.int32, device=dev)
     prefix_lens = torch.full((B,), case.prefix, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+
+    def launch(cfg: ExtendConfig) -> object:
+        return extend_attention_with_config(
+            q, paged.k_cache, paged.v_cache, paged.layout, qo_indptr, prefix_lens,
+            paged.seq_lens, paged.block_table, out, d**-0.5, variant, Lq, None, cfg,
+        )
+
+    return launch, out
+
+
+def launch_error(
+    launch: Callable[[ExtendConfig], object], out: torch.Tensor, cfg: ExtendConfig,
+    q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
+) -> float:
+    """One launch of `cfg` into a NaN-filled output, checked against the fp32 reference on
+    `check_heads`: the relative error, or NaN when an element is unwritten or not finite."""
+    B, Lq, hq, d = q4.shape
+    out.fill_(float("nan"))
+    launch(cfg)
+    err = reference_rel_error(
+        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2),
+        out.view(B, Lq, hq, d).transpose(1, 2), d**-0.5, check_heads(hq, k4.shape[2]),
+    )
+    return err if bool(torch.isfinite(out).all()) else float("nan")
+
+
+def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[BenchRow]:
+    B, Lq = case.batch, case.new_tokens
+    hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
+    dev = q4.device
     variant = Variant("softmax")
     rows = []
     for layout_name, page_size in layout_specs:
         paged = build_paged_kv(k4, v4, [case.context] * B, layout_name, page_size, gen)
-        out = torch.empty_like(q)
-
-        def launch(cfg, paged=paged, out=out):
-            return extend_attention_with_config(
-                q, paged.k_cache, paged.v_cache, paged.layout, qo_indptr, prefix_lens,
-                paged.seq_lens, paged.block_table, out, scale, variant, Lq, None, cfg,
-            )
-
+        launch, out = paged_launcher(case, q4, paged, variant)
+        q = q4.reshape(B * Lq, hq, d)
         default = default_config(d, dev, layout_name, Lq)
         sweep = SWEEPS[args.sweep_set or layout_kind(layout_name)]
         configs = [default] + [c for c in sweep if c != default] if args.sweep else [default]
         timings, errors = {}, {}
         for cfg in configs:
             try:
-                timings[cfg] = time_cuda_us(lambda cfg=cfg: launch(cfg), iters=args.iters)
+                timings[cfg] = time_cuda_us(lambda cfg=cfg, launch=launch: launch(cfg),
+                                            iters=args.iters)
             except Exception as exc:  # a config may not fit shared memory on this device
                 logger.warning("config %s failed on %s: %s", cfg, layout_name, exc)
                 continue
-            out.fill_(float("nan"))
-            launch(cfg)
-            err = reference_rel_error(
-                q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2),
-                out.view(B, Lq, hq, d).transpose(1, 2), scale, list(CHECK_HEADS),
-            )
-            errors[cfg] = err if bool(torch.isfinite(out).all()) else float("nan")
+            errors[cfg] = launch_error(launch, out, cfg, q4, k4, v4)
         if not timings:
             continue
         checked = {c: t for c, t in timings.items() if errors[c] < TOL}
@@ -174,7 +202,7 @@ def _peer_rows(case, args, ceilings, q4, k4, v4) -> list[BenchRow]:
         except PeerUnavailable as exc:
             logger.warning("peer %s unavailable for %s: %s", name, case.label(), exc)
             continue
-        err = reference_rel_error(qc, kc, vc, run(), scale, list(CHECK_HEADS))
+        err = reference_rel_error(qc, kc, vc, run(), scale, check_heads(hq, hkv))
         extra = dict(extra, rel_err=f"{err:.1e}", setup_s=round(time.monotonic() - t0, 1))
         rows.append(make_row(
             op=case.op, backend=name, layout="contiguous", page_size=0, variant="softmax",
@@ -252,6 +280,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[BenchRow]:
+    if args.num_kv_heads < 1 or args.num_q_heads % args.num_kv_heads:
+        raise SystemExit(f"--num-q-heads {args.num_q_heads} is not a multiple of "
+                         f"--num-kv-heads {args.num_kv_heads}")
     if not torch.cuda.is_available():
         raise SystemExit("the prefill/extend benchmark needs a CUDA device")
     if isinstance(args.peers, str):

@@ -1,11 +1,11 @@
-"""The rounding-floor experiment (attention/benchmarks/rounding_floor.py) on a tiny model."""
+"""The rounding-floor experiment (bench/rounding_floor.py) on a tiny model."""
 
 import json
 
 import pytest
 import torch
 
-from attention.benchmarks import rounding_floor
+from bench import rounding_floor
 
 
 def test_every_mode_is_close_to_exact_and_some_differ(tmp_path):

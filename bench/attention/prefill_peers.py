@@ -118,16 +118,33 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
 PEERS = {"sdpa_flash": sdpa_flash, "cudnn": cudnn, "flex": flex}
 
 
+def check_heads(num_q_heads: int, num_kv_heads: int) -> list[int]:
+    """The query heads `reference_rel_error` checks: the first head of the first KV group, a
+    middle head of a middle group and the last head of the last one, for any group size
+    (Qwen2.5-7B's 28 query / 4 KV heads make groups of 7: heads 0, 17, 27)."""
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV groups")
+    group = num_q_heads // num_kv_heads
+    middle = (num_kv_heads // 2) * group + (group - 1) // 2
+    return sorted({0, middle, num_q_heads - 1})
+
+
 def reference_rel_error(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
     heads: list[int], chunk: int = 2048,
 ) -> float:
     """‖out - ref‖ / ‖ref‖ over `heads`, ref in fp32 with a bottom-right causal mask.
 
-    q, out: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]."""
+    q, out: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]; query head h reads KV head h // (Hq / Hkv)."""
     B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
-    group = Hq // k.shape[1]
+    Lk, Hkv = k.shape[2], k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads do not split into {Hkv} KV groups")
+    if out.shape != q.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, q {tuple(q.shape)}")
+    if not heads or not all(0 <= h < Hq for h in heads):
+        raise ValueError(f"check heads {heads} are not all among the {Hq} query heads")
+    group = Hq // Hkv
     num = den = 0.0
     k_pos = torch.arange(Lk, device=q.device)
     for b in range(B):

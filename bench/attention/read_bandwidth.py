@@ -28,7 +28,7 @@ _CONFIGS = ((4096, 16, 8), (8192, 8, 8), (2048, 32, 4))
 
 def measure_read_gbps(device: torch.device, nbytes: int = 1 << 31) -> float:
     """The best streaming-read rate (bytes read / s / 1e9) over a few launch shapes."""
-    from attention.benchmarks.common import time_cuda_us
+    from bench.attention.common import time_cuda_us
 
     n = nbytes // 2
     x = torch.ones(n, device=device, dtype=torch.bfloat16)
