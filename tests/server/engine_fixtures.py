@@ -7,9 +7,9 @@ import functools
 import torch
 
 from model.loader import LoadedModel, load_model
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.llm import LLM
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from server.engine.llm import LLM
 
 QUESTIONS = [
     "What is the capital of France?",

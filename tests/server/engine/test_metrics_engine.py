@@ -8,11 +8,11 @@ import random
 import pytest
 
 from scheduler.request import SamplingParams
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.metrics import EngineMetrics
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from server.engine.metrics import EngineMetrics
+from tests.server.engine.test_metrics_unit import parse_exposition, sample
 from tests.server.engine_fixtures import smollm2
-from tests.server.test_metrics_unit import parse_exposition, sample
 
 pytestmark = pytest.mark.timeout(600)
 P = "attnserve_"

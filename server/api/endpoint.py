@@ -15,17 +15,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.async_engine import AsyncEngine, EngineUnavailable
-from server.engine import EngineCore, RequestRejected
-from server.http_errors import (
+from server.api.errors import (
     APIError,
     bad_request,
     error_response,
     from_validation_error,
     service_unavailable,
 )
-from server.http_sse import ClientDisconnected
-from server.outputs import EngineObserver
+from server.api.sse import ClientDisconnected
+from server.engine.async_engine import AsyncEngine, EngineUnavailable
+from server.engine.core import EngineCore, RequestRejected
+from server.engine.outputs import EngineObserver
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.api_common import Accumulated, collect, encode_prompts, request_timing, sampling_params
-from server.async_engine import RequestStream
-from server.http_errors import error_response
-from server.http_request import AppContext, api_endpoint, read_body_model
-from server.http_sse import DONE_EVENT, SSEResponse, run_until_disconnect, sse_event
-from server.protocol import (
+from server.api.convert import Accumulated, collect, encode_prompts, request_timing, sampling_params
+from server.api.endpoint import AppContext, api_endpoint, read_body_model
+from server.api.errors import error_response
+from server.api.protocol import (
     EngineStatsResponse,
     ErrorBody,
     GenerateChunk,
@@ -24,6 +22,8 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
+from server.api.sse import DONE_EVENT, SSEResponse, run_until_disconnect, sse_event
+from server.engine.async_engine import RequestStream
 
 
 @api_endpoint

@@ -1,6 +1,6 @@
 """Prometheus metrics of one engine, with vLLM's names and meanings under the prefix attnserve_.
 
-`EngineMetrics` implements the engine's observer hooks (server/outputs.py EngineObserver),
+`EngineMetrics` implements the engine's observer hooks (server/engine/outputs.py EngineObserver),
 which the engine calls from its own thread, and renders the Prometheus text format for
 GET /metrics. Every series carries the labels model_name, attention_backend, kv_layout and
 page_size, so runs with different kernels and layouts can share one Prometheus.
@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from scheduler.request import FinishReason, Request
-from server.metrics_stats import read_kv_stats
+from server.engine.metrics_stats import read_kv_stats
 
 PREFIX = "attnserve_"
 ENGINE_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size")

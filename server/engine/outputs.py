@@ -35,7 +35,7 @@ class RequestOutput:
 
 
 class EngineObserver(Protocol):
-    """Hooks the engine calls from its own thread; `server/metrics.py` implements them."""
+    """Hooks the engine calls from its own thread; `server/engine/metrics.py` implements them."""
 
     def on_step(
         self, phase: str, num_tokens: int, step_s: float, attention_s: float | None

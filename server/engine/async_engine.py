@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from scheduler.request import SamplingParams
-from server.engine import EngineCore, RequestRejected
-from server.outputs import RequestOutput
+from server.engine.core import EngineCore, RequestRejected
+from server.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scheduler.request import SamplingParams
-from server.async_engine import RequestStream
-from server.engine import EngineCore
-from server.http_errors import APIError, bad_request
-from server.outputs import RequestOutput, TokenLogprob
-from server.protocol import (
+from server.api.errors import APIError, bad_request
+from server.api.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
@@ -18,6 +15,9 @@ from server.protocol import (
     TopLogprob,
     Usage,
 )
+from server.engine.async_engine import RequestStream
+from server.engine.core import EngineCore
+from server.engine.outputs import RequestOutput, TokenLogprob
 
 
 def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,

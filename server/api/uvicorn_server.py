@@ -16,8 +16,8 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
-from server.async_engine import AsyncEngine
-from server.http_request import AppContext
+from server.api.endpoint import AppContext
+from server.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 ABORT_FLUSH_TIMEOUT_S = 5.0  # time for aborted streams to send their last chunk

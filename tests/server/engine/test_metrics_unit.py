@@ -12,13 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import SchedulerStats
-from server.metrics import (
+from server.engine.metrics import (
     DEFAULT_LATENCY_BUCKETS,
     ENGINE_LABELS,
     EngineMetrics,
     parse_buckets,
 )
-from server.metrics_stats import read_kv_stats
+from server.engine.metrics_stats import read_kv_stats
 
 LABELS = {"model_name": "tiny", "attention_backend": "reference", "kv_layout": "hnd",
           "page_size": "8"}

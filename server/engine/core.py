@@ -1,7 +1,7 @@
 """EngineCore: schedule -> run -> sample -> update, plus detokenization and stop strings.
 
 `step()` is synchronous and single-threaded; the offline `LLM` calls it directly and the
-server runs it on its own thread (server/async_engine.py). Requests arrive through
+server runs it on its own thread (server/engine/async_engine.py). Requests arrive through
 `add_request`/`abort`, which may be called from any thread: they are queued and applied
 at the start of the next step, so the scheduler is only ever touched by the step thread.
 """
@@ -32,8 +32,8 @@ from model.tokenizer import IncrementalDetokenizer
 from scheduler.plan import ScheduledSeq, StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
-from server.config import EngineConfig
-from server.outputs import EngineObserver, NullObserver, RequestOutput, TokenLogprob
+from server.engine.config import EngineConfig
+from server.engine.outputs import EngineObserver, NullObserver, RequestOutput, TokenLogprob
 
 logger = logging.getLogger(__name__)
 

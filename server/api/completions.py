@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.api_common import (
+from server.api.convert import (
     Accumulated,
     chat_logprobs,
     collect,
@@ -19,11 +19,8 @@ from server.api_common import (
     sampling_params,
     usage_of,
 )
-from server.async_engine import RequestStream
-from server.engine import EngineCore
-from server.http_request import AppContext, api_endpoint, read_body_model
-from server.http_sse import DONE_EVENT, SSEResponse, run_until_disconnect, sse_event
-from server.protocol import (
+from server.api.endpoint import AppContext, api_endpoint, read_body_model
+from server.api.protocol import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -37,6 +34,9 @@ from server.protocol import (
     CompletionResponse,
     ErrorBody,
 )
+from server.api.sse import DONE_EVENT, SSEResponse, run_until_disconnect, sse_event
+from server.engine.async_engine import RequestStream
+from server.engine.core import EngineCore
 
 
 def _stream_response(ctx: AppContext, stream: RequestStream,

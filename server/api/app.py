@@ -15,15 +15,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from model.loader import LoadedModel
-from server.api_native import engine_stats, generate, health, list_models, metrics
-from server.api_openai import create_chat_completion, create_completion
-from server.api_openapi import build_openapi
-from server.async_engine import AsyncEngine
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.http_errors import http_exception_handler, internal_error_handler
-from server.http_request import APIKeyMiddleware, AppContext, ServerSettings
-from server.metrics import EngineMetrics, parse_buckets
+from server.api.completions import create_chat_completion, create_completion
+from server.api.endpoint import APIKeyMiddleware, AppContext, ServerSettings
+from server.api.errors import http_exception_handler, internal_error_handler
+from server.api.native import engine_stats, generate, health, list_models, metrics
+from server.api.openapi import build_openapi
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from server.engine.metrics import EngineMetrics, parse_buckets
 
 logger = logging.getLogger(__name__)
 API_VERSION = "0.1.0"
@@ -98,7 +98,7 @@ def build_app(config: EngineConfig, settings: ServerSettings,
 
 def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
     """`attnserve serve`: serve until SIGTERM/SIGINT; 0 after a clean drain."""
-    from server.http_server import serve_forever
+    from server.api.uvicorn_server import serve_forever
 
     try:
         settings = settings_from_args(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from server.config import EngineConfig
+from server.engine.config import EngineConfig
 
 
 def _at_least_one(text: str) -> int:
