@@ -22,9 +22,7 @@ import torch
 
 from model.loader import load_model, load_tokenizer
 from scheduler.request import SamplingParams
-from server.engine.config import EngineConfig
-from server.engine.core import EngineCore
-from server.engine.outputs import NullObserver
+from server.engine import EngineConfig, EngineCore, NullObserver
 
 logger = logging.getLogger(__name__)
 

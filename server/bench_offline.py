@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 from scheduler.request import SamplingParams
+from server.engine import LLM
 from server.engine.args import add_engine_args, engine_config_from_args
-from server.engine.llm import LLM
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _prefix(argv: list[str]) -> int:
         config = engine_config_from_args(args)
         config.enable_prefix_cache = enabled
         llm = LLM.__new__(LLM)
-        from server.engine.core import EngineCore
+        from server.engine import EngineCore
 
         llm.engine = EngineCore(config, loaded=loaded)
         llm.tokenizer = llm.engine.tokenizer

@@ -34,8 +34,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from scheduler.request import SamplingParams
-    from server.engine.llm import LLM
+    from server.engine import LLM, SamplingParams
 
     llm = LLM(engine_config_from_args(args))
     params = SamplingParams(

@@ -14,16 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from model.loader import LoadedModel
 from server.api.completions import create_chat_completion, create_completion
 from server.api.endpoint import APIKeyMiddleware, AppContext, ServerSettings
 from server.api.errors import http_exception_handler, internal_error_handler
 from server.api.native import engine_stats, generate, health, list_models, metrics
 from server.api.openapi import build_openapi
-from server.engine.async_engine import AsyncEngine
-from server.engine.config import EngineConfig
-from server.engine.core import EngineCore
-from server.engine.metrics import EngineMetrics, parse_buckets
+from server.engine import AsyncEngine, EngineConfig, EngineCore, EngineMetrics, LoadedModel, parse_buckets
 
 logger = logging.getLogger(__name__)
 API_VERSION = "0.1.0"

@@ -23,9 +23,7 @@ from server.api.errors import (
     service_unavailable,
 )
 from server.api.sse import ClientDisconnected
-from server.engine.async_engine import AsyncEngine, EngineUnavailable
-from server.engine.core import EngineCore, RequestRejected
-from server.engine.outputs import EngineObserver
+from server.engine import AsyncEngine, EngineCore, EngineObserver, EngineUnavailable, RequestRejected
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.api.convert import Accumulated, collect, encode_prompts, request_timing, sampling_params
+from server.api.convert import (
+    Accumulated,
+    collect,
+    encode_prompts,
+    engine_error_event,
+    request_timing,
+    sampling_params,
+    stream_response,
+)
 from server.api.endpoint import AppContext, api_endpoint, read_body_model
 from server.api.errors import error_response
 from server.api.protocol import (
     EngineStatsResponse,
-    ErrorBody,
     GenerateChunk,
     GenerateRequest,
     GenerateResponse,
@@ -22,8 +29,8 @@ from server.api.protocol import (
     ModelCard,
     ModelList,
 )
-from server.api.sse import DONE_EVENT, SSEResponse, run_until_disconnect, sse_event
-from server.engine.async_engine import RequestStream
+from server.api.sse import DONE_EVENT, run_until_disconnect, sse_event
+from server.engine import RequestStream
 
 
 @api_endpoint
@@ -38,11 +45,7 @@ async def generate(request: Request, ctx: AppContext) -> Response:
     request_id = f"gen-{uuid.uuid4().hex}"
     stream = ctx.engine.submit([prompt], params, request_id)
     if body.stream:
-        async def on_close(disconnected: bool) -> None:
-            # a disconnect aborts the request; the engine counts it (finished_reason="abort")
-            await stream.aclose()
-
-        return SSEResponse(_generate_events(stream, request_id), on_close)
+        return stream_response(stream, _generate_events(stream, request_id))
     try:
         (r,) = await run_until_disconnect(request.receive, collect(stream))
     finally:
@@ -63,9 +66,7 @@ async def _generate_events(stream: RequestStream, request_id: str) -> AsyncItera
     async for _, out in stream:
         acc.add(out)
         if out.error:
-            body = ErrorBody(message=f"the request failed in the engine: {out.error}",
-                             type="server_error", code="engine_error")
-            yield sse_event({"error": body.model_dump()})
+            yield engine_error_event(out.error)
             continue
         chunk = GenerateChunk(
             request_id=request_id, text=out.new_text, token_ids=out.new_token_ids,

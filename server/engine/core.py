@@ -1,21 +1,20 @@
-"""EngineCore: schedule -> run -> sample -> update, plus detokenization and stop strings.
+"""EngineCore: each step schedules, runs the model, and turns the sampled tokens into outputs.
 
 `step()` is synchronous and single-threaded; the offline `LLM` calls it directly and the
 server runs it on its own thread (server/engine/async_engine.py). Requests arrive through
-`add_request`/`abort`, which may be called from any thread: they are queued and applied
-at the start of the next step, so the scheduler is only ever touched by the step thread.
+`add_request`/`abort`, which may be called from any thread: a request is validated at once
+(scheduler/validation.py, the one check), then queued and applied at the start of the next
+step, so the scheduler's state is only ever touched by the step thread. Detokenization,
+stop strings and building outputs live in server/engine/output_processor.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
 
 from attention.backends.hybrid import build_attention_backend
 from attention.base import AttentionConfig
@@ -26,59 +25,16 @@ from kvcache.layout import KVLayout
 from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_for_tokens
 from kvcache.radix import RadixPrefixCache
 from model.loader import LoadedModel, load_model, load_tokenizer
-from model.runner import ModelRunner, StepInput
+from model.runner import ModelRunner, StepInput, StepOutput
 from model.sampler import make_generator
-from model.tokenizer import IncrementalDetokenizer
-from scheduler.plan import ScheduledSeq, StepPlan
+from scheduler.plan import StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from server.engine.config import EngineConfig
-from server.engine.outputs import EngineObserver, NullObserver, RequestOutput, TokenLogprob
+from server.engine.output_processor import OutputProcessor, OutputSink
+from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
 
 logger = logging.getLogger(__name__)
-
-OutputSink = Callable[[RequestOutput], None]
-DEFAULT_CPU_KV_TOKENS = 16384
-MAX_DEFAULT_MODEL_LEN = 8192
-
-
-def default_model_name(spec: str | None) -> str:
-    """The name the API reports: the embedded model's, or the spec's last path component."""
-    if spec is None or spec.lower() in ("smollm2", "smollm2-135m-instruct"):
-        return "SmolLM2-135M-Instruct"
-    return spec.rstrip("/").split("/")[-1].removeprefix("synthetic:")
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that could begin a stop string: that much text is
-    held back from the stream until the stop string completes or cannot."""
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
-
-
-class RequestRejected(ValueError):
-    """A request that can never be served (too long, bad parameters): a 400 for the client."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass
-class _Tracked:
-    request: Request
-    sink: OutputSink | None
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    text: str = ""
-    emitted_text_len: int = 0
-    emitted_tokens: int = 0
-    wall_offset: float = 0.0  # time.time() - time.monotonic() at arrival
 
 
 class EngineCore:
@@ -97,11 +53,8 @@ class EngineCore:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config
-        self.model_name = config.served_model_name or default_model_name(config.model)
-        self.max_model_len = min(
-            config.max_model_len or min(mc.max_position_embeddings, MAX_DEFAULT_MODEL_LEN),
-            mc.max_position_embeddings,
-        )
+        self.model_name = config.resolved_model_name()
+        self.max_model_len = config.resolved_max_model_len(mc.max_position_embeddings)
         self.layout = KVLayout.create(
             config.kv_layout, config.page_size, mc.num_kv_heads, mc.head_dim, str(self.dtype)
         )
@@ -127,6 +80,7 @@ class EngineCore:
                 page_size=self.layout.page_size,
                 enable_prefix_cache=config.enable_prefix_cache,
                 schedule_policy=config.schedule_policy,
+                vocab_size=mc.vocab_size,
             ),
             self.allocator,
             self.prefix_cache,
@@ -138,7 +92,7 @@ class EngineCore:
             except Exception:  # costs the first requests some compile time, nothing more
                 logger.warning("warm-up step failed; kernels build on first use", exc_info=True)
         self._setup_cuda_graphs(config)
-        self._tracked: dict[str, _Tracked] = {}
+        self.outputs = OutputProcessor(self.tokenizer)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
@@ -157,13 +111,25 @@ class EngineCore:
 
     # ---- set-up -------------------------------------------------------------------------
     def _num_pages(self, num_layers: int) -> int:
-        if self.config.kv_cache_tokens is not None:
-            return pages_for_tokens(self.layout, self.config.kv_cache_tokens)
-        if self.device.type == "cuda":
-            return pages_for_memory_fraction(
-                self.layout, num_layers, self.dtype, self.device, self.config.gpu_memory_utilization
-            )
-        return pages_for_tokens(self.layout, DEFAULT_CPU_KV_TOKENS)
+        tokens = self.config.resolved_kv_cache_tokens()
+        if tokens is not None:
+            return pages_for_tokens(self.layout, tokens)
+        return pages_for_memory_fraction(
+            self.layout, num_layers, self.dtype, self.device, self.config.gpu_memory_utilization
+        )
+
+    def _setup_cuda_graphs(self, config: EngineConfig) -> None:
+        if not config.cuda_graphs or self.device.type != "cuda":
+            return
+        if not self.backend.supports_cuda_graphs:
+            logger.info("CUDA graphs off: attention backend %s cannot be captured",
+                        self.backend.name)
+            return
+        try:
+            self.runner.enable_cuda_graphs(config.resolved_cuda_graph_max_batch(), self.max_model_len)
+        except Exception:  # serving eagerly beats not serving
+            logger.exception("CUDA graph capture failed; decode steps run eagerly")
+            self.runner.graphs = None
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -172,28 +138,131 @@ class EngineCore:
     # ---- requests (any thread) -------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestRejected for a request that can never run."""
+        self.scheduler.validate(prompt_token_ids, params)
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        sink: OutputSink | None = None,
+    ) -> str:
+        """Validate and queue one request; returns its id. Raises RequestRejected."""
+        request_id = request_id or uuid.uuid4().hex
+        self.add_requests([prompt_token_ids], params, [request_id], [sink])
+        return request_id
+
+    def add_requests(
+        self, prompts: list[list[int]], params: SamplingParams, request_ids: list[str],
+        sinks: list[OutputSink | None],
+    ) -> None:
+        """Validate every prompt, then queue them all: one that cannot run (RequestRejected)
+        stops the others from being queued."""
+        for ids in prompts:
+            self.validate(ids, params)
+        for ids, rid, sink in zip(prompts, request_ids, sinks, strict=True):
+            req = Request(request_id=rid, prompt_token_ids=list(ids), sampling=params,
+                          eos_token_ids=self.eos_token_ids)
+            self._inbox.put(("add", (req, sink)))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                req, sink = item  # type: ignore[misc]
+                self._admit(req, sink)
+            elif kind == "abort":
+                self._abort_now(str(item))
+
+    def _admit(self, req: Request, sink: OutputSink | None) -> None:
         try:
-            params.validate()
-        except ValueError as e:
-            raise RequestRejected(str(e)) from None
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise RequestRejected("the prompt is empty", "prompt")
-        vocab = self.loaded.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise RequestRejected(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if n + params.max_tokens > self.max_model_len:
-            raise RequestRejected(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} "
-                "for the completion). Please reduce the length of the prompt or max_tokens.",
-                "max_tokens",
-            )
-        if n + params.max_tokens > self.pool.num_tokens:
-            raise RequestRejected(
-                f"the request needs {n + params.max_tokens} tokens of KV cache but the whole pool "
-                f"holds {self.pool.num_tokens}", "max_tokens",
-            )
+            self.scheduler.add_request(req)
+        except ValueError as e:  # its request id is in use
+            self.outputs.reject(req, sink, str(e), self.observer)
+            return
+        gen = make_generator(req.sampling.seed, self.device) if req.sampling.seed is not None else None
+        self.outputs.add(req, sink, gen)
+
+    def _abort_now(self, request_id: str) -> None:
+        if request_id not in self.outputs:
+            return
+        self.scheduler.abort_request(request_id)
+        self.outputs.abort(request_id, self.observer)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(len(self.outputs)) or not self._inbox.empty()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration. Returns the outputs it produced (also sent to sinks)."""
+        self._drain_inbox()
+        plan = self.scheduler.schedule()
+        if plan.preempted:
+            self.observer.on_preemption(len(plan.preempted))
+        if plan.is_empty:
+            self._report_gauges()
+            return []
+        self.step_count += 1
+        self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
+        t0 = time.perf_counter()
+        try:
+            result = self.runner.execute(self._step_input(plan))
+        except Exception as e:  # an internal error fails this step's requests, not the engine
+            logger.exception("engine step failed; failing the requests in it")
+            outputs = self._fail_step(plan, f"internal error: {e}")
+            self._check_kernel_builds(time.perf_counter() - t0)
+            return outputs
+        outputs = self._process_result(plan, result, t0)
+        self._report_gauges()
+        return outputs
+
+    def _step_input(self, plan: StepPlan) -> StepInput:
+        token_ids: list[int] = []
+        q_lens, prefix_lens, tables, sample_seqs, sampling, gens = [], [], [], [], [], []
+        for i, seq in enumerate(plan.seqs):
+            req = seq.request
+            token_ids.extend(req.all_token_ids[seq.start : seq.start + seq.num_tokens])
+            q_lens.append(seq.num_tokens)
+            prefix_lens.append(seq.start)
+            tables.append(req.pages)
+            if seq.needs_sample:
+                sample_seqs.append(i)
+                sampling.append(req.sampling)
+                gens.append(self.outputs.generator(req.request_id))
+        every = max(1, self.config.attention_timing_every)
+        return StepInput(
+            token_ids=token_ids, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
+            num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
+            generators=gens, time_attention=self.step_count % every == 0,
+        )
+
+    def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:
+        # which sequences were sampled must be read before update() advances the requests
+        sampled_seqs = [seq for seq in plan.seqs if seq.needs_sample]
+        finished = self.scheduler.update(plan, result.token_ids)
+        now = time.monotonic()
+        step_s = time.perf_counter() - t0
+        self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
+        self._check_kernel_builds(step_s)
+        outputs, stopped = self.outputs.process(
+            sampled_seqs, result.token_ids, result.logprobs, finished, now, self.observer
+        )
+        for request_id in stopped:
+            self.scheduler.finish_request(request_id, FinishReason.STOP)
+        return outputs
+
+    def _fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:
+        outputs = []
+        for seq in plan.seqs:
+            rid = seq.request.request_id
+            self.scheduler.abort_request(rid)
+            out = self.outputs.fail(rid, message, self.observer)
+            if out is not None:
+                outputs.append(out)
+        return outputs
 
     def _check_kernel_builds(self, step_s: float) -> None:
         """Log and count the kernel instances the last step had to build. A diagnostic: if
@@ -217,212 +286,6 @@ class EngineCore:
                        ", ".join(f"{name} x{n}" for name, n in grown.items()))
         self.observer.on_kernel_compile(count, step_s)
 
-    def _setup_cuda_graphs(self, config: EngineConfig) -> None:
-        if not config.cuda_graphs or self.device.type != "cuda":
-            return
-        if not self.backend.supports_cuda_graphs:
-            logger.info("CUDA graphs off: attention backend %s cannot be captured",
-                        self.backend.name)
-            return
-        max_batch = min(config.cuda_graph_max_batch or min(config.max_num_seqs, 256),
-                        config.max_num_seqs)
-        try:
-            self.runner.enable_cuda_graphs(max_batch, self.max_model_len)
-        except Exception:  # serving eagerly beats not serving
-            logger.exception("CUDA graph capture failed; decode steps run eagerly")
-            self.runner.graphs = None
-
-    def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-        sink: OutputSink | None = None, arrival_time: float | None = None,
-    ) -> str:
-        self.validate(prompt_token_ids, params)
-        request_id = request_id or uuid.uuid4().hex
-        req = Request(
-            request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=params,
-            eos_token_ids=self.eos_token_ids,
-            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
-        )
-        self._inbox.put(("add", (req, sink)))
-        return request_id
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                req, sink = item  # type: ignore[misc]
-                self._admit(req, sink)
-            elif kind == "abort":
-                self._abort_now(str(item))
-
-    def _admit(self, req: Request, sink: OutputSink | None) -> None:
-        gen = make_generator(req.sampling.seed, self.device) if req.sampling.seed is not None else None
-        tracked = _Tracked(
-            request=req, sink=sink, detok=IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids),
-            generator=gen, wall_offset=time.time() - time.monotonic(),
-        )
-        try:
-            self.scheduler.add_request(req)
-        except ValueError as e:
-            self._emit_failure(tracked, str(e))
-            return
-        self._tracked[req.request_id] = tracked
-
-    def _abort_now(self, request_id: str) -> None:
-        tracked = self._tracked.pop(request_id, None)
-        if tracked is None:
-            return
-        self.scheduler.abort_request(request_id)
-        tracked.request.finished_time = time.monotonic()
-        self.observer.on_request_finished(tracked.request, tracked.request.finished_time)
-        self._emit(tracked, [], [], finished=True, reason=FinishReason.ABORT.value)
-
-    # ---- the step ---------------------------------------------------------------------------
-    def has_unfinished(self) -> bool:
-        return bool(self._tracked) or not self._inbox.empty()
-
-    def step(self) -> list[RequestOutput]:
-        """One engine iteration. Returns the outputs it produced (also sent to sinks)."""
-        self._drain_inbox()
-        outputs: list[RequestOutput] = []
-        plan = self.scheduler.schedule()
-        if plan.preempted:
-            self.observer.on_preemption(len(plan.preempted))
-        if plan.is_empty:
-            self._report_gauges()
-            return outputs
-        self.step_count += 1
-        self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
-        t0 = time.perf_counter()
-        try:
-            step_in = self._step_input(plan)
-            result = self.runner.execute(step_in)
-        except Exception as e:  # an internal error fails this step's requests, not the engine
-            logger.exception("engine step failed; failing the requests in it")
-            for seq in plan.seqs:
-                rid = seq.request.request_id
-                tracked = self._tracked.pop(rid, None)
-                self.scheduler.abort_request(rid)
-                if tracked is not None:
-                    outputs.append(self._emit_failure(tracked, f"internal error: {e}"))
-            self._check_kernel_builds(time.perf_counter() - t0)
-            return outputs
-        # which sequences were sampled must be read before update() advances the requests
-        sampled_seqs = [seq for seq in plan.seqs if seq.needs_sample]
-        finished = self.scheduler.update(plan, result.token_ids)
-        now = time.monotonic()
-        step_s = time.perf_counter() - t0
-        self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
-        self._check_kernel_builds(step_s)
-        outputs.extend(
-            self._process_tokens(sampled_seqs, result.token_ids, result.logprobs, finished, now)
-        )
-        self._report_gauges()
-        return outputs
-
-    def _step_input(self, plan: StepPlan) -> StepInput:
-        token_ids: list[int] = []
-        q_lens, prefix_lens, tables, sample_seqs, sampling, gens = [], [], [], [], [], []
-        for i, seq in enumerate(plan.seqs):
-            req = seq.request
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.monotonic()
-            token_ids.extend(req.all_token_ids[seq.start : seq.start + seq.num_tokens])
-            q_lens.append(seq.num_tokens)
-            prefix_lens.append(seq.start)
-            tables.append(req.pages)
-            if seq.needs_sample:
-                sample_seqs.append(i)
-                sampling.append(req.sampling)
-                gens.append(self._tracked[req.request_id].generator)
-        every = max(1, self.config.attention_timing_every)
-        return StepInput(
-            token_ids=token_ids, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
-            num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
-            generators=gens, time_attention=self.step_count % every == 0,
-        )
-
-    def _process_tokens(
-        self, sampled_seqs: list[ScheduledSeq], sampled: list[int],
-        logprobs: list[tuple[float, list[tuple[int, float]]] | None],
-        finished: list[Request], now: float,
-    ) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        finished_ids = {r.request_id for r in finished}
-        for k, seq in enumerate(sampled_seqs):
-            token, lp = sampled[k], (logprobs[k] if k < len(logprobs) else None)
-            req = seq.request
-            tracked = self._tracked.get(req.request_id)
-            if tracked is None:
-                continue
-            self.observer.on_tokens(req, 1, now)
-            stop_hit = self._append_text(tracked, token)
-            done = req.request_id in finished_ids
-            if stop_hit and not done:
-                self.scheduler.finish_request(req.request_id, FinishReason.STOP)
-                done = True
-            new_lps = [TokenLogprob(token, lp[0], lp[1])] if lp is not None else []
-            if done:
-                reason = FinishReason.STOP if stop_hit else (req.finish_reason or FinishReason.STOP)
-                req.finished_time = now
-                self.observer.on_request_finished(req, now)
-                del self._tracked[req.request_id]
-                outputs.append(self._emit(tracked, [token], new_lps, True, reason.value))
-            else:
-                outputs.append(self._emit(tracked, [token], new_lps, False, None))
-        return outputs
-
-    def _append_text(self, tracked: _Tracked, token: int) -> bool:
-        """Detokenize one token; True when a stop string completed (text cut before it)."""
-        req = tracked.request
-        is_eos = token in req.eos_token_ids and not req.sampling.ignore_eos
-        if is_eos or token in req.sampling.stop_token_ids:
-            return False  # stop tokens are not part of the text
-        prev_len = len(tracked.text)
-        tracked.text += tracked.detok.add(token)
-        for stop in req.sampling.stop:
-            pos = tracked.text.find(stop, max(0, prev_len - len(stop) + 1))
-            if pos != -1:
-                tracked.text = tracked.text[:pos]
-                return True
-        return False
-
-    def _emit(
-        self, tracked: _Tracked, tokens: list[int], lps: list[TokenLogprob], finished: bool,
-        reason: str | None, error: str | None = None,
-    ) -> RequestOutput:
-        req = tracked.request
-        end = len(tracked.text) if finished else len(tracked.text) - _stop_prefix_len(
-            tracked.text, req.sampling.stop)
-        end = max(end, tracked.emitted_text_len)
-        new_text = tracked.text[tracked.emitted_text_len : end]
-        if finished and reason != "stop":
-            new_text += tracked.detok.flush()
-        tracked.emitted_text_len = end
-        tracked.emitted_tokens += len(tokens)
-        off = tracked.wall_offset
-        out = RequestOutput(
-            request_id=req.request_id, new_token_ids=tokens, new_text=new_text, finished=finished,
-            finish_reason=reason, num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=len(req.output_token_ids), num_cached_tokens=req.num_cached_tokens,
-            new_logprobs=lps, arrival_time=req.arrival_time + off,
-            first_token_time=req.first_token_time + off if req.first_token_time else None,
-            finish_time=time.monotonic() + off if finished else None, error=error,
-        )
-        if tracked.sink is not None:
-            tracked.sink(out)
-        return out
-
-    def _emit_failure(self, tracked: _Tracked, message: str) -> RequestOutput:
-        self.observer.on_request_failed("error")
-        return self._emit(tracked, [], [], True, FinishReason.ABORT.value, error=message)
-
     def _report_gauges(self) -> None:
         self.observer.on_gauges(
             self.scheduler.num_running, self.scheduler.num_waiting, self.scheduler.stats
@@ -430,8 +293,5 @@ class EngineCore:
 
     # ---- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, object]:
-        s = self.scheduler.stats
-        d = dict(vars(s)) if not isinstance(s, dict) else dict(s)
-        d.update(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                 num_tracked=len(self._tracked))
-        return d
+        """The scheduler's stats and the number of requests the engine tracks."""
+        return {**dataclasses.asdict(self.scheduler.stats), "num_tracked": len(self.outputs)}

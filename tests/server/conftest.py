@@ -30,7 +30,7 @@ import pytest
 from server.api.app import build_app
 from server.api.endpoint import ServerSettings
 from server.api.uvicorn_server import ServerThread
-from server.engine.config import EngineConfig
+from server.engine import EngineConfig
 from tests.server.engine_fixtures import smollm2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

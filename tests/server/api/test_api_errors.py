@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from server.api.endpoint import ServerSettings
-from server.engine.config import EngineConfig
+from server.engine import EngineConfig
 from tests.server.conftest import InProcessServer, inprocess_server
 
 API_KEY = "sk-test-" + "".join(random.choices("abcdef0123456789", k=12))

@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from server.api.endpoint import ServerSettings
-from server.engine.config import EngineConfig
+from server.engine import EngineConfig
 from tests.server.conftest import InProcessServer, inprocess_server
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,

@@ -21,7 +21,7 @@ import pytest
 
 from scheduler.request import SamplingParams
 from server.api.endpoint import ServerSettings
-from server.engine.config import EngineConfig
+from server.engine import EngineConfig
 from tests.server.conftest import (
     REPO_ROOT,
     InProcessServer,

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.engine.config import EngineConfig
+from server.engine import EngineConfig
 from tests.server.conftest import inprocess_server, wait_for
 from tests.server.engine.test_metrics_unit import parse_exposition
 

@@ -8,8 +8,7 @@ import random
 import pytest
 
 from scheduler.request import SamplingParams
-from server.engine.config import EngineConfig
-from server.engine.core import EngineCore
+from server.engine import EngineConfig, EngineCore
 from server.engine.metrics import EngineMetrics
 from tests.server.engine.test_metrics_unit import parse_exposition, sample
 from tests.server.engine_fixtures import smollm2
