@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -35,7 +34,7 @@ from server.api.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from server.api.sse import DONE_EVENT, run_until_disconnect, sse_event
+from server.api.sse import DONE_EVENT, sse_event
 from server.engine import EngineCore, RequestOutput, RequestStream
 
 # ---- completions ---------------------------------------------------------------------------
@@ -48,17 +47,13 @@ async def create_completion(request: Request, ctx: AppContext) -> Response:
     core = ctx.ready_core()
     prompts = encode_prompts(core, body.prompt_list())
     params = sampling_params(body, body.max_tokens, body.logprobs)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    stream = ctx.engine.submit(prompts, params, request_id)
+    request_id, stream = ctx.submit(prompts, params, "cmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _completion_events(core, stream, request_id, include_usage,
                                     body.logprobs is not None)
         return stream_response(stream, events)
-    try:
-        results = await run_until_disconnect(request.receive, collect(stream))
-    finally:
-        await stream.aclose()
+    results = await collect(request.receive, stream)
     choices = [
         CompletionChoice(
             index=i, text=r.text, finish_reason=r.finish_reason,  # type: ignore[arg-type]
@@ -109,17 +104,13 @@ async def create_chat_completion(request: Request, ctx: AppContext) -> Response:
     max_tokens = requested if requested is not None else max(1, core.max_model_len - len(prompt))
     top_n = body.top_logprobs or 0
     params = sampling_params(body, max_tokens, top_n if body.logprobs else None)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = ctx.engine.submit([prompt], params, request_id)
+    request_id, stream = ctx.submit([prompt], params, "chatcmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _chat_events(core, stream, request_id, include_usage,
                               top_n if body.logprobs else None)
         return stream_response(stream, events)
-    try:
-        (result,) = await run_until_disconnect(request.receive, collect(stream))
-    finally:
-        await stream.aclose()
+    (result,) = await collect(request.receive, stream)
     choice = ChatCompletionChoice(
         index=0, message=AssistantMessage(content=result.text),
         finish_reason=result.finish_reason,  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
+from starlette.types import Receive
 
 from server.api.errors import APIError, bad_request
 from server.api.protocol import (
@@ -18,7 +19,7 @@ from server.api.protocol import (
     TopLogprob,
     Usage,
 )
-from server.api.sse import SSEResponse, sse_event
+from server.api.sse import SSEResponse, run_until_disconnect, sse_event
 from server.engine import EngineCore, RequestOutput, RequestStream, SamplingParams, TokenLogprob
 
 
@@ -92,8 +93,16 @@ def request_timing(arrival: float, first: float | None, finish: float | None) ->
     )
 
 
-async def collect(stream: RequestStream) -> list[Accumulated]:
-    """Run a stream to completion; an engine-side failure becomes a 500."""
+async def collect(receive: Receive, stream: RequestStream) -> list[Accumulated]:
+    """Run a stream to completion and close it; a client that disconnects first cancels it
+    (ClientDisconnected), and an engine-side failure becomes a 500."""
+    try:
+        return await run_until_disconnect(receive, _accumulate(stream))
+    finally:
+        await stream.aclose()
+
+
+async def _accumulate(stream: RequestStream) -> list[Accumulated]:
     results = [Accumulated() for _ in stream.request_ids]
     async with stream:
         async for index, out in stream:

@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -23,7 +24,15 @@ from server.api.errors import (
     service_unavailable,
 )
 from server.api.sse import ClientDisconnected
-from server.engine import AsyncEngine, EngineCore, EngineObserver, EngineUnavailable, RequestRejected
+from server.engine import (
+    AsyncEngine,
+    EngineCore,
+    EngineMetrics,
+    EngineUnavailable,
+    RequestRejected,
+    RequestStream,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ class ServerSettings:
 class AppContext:
     engine: AsyncEngine
     settings: ServerSettings
-    metrics: EngineObserver | None = None  # set once the engine has loaded
+    metrics: EngineMetrics | None = None  # set once the engine has loaded
     created: int = field(default_factory=lambda: int(time.time()))
 
     def count_failure(self, reason: str) -> None:
@@ -62,6 +71,12 @@ class AppContext:
                                       "unavailable") from None
         assert self.engine.core is not None
         return self.engine.core
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams,
+               id_prefix: str) -> tuple[str, RequestStream]:
+        """Queue the prompts under a new request id, `<id_prefix>-<hex>`."""
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        return request_id, self.engine.submit(prompts, params, request_id)
 
     def check_model(self, model: str | None) -> None:
         core = self.ready_core()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -29,7 +28,7 @@ from server.api.protocol import (
     ModelCard,
     ModelList,
 )
-from server.api.sse import DONE_EVENT, run_until_disconnect, sse_event
+from server.api.sse import DONE_EVENT, sse_event
 from server.engine import RequestStream
 
 
@@ -42,14 +41,10 @@ async def generate(request: Request, ctx: AppContext) -> Response:
                                    else body.text])[0]  # type: ignore[list-item]
     sp = body.sampling_params
     params = sampling_params(sp, sp.max_tokens, sp.logprobs, sp.stop_token_ids)
-    request_id = f"gen-{uuid.uuid4().hex}"
-    stream = ctx.engine.submit([prompt], params, request_id)
+    request_id, stream = ctx.submit([prompt], params, "gen")
     if body.stream:
         return stream_response(stream, _generate_events(stream, request_id))
-    try:
-        (r,) = await run_until_disconnect(request.receive, collect(stream))
-    finally:
-        await stream.aclose()
+    (r,) = await collect(request.receive, stream)
     response = GenerateResponse(
         request_id=request_id, text=r.text, output_ids=r.token_ids,
         finish_reason=r.finish_reason,  # type: ignore[arg-type]
@@ -99,10 +94,9 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
-    render = getattr(ctx.metrics, "render", None)
-    if render is None:  # engine still loading: only the process-wide collectors exist
+    if ctx.metrics is None:  # engine still loading: only the process-wide collectors exist
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-    body, content_type = render()
+    body, content_type = ctx.metrics.render()
     return Response(body, headers={"Content-Type": content_type})
 
 
