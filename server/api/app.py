@@ -34,27 +34,13 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def load_engine(config: EngineConfig, settings: ServerSettings,
-                loaded: LoadedModel | None = None) -> tuple[EngineCore, EngineMetrics]:
-    """Load the model and attach the metrics (runs on the engine thread).
-
-    The metrics' labels (backend, layout, page size, model name) are what the engine
-    resolved, so the observer is attached right after construction, before any step.
-    """
-    core = EngineCore(config, loaded=loaded)
-    observer = EngineMetrics(core.model_name, core.backend.name, core.layout.name,
-                             core.layout.page_size, buckets=settings.latency_buckets)
-    observer.set_info(config.as_dict())
-    core.observer = observer
-    return core, observer
-
-
 def build_app(config: EngineConfig, settings: ServerSettings,
               loaded: LoadedModel | None = None) -> Starlette:
     """The ASGI app. The engine loads on its own thread once the app starts, so /health
     answers 503 ("starting") until the model is ready."""
-    def build_core() -> EngineCore:
-        core, ctx.metrics = load_engine(config, settings, loaded)
+    def build_core() -> EngineCore:  # on the engine thread
+        core = EngineCore(config, loaded=loaded)
+        ctx.metrics = EngineMetrics.attach(core, settings.latency_buckets)
         return core
 
     ctx = AppContext(engine=AsyncEngine(build_core, settings.max_queued_requests),

@@ -64,9 +64,9 @@ class EngineCore:
             num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             scale=mc.head_dim**-0.5, variant=parse_variant(config.attention_variant),
         )
-        self.backend_name = config.resolved_backend()
         self.backend = build_attention_backend(
-            attn_config, self.pool, self.backend_name, config.prefill_backend, config.decode_backend
+            attn_config, self.pool, config.resolved_backend(), config.prefill_backend,
+            config.decode_backend,
         )
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = (
@@ -136,10 +136,6 @@ class EngineCore:
         return frozenset(self.tokenizer.eos_token_ids)
 
     # ---- requests (any thread) -------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise RequestRejected for a request that can never run."""
-        self.scheduler.validate(prompt_token_ids, params)
-
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
         sink: OutputSink | None = None,
@@ -153,10 +149,10 @@ class EngineCore:
         self, prompts: list[list[int]], params: SamplingParams, request_ids: list[str],
         sinks: list[OutputSink | None],
     ) -> None:
-        """Validate every prompt, then queue them all: one that cannot run (RequestRejected)
-        stops the others from being queued."""
+        """Validate every prompt (Scheduler.validate, the one check), then queue them all: one
+        that cannot run (RequestRejected) stops the others from being queued."""
         for ids in prompts:
-            self.validate(ids, params)
+            self.scheduler.validate(ids, params)
         for ids, rid, sink in zip(prompts, request_ids, sinks, strict=True):
             req = Request(request_id=rid, prompt_token_ids=list(ids), sampling=params,
                           eos_token_ids=self.eos_token_ids)
@@ -194,7 +190,7 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return bool(len(self.outputs)) or not self._inbox.empty()
+        return bool(self.outputs) or not self._inbox.empty()
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Returns the outputs it produced (also sent to sinks)."""

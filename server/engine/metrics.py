@@ -17,12 +17,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from scheduler.config import SchedulerStats
 from scheduler.request import FinishReason, Request
+
+if TYPE_CHECKING:
+    from server.engine.core import EngineCore
 
 PREFIX = "attnserve_"
 ENGINE_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size")
@@ -95,6 +99,16 @@ class EngineMetrics:
         self._last_prefix_queries: int | None = None
         self._last_prefix_hits: int | None = None
         self._build(latency)
+
+    @classmethod
+    def attach(cls, core: EngineCore, buckets: list[float] | None = None) -> Self:
+        """Metrics labelled with what `core` resolved (backend, layout, page size, model
+        name), its configuration published, attached as its observer before any step."""
+        metrics = cls(core.model_name, core.backend.name, core.layout.name,
+                      core.layout.page_size, buckets=buckets)
+        metrics.set_info(core.config.as_dict())
+        core.observer = metrics
+        return metrics
 
     # ---- construction ---------------------------------------------------------------------
     def _histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Histogram:

@@ -36,9 +36,8 @@ def make_engine(**overrides: object) -> tuple[EngineCore, RecordingMetrics]:
     for key, value in overrides.items():
         setattr(config, key, value)
     engine = EngineCore(config, loaded=smollm2())
-    metrics = RecordingMetrics(engine.model_name, engine.backend.name, engine.layout.name,
-                               engine.layout.page_size)
-    engine.observer = metrics
+    metrics = RecordingMetrics.attach(engine)
+    assert engine.observer is metrics
     return engine, metrics
 
 
