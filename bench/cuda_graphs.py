@@ -22,9 +22,7 @@ import torch
 
 from model.loader import load_model, load_tokenizer
 from scheduler.request import SamplingParams
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.outputs import NullObserver
+from server.engine import EngineConfig, EngineCore, NullObserver
 
 logger = logging.getLogger(__name__)
 

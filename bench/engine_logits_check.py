@@ -30,8 +30,7 @@ import torch
 from model.loader import load_model, load_tokenizer
 from model.sampler import SamplerOutput
 from scheduler.request import SamplingParams
-from server.config import EngineConfig
-from server.engine import EngineCore
+from server.engine import EngineConfig, EngineCore
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,7 @@ import torch
 from model.loader import LoadedModel, load_model
 from model.tokenizer import Tokenizer
 from scheduler.request import SamplingParams
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.outputs import NullObserver
+from server.engine import EngineConfig, EngineCore, NullObserver
 
 logger = logging.getLogger(__name__)
 NEVER = 10**9

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 from scheduler.request import SamplingParams
-from server.engine_args import add_engine_args, engine_config_from_args
-from server.llm import LLM
+from server.engine import LLM
+from server.engine.args import add_engine_args, engine_config_from_args
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""Scheduler settings, its statistics record, and the rejection error. Pure Python."""
+"""Scheduler settings and its statistics record. Pure Python.
+
+The settings have no defaults here: the engine passes every one (its defaults live in
+server/engine/config.py, the one place for them).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,15 @@ from dataclasses import dataclass
 from scheduler.policy import SCHEDULE_POLICIES
 
 
-class RequestRejected(ValueError):
-    """A request that can never be served; the message is meant for the user."""
-
-
 @dataclass
 class SchedulerConfig:
-    page_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    enable_prefix_cache: bool = True
-    schedule_policy: str = "fcfs"
+    page_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int  # prompt + generated tokens, at most
+    enable_prefix_cache: bool
+    schedule_policy: str
+    vocab_size: int | None = None  # prompt token ids must be below it; None: unchecked
 
     def __post_init__(self) -> None:
         if self.page_size < 1:

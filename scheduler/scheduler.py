@@ -22,18 +22,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 
 from kvcache.allocator import PageAllocator
 from kvcache.radix import MatchResult, RadixNode, RadixPrefixCache
-from scheduler.config import RequestRejected, SchedulerConfig, SchedulerStats
+from scheduler.config import SchedulerConfig, SchedulerStats
 from scheduler.plan import ScheduledSeq, StepPlan
 from scheduler.policy import MIN_IN_FLIGHT_SHARE_TOKENS, admission_order, common_prefix_pages
-from scheduler.request import FinishReason, Request, RequestStatus
+from scheduler.request import FinishReason, Request, RequestStatus, SamplingParams
+from scheduler.validation import check_request
 
 logger = logging.getLogger(__name__)
 
 # Re-exported: the engine imports these from here.
-__all__ = ["RequestRejected", "Scheduler", "SchedulerConfig", "SchedulerStats"]
+__all__ = ["Scheduler", "SchedulerConfig", "SchedulerStats"]
 
 
 def _pages_for(num_tokens: int, page_size: int) -> int:
@@ -87,9 +89,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def get_request(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id)
-
     @property
     def stats(self) -> SchedulerStats:
         total = self.allocator.num_total
@@ -111,33 +110,20 @@ class Scheduler:
 
     # -- submission and cancellation -------------------------------------------------------
 
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise RequestRejected for a request that can never run (scheduler/validation.py).
+
+        Reads only fixed limits, so any thread may call it."""
+        check_request(
+            prompt_token_ids, params, max_model_len=self.config.max_model_len,
+            kv_capacity_tokens=self.allocator.num_total * self.page_size,
+            vocab_size=self.config.vocab_size,
+        )
+
     def add_request(self, req: Request) -> None:
-        """Queue a request; raise RequestRejected if it can never be served."""
-        cfg = self.config
+        """Queue a request that passed `validate`."""
         if req.request_id in self._requests:
-            raise RequestRejected(f"request id {req.request_id!r} is already in use")
-        if not req.prompt_token_ids:
-            raise RequestRejected("the prompt is empty: it must contain at least one token")
-        try:
-            req.sampling.validate()
-        except ValueError as exc:
-            raise RequestRejected(str(exc)) from exc
-        prompt, max_tokens = req.num_prompt_tokens, req.sampling.max_tokens
-        if prompt + max_tokens > cfg.max_model_len:
-            raise RequestRejected(
-                f"prompt ({prompt} tokens) + max_tokens ({max_tokens}) = "
-                f"{prompt + max_tokens} tokens, more than the maximum model length of "
-                f"{cfg.max_model_len}; shorten the prompt or lower max_tokens"
-            )
-        # The last generated token is never fed back, so its K/V needs no slot.
-        pages = _pages_for(prompt + max_tokens - 1, self.page_size)
-        if pages > self.allocator.num_total:
-            capacity = self.allocator.num_total * self.page_size
-            raise RequestRejected(
-                f"prompt ({prompt} tokens) + max_tokens ({max_tokens}) needs {pages} KV-cache "
-                f"pages, but the whole KV cache holds {self.allocator.num_total} pages "
-                f"({capacity} tokens); shorten the prompt or lower max_tokens"
-            )
+            raise ValueError(f"request id {req.request_id!r} is already in use")
         req.status = RequestStatus.WAITING
         self._requests[req.request_id] = req
         self.waiting.append(req)

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from server.engine_args import add_engine_args, engine_config_from_args
+from server.engine.args import add_engine_args, engine_config_from_args
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -34,8 +34,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from scheduler.request import SamplingParams
-    from server.llm import LLM
+    from server.engine import LLM, SamplingParams
 
     llm = LLM(engine_config_from_args(args))
     params = SamplingParams(
@@ -54,7 +53,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import run_server
+    from server.api.app import run_server
 
     return run_server(engine_config_from_args(args), args)
 
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     add_engine_args(serve)
-    from server.app_args import add_server_args
+    from server.api.args import add_server_args
 
     add_server_args(serve)
 

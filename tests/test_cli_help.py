@@ -69,7 +69,7 @@ def test_bench_without_op_explains_itself(capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize("flags, graphs", [([], True), (["--no-cuda-graphs"], False),
                                            (["--enforce-eager"], False)])
 def test_enforce_eager_is_an_alias_of_no_cuda_graphs(flags: list[str], graphs: bool) -> None:
-    from server.engine_args import engine_config_from_args
+    from server.engine.args import engine_config_from_args
 
     args = server_parser().parse_args(["serve", *flags])
     assert engine_config_from_args(args).cuda_graphs is graphs

@@ -67,7 +67,7 @@ NEVER_LOADS: dict[str, frozenset[str]] = {
 # (importer, imported): sub-packages of one package where the first must never import the
 # second. A rule applies once both sub-packages exist as folders of modules.
 SUBPACKAGE_RULES: tuple[tuple[str, str], ...] = (
-    ("server.engine", "server.http"),  # server.http may import server.engine, never the reverse
+    ("server.engine", "server.api"),  # server.api may import server.engine, never the reverse
 )
 
 
@@ -271,8 +271,25 @@ def test_the_scan_sees_the_project() -> None:
 
 def test_the_subpackage_rule_applies_once_both_sides_exist() -> None:
     active = _active_subpackage_rules(ROOT, RULES)
-    both = all(any((ROOT / "server" / sub).glob("*.py")) for sub in ("engine", "http"))
-    assert (("server.engine", "server.http") in active) == both
+    both = all(any((ROOT / "server" / sub).glob("*.py")) for sub in ("engine", "api"))
+    assert both and ("server.engine", "server.api") in active
+
+
+def test_the_http_side_uses_only_the_engines_public_interface() -> None:
+    """server.api imports the package server.engine (its __init__), never a module in it."""
+    modules = scan(ROOT, PACKAGES)
+    engine_dir = ROOT / "server" / "engine"
+
+    def is_engine_module(target: str) -> bool:  # `from server.engine import X`: X a name or module
+        sub = target.removeprefix("server.engine.").split(".")[0]
+        return _within(target, "server.engine") and target != "server.engine" and (
+            (engine_dir / f"{sub}.py").exists() or (engine_dir / sub).is_dir())
+
+    reaching_in = [f"{m} imports {i.target}" for m, imps in modules.items()
+                   if _within(m, "server.api") for i in imps if is_engine_module(i.target)]
+    assert not reaching_in, reaching_in
+    assert any(i.target == "server.engine" for m, imps in modules.items()
+               if _within(m, "server.api") for i in imps)
 
 
 def _loaded_by(modules: list[str]) -> set[str]:

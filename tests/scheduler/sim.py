@@ -15,10 +15,18 @@ from collections.abc import Sequence
 
 from scheduler.plan import StepPlan
 from scheduler.request import Request, RequestStatus
-from scheduler.scheduler import Scheduler
+from scheduler.scheduler import Scheduler, SchedulerConfig
 
 EOS = 0
 VOCAB = 24  # small, so EOS (about 1 in 24 tokens) ends some requests early
+
+
+def scheduler_config(**overrides: object) -> SchedulerConfig:
+    """A configuration for tests: these values unless overridden."""
+    values: dict[str, object] = dict(page_size=16, max_num_seqs=256, max_num_batched_tokens=2048,
+                                     max_model_len=1024, enable_prefix_cache=True,
+                                     schedule_policy="fcfs")
+    return SchedulerConfig(**{**values, **overrides})  # type: ignore[arg-type]
 
 
 def next_token(request_id: str, tokens: Sequence[int]) -> int:

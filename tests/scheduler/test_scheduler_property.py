@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from kvcache.allocator import PageAllocator
 from scheduler.request import FinishReason, Request, RequestStatus, SamplingParams
-from scheduler.scheduler import RequestRejected, Scheduler, SchedulerConfig
+from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.validation import RequestRejected
 from tests.scheduler.sim import EOS, VOCAB, FakeRunner, check_plan, check_state, reference_output
 
 MAX_MODEL_LEN = 96
@@ -104,6 +105,7 @@ def test_random_workloads_keep_every_invariant(
         for a in arrivals:
             if a.step == step:
                 try:
+                    scheduler.validate(a.request.prompt_token_ids, a.request.sampling)
                     scheduler.add_request(a.request)
                     accepted.append(a)
                 except RequestRejected:

@@ -27,10 +27,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.app import build_app
-from server.config import EngineConfig
-from server.http_request import ServerSettings
-from server.http_server import ServerThread
+from server.api.app import build_app
+from server.api.endpoint import ServerSettings
+from server.api.uvicorn_server import ServerThread
+from server.engine import EngineConfig
 from tests.server.engine_fixtures import smollm2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

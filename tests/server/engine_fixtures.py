@@ -7,9 +7,7 @@ import functools
 import torch
 
 from model.loader import LoadedModel, load_model
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.llm import LLM
+from server.engine import LLM, EngineConfig, EngineCore
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -1,6 +1,6 @@
 """Prometheus metrics of one engine, with vLLM's names and meanings under the prefix attnserve_.
 
-`EngineMetrics` implements the engine's observer hooks (server/outputs.py EngineObserver),
+`EngineMetrics` implements the engine's observer hooks (server/engine/outputs.py EngineObserver),
 which the engine calls from its own thread, and renders the Prometheus text format for
 GET /metrics. Every series carries the labels model_name, attention_backend, kv_layout and
 page_size, so runs with different kernels and layouts can share one Prometheus.
@@ -17,12 +17,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from scheduler.config import SchedulerStats
 from scheduler.request import FinishReason, Request
-from server.metrics_stats import read_kv_stats
+
+if TYPE_CHECKING:
+    from server.engine.core import EngineCore
 
 PREFIX = "attnserve_"
 ENGINE_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size")
@@ -95,6 +99,16 @@ class EngineMetrics:
         self._last_prefix_queries: int | None = None
         self._last_prefix_hits: int | None = None
         self._build(latency)
+
+    @classmethod
+    def attach(cls, core: EngineCore, buckets: list[float] | None = None) -> Self:
+        """Metrics labelled with what `core` resolved (backend, layout, page size, model
+        name), its configuration published, attached as its observer before any step."""
+        metrics = cls(core.model_name, core.backend.name, core.layout.name,
+                      core.layout.page_size, buckets=buckets)
+        metrics.set_info(core.config.as_dict())
+        core.observer = metrics
+        return metrics
 
     # ---- construction ---------------------------------------------------------------------
     def _histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Histogram:
@@ -265,26 +279,24 @@ class EngineMetrics:
         self.kernel_compiles.inc(count)
         self.kernel_compile_step_seconds.inc(step_s)
 
-    def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None:
+    def on_gauges(self, num_running: int, num_waiting: int, stats: SchedulerStats) -> None:
         self.running.set(num_running)
         self.waiting.set(num_waiting)
-        kv = read_kv_stats(stats)
-        if kv.pages_total is not None:
-            self.kv_pages_total.set(kv.pages_total)
-        usage = kv.usage_fraction
-        if usage is not None:
-            self.kv_usage.set(usage)
+        total = stats.num_pages_total
+        self.kv_pages_total.set(total)
+        # Pages only the prefix cache holds count as free, as in vLLM: they are reclaimed on
+        # demand, so they do not limit admission (num_pages_in_use leaves them out).
+        if total:
+            self.kv_usage.set(min(1.0, max(0.0, stats.num_pages_in_use / total)))
         self._last_prefix_queries = self._feed_delta(
-            self.prefix_queries, self._last_prefix_queries, kv.prefix_queries_tokens)
+            self.prefix_queries, self._last_prefix_queries, stats.prefix_cache_queries_tokens)
         self._last_prefix_hits = self._feed_delta(
-            self.prefix_hits, self._last_prefix_hits, kv.prefix_hit_tokens)
+            self.prefix_hits, self._last_prefix_hits, stats.prefix_cache_hit_tokens)
 
     @staticmethod
-    def _feed_delta(counter: Counter, previous: int | None, total: int | None) -> int | None:
+    def _feed_delta(counter: Counter, previous: int | None, total: int) -> int:
         """Advance `counter` by the growth of a running total that started at 0. A total
         that went down means the source restarted counting from 0."""
-        if total is None:
-            return previous
         growth = total if previous is None or total < previous else total - previous
         if growth > 0:
             counter.inc(growth)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.metrics import EngineMetrics
-from tests.server.test_metrics_unit import parse_exposition
+from server.engine.metrics import EngineMetrics
+from tests.server.engine.test_metrics_unit import parse_exposition
 
-DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
+DASHBOARDS = Path(__file__).resolve().parents[3] / "dashboards"
 
 
 def load_builder():

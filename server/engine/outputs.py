@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from scheduler.config import SchedulerStats
 from scheduler.request import Request
 
 
@@ -35,7 +36,7 @@ class RequestOutput:
 
 
 class EngineObserver(Protocol):
-    """Hooks the engine calls from its own thread; `server/metrics.py` implements them."""
+    """Hooks the engine calls from its own thread; `server/engine/metrics.py` implements them."""
 
     def on_step(
         self, phase: str, num_tokens: int, step_s: float, attention_s: float | None
@@ -49,7 +50,7 @@ class EngineObserver(Protocol):
 
     def on_preemption(self, count: int) -> None: ...
 
-    def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None: ...
+    def on_gauges(self, num_running: int, num_waiting: int, stats: SchedulerStats) -> None: ...
 
     def on_kernel_compile(self, count: int, step_s: float) -> None:
         """A step of step_s seconds built `count` kernel instances after start-up."""
@@ -71,7 +72,7 @@ class NullObserver:
     def on_preemption(self, count: int) -> None:
         return None
 
-    def on_gauges(self, num_running: int, num_waiting: int, stats: object) -> None:
+    def on_gauges(self, num_running: int, num_waiting: int, stats: SchedulerStats) -> None:
         return None
 
     def on_kernel_compile(self, count: int, step_s: float) -> None:

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from scheduler.request import SamplingParams
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.outputs import RequestOutput
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from server.engine.outputs import RequestOutput
 
 
 @dataclass

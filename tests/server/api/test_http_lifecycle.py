@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from scheduler.request import SamplingParams
-from server.config import EngineConfig
-from server.http_request import ServerSettings
+from server.api.endpoint import ServerSettings
+from server.engine import EngineConfig
 from tests.server.conftest import (
     REPO_ROOT,
     InProcessServer,

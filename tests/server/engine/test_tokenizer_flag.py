@@ -7,9 +7,8 @@ import pytest
 from model.loader import embedded_tokenizer, load_tokenizer
 from scheduler.request import SamplingParams
 from server.cli import build_parser
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.engine_args import engine_config_from_args
+from server.engine import EngineConfig, EngineCore
+from server.engine.args import engine_config_from_args
 
 
 def test_tokenizer_folder_and_gguf_load_the_same_tokenizer(tmp_path):

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from scheduler.request import SamplingParams
-from server.async_engine import RequestStream
-from server.engine import EngineCore
-from server.http_errors import APIError, bad_request
-from server.outputs import RequestOutput, TokenLogprob
-from server.protocol import (
+from pydantic import BaseModel
+from starlette.types import Receive
+
+from server.api.errors import APIError, bad_request
+from server.api.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    ErrorBody,
     RequestTiming,
     SamplingFields,
     TopLogprob,
     Usage,
 )
+from server.api.sse import SSEResponse, run_until_disconnect, sse_event
+from server.engine import EngineCore, RequestOutput, RequestStream, SamplingParams, TokenLogprob
 
 
 def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,
@@ -90,8 +93,16 @@ def request_timing(arrival: float, first: float | None, finish: float | None) ->
     )
 
 
-async def collect(stream: RequestStream) -> list[Accumulated]:
-    """Run a stream to completion; an engine-side failure becomes a 500."""
+async def collect(receive: Receive, stream: RequestStream) -> list[Accumulated]:
+    """Run a stream to completion and close it; a client that disconnects first cancels it
+    (ClientDisconnected), and an engine-side failure becomes a 500."""
+    try:
+        return await run_until_disconnect(receive, _accumulate(stream))
+    finally:
+        await stream.aclose()
+
+
+async def _accumulate(stream: RequestStream) -> list[Accumulated]:
     results = [Accumulated() for _ in stream.request_ids]
     async with stream:
         async for index, out in stream:
@@ -101,6 +112,39 @@ async def collect(stream: RequestStream) -> list[Accumulated]:
         raise APIError(500, f"the request failed in the engine: {failed[0]}", "server_error",
                        code="engine_error")
     return results
+
+
+def stream_response(stream: RequestStream, events: AsyncIterator[str]) -> SSEResponse:
+    """An SSE response of `events`; closing it early (a disconnect) aborts the request, which
+    the engine counts (finished_reason="abort")."""
+    async def on_close(disconnected: bool) -> None:
+        await stream.aclose()
+
+    return SSEResponse(events, on_close)
+
+
+def engine_error_event(message: str) -> str:
+    """The SSE event that ends a stream whose request failed inside the engine."""
+    body = ErrorBody(message=f"the request failed in the engine: {message}", type="server_error",
+                     code="engine_error")
+    return sse_event({"error": body.model_dump()})
+
+
+async def delta_events(
+    stream: RequestStream, results: list[Accumulated],
+    chunk: Callable[[int, RequestOutput, int], BaseModel],
+) -> AsyncIterator[str]:
+    """One event per output that carries something: `chunk(index, output, text offset before
+    it)`, or an error event; outputs are merged into `results` on the way."""
+    async for index, out in stream:
+        acc = results[index]
+        offset = len(acc.text)
+        acc.add(out)
+        if out.error:
+            yield engine_error_event(out.error)
+        elif out.new_text or out.finished or out.new_logprobs:
+            yield sse_event(chunk(index, out, offset))
+        # else: a token whose text is held back (an incomplete character or stop string)
 
 
 def usage_of(results: list[Accumulated]) -> Usage:

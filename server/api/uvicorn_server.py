@@ -16,8 +16,8 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
-from server.async_engine import AsyncEngine
-from server.http_request import AppContext
+from server.api.endpoint import AppContext, ServerSettings
+from server.engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 ABORT_FLUSH_TIMEOUT_S = 5.0  # time for aborted streams to send their last chunk
@@ -105,7 +105,7 @@ class ServerThread:
     """The app on uvicorn in a background thread (in-process tests and tools)."""
 
     def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0,
-                 shutdown_timeout: float = 30.0) -> None:
+                 shutdown_timeout: float = ServerSettings.shutdown_timeout) -> None:
         self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.server = _make_server(app, shutdown_timeout)

@@ -12,8 +12,8 @@ import torch
 
 from scheduler.request import SamplingParams
 from tests.attention.test_compile_watch import build, fake_kernel_module
-from tests.server.test_metrics_engine import make_engine, run_to_completion
-from tests.server.test_metrics_unit import parse_exposition, sample
+from tests.server.engine.test_metrics_engine import make_engine, run_to_completion
+from tests.server.engine.test_metrics_unit import parse_exposition, sample
 
 pytestmark = pytest.mark.timeout(300)
 P = "attnserve_"
@@ -32,7 +32,7 @@ def test_kernels_built_by_a_step_are_counted_and_logged(
     assert engine.serving_compiles == 0
     build(kernel)
     build(kernel)  # as if the next step had met two new specialisations
-    with caplog.at_level(logging.WARNING, logger="server.engine"):
+    with caplog.at_level(logging.WARNING, logger="server.engine.core"):
         engine.step()
     assert engine.serving_compiles == 2
     assert any("fake.kernel_a x2" in r.getMessage() for r in caplog.records)

@@ -14,16 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from model.loader import LoadedModel
-from server.api_native import engine_stats, generate, health, list_models, metrics
-from server.api_openai import create_chat_completion, create_completion
-from server.api_openapi import build_openapi
-from server.async_engine import AsyncEngine
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.http_errors import http_exception_handler, internal_error_handler
-from server.http_request import APIKeyMiddleware, AppContext, ServerSettings
-from server.metrics import EngineMetrics, parse_buckets
+from server.api.completions import create_chat_completion, create_completion
+from server.api.endpoint import APIKeyMiddleware, AppContext, ServerSettings
+from server.api.errors import http_exception_handler, internal_error_handler
+from server.api.native import engine_stats, generate, health, list_models, metrics
+from server.api.openapi import build_openapi
+from server.engine import AsyncEngine, EngineConfig, EngineCore, EngineMetrics, LoadedModel, parse_buckets
 
 logger = logging.getLogger(__name__)
 API_VERSION = "0.1.0"
@@ -38,27 +34,13 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def load_engine(config: EngineConfig, settings: ServerSettings,
-                loaded: LoadedModel | None = None) -> tuple[EngineCore, EngineMetrics]:
-    """Load the model and attach the metrics (runs on the engine thread).
-
-    The metrics' labels (backend, layout, page size, model name) are what the engine
-    resolved, so the observer is attached right after construction, before any step.
-    """
-    core = EngineCore(config, loaded=loaded)
-    observer = EngineMetrics(core.model_name, core.backend.name, core.layout.name,
-                             core.layout.page_size, buckets=settings.latency_buckets)
-    observer.set_info(config.as_dict())
-    core.observer = observer
-    return core, observer
-
-
 def build_app(config: EngineConfig, settings: ServerSettings,
               loaded: LoadedModel | None = None) -> Starlette:
     """The ASGI app. The engine loads on its own thread once the app starts, so /health
     answers 503 ("starting") until the model is ready."""
-    def build_core() -> EngineCore:
-        core, ctx.metrics = load_engine(config, settings, loaded)
+    def build_core() -> EngineCore:  # on the engine thread
+        core = EngineCore(config, loaded=loaded)
+        ctx.metrics = EngineMetrics.attach(core, settings.latency_buckets)
         return core
 
     ctx = AppContext(engine=AsyncEngine(build_core, settings.max_queued_requests),
@@ -98,7 +80,7 @@ def build_app(config: EngineConfig, settings: ServerSettings,
 
 def run_server(config: EngineConfig, args: argparse.Namespace) -> int:
     """`attnserve serve`: serve until SIGTERM/SIGINT; 0 after a clean drain."""
-    from server.http_server import serve_forever
+    from server.api.uvicorn_server import serve_forever
 
     try:
         settings = settings_from_args(args)

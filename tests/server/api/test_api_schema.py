@@ -20,8 +20,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.config import EngineConfig
-from server.http_request import ServerSettings
+from server.api.endpoint import ServerSettings
+from server.engine import EngineConfig
 from tests.server.conftest import InProcessServer, inprocess_server
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,

@@ -12,13 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import SchedulerStats
-from server.metrics import (
+from server.engine.metrics import (
     DEFAULT_LATENCY_BUCKETS,
     ENGINE_LABELS,
     EngineMetrics,
     parse_buckets,
 )
-from server.metrics_stats import read_kv_stats
 
 LABELS = {"model_name": "tiny", "attention_backend": "reference", "kv_layout": "hnd",
           "page_size": "8"}
@@ -130,7 +129,7 @@ def test_every_series_carries_the_engine_labels() -> None:
     metrics = make_metrics()
     simulate(random.Random(), metrics, 3)
     metrics.on_step("mixed", 40, 0.02, 0.004)
-    metrics.on_gauges(1, 2, None)
+    metrics.on_gauges(1, 2, stats(10, 3, 2, 5, 1))
     metrics.set_info({"max_num_seqs": 4})
     samples = parse_exposition(metrics.render()[0])
     names = {n for n, _, _ in samples}
@@ -195,15 +194,6 @@ def test_gauges_and_prefix_counters_follow_the_scheduler_totals() -> None:
             (total - free - evictable) / total)
         assert sample(samples, p + "prefix_cache_queries_total") == queries
         assert sample(samples, p + "prefix_cache_hits_total") == hits
-
-
-def test_kv_adapter_accepts_dicts_and_derives_in_use_from_free_pages() -> None:
-    kv = read_kv_stats({"num_pages_total": 10, "num_pages_free": 3,
-                        "num_pages_cached_evictable": 2, "prefix_cache_hit_tokens": 7})
-    assert (kv.pages_total, kv.pages_in_use, kv.prefix_hit_tokens) == (10, 5, 7)
-    assert kv.prefix_queries_tokens is None
-    assert kv.usage_fraction == 0.5
-    assert read_kv_stats(None).usage_fraction is None
 
 
 def test_preemptions_and_failures_are_counted() -> None:

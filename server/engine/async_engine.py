@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from scheduler.request import SamplingParams
-from server.engine import EngineCore, RequestRejected
-from server.outputs import RequestOutput
+from scheduler.validation import RequestRejected
+from server.engine.core import EngineCore
+from server.engine.output_processor import OutputSink
+from server.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -225,34 +227,36 @@ class AsyncEngine:
     def submit(self, prompts: list[list[int]], params: SamplingParams,
                request_id: str | None = None) -> RequestStream:
         """Queue one engine request per prompt. Raises EngineUnavailable or RequestRejected
-        (from EngineCore.validate) before anything is queued."""
+        (from the engine's validation) before anything is queued."""
         if len(prompts) > self.max_queued_requests:  # could never be admitted: not a 503
             raise RequestRejected(f"at most {self.max_queued_requests} prompts per request "
                                   f"(got {len(prompts)})", "prompt")
         self.check_admission(len(prompts))
         core = self.core
         assert core is not None
-        for ids in prompts:
-            core.validate(ids, params)
         base = request_id or uuid.uuid4().hex
         ids_list = [base if len(prompts) == 1 else f"{base}-{i}" for i in range(len(prompts))]
+        core.add_requests(prompts, params, ids_list, [self._sink(rid) for rid in ids_list])
+        # Outputs reach _deliver through the loop, so none can arrive before this returns.
         stream = RequestStream(self, ids_list)
-        loop = asyncio.get_running_loop()
-        for index, (rid, prompt_ids) in enumerate(zip(ids_list, prompts, strict=True)):
+        for index, rid in enumerate(ids_list):
             self._pending[rid] = _Pending(stream, index)
             self._num_queued += 1
             self._idle.clear()
-
-            def sink(out: RequestOutput, rid: str = rid) -> None:
-                # Runs on the engine thread: it must never raise into the step.
-                try:
-                    loop.call_soon_threadsafe(self._deliver, rid, out)
-                except RuntimeError:  # the event loop is closed: nobody is listening
-                    pass
-
-            core.add_request(prompt_ids, params, rid, sink)
         self._wake.set()
         return stream
+
+    def _sink(self, rid: str) -> OutputSink:
+        loop = asyncio.get_running_loop()
+
+        def sink(out: RequestOutput) -> None:
+            # Runs on the engine thread: it must never raise into the step.
+            try:
+                loop.call_soon_threadsafe(self._deliver, rid, out)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                pass
+
+        return sink
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None

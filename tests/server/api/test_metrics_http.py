@@ -26,13 +26,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.config import EngineConfig
+from server.engine import EngineConfig
 from tests.server.conftest import inprocess_server, wait_for
-from tests.server.test_metrics_unit import parse_exposition
+from tests.server.engine.test_metrics_unit import parse_exposition
 
 pytestmark = pytest.mark.timeout(600)
 P = "attnserve_"
-DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "grafana.json"
+DASHBOARD = Path(__file__).resolve().parents[3] / "dashboards" / "grafana.json"
 INSTALL = "apt-get install -y prometheus"
 SCRAPE_INTERVAL_S = 1
 

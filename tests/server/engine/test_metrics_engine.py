@@ -8,11 +8,10 @@ import random
 import pytest
 
 from scheduler.request import SamplingParams
-from server.config import EngineConfig
-from server.engine import EngineCore
-from server.metrics import EngineMetrics
+from server.engine import EngineConfig, EngineCore
+from server.engine.metrics import EngineMetrics
+from tests.server.engine.test_metrics_unit import parse_exposition, sample
 from tests.server.engine_fixtures import smollm2
-from tests.server.test_metrics_unit import parse_exposition, sample
 
 pytestmark = pytest.mark.timeout(600)
 P = "attnserve_"
@@ -37,9 +36,8 @@ def make_engine(**overrides: object) -> tuple[EngineCore, RecordingMetrics]:
     for key, value in overrides.items():
         setattr(config, key, value)
     engine = EngineCore(config, loaded=smollm2())
-    metrics = RecordingMetrics(engine.model_name, engine.backend.name, engine.layout.name,
-                               engine.layout.page_size)
-    engine.observer = metrics
+    metrics = RecordingMetrics.attach(engine)
+    assert engine.observer is metrics
     return engine, metrics
 
 

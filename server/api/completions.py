@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.api_common import (
+from server.api.convert import (
     Accumulated,
     chat_logprobs,
     collect,
     completion_logprobs,
+    delta_events,
     encode_chat,
     encode_prompts,
     sampling_params,
+    stream_response,
     usage_of,
 )
-from server.async_engine import RequestStream
-from server.engine import EngineCore
-from server.http_request import AppContext, api_endpoint, read_body_model
-from server.http_sse import DONE_EVENT, SSEResponse, run_until_disconnect, sse_event
-from server.protocol import (
+from server.api.endpoint import AppContext, api_endpoint, read_body_model
+from server.api.protocol import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -35,24 +33,9 @@ from server.protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
-    ErrorBody,
 )
-
-
-def _stream_response(ctx: AppContext, stream: RequestStream,
-                     events: AsyncIterator[str]) -> SSEResponse:
-    async def on_close(disconnected: bool) -> None:
-        # a disconnect aborts the request; the engine counts it (finished_reason="abort")
-        await stream.aclose()
-
-    return SSEResponse(events, on_close)
-
-
-def _error_event(message: str) -> str:
-    body = ErrorBody(message=f"the request failed in the engine: {message}", type="server_error",
-                     code="engine_error")
-    return sse_event({"error": body.model_dump()})
-
+from server.api.sse import DONE_EVENT, sse_event
+from server.engine import EngineCore, RequestOutput, RequestStream
 
 # ---- completions ---------------------------------------------------------------------------
 
@@ -64,17 +47,13 @@ async def create_completion(request: Request, ctx: AppContext) -> Response:
     core = ctx.ready_core()
     prompts = encode_prompts(core, body.prompt_list())
     params = sampling_params(body, body.max_tokens, body.logprobs)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    stream = ctx.engine.submit(prompts, params, request_id)
+    request_id, stream = ctx.submit(prompts, params, "cmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _completion_events(core, stream, request_id, include_usage,
                                     body.logprobs is not None)
-        return _stream_response(ctx, stream, events)
-    try:
-        results = await run_until_disconnect(request.receive, collect(stream))
-    finally:
-        await stream.aclose()
+        return stream_response(stream, events)
+    results = await collect(request.receive, stream)
     choices = [
         CompletionChoice(
             index=i, text=r.text, finish_reason=r.finish_reason,  # type: ignore[arg-type]
@@ -91,23 +70,19 @@ async def _completion_events(core: EngineCore, stream: RequestStream, request_id
                              include_usage: bool, want_logprobs: bool) -> AsyncIterator[str]:
     created = int(time.time())
     results = [Accumulated() for _ in stream.request_ids]
-    async for index, out in stream:
-        acc = results[index]
-        offset = len(acc.text)
-        acc.add(out)
-        if out.error:
-            yield _error_event(out.error)
-            continue
-        if not out.new_text and not out.finished and not out.new_logprobs:
-            continue  # a token whose text is held back (incomplete character)
+
+    def chunk(index: int, out: RequestOutput, offset: int) -> CompletionChunk:
         choice = CompletionChoice(
             index=index, text=out.new_text,
             finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
             logprobs=completion_logprobs(core, out.new_logprobs, offset) if want_logprobs
             else None,
         )
-        yield sse_event(CompletionChunk(id=request_id, created=created, model=core.model_name,
-                                        choices=[choice]))
+        return CompletionChunk(id=request_id, created=created, model=core.model_name,
+                               choices=[choice])
+
+    async for event in delta_events(stream, results, chunk):
+        yield event
     if include_usage:
         yield sse_event(CompletionChunk(id=request_id, created=created, model=core.model_name,
                                         choices=[], usage=usage_of(results)))
@@ -129,17 +104,13 @@ async def create_chat_completion(request: Request, ctx: AppContext) -> Response:
     max_tokens = requested if requested is not None else max(1, core.max_model_len - len(prompt))
     top_n = body.top_logprobs or 0
     params = sampling_params(body, max_tokens, top_n if body.logprobs else None)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = ctx.engine.submit([prompt], params, request_id)
+    request_id, stream = ctx.submit([prompt], params, "chatcmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _chat_events(core, stream, request_id, include_usage,
                               top_n if body.logprobs else None)
-        return _stream_response(ctx, stream, events)
-    try:
-        (result,) = await run_until_disconnect(request.receive, collect(stream))
-    finally:
-        await stream.aclose()
+        return stream_response(stream, events)
+    (result,) = await collect(request.receive, stream)
     choice = ChatCompletionChoice(
         index=0, message=AssistantMessage(content=result.text),
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
@@ -155,13 +126,9 @@ async def _chat_events(core: EngineCore, stream: RequestStream, request_id: str,
     created = int(time.time())
     result = Accumulated()
     role_sent = False
-    async for _, out in stream:
-        result.add(out)
-        if out.error:
-            yield _error_event(out.error)
-            continue
-        if not out.new_text and not out.finished and not out.new_logprobs:
-            continue  # a token whose text is held back (incomplete character)
+
+    def chunk(index: int, out: RequestOutput, offset: int) -> ChatCompletionChunk:
+        nonlocal role_sent
         # The role rides on the first chunk that carries content (or the last one).
         delta = ChatDelta(role=None if role_sent else "assistant", content=out.new_text)
         role_sent = True
@@ -171,8 +138,11 @@ async def _chat_events(core: EngineCore, stream: RequestStream, request_id: str,
             logprobs=chat_logprobs(core, out.new_logprobs, top_n) if top_n is not None
             else None,
         )
-        yield sse_event(ChatCompletionChunk(id=request_id, created=created,
-                                            model=core.model_name, choices=[choice]))
+        return ChatCompletionChunk(id=request_id, created=created, model=core.model_name,
+                                   choices=[choice])
+
+    async for event in delta_events(stream, [result], chunk):
+        yield event
     if include_usage:
         yield sse_event(ChatCompletionChunk(id=request_id, created=created,
                                             model=core.model_name, choices=[],

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.api_common import Accumulated, collect, encode_prompts, request_timing, sampling_params
-from server.async_engine import RequestStream
-from server.http_errors import error_response
-from server.http_request import AppContext, api_endpoint, read_body_model
-from server.http_sse import DONE_EVENT, SSEResponse, run_until_disconnect, sse_event
-from server.protocol import (
+from server.api.convert import (
+    Accumulated,
+    collect,
+    encode_prompts,
+    engine_error_event,
+    request_timing,
+    sampling_params,
+    stream_response,
+)
+from server.api.endpoint import AppContext, api_endpoint, read_body_model
+from server.api.errors import error_response
+from server.api.protocol import (
     EngineStatsResponse,
-    ErrorBody,
     GenerateChunk,
     GenerateRequest,
     GenerateResponse,
@@ -24,6 +28,8 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
+from server.api.sse import DONE_EVENT, sse_event
+from server.engine import RequestStream
 
 
 @api_endpoint
@@ -35,18 +41,10 @@ async def generate(request: Request, ctx: AppContext) -> Response:
                                    else body.text])[0]  # type: ignore[list-item]
     sp = body.sampling_params
     params = sampling_params(sp, sp.max_tokens, sp.logprobs, sp.stop_token_ids)
-    request_id = f"gen-{uuid.uuid4().hex}"
-    stream = ctx.engine.submit([prompt], params, request_id)
+    request_id, stream = ctx.submit([prompt], params, "gen")
     if body.stream:
-        async def on_close(disconnected: bool) -> None:
-            # a disconnect aborts the request; the engine counts it (finished_reason="abort")
-            await stream.aclose()
-
-        return SSEResponse(_generate_events(stream, request_id), on_close)
-    try:
-        (r,) = await run_until_disconnect(request.receive, collect(stream))
-    finally:
-        await stream.aclose()
+        return stream_response(stream, _generate_events(stream, request_id))
+    (r,) = await collect(request.receive, stream)
     response = GenerateResponse(
         request_id=request_id, text=r.text, output_ids=r.token_ids,
         finish_reason=r.finish_reason,  # type: ignore[arg-type]
@@ -63,9 +61,7 @@ async def _generate_events(stream: RequestStream, request_id: str) -> AsyncItera
     async for _, out in stream:
         acc.add(out)
         if out.error:
-            body = ErrorBody(message=f"the request failed in the engine: {out.error}",
-                             type="server_error", code="engine_error")
-            yield sse_event({"error": body.model_dump()})
+            yield engine_error_event(out.error)
             continue
         chunk = GenerateChunk(
             request_id=request_id, text=out.new_text, token_ids=out.new_token_ids,
@@ -98,10 +94,9 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
-    render = getattr(ctx.metrics, "render", None)
-    if render is None:  # engine still loading: only the process-wide collectors exist
+    if ctx.metrics is None:  # engine still loading: only the process-wide collectors exist
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-    body, content_type = render()
+    body, content_type = ctx.metrics.render()
     return Response(body, headers={"Content-Type": content_type})
 
 

@@ -1,23 +1,29 @@
-"""HTTP-server flags of `attnserve serve` (the engine's flags are in engine_args.py)."""
+"""HTTP-server flags of `attnserve serve` (the engine's flags are in server/engine/args.py).
+
+Defaults come from ServerSettings (server/api/endpoint.py)."""
 
 from __future__ import annotations
 
 import argparse
+
+from server.api.endpoint import ServerSettings
+
+D = ServerSettings  # every flag's default is its field's default
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("HTTP server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
     g.add_argument("--port", type=int, default=8000, help="port to bind (0 = any free port)")
-    g.add_argument("--api-key", default=None,
+    g.add_argument("--api-key", default=D.api_key,
                    help="require 'Authorization: Bearer KEY' on the API (/health, /metrics and "
                         "/openapi.json stay open)")
-    g.add_argument("--max-queued-requests", type=int, default=256,
+    g.add_argument("--max-queued-requests", type=int, default=D.max_queued_requests,
                    help="requests still waiting for their first token beyond which new ones get "
                         "503 with Retry-After")
-    g.add_argument("--max-request-bytes", type=int, default=1 << 20,
+    g.add_argument("--max-request-bytes", type=int, default=D.max_request_bytes,
                    help="largest accepted request body in bytes (413 beyond)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+    g.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
                    help="seconds running requests may take to finish after SIGTERM")
     # Also accepted after `serve` (vLLM's spelling); SUPPRESS keeps the top-level value
     # when it is not given here.

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.protocol import ErrorBody, ErrorResponse
+from server.api.protocol import ErrorBody, ErrorResponse
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -15,17 +16,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.async_engine import AsyncEngine, EngineUnavailable
-from server.engine import EngineCore, RequestRejected
-from server.http_errors import (
+from server.api.errors import (
     APIError,
     bad_request,
     error_response,
     from_validation_error,
     service_unavailable,
 )
-from server.http_sse import ClientDisconnected
-from server.outputs import EngineObserver
+from server.api.sse import ClientDisconnected
+from server.engine import (
+    AsyncEngine,
+    EngineCore,
+    EngineMetrics,
+    EngineUnavailable,
+    RequestRejected,
+    RequestStream,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ class ServerSettings:
 class AppContext:
     engine: AsyncEngine
     settings: ServerSettings
-    metrics: EngineObserver | None = None  # set once the engine has loaded
+    metrics: EngineMetrics | None = None  # set once the engine has loaded
     created: int = field(default_factory=lambda: int(time.time()))
 
     def count_failure(self, reason: str) -> None:
@@ -64,6 +71,12 @@ class AppContext:
                                       "unavailable") from None
         assert self.engine.core is not None
         return self.engine.core
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams,
+               id_prefix: str) -> tuple[str, RequestStream]:
+        """Queue the prompts under a new request id, `<id_prefix>-<hex>`."""
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        return request_id, self.engine.submit(prompts, params, request_id)
 
     def check_model(self, model: str | None) -> None:
         core = self.ready_core()

@@ -1,10 +1,21 @@
-"""Engine flags shared by `serve`, `generate` and the offline benchmarks (vLLM's spelling)."""
+"""Engine flags shared by `serve`, `generate` and the offline benchmarks (vLLM's spelling).
+
+Defaults come from EngineConfig (server/engine/config.py), so a flag and the Python API
+never disagree."""
 
 from __future__ import annotations
 
 import argparse
 
-from server.config import EngineConfig
+from server.engine.config import (
+    DEFAULT_CPU_KV_TOKENS,
+    EMBEDDED_MODEL_NAME,
+    MAX_DEFAULT_CUDA_GRAPH_BATCH,
+    MAX_DEFAULT_MODEL_LEN,
+    EngineConfig,
+)
+
+D = EngineConfig  # every flag's default is its field's default
 
 
 def _at_least_one(text: str) -> int:
@@ -16,57 +27,58 @@ def _at_least_one(text: str) -> int:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None,
-                   help="weights: omitted = the embedded SmolLM2-135M-Instruct GGUF; a .gguf file; a "
+    g.add_argument("--model", default=D.model,
+                   help=f"weights: omitted = the embedded {EMBEDDED_MODEL_NAME} GGUF; a .gguf file; a "
                         "Hugging Face folder (config.json + safetensors); or a synthetic preset "
                         "(smollm2-135m, llama3-8b, qwen2.5-7b, qwen3-8b) with seeded random weights")
-    g.add_argument("--tokenizer", default=None,
+    g.add_argument("--tokenizer", default=D.tokenizer,
                    help="tokenizer folder or .gguf file to use instead of the model's own (e.g. "
                         "for a synthetic preset on a machine without the embedded SmolLM2)")
-    g.add_argument("--served-model-name", default=None,
+    g.add_argument("--served-model-name", default=D.served_model_name,
                    help="model name reported by the API and used in metric labels")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    g.add_argument("--dtype", default=D.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV dtype; auto = float32 on CPU, bfloat16 on GPU")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when present)")
-    g.add_argument("--attention-backend", default="auto",
+    g.add_argument("--device", default=D.device, help="cpu, cuda, cuda:N or auto (GPU when present)")
+    g.add_argument("--attention-backend", default=D.attention_backend,
                    help="attention backend: reference, sdpa, flex, triton (auto = triton on GPU, "
                         "reference on CPU)")
-    g.add_argument("--prefill-backend", default=None,
+    g.add_argument("--prefill-backend", default=D.prefill_backend,
                    help="backend for prefill/extend sequences (default: --attention-backend)")
-    g.add_argument("--decode-backend", default=None,
+    g.add_argument("--decode-backend", default=D.decode_backend,
                    help="backend for decode sequences (default: --attention-backend)")
-    g.add_argument("--attention-variant", default="softmax",
+    g.add_argument("--attention-variant", default=D.attention_variant,
                    help="logits transform: softmax, softcap:CAP, sliding_window:W, alibi, sigmoid, "
                         "silu, or module:function for your own Triton transform")
-    g.add_argument("--kv-layout", default="nhd", choices=["token", "nhd", "hnd", "hnd_x"],
+    g.add_argument("--kv-layout", default=D.kv_layout, choices=["token", "nhd", "hnd", "hnd_x"],
                    help="KV-cache layout (token forces page size 1)")
-    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    g.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV pool size in tokens (CPU default 16384; GPU default: "
+    g.add_argument("--page-size", type=int, default=D.page_size, help="tokens per KV page")
+    g.add_argument("--kv-cache-tokens", type=int, default=D.kv_cache_tokens,
+                   help=f"KV pool size in tokens (CPU default {DEFAULT_CPU_KV_TOKENS}; GPU default: "
                         "--gpu-memory-utilization)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+    g.add_argument("--gpu-memory-utilization", type=float, default=D.gpu_memory_utilization,
                    help="fraction of GPU memory for weights + KV cache")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    g.add_argument("--max-num-seqs", type=int, default=D.max_num_seqs, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=D.max_num_batched_tokens,
                    help="token budget of one step (prefill chunks + decodes)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output (default: the model's, capped at 8192)")
+    g.add_argument("--max-model-len", type=int, default=D.max_model_len,
+                   help="longest prompt + output (default: the model's, capped at "
+                        f"{MAX_DEFAULT_MODEL_LEN})")
     g.add_argument("--no-prefix-cache", action="store_true",
                    help="turn off the radix prefix cache")
-    g.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"],
+    g.add_argument("--schedule-policy", default=D.schedule_policy, choices=["fcfs", "lpm"],
                    help="waiting-queue order: first come first served, or longest prefix match")
-    g.add_argument("--attention-timing-every", type=int, default=64,
+    g.add_argument("--attention-timing-every", type=int, default=D.attention_timing_every,
                    help="time the attention calls every N steps (0 = never)")
-    g.add_argument("--weights-seed", type=int, default=0,
+    g.add_argument("--weights-seed", type=int, default=D.seed,
                    help="seed of the random weights of synthetic presets")
     g.add_argument("--no-cuda-graphs", "--enforce-eager", dest="no_cuda_graphs",
                    action="store_true",
                    help="run decode steps eagerly instead of replaying captured CUDA graphs "
                         "(graphs are used on a GPU with the triton backend); --enforce-eager "
                         "is vLLM's name for it")
-    g.add_argument("--cuda-graph-max-batch", type=_at_least_one, default=None,
+    g.add_argument("--cuda-graph-max-batch", type=_at_least_one, default=D.cuda_graph_max_batch,
                    help="largest decode batch captured in a graph (default: --max-num-seqs, "
-                        "at most 256); larger decode steps run eagerly")
+                        f"at most {MAX_DEFAULT_CUDA_GRAPH_BATCH}); larger decode steps run eagerly")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

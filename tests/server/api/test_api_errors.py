@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from server.config import EngineConfig
-from server.http_request import ServerSettings
+from server.api.endpoint import ServerSettings
+from server.engine import EngineConfig
 from tests.server.conftest import InProcessServer, inprocess_server
 
 API_KEY = "sk-test-" + "".join(random.choices("abcdef0123456789", k=12))

@@ -1,0 +1,91 @@
+"""EngineConfig: everything chosen at start-up (model, backend, layout, limits).
+
+The one place for the engine's defaults: the CLI flags (server/engine/args.py) take theirs
+from here, and the scheduler's settings (scheduler/config.py) have none of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_CPU_KV_TOKENS = 16384  # KV pool on CPU; on a GPU, gpu_memory_utilization sizes it
+MAX_DEFAULT_MODEL_LEN = 8192  # the default max_model_len: the model's own, capped at this
+MAX_DEFAULT_CUDA_GRAPH_BATCH = 256  # the default cuda_graph_max_batch: max_num_seqs, capped
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    tokenizer: str | None = None  # a tokenizer folder or .gguf; default: the model's own
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    device: str = "auto"
+    attention_backend: str = "auto"  # auto: triton on GPU, reference on CPU
+    prefill_backend: str | None = None
+    decode_backend: str | None = None
+    attention_variant: str = "softmax"
+    kv_layout: str = "nhd"
+    page_size: int = 16
+    kv_cache_tokens: int | None = None  # default: resolved_kv_cache_tokens()
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: resolved_max_model_len()
+    enable_prefix_cache: bool = True
+    schedule_policy: str = "fcfs"
+    attention_timing_every: int = 64
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU, backends that allow it)
+    cuda_graph_max_batch: int | None = None  # default: resolved_cuda_graph_max_batch()
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if self.dtype not in table:
+            raise ValueError(f"unsupported --dtype {self.dtype!r}; use float32 or bfloat16")
+        return table[self.dtype]
+
+    def resolved_backend(self) -> str:
+        if self.attention_backend == "auto":
+            return "triton" if self.resolved_device().type == "cuda" else "reference"
+        return self.attention_backend
+
+    def resolved_model_name(self) -> str:
+        """The name the API reports: the embedded model's, or the spec's last path component."""
+        if self.served_model_name:
+            return self.served_model_name
+        spec = self.model
+        if spec is None or spec.lower() in ("smollm2", "smollm2-135m-instruct"):
+            return EMBEDDED_MODEL_NAME
+        return spec.rstrip("/").split("/")[-1].removeprefix("synthetic:")
+
+    def resolved_max_model_len(self, model_max_positions: int) -> int:
+        """Longest prompt + output: as configured, else the model's capped at
+        MAX_DEFAULT_MODEL_LEN; never beyond the model's positions."""
+        default = min(model_max_positions, MAX_DEFAULT_MODEL_LEN)
+        return min(self.max_model_len or default, model_max_positions)
+
+    def resolved_kv_cache_tokens(self) -> int | None:
+        """The KV pool's size in tokens; None on a GPU without a set size: the pool then takes
+        gpu_memory_utilization of the device's memory."""
+        if self.kv_cache_tokens is not None:
+            return self.kv_cache_tokens
+        return None if self.resolved_device().type == "cuda" else DEFAULT_CPU_KV_TOKENS
+
+    def resolved_cuda_graph_max_batch(self) -> int:
+        """The largest decode batch captured in a graph; never above max_num_seqs."""
+        default = min(self.max_num_seqs, MAX_DEFAULT_CUDA_GRAPH_BATCH)
+        return min(self.cuda_graph_max_batch or default, self.max_num_seqs)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)

@@ -1,0 +1,293 @@
+"""EngineCore: each step schedules, runs the model, and turns the sampled tokens into outputs.
+
+`step()` is synchronous and single-threaded; the offline `LLM` calls it directly and the
+server runs it on its own thread (server/engine/async_engine.py). Requests arrive through
+`add_request`/`abort`, which may be called from any thread: a request is validated at once
+(scheduler/validation.py, the one check), then queued and applied at the start of the next
+step, so the scheduler's state is only ever touched by the step thread. Detokenization,
+stop strings and building outputs live in server/engine/output_processor.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import time
+import uuid
+
+from attention.base import AttentionConfig
+from attention.registry import build_attention_backend
+from attention.triton.compile_watch import KernelInstanceWatch
+from attention.variants import parse_variant
+from kvcache.allocator import PageAllocator
+from kvcache.layout import KVLayout
+from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_for_tokens
+from kvcache.radix import RadixPrefixCache
+from model.loader import LoadedModel, load_model, load_tokenizer
+from model.runner import ModelRunner, StepInput, StepOutput
+from model.sampler import make_generator
+from scheduler.plan import StepPlan
+from scheduler.request import FinishReason, Request, SamplingParams
+from scheduler.scheduler import Scheduler, SchedulerConfig
+from server.engine.config import EngineConfig
+from server.engine.output_processor import OutputProcessor, OutputSink
+from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(
+        self, config: EngineConfig, observer: EngineObserver | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        self.observer: EngineObserver = observer or NullObserver()
+        self.loaded = loaded or load_model(config.model, self.dtype, self.device, seed=config.seed,
+                                           with_tokenizer=config.tokenizer is None)
+        if config.tokenizer is not None:
+            self.loaded.tokenizer = load_tokenizer(config.tokenizer)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        mc = self.loaded.config
+        self.model_name = config.resolved_model_name()
+        self.max_model_len = config.resolved_max_model_len(mc.max_position_embeddings)
+        self.layout = KVLayout.create(
+            config.kv_layout, config.page_size, mc.num_kv_heads, mc.head_dim, str(self.dtype)
+        )
+        num_pages = self._num_pages(mc.num_layers)
+        self.pool = KVPool(KVPoolConfig(self.layout, mc.num_layers, num_pages, self.dtype, self.device))
+        attn_config = AttentionConfig(
+            num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            scale=mc.head_dim**-0.5, variant=parse_variant(config.attention_variant),
+        )
+        self.backend = build_attention_backend(
+            attn_config, self.pool, config.resolved_backend(), config.prefill_backend,
+            config.decode_backend,
+        )
+        self.allocator = PageAllocator(num_pages)
+        self.prefix_cache = (
+            RadixPrefixCache(self.allocator, self.layout.page_size) if config.enable_prefix_cache else None
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                page_size=self.layout.page_size,
+                enable_prefix_cache=config.enable_prefix_cache,
+                schedule_policy=config.schedule_policy,
+                vocab_size=mc.vocab_size,
+            ),
+            self.allocator,
+            self.prefix_cache,
+        )
+        self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        if self.device.type == "cuda":
+            try:
+                self.runner.warm_up()
+            except Exception:  # costs the first requests some compile time, nothing more
+                logger.warning("warm-up step failed; kernels build on first use", exc_info=True)
+        self._setup_cuda_graphs(config)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self.step_count = 0
+        self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
+        # Kernels built during start-up are expected (warm-up, graph capture); any built
+        # later stalls a step, so it is logged and counted in /metrics.
+        watch = KernelInstanceWatch()
+        self.kernel_watch: KernelInstanceWatch | None = watch
+        self.serving_compiles = 0
+        logger.info(
+            "engine ready: model=%s backend=%s layout=%s page_size=%d dtype=%s device=%s "
+            "max_model_len=%d kv_tokens=%d kernel_instances=%d",
+            self.model_name, self.backend.name, self.layout.name, self.layout.page_size,
+            self.dtype, self.device, self.max_model_len, self.pool.num_tokens,
+            watch.total(),
+        )
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _num_pages(self, num_layers: int) -> int:
+        tokens = self.config.resolved_kv_cache_tokens()
+        if tokens is not None:
+            return pages_for_tokens(self.layout, tokens)
+        return pages_for_memory_fraction(
+            self.layout, num_layers, self.dtype, self.device, self.config.gpu_memory_utilization
+        )
+
+    def _setup_cuda_graphs(self, config: EngineConfig) -> None:
+        if not config.cuda_graphs or self.device.type != "cuda":
+            return
+        if not self.backend.capabilities.cuda_graphs:
+            logger.info("CUDA graphs off: attention backend %s cannot be captured",
+                        self.backend.name)
+            return
+        try:
+            self.runner.enable_cuda_graphs(config.resolved_cuda_graph_max_batch(), self.max_model_len)
+        except Exception:  # serving eagerly beats not serving
+            logger.exception("CUDA graph capture failed; decode steps run eagerly")
+            self.runner.graphs = None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.eos_token_ids)
+
+    # ---- requests (any thread) -------------------------------------------------------------
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        sink: OutputSink | None = None,
+    ) -> str:
+        """Validate and queue one request; returns its id. Raises RequestRejected."""
+        request_id = request_id or uuid.uuid4().hex
+        self.add_requests([prompt_token_ids], params, [request_id], [sink])
+        return request_id
+
+    def add_requests(
+        self, prompts: list[list[int]], params: SamplingParams, request_ids: list[str],
+        sinks: list[OutputSink | None],
+    ) -> None:
+        """Validate every prompt (Scheduler.validate, the one check), then queue them all: one
+        that cannot run (RequestRejected) stops the others from being queued."""
+        for ids in prompts:
+            self.scheduler.validate(ids, params)
+        for ids, rid, sink in zip(prompts, request_ids, sinks, strict=True):
+            req = Request(request_id=rid, prompt_token_ids=list(ids), sampling=params,
+                          eos_token_ids=self.eos_token_ids)
+            self._inbox.put(("add", (req, sink)))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                req, sink = item  # type: ignore[misc]
+                self._admit(req, sink)
+            elif kind == "abort":
+                self._abort_now(str(item))
+
+    def _admit(self, req: Request, sink: OutputSink | None) -> None:
+        try:
+            self.scheduler.add_request(req)
+        except ValueError as e:  # its request id is in use
+            self.outputs.reject(req, sink, str(e), self.observer)
+            return
+        gen = make_generator(req.sampling.seed, self.device) if req.sampling.seed is not None else None
+        self.outputs.add(req, sink, gen)
+
+    def _abort_now(self, request_id: str) -> None:
+        if request_id not in self.outputs:
+            return
+        self.scheduler.abort_request(request_id)
+        self.outputs.abort(request_id, self.observer)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self.outputs) or not self._inbox.empty()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration. Returns the outputs it produced (also sent to sinks)."""
+        self._drain_inbox()
+        plan = self.scheduler.schedule()
+        if plan.preempted:
+            self.observer.on_preemption(len(plan.preempted))
+        if plan.is_empty:
+            self._report_gauges()
+            return []
+        self.step_count += 1
+        self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
+        t0 = time.perf_counter()
+        try:
+            result = self.runner.execute(self._step_input(plan))
+        except Exception as e:  # an internal error fails this step's requests, not the engine
+            logger.exception("engine step failed; failing the requests in it")
+            outputs = self._fail_step(plan, f"internal error: {e}")
+            self._check_kernel_builds(time.perf_counter() - t0)
+            return outputs
+        outputs = self._process_result(plan, result, t0)
+        self._report_gauges()
+        return outputs
+
+    def _step_input(self, plan: StepPlan) -> StepInput:
+        token_ids: list[int] = []
+        q_lens, prefix_lens, tables, sample_seqs, sampling, gens = [], [], [], [], [], []
+        for i, seq in enumerate(plan.seqs):
+            req = seq.request
+            token_ids.extend(req.all_token_ids[seq.start : seq.start + seq.num_tokens])
+            q_lens.append(seq.num_tokens)
+            prefix_lens.append(seq.start)
+            tables.append(req.pages)
+            if seq.needs_sample:
+                sample_seqs.append(i)
+                sampling.append(req.sampling)
+                gens.append(self.outputs.generator(req.request_id))
+        every = max(1, self.config.attention_timing_every)
+        return StepInput(
+            token_ids=token_ids, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
+            num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
+            generators=gens, time_attention=self.step_count % every == 0,
+        )
+
+    def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:
+        # which sequences were sampled must be read before update() advances the requests
+        sampled_seqs = [seq for seq in plan.seqs if seq.needs_sample]
+        finished = self.scheduler.update(plan, result.token_ids)
+        now = time.monotonic()
+        step_s = time.perf_counter() - t0
+        self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
+        self._check_kernel_builds(step_s)
+        outputs, stopped = self.outputs.process(
+            sampled_seqs, result.token_ids, result.logprobs, finished, now, self.observer
+        )
+        for request_id in stopped:
+            self.scheduler.finish_request(request_id, FinishReason.STOP)
+        return outputs
+
+    def _fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:
+        outputs = []
+        for seq in plan.seqs:
+            rid = seq.request.request_id
+            self.scheduler.abort_request(rid)
+            out = self.outputs.fail(rid, message, self.observer)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _check_kernel_builds(self, step_s: float) -> None:
+        """Log and count the kernel instances the last step had to build. A diagnostic: if
+        reading Triton's caches ever fails (its internals change), the watch turns off
+        instead of failing steps."""
+        if self.kernel_watch is None:
+            return
+        try:
+            grown = self.kernel_watch.new_instances()
+        except Exception:
+            logger.warning("cannot read Triton's kernel caches; kernel builds are no longer "
+                           "counted", exc_info=True)
+            self.kernel_watch = None
+            return
+        if not grown:
+            return
+        count = sum(grown.values())
+        self.serving_compiles += count
+        logger.warning("a %.2f s step built %d Triton kernel instance(s) not covered by the "
+                       "start-up warm-up: %s", step_s, count,
+                       ", ".join(f"{name} x{n}" for name, n in grown.items()))
+        self.observer.on_kernel_compile(count, step_s)
+
+    def _report_gauges(self) -> None:
+        self.observer.on_gauges(
+            self.scheduler.num_running, self.scheduler.num_waiting, self.scheduler.stats
+        )
+
+    # ---- introspection ----------------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        """The scheduler's stats and the number of requests the engine tracks."""
+        return {**dataclasses.asdict(self.scheduler.stats), "num_tracked": len(self.outputs)}
