@@ -118,7 +118,7 @@ def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[Be
                 paged.seq_lens, paged.block_table, out, scale, variant, Lq, None, cfg,
             )
 
-        default = default_config(d, dev, layout_name, Lq)
+        default = default_config(d, dev, layout_name)
         sweep = SWEEPS[args.sweep_set or layout_kind(layout_name)]
         configs = [default] + [c for c in sweep if c != default] if args.sweep else [default]
         timings, errors = {}, {}

@@ -28,14 +28,12 @@ import triton
 import triton.language as tl
 
 from attention.triton.variants import TritonVariant
-from kvcache.layout import KVLayout
+from kvcache.layout import HNDX_ID, KVLayout
 
 try:  # Gluon (Triton >= 3.5): the register-direct hnd_x decode kernel
     from attention.triton import decode_hndx
 except ImportError:  # pragma: no cover - older Triton: the portable kernel serves hnd_x
     decode_hndx = None
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -269,7 +267,7 @@ class DecodeConfig:
 def gluon_hndx_available(layout: KVLayout, head_dim: int) -> bool:
     """Whether decode_hndx can serve this layout on the current GPU (dtype and group size
     are checked per call)."""
-    return (decode_hndx is not None and layout.name == "hnd_x" and layout.x == decode_hndx.RUN
+    return (decode_hndx is not None and layout.kernel_id == HNDX_ID and layout.x == decode_hndx.RUN
             and head_dim in (64, 128) and torch.cuda.is_available()
             and torch.cuda.get_device_capability()[0] >= 8)
 
@@ -290,7 +288,7 @@ def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool,
         return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
     # From the H100 sweep (bench/results/h100-decode-sweep-2026-11-25.json): 64/4/2 was best
     # or within 2% of the best for nhd/hnd on every shape.
-    if layout.name == "hnd_x":
+    if layout.kernel_id == HNDX_ID:
         # [N/X, D, X] tiles (16-byte rows, coalesced) permuted for tl.dot; 32-token tiles
         # reached 87-92% of copy bandwidth at batch >= 16, 75% for one 32k request
         # (bench/results/h100-decode-sweep-hndx-2026-11-25b.json).
@@ -398,7 +396,7 @@ def decode_attention(
         _merge_kernel[(B, Hq)](
             part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=D, BLOCK_D=block_d, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            USE_SOFTMAX=variant.use_softmax, NORMALIZE_BY_VISIBLE=variant.normalize_by_visible,
+            USE_SOFTMAX=variant.uses_softmax, NORMALIZE_BY_VISIBLE=variant.normalize_by_visible,
             num_warps=4 if D >= 128 else 2,
         )
     return out
@@ -415,7 +413,7 @@ def _launch_triton(
     group = Hq // Hkv
     block_d = triton.next_power_of_2(D)
     block_n = config.block_n
-    if layout.name == "hnd_x":
+    if layout.kernel_id == HNDX_ID:
         block_n = max(block_n, layout.x)
     s_page, s_off, s_head, s_dim, s_xblk = layout.strides()
     direct = num_splits == 1
@@ -428,7 +426,7 @@ def _launch_triton(
         num_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
-        PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x",
+        PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.kernel_id == HNDX_ID,
         X_MODE=config.x_mode, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **variant.kernel_args(),

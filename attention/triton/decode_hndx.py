@@ -34,7 +34,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from attention.triton.variants import TritonVariant
-from kvcache.layout import KVLayout
+from kvcache.layout import HNDX_ID, KVLayout
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 BLOCK_N = 64  # tokens per tile: 8 runs x 8 slots (one mma column block per slot)
@@ -203,7 +203,7 @@ def _hndx_decode_kernel(
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, layout: KVLayout) -> bool:
     """Whether this kernel serves a decode call; every other one takes the portable kernel."""
-    return (layout.name == "hnd_x" and q.is_cuda and layout.x == RUN
+    return (layout.kernel_id == HNDX_ID and q.is_cuda and layout.x == RUN
             and torch.cuda.get_device_capability(q.device)[0] >= 8  # mma.sync m16n8k16
             and layout.head_dim in (64, 128) and q.shape[1] // layout.num_kv_heads <= 16
             and q.dtype in _GL_DTYPES and k_cache.dtype == q.dtype)

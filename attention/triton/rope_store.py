@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcache.layout import KVLayout
+from kvcache.layout import HNDX_ID, KVLayout
 
 # Tokens per program of the hnd_x kernel: x of them (8 for 2-byte elements) fill a 16-byte
 # run; 16 give each program two runs per (head, dim).
@@ -197,7 +197,7 @@ def _launch(
                   HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=half,
                   BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
                   PAGE_SIZE=layout.page_size, ROTATE=rotate)
-    if layout.name == "hnd_x":
+    if layout.kernel_id == HNDX_ID:
         if rotate:  # q a token per program, as for the other layouts (see module docstring)
             _rope_store_kernel[(T,)](
                 *tensors, *strides, s_page, s_off, s_head, **shapes, STORE_KV=False,
