@@ -93,10 +93,6 @@ class KVPool:
         return self.config.num_pages
 
     @property
-    def page_size(self) -> int:
-        return self.layout.page_size
-
-    @property
     def num_tokens(self) -> int:
         """Usable token capacity (the scratch page excluded)."""
         return (self.config.num_pages - 1) * self.layout.page_size

@@ -170,7 +170,7 @@ def _update(
 
 # The per-sequence arrays of a mixed step's prefill part are slices that start after the
 # decodes, so their 16-byte alignment changes from step to step: specialising on it would
-# compile new kernel instances mid-serving (seconds of TTFT on the H100).
+# compile new kernel instances mid-serving.
 @triton.jit(do_not_specialize=["stride_bt", "param", "window", "qo_indptr_ptr",
                                "prefix_lens_ptr", "seq_lens_ptr", "block_table_ptr"])
 def _extend_kernel(

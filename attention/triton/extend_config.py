@@ -34,8 +34,8 @@ class ExtendConfig:
 
 
 # (capability major, head dim bucket, layout kind) -> config. The `tma` flag only takes
-# effect where a tile fits in a page (nhd/hnd, page_size % block_n == 0). Hopper rows: from
-# the H100 and H200 sweeps (docs/kernels.md, "Prefill / extend").
+# effect where a tile fits in a page (nhd/hnd, page_size % block_n == 0). Hopper rows: the
+# H100 and H200 runs in docs/kernels.md ("Launch choices").
 _TABLE: dict[tuple[int, int, str], ExtendConfig] = {
     # nhd/hnd: the Gluon kernel (extend_sm90.py) where it applies; this Triton config serves
     # the rest (other variants, small pages)

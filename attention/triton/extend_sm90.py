@@ -462,7 +462,7 @@ HNDX_ON_GPU = False
 # Two consumer warpgroups of 64 query rows (an item covers 128), 128-key tiles, three K/V
 # buffers: 32 KB of q + 3 x 64 KB = 224 KB of shared memory, one program per SM; 240 + 240
 # + 24 registers per thread fill the register file. Measured against the alternatives in
-# docs/kernels.md ("Hopper prefill/extend in Gluon").
+# docs/kernels.md ("Launch choices").
 BLOCK_M = 64  # rows per consumer warpgroup
 BLOCK_N = 128
 NUM_STAGES = 3
