@@ -1,20 +1,27 @@
-"""The attention backend interface and its registry.
+"""The attention backend contract.
 
 FlashInfer-style split: `plan(batch)` runs once per step (host-side work, metadata,
 split decisions); `forward(q, k, v, layer)` runs once per layer, stores the new K/V into
-the pool and attends over cached prefix + new tokens.
+the pool and attends over cached prefix + new tokens. Everything the rest of the engine
+may rely on is declared here: what a backend can do (`BackendCapabilities`), the graph key
+its plan decides, its warm-up, and the per-layer hook that timing uses. Nothing outside a
+backend reads its private attributes.
+
+Backends are created by name through `attention.registry`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
 from attention.batch import ForwardBatch
+from attention.rotary import rotate
 from attention.variants import Variant
 from kvcache.pool import KVPool
 
@@ -32,16 +39,49 @@ class AttentionConfig:
         return self.num_q_heads // self.num_kv_heads
 
 
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can do, declared once per backend class (a hybrid derives its own).
+
+    fused_rope_store: `forward_rope` rotates q and k, stores K/V and attends in its own
+        kernels, so the model hands it q and k unrotated (see `forward_rope`).
+    cuda_graphs: decode steps may be captured in CUDA graphs: `plan` only reads host lists
+        and the batch's tensors, `forward` allocates nothing that outlives the step and
+        never syncs; whatever `plan` decides on the host is returned by `graph_key`.
+    """
+
+    fused_rope_store: bool
+    cuda_graphs: bool
+
+
+@dataclass(frozen=True)
+class RopeInputs:
+    """What a fused rotary + store needs: absolute positions [T] and the model's cos|sin
+    cache (float32 [max_positions, head_dim], cos in the first half, sin in the second)."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+
+
+class LayerHook(Protocol):
+    """Brackets each layer's attention call (e.g. timing); `begin`/`end` get the layer."""
+
+    def begin(self, layer: int) -> None: ...
+
+    def end(self, layer: int) -> None: ...
+
+
 class AttentionBackend(ABC):
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] (rotary already applied); returns [T, Hq, D]."""
+    """q: [T, Hq, D]; k, v: [T, Hkv, D]; returns [T, Hq, D].
+
+    A model layer calls `attend`; subclasses implement `forward` (and `forward_rope` when
+    they declare `fused_rope_store`)."""
 
     name: ClassVar[str]
     supported_layouts: ClassVar[frozenset[str]]
     supported_variants: ClassVar[frozenset[str] | None] = None  # None: every variant
-    # Whether decode steps may be captured in CUDA graphs (model/cuda_graphs.py): `plan` then
-    # only reads host lists and the batch's tensors, and `forward` allocates nothing that
-    # outlives the step and never syncs.
-    supports_cuda_graphs: ClassVar[bool] = False
+    # every concrete backend declares its own (tests/attention/test_backend_contract.py)
+    capabilities: BackendCapabilities
 
     def __init__(self, config: AttentionConfig, pool: KVPool) -> None:
         if pool.layout.name not in self.supported_layouts:
@@ -58,51 +98,76 @@ class AttentionBackend(ABC):
         self.config = config
         self.pool = pool
         self.batch: ForwardBatch | None = None
+        self.graph_mode = False
+        self._layer_hook: LayerHook | None = None
 
-    def plan(self, batch: ForwardBatch) -> None:
-        """Once per step, before the first layer."""
-        self.batch = batch
+    # ------------------------------------------------------------------ once at start
+
+    def warm_up(self) -> None:
+        """Compile or initialise whatever a serving step will launch, so no request pays for
+        it; called once at start, before any CUDA-graph capture. Default: nothing."""
+        return None
 
     def cuda_graph_context_lengths(self, max_model_len: int) -> list[int]:
-        """Context lengths whose decode plans reach every host-side decision `plan` can make
-        (each distinct decision is its own graph); captured at start-up."""
+        """Context lengths whose graph-mode decode plans reach every `graph_key` the backend
+        can return (each distinct key is its own graph); captured at start-up."""
         return [1, max_model_len]
 
     def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
-        """Before any capture: size every per-step scratch buffer for the worst decode step
-        of up to `max_batch` sequences (a graph keeps the addresses it was captured with).
-        A backend without per-step scratch has nothing to do."""
+        """Before any capture: size every per-step scratch buffer for the worst graph-mode
+        decode step of up to `max_batch` sequences (a graph keeps the addresses it was
+        captured with). A backend without per-step scratch has nothing to do."""
         return None
+
+    # ------------------------------------------------------------------ once per step
+
+    def plan(self, batch: ForwardBatch, graph_mode: bool = False) -> None:
+        """Once per step, before the first layer. In `graph_mode` the step is (or replays) a
+        captured decode graph: host decisions must come from the finite set that
+        `cuda_graph_context_lengths` enumerates."""
+        self.batch = batch
+        self.graph_mode = graph_mode
+
+    def graph_key(self) -> Hashable:
+        """The host-side decision of the last `plan` that a captured graph bakes in (e.g. a
+        KV split count); graphs are keyed by (batch size, graph_key)."""
+        return ()
+
+    # ------------------------------------------------------------------ once per layer
+
+    @contextmanager
+    def layer_hook(self, hook: LayerHook | None) -> Iterator[None]:
+        """Within the block, every `attend` call is bracketed by `hook`."""
+        previous, self._layer_hook = self._layer_hook, hook
+        try:
+            yield
+        finally:
+            self._layer_hook = previous
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+               rope: RopeInputs | None = None) -> torch.Tensor:
+        """What a model layer calls. With `rope`, q and k are unrotated and the backend
+        rotates them (fused where it declares `fused_rope_store`); without, they are
+        already rotated."""
+        hook = self._layer_hook
+        if hook is not None:
+            hook.begin(layer)
+        if rope is None:
+            out = self.forward(q, k, v, layer)
+        else:
+            out = self.forward_rope(q, k, v, rope, layer)
+        if hook is not None:
+            hook.end(layer)
+        return out
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        """Once per layer: store k/v at the batch's slot_mapping, then attend."""
+        """Store k/v at the batch's slot_mapping, then attend (q and k already rotated)."""
 
-
-BackendFactory = Callable[[AttentionConfig, KVPool], AttentionBackend]
-_REGISTRY: dict[str, BackendFactory] = {}
-
-
-def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    def wrap(factory: BackendFactory) -> BackendFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def _load_builtin_backends() -> None:
-    # Imported lazily: backends may need optional packages (triton).
-    import attention.backends  # noqa: F401
-
-
-def backend_names() -> list[str]:
-    _load_builtin_backends()
-    return sorted(_REGISTRY)
-
-
-def create_backend(name: str, config: AttentionConfig, pool: KVPool) -> AttentionBackend:
-    _load_builtin_backends()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {backend_names()}")
-    return _REGISTRY[name](config, pool)
+    def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     rope: RopeInputs, layer: int) -> torch.Tensor:
+        """Rotate q and k (rotate-half convention, see attention/rotary.py), store the
+        rotated k and v, attend. q, k, v may be strided views whose last dimension is
+        contiguous. This default rotates in torch; fused backends override it."""
+        return self.forward(rotate(q, rope.positions, rope.cos_sin_cache),
+                            rotate(k, rope.positions, rope.cos_sin_cache), v, layer)

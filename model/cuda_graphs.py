@@ -9,11 +9,11 @@ A graph fixes its tensors' addresses and shapes, so:
   up to the next captured batch size (`decode_buckets`). Padding rows decode token 0 at
   position 0 from the scratch page 0 (seq_len 1, slot 0), so they touch no real page and
   their outputs are dropped;
-- the attention backend's `plan` runs before each replay on views of the same buffers;
-  what it decides on the host (the number of KV splits) is part of the graph, so graphs
-  are keyed by (batch size, splits), the backend rounds splits to powers of two in this
-  mode, every (bucket, splits) pair a context can need is captured at start, and the
-  split scratch is sized once for the worst case before any capture.
+- the attention backend's `plan(batch, graph_mode=True)` runs before each replay on views
+  of the same buffers; what it decides on the host (`graph_key`, e.g. the number of KV
+  splits) is part of the graph, so graphs are keyed by (batch size, graph_key), every
+  pair a context can need is captured at start, and the backend sizes its scratch once
+  for the worst case (`prepare_cuda_graphs`) before any capture.
 Only the forward pass to the final norm is captured; logits and sampling run eagerly on
 the rows that are sampled. Steps with prefill, larger batches, or attention timing run
 eagerly.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ class DecodeGraphs:
         self, model: torch.nn.Module, backend: AttentionBackend, device: torch.device,
         page_size: int, max_batch: int, max_model_len: int,
     ) -> None:
-        if not backend.supports_cuda_graphs:
+        if not backend.capabilities.cuda_graphs:
             raise ValueError(f"attention backend {backend.name!r} cannot be captured in a graph")
         self.model = model
         self.backend = backend
@@ -83,8 +84,8 @@ class DecodeGraphs:
         self._host_table = torch.zeros(B * self.max_pages, dtype=torch.int32, pin_memory=pin)
         # the staging buffers are rewritten only after the previous step's copies finished
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
-        self._graphs: dict[tuple[int, int], _Captured] = {}
-        self._failed: set[tuple[int, int]] = set()
+        self._graphs: dict[tuple[int, Hashable], _Captured] = {}
+        self._failed: set[tuple[int, Hashable]] = set()
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.max_model_len = max_model_len
         backend.prepare_cuda_graphs(self.max_batch, max_model_len)
@@ -109,8 +110,8 @@ class DecodeGraphs:
             for length in lengths:
                 host_lens = [length] * b
                 batch = self._stage([0] * b, [0] * b, [0] * b, host_lens, [[] for _ in range(b)], b)
-                self.backend.plan(batch)
-                key = (b, self.backend.num_splits)
+                self.backend.plan(batch, graph_mode=True)
+                key = (b, self.backend.graph_key())
                 if key not in self._graphs:
                     self._graphs[key] = self._capture(b)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
@@ -132,8 +133,8 @@ class DecodeGraphs:
         if bucket is None:
             raise ValueError(f"batch of {n} exceeds the largest captured size {self.max_batch}")
         batch = self._stage(token_ids, positions, slots, seq_lens, page_tables, bucket)
-        self.backend.plan(batch)
-        key = (bucket, self.backend.num_splits)
+        self.backend.plan(batch, graph_mode=True)
+        key = (bucket, self.backend.graph_key())
         if key in self._failed:
             return None
         captured = self._graphs.get(key)

@@ -4,32 +4,23 @@ The model never sees pages: each layer computes q [T, Hq, D], k, v [T, Hkv, D] f
 step's T new tokens and hands them to the attention backend, which stores K/V into the
 paged pool and attends over cached prefix + new tokens.
 
-Rotary contract (how a backend may fuse rotary with the K/V store):
-  - `model.rotary` is a `RotaryEmbedding`; `model.rotary.cos_sin_cache` is a float32
-    tensor [max_positions, head_dim]: columns [0, D/2) are cos, [D/2, D) are sin, of
-    position * inv_freq (Llama-3 scaling already folded into inv_freq). Rotation follows
-    the neox / Hugging Face "rotate_half" convention: with x = (x1 | x2) split in halves,
-    rot(x) = (x1 * cos - x2 * sin | x2 * cos + x1 * sin).
-  - By default each layer applies rotary to q and k in torch (after Qwen3's q/k norm)
-    and calls `attn.forward(q, k, v, layer_idx)`.
-  - If the backend object has `fused_rope = True`, the layer instead calls
-    `attn.forward_rope(q, k, v, positions, cos_sin_cache, layer_idx)` with q and k NOT
-    rotated (q/k norm already applied); the backend must rotate q and k exactly as above,
-    store the rotated k and v at the batch's slot_mapping, attend, and return [T, Hq, D].
-  - q, k and v may be strided views into the fused qkv projection: their last dimension is
-    contiguous; token and head strides are whatever `.stride()` says.
+Rotary: `model.rotary.cos_sin_cache` is the float32 [max_positions, head_dim] cos|sin
+cache of attention/rotary.py (Llama-3 scaling folded into inv_freq). When the backend
+declares `capabilities.fused_rope_store`, a layer hands it q and k unrotated (after Qwen3's
+q/k norm) with `RopeInputs`; otherwise the layer rotates them in torch. q, k and v may be
+strided views into the fused qkv projection (last dimension contiguous).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention.base import AttentionBackend, AttentionConfig
+from attention.base import AttentionBackend, AttentionConfig, RopeInputs
+from attention.rotary import RotaryTables, apply_rotary, rotary_tables
 from attention.variants import Variant
 from model.config import ModelConfig
 
@@ -77,12 +68,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(in_band, blended, scaled)
 
 
-@dataclass
-class RotaryTables:
-    cos: torch.Tensor  # [T, 1, D] float32: (cos | cos)
-    sin: torch.Tensor  # [T, 1, D] float32: (-sin | sin)
-
-
 class RotaryEmbedding(nn.Module):
     """Precomputed cos|sin cache indexed by absolute positions (see the module docstring)."""
 
@@ -111,26 +96,11 @@ class RotaryEmbedding(nn.Module):
 
     def lookup(self, positions: torch.Tensor) -> RotaryTables:
         """Per-step tables for these positions, shared by every layer."""
-        half = self.head_dim // 2
-        cos_sin = self.cos_sin_cache[positions]  # [T, D]
-        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
-        return RotaryTables(
-            cos=torch.cat([cos, cos], dim=-1)[:, None, :],
-            sin=torch.cat([-sin, sin], dim=-1)[:, None, :],
-        )
-
-    @staticmethod
-    def apply(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
-        """Rotate x [T, H, D] (rotate-half convention), computing in float32."""
-        T, H, D = x.shape
-        xf = x.float() if x.dtype != torch.float64 else x
-        # (x2 | x1): the halves swapped; tables.sin carries the sign of rotate_half.
-        swapped = xf.view(T, H, 2, D // 2).flip(2).view(T, H, D)
-        return torch.addcmul(xf * tables.cos, swapped, tables.sin).to(x.dtype)
+        return rotary_tables(self.cos_sin_cache, positions)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Convenience: rotate x [T, H, D] at `positions` [T]."""
-        return self.apply(x, self.lookup(positions))
+        return apply_rotary(x, self.lookup(positions))
 
 
 class Attention(nn.Module):
@@ -164,25 +134,22 @@ class Attention(nn.Module):
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(hidden)
         v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
-        fused = getattr(attn, "fused_rope", False)
+        fused = attn.capabilities.fused_rope_store
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(qkv[:, : self.q_size].view(T, Hq, D))
             k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].view(T, Hkv, D))
             if not fused:
-                q = RotaryEmbedding.apply(q, rope)
-                k = RotaryEmbedding.apply(k, rope)
+                q = apply_rotary(q, rope)
+                k = apply_rotary(k, rope)
         elif fused:
             q = qkv[:, : self.q_size].view(T, Hq, D)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, Hkv, D)
         else:
             # q and k rotated together: one set of kernels instead of two.
-            qk = RotaryEmbedding.apply(qkv[:, : self.q_size + self.kv_size].view(T, Hq + Hkv, D),
-                                       rope)
+            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, Hq + Hkv, D), rope)
             q, k = qk[:, :Hq], qk[:, Hq:]
-        if fused:
-            out = attn.forward_rope(q, k, v, positions, cos_sin_cache, self.layer_idx)
-        else:
-            out = attn.forward(q, k, v, self.layer_idx)
+        fused_rope = RopeInputs(positions, cos_sin_cache) if fused else None
+        out = attn.attend(q, k, v, self.layer_idx, fused_rope)
         return self.o_proj(out.reshape(T, self.q_size))
 
 

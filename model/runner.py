@@ -4,7 +4,8 @@ Takes plain host lists (the engine translates the scheduler's StepPlan), builds 
 ForwardBatch, calls `backend.plan` once, runs the model (each layer calls
 `backend.forward`), computes logits only for the rows that are sampled, and samples on
 the device. Attention time is measured around the backend's per-layer calls on the steps
-the engine asks for: CUDA events on GPU, a timer on CPU (where execution is synchronous).
+the engine asks for, through the backend's layer hook: CUDA events on GPU, a timer on CPU
+(where execution is synchronous).
 """
 
 from __future__ import annotations
@@ -44,46 +45,31 @@ class StepOutput:
 
 
 class _AttentionTimer:
-    """Wraps a backend's forward to accumulate time spent in attention for one step."""
+    """A backend layer hook that accumulates the time of one step's attention calls."""
 
-    def __init__(self, backend: AttentionBackend, device: torch.device) -> None:
-        self.backend = backend
-        self.device = device
-        self._orig_forward = backend.forward
-        self._orig_forward_rope = getattr(backend, "forward_rope", None)
+    def __init__(self, device: torch.device) -> None:
+        self.on_gpu = device.type == "cuda"
         self.cpu_s = 0.0
+        self._t0 = 0.0
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def _wrap(self, fn):  # type: ignore[no-untyped-def]
-        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args, **kwargs)
-                end.record()
-                self.events.append((start, end))
-                return out
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.cpu_s += time.perf_counter() - t0
-            return out
+    def begin(self, layer: int) -> None:
+        if self.on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.events.append((start, end))
+        else:
+            self._t0 = time.perf_counter()
 
-        return timed
-
-    def __enter__(self) -> _AttentionTimer:
-        self.backend.forward = self._wrap(self._orig_forward)  # type: ignore[method-assign]
-        if self._orig_forward_rope is not None:
-            self.backend.forward_rope = self._wrap(self._orig_forward_rope)  # type: ignore[attr-defined]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        del self.backend.forward
-        if self._orig_forward_rope is not None:
-            del self.backend.forward_rope  # type: ignore[attr-defined]
+    def end(self, layer: int) -> None:
+        if self.on_gpu:
+            self.events[-1][1].record()
+        else:
+            self.cpu_s += time.perf_counter() - self._t0
 
     def elapsed_s(self) -> float:
         """Call after the step's results were synchronised."""
-        if self.device.type == "cuda":
+        if self.on_gpu:
             return sum(s.elapsed_time(e) for s, e in self.events) / 1000.0
         return self.cpu_s
 
@@ -140,6 +126,7 @@ class ModelRunner:
                 generators=[None] * num_seqs,
             )
 
+        self.backend.warm_up()
         graphs, self.graphs = self.graphs, None  # eager, even once graphs are captured
         try:
             for num_decodes, num_seqs in ((0, 1), (1, 1), (1, 2)):
@@ -176,11 +163,8 @@ class ModelRunner:
             input_ids = input_ids.pin_memory()
         input_ids = input_ids.to(self.device, non_blocking=True)
         self.backend.plan(batch)
-        timer = _AttentionTimer(self.backend, self.device) if step.time_attention else None
-        if timer is not None:
-            with timer:
-                hidden = self.model(input_ids, batch.positions, self.backend)
-        else:
+        timer = _AttentionTimer(self.device) if step.time_attention else None
+        with self.backend.layer_hook(timer):
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
         return self._sample(hidden, last_rows, step, timer, batch.phase)

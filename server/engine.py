@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attention.backends.hybrid import build_attention_backend
 from attention.base import AttentionConfig
+from attention.registry import build_attention_backend
 from attention.triton.compile_watch import KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
@@ -220,7 +220,7 @@ class EngineCore:
     def _setup_cuda_graphs(self, config: EngineConfig) -> None:
         if not config.cuda_graphs or self.device.type != "cuda":
             return
-        if not self.backend.supports_cuda_graphs:
+        if not self.backend.capabilities.cuda_graphs:
             logger.info("CUDA graphs off: attention backend %s cannot be captured",
                         self.backend.name)
             return

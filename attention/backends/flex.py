@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from attention.backends.reference import ReferenceBackend, _GroupPlan
-from attention.base import AttentionConfig, register_backend
+from attention.base import AttentionConfig, BackendCapabilities
 from attention.batch import ForwardBatch
 from attention.variants import alibi_slopes, variants_of_peer
 from kvcache.layout import LAYOUT_NAMES
@@ -116,9 +116,9 @@ def flex_group(
     return out.transpose(1, 2).reshape(B, Lq, config.num_q_heads, config.head_dim)
 
 
-@register_backend("flex")
 class FlexBackend(ReferenceBackend):
     name = "flex"
+    capabilities = BackendCapabilities(fused_rope_store=False, cuda_graphs=False)
     supported_layouts = frozenset(LAYOUT_NAMES)
     supported_variants = variants_of_peer("flex")
 
@@ -126,9 +126,12 @@ class FlexBackend(ReferenceBackend):
         super().__init__(config, pool)
         device = pool.k_caches[0].device if pool.k_caches else torch.device("cpu")
         self.slopes = alibi_slopes(config.num_q_heads).to(device, torch.float32)
+        self.device = device
         self.flex_groups: list[_FlexGroup] = []
-        if device.type == "cuda":
-            self._compile_shape_classes(device, pool.k_caches[0].dtype)
+
+    def warm_up(self) -> None:
+        if self.device.type == "cuda":
+            self._compile_shape_classes(self.device, self.pool.k_caches[0].dtype)
 
     def _compile_shape_classes(self, device: torch.device, dtype: torch.dtype) -> None:
         """Compile Flex, in inference mode as the steps run, for the shape classes a step can
@@ -158,8 +161,8 @@ class FlexBackend(ReferenceBackend):
         _flex_for(device)(q, kv, kv, score_mod=_score_mod(cfg, q_pos, self.slopes),
                           block_mask=_block_mask(allowed), scale=cfg.scale, enable_gqa=True)
 
-    def plan(self, batch: ForwardBatch) -> None:
-        super().plan(batch)
+    def plan(self, batch: ForwardBatch, graph_mode: bool = False) -> None:
+        super().plan(batch, graph_mode)
         self.flex_groups = [self._plan_flex(g) for g in self.groups]
 
     def _plan_flex(self, plan: _GroupPlan) -> _FlexGroup:

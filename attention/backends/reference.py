@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention.base import AttentionBackend, AttentionConfig, register_backend
+from attention.base import AttentionBackend, AttentionConfig, BackendCapabilities
 from attention.batch import ForwardBatch
 from attention.batch_slices import split_phases
 from attention.variants import BUILTIN_VARIANTS, apply_variant_torch
@@ -90,9 +90,9 @@ def attend_group(
     return out.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B, Lq, Hq, D)
 
 
-@register_backend("reference")
 class ReferenceBackend(AttentionBackend):
     name = "reference"
+    capabilities = BackendCapabilities(fused_rope_store=False, cuda_graphs=False)
     supported_layouts = frozenset(LAYOUT_NAMES)
     supported_variants = frozenset(BUILTIN_VARIANTS)
 
@@ -100,8 +100,8 @@ class ReferenceBackend(AttentionBackend):
         super().__init__(config, pool)
         self.groups: list[_GroupPlan] = []
 
-    def plan(self, batch: ForwardBatch) -> None:
-        super().plan(batch)
+    def plan(self, batch: ForwardBatch, graph_mode: bool = False) -> None:
+        super().plan(batch, graph_mode)
         self.groups = []
         decode, prefill = split_phases(batch)
         if decode is not None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from attention.backends.reference import ReferenceBackend, _GroupPlan
-from attention.base import AttentionConfig, register_backend
+from attention.base import AttentionConfig, BackendCapabilities
 from attention.variants import alibi_slopes, variants_of_peer
 from kvcache.layout import LAYOUT_NAMES
 from kvcache.pool import KVPool, read_slots
@@ -37,9 +37,9 @@ def sdpa_group(
     return out.transpose(1, 2).reshape(B, Lq, Hq, D)
 
 
-@register_backend("sdpa")
 class SDPABackend(ReferenceBackend):
     name = "sdpa"
+    capabilities = BackendCapabilities(fused_rope_store=False, cuda_graphs=False)
     supported_layouts = frozenset(LAYOUT_NAMES)
     supported_variants = variants_of_peer("sdpa")
 

@@ -11,12 +11,13 @@ in `plan`, never allocated per layer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 
 from attention.backends.reference import _GroupPlan, attend_group, plan_group
-from attention.base import AttentionBackend, AttentionConfig, register_backend
+from attention.base import AttentionBackend, AttentionConfig, BackendCapabilities, RopeInputs
 from attention.batch import ForwardBatch
 from attention.batch_slices import split_phases
 from attention.triton.decode import (
@@ -45,13 +46,11 @@ def _load_extend() -> Any:
     return extend_attention
 
 
-@register_backend("triton")
 class TritonBackend(AttentionBackend):
     name = "triton"
     supported_layouts = frozenset(LAYOUT_NAMES)
     supported_variants = None  # built-ins and user `module:function` transforms
-    fused_rope = True
-    supports_cuda_graphs = True
+    capabilities = BackendCapabilities(fused_rope_store=True, cuda_graphs=True)
 
     def __init__(self, config: AttentionConfig, pool: KVPool) -> None:
         super().__init__(config, pool)
@@ -71,17 +70,17 @@ class TritonBackend(AttentionBackend):
         self.extend = _load_extend()
         self.num_splits = 1
         self.min_tokens_per_split = 256  # shorter splits cost more in merging than they gain
-        self.pow2_splits = False  # CUDA-graph mode: fewer distinct split counts to capture
         self._decode: ForwardBatch | None = None
         self._prefill: ForwardBatch | None = None
         self._prefill_offset = 0
         self._prefill_group: _GroupPlan | None = None
-        if on_gpu:
-            self._warm_up(pool)
 
-    def _warm_up(self, pool: KVPool) -> None:
+    def warm_up(self) -> None:
         """Compile every kernel instance a step may launch, so no serving step waits on
         Triton (attnserve_kernel_compiles_total in /metrics counts any that do)."""
+        if self.device.type != "cuda":
+            return
+        pool = self.pool
         dtype = pool.k_caches[0].dtype
         try:
             warmup_decode(pool.layout, self.config.num_q_heads, self.variant, self.device, dtype,
@@ -96,13 +95,13 @@ class TritonBackend(AttentionBackend):
 
     # ------------------------------------------------------------------ per step
 
-    def plan(self, batch: ForwardBatch) -> None:
-        super().plan(batch)
+    def plan(self, batch: ForwardBatch, graph_mode: bool = False) -> None:
+        super().plan(batch, graph_mode)
         self._decode, self._prefill = split_phases(batch)
         self._prefill_offset = batch.qo_indptr_host[batch.num_decodes]
         if self._decode is not None:
             dec = self._decode
-            self.num_splits = self._splits(dec.num_seqs, dec.max_seq_len)
+            self.num_splits = self._splits(dec.num_seqs, dec.max_seq_len, graph_mode)
             if self.num_splits > 1:
                 self.split_buffers.ensure(
                     dec.num_seqs, self.config.num_q_heads, self.num_splits, self.block_d
@@ -111,14 +110,17 @@ class TritonBackend(AttentionBackend):
         if self._prefill is not None and self.extend is None:
             self._prefill_group = plan_group(self._prefill, self._prefill_offset)
 
-    def _splits(self, num_seqs: int, max_seq_len: int) -> int:
+    def _splits(self, num_seqs: int, max_seq_len: int, graph_mode: bool) -> int:
         splits = self.decode_config.num_splits(
             num_seqs, self.config.num_kv_heads, max_seq_len, self.num_sms,
             min_tokens_per_split=self.min_tokens_per_split,
         )
-        if self.pow2_splits:
+        if graph_mode:  # powers of two: fewer distinct split counts to capture
             splits = 1 << (splits - 1).bit_length()
         return splits
+
+    def graph_key(self) -> Hashable:
+        return self.num_splits
 
     def cuda_graph_context_lengths(self, max_model_len: int) -> list[int]:
         # The split count grows with ceil(length / unit) and is rounded up to a power of
@@ -130,9 +132,8 @@ class TritonBackend(AttentionBackend):
         return lengths
 
     def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
-        self.pow2_splits = True
         # splits never decrease with the context length, so max_model_len is the worst case
-        rows = max(b * self._splits(b, max_model_len) for b in range(1, max_batch + 1))
+        rows = max(b * self._splits(b, max_model_len, True) for b in range(1, max_batch + 1))
         self.split_buffers.ensure(rows, self.config.num_q_heads, 1, self.block_d)
         # eager decode steps larger than any graph may still grow the scratch later
         self.split_buffers.keep_retired = True
@@ -148,12 +149,11 @@ class TritonBackend(AttentionBackend):
         return self._attend(q, layer)
 
     def forward_rope(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-        cos_sin_cache: torch.Tensor, layer: int,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeInputs, layer: int,
     ) -> torch.Tensor:
-        """Rotate q and k (rotate_half convention), store rotated k and v, attend."""
+        """One kernel rotates q and k, stores rotated k and v; then attend."""
         assert self.batch is not None, "plan() must run before forward_rope()"
-        q_rot = rope_store(q, k, v, positions, cos_sin_cache, self.batch.slot_mapping,
+        q_rot = rope_store(q, k, v, rope.positions, rope.cos_sin_cache, self.batch.slot_mapping,
                            self.pool.k_caches[layer], self.pool.v_caches[layer], self.pool.layout)
         return self._attend(q_rot, layer)
 

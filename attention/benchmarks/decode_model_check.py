@@ -16,8 +16,8 @@ import random
 
 import torch
 
-from attention.backends.hybrid import build_attention_backend
 from attention.batch import ForwardBatch
+from attention.registry import build_attention_backend
 from kvcache.layout import KVLayout
 from kvcache.pool import KVPool, KVPoolConfig
 from model.llama import attention_config

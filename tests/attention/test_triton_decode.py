@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from attention.backends.reference import ReferenceBackend  # noqa: E402
 from attention.backends.triton_backend import TritonBackend  # noqa: E402
-from attention.base import AttentionConfig  # noqa: E402
+from attention.base import AttentionConfig, RopeInputs  # noqa: E402
 from attention.batch import ForwardBatch  # noqa: E402
 from attention.triton.decode import (  # noqa: E402
     DecodeConfig,
@@ -202,7 +202,7 @@ def test_triton_backend_mixed_step_matches_reference_backend(layout_name: str,
         x1, x2 = x.double()[..., : HEAD_DIM // 2], x.double()[..., HEAD_DIM // 2 :]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
-    got = triton_backend.forward_rope(q, k, v, positions, cos_sin.float(), 0)
+    got = triton_backend.forward_rope(q, k, v, RopeInputs(positions, cos_sin.float()), 0)
     want = reference.forward(rotate(q), rotate(k), v.double(), 0)
     assert not got.isnan().any()
     assert (got.double() - want).norm() / want.norm() < 1e-5

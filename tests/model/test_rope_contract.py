@@ -1,5 +1,5 @@
-"""The fused-rotary contract: a backend with `fused_rope = True` gets q/k unrotated plus the
-cos|sin cache and must produce what the unfused path produces."""
+"""The fused-rotary contract: a backend that declares `fused_rope_store` gets q/k unrotated
+plus the cos|sin cache and must produce what the unfused path produces."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attention.backends.reference import ReferenceBackend
+from attention.base import BackendCapabilities
 from model.llama import RotaryEmbedding
 from model.loader import empty_model
 from model.presets import init_synthetic_weights, synthetic_config
@@ -19,11 +20,12 @@ from tests.model.hf_reference import PagedRunner
 class FusedRopeReference(ReferenceBackend):
     """Rotates with its own reading of the documented cache format, then the reference path."""
 
-    fused_rope = True
+    capabilities = BackendCapabilities(fused_rope_store=True, cuda_graphs=False)
     calls = 0
 
-    def forward_rope(self, q, k, v, positions, cos_sin_cache, layer):
+    def forward_rope(self, q, k, v, rope, layer):
         type(self).calls += 1
+        positions, cos_sin_cache = rope.positions, rope.cos_sin_cache
         half = q.shape[-1] // 2
         cos = cos_sin_cache[positions, :half][:, None, :]
         sin = cos_sin_cache[positions, half:][:, None, :]

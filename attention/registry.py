@@ -1,0 +1,81 @@
+"""Backends by name: lazy factories, so no backend module is imported until it is asked for
+(and `attention.base` never imports a backend: no import cycle).
+
+Adding a built-in backend is one line in `_BUILTIN`; a user's backend registers with
+`register_backend(name, factory)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from attention.base import AttentionBackend, AttentionConfig
+from kvcache.pool import KVPool
+
+BackendFactory = Callable[[AttentionConfig, KVPool], AttentionBackend]
+
+
+@dataclass(frozen=True)
+class _LazyBackend:
+    target: str  # "module:attribute"
+    requires: tuple[str, ...] = ()  # packages the module needs
+
+    def available(self) -> bool:
+        return all(importlib.util.find_spec(pkg) is not None for pkg in self.requires)
+
+    def load(self) -> BackendFactory:
+        module, attr = self.target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_BUILTIN: dict[str, _LazyBackend] = {
+    "reference": _LazyBackend("attention.backends.reference:ReferenceBackend"),
+    "sdpa": _LazyBackend("attention.backends.sdpa:SDPABackend"),
+    "flex": _LazyBackend("attention.backends.flex:FlexBackend"),
+    "triton": _LazyBackend("attention.backends.triton_backend:TritonBackend", ("triton",)),
+}
+_USER: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make `factory` creatable as `name` (e.g. `--attention-backend name`)."""
+    _USER[name] = factory
+
+
+def backend_names() -> list[str]:
+    """Every backend that can be created here (built-ins whose packages are installed)."""
+    return sorted({n for n, b in _BUILTIN.items() if b.available()} | set(_USER))
+
+
+def backend_factory(name: str) -> BackendFactory:
+    if name in _USER:
+        return _USER[name]
+    lazy = _BUILTIN.get(name)
+    if lazy is None or not lazy.available():
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {backend_names()}")
+    return lazy.load()
+
+
+def create_backend(name: str, config: AttentionConfig, pool: KVPool) -> AttentionBackend:
+    return backend_factory(name)(config, pool)
+
+
+def build_attention_backend(
+    config: AttentionConfig,
+    pool: KVPool,
+    backend: str,
+    prefill_backend: str | None = None,
+    decode_backend: str | None = None,
+) -> AttentionBackend:
+    """`--attention-backend`, optionally overridden per phase by `--prefill-backend` /
+    `--decode-backend` (then a `HybridBackend` of the two)."""
+    pre = prefill_backend or backend
+    dec = decode_backend or backend
+    if pre == dec:
+        return create_backend(pre, config, pool)
+    from attention.backends.hybrid import HybridBackend
+
+    return HybridBackend(create_backend(pre, config, pool), create_backend(dec, config, pool))
