@@ -8,11 +8,46 @@ jitted functions, one kernel instance per variant.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-BUILTIN_VARIANTS = ("softmax", "softcap", "sliding_window", "alibi", "sigmoid", "silu")
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a built-in variant is; every backend and kernel reads these fields."""
+
+    name: str
+    uses_softmax: bool = True
+    param: str | None = None  # what the parameter is ("cap", "window"); None: it takes none
+    default_param: float | None = None  # with a param: None means the user must give one
+    modifies_logits: bool = False  # transforms or masks q.k before the softmax
+    needs_slopes: bool = False  # per-head ALiBi slopes
+    weight: Callable[[torch.Tensor], torch.Tensor] | None = None  # pointwise weights (no softmax)
+    normalize_by_visible: bool = False  # weights divided by the keys the query may see
+    peers: frozenset[str] = frozenset()  # torch peer backends that express it (reference: all)
+
+
+_SPECS = (
+    VariantSpec("softmax", peers=frozenset({"sdpa", "flex"})),
+    VariantSpec("softcap", param="cap", default_param=30.0, modifies_logits=True,
+                peers=frozenset({"flex"})),
+    VariantSpec("sliding_window", param="window", modifies_logits=True,
+                peers=frozenset({"sdpa", "flex"})),
+    VariantSpec("alibi", modifies_logits=True, needs_slopes=True,
+                peers=frozenset({"sdpa", "flex"})),
+    VariantSpec("sigmoid", uses_softmax=False, weight=torch.sigmoid),
+    VariantSpec("silu", uses_softmax=False, weight=torch.nn.functional.silu,
+                normalize_by_visible=True),
+)
+VARIANT_SPECS = {spec.name: spec for spec in _SPECS}
+BUILTIN_VARIANTS = tuple(VARIANT_SPECS)
+
+
+def variants_of_peer(peer: str) -> frozenset[str]:
+    """The built-in variants that the torch peer backend `peer` ('sdpa', 'flex') expresses."""
+    return frozenset(spec.name for spec in _SPECS if peer in spec.peers)
 
 
 @dataclass(frozen=True)
@@ -20,22 +55,69 @@ class Variant:
     """name: a built-in name or 'module:function' (a user's Triton transform).
 
     softcap: logits -> cap * tanh(logits / cap)             (param = cap, default 30)
-    sliding_window: keys older than `window` positions are masked  (param = window)
+    sliding_window: keys `window` or more positions back are masked  (param = window)
     alibi: logits + slope_h * (k_pos - q_pos)                (slopes from the head count)
     sigmoid: no softmax; weights = sigmoid(logits)           (HSTU/SigLIP-style pointwise)
     silu: no softmax; weights = silu(logits) / n_keys_visible (HSTU-style pointwise)
+
+    A user variant is a logits transform under softmax, with `param` passed to it.
     """
 
     name: str = "softmax"
     param: float = 0.0
 
+    def __post_init__(self) -> None:
+        spec = self.spec
+        if spec is None or spec.param is None:
+            return
+        if self.param <= 0:
+            raise ValueError(f"variant {self.name!r} needs a positive {spec.param}")
+        if spec.param == "window" and not float(self.param).is_integer():
+            raise ValueError(f"the sliding window is a whole number of keys, got {self.param}")
+
     @property
-    def use_softmax(self) -> bool:
-        return self.name not in ("sigmoid", "silu")
+    def spec(self) -> VariantSpec | None:
+        """The built-in's table entry; None for a user's transform."""
+        return VARIANT_SPECS.get(self.name)
 
     @property
     def is_builtin(self) -> bool:
-        return self.name in BUILTIN_VARIANTS
+        return self.spec is not None
+
+    @property
+    def uses_softmax(self) -> bool:
+        spec = self.spec
+        return spec is None or spec.uses_softmax
+
+    @property
+    def modifies_logits(self) -> bool:
+        spec = self.spec
+        return spec is None or spec.modifies_logits
+
+    @property
+    def needs_slopes(self) -> bool:
+        spec = self.spec
+        return spec is not None and spec.needs_slopes
+
+    @property
+    def normalize_by_visible(self) -> bool:
+        spec = self.spec
+        return spec is not None and spec.normalize_by_visible
+
+    @property
+    def softcap(self) -> float | None:
+        """The cap of a softcap variant, else None."""
+        return self._param_if("cap")
+
+    @property
+    def window(self) -> int | None:
+        """A sliding window's size: keys at q_pos - k_pos >= window are masked; else None."""
+        window = self._param_if("window")
+        return None if window is None else int(window)
+
+    def _param_if(self, kind: str) -> float | None:
+        spec = self.spec
+        return float(self.param) if spec is not None and spec.param == kind else None
 
     def __str__(self) -> str:
         return self.name if not self.param else f"{self.name}({self.param:g})"
@@ -46,16 +128,17 @@ def parse_variant(spec: str) -> Variant:
     user's 'package.module:function' (not a built-in name)."""
     spec = spec.strip()
     name, _, arg = spec.partition(":")
-    if name in BUILTIN_VARIANTS:
-        if name == "softcap":
-            return Variant("softcap", float(arg) if arg else 30.0)
-        if name == "sliding_window":
-            if not arg:
-                raise ValueError("sliding_window needs a window: sliding_window:W")
-            return Variant("sliding_window", float(int(arg)))
-        if arg:
-            raise ValueError(f"variant {name!r} takes no parameter")
-        return Variant(name)
+    builtin = VARIANT_SPECS.get(name)
+    if builtin is not None:
+        if builtin.param is None:
+            if arg:
+                raise ValueError(f"variant {name!r} takes no parameter")
+            return Variant(name)
+        if not arg:
+            if builtin.default_param is None:
+                raise ValueError(f"{name} needs a {builtin.param}: {name}:{builtin.param.upper()}")
+            return Variant(name, builtin.default_param)
+        return Variant(name, float(arg))
     if arg and name:
         return Variant(spec)  # a user's Triton transform, resolved by the triton backend
     raise ValueError(f"unknown attention variant {spec!r}; built-ins: {', '.join(BUILTIN_VARIANTS)}")
@@ -91,23 +174,23 @@ def apply_variant_torch(
     Returns weights of scores' shape. A softmax row with no visible key (only padding
     queries have none) is NaN; callers drop those rows.
     """
-    if not variant.is_builtin:
+    spec = variant.spec
+    if spec is None:
         raise ValueError(f"the torch oracle has no definition for user variant {variant.name!r}")
     hq = scores.shape[-3]
-    if variant.name == "softcap":
-        scores = variant.param * torch.tanh(scores / variant.param)
-    elif variant.name == "alibi":
+    if variant.softcap is not None:
+        scores = variant.softcap * torch.tanh(scores / variant.softcap)
+    if variant.needs_slopes:
         slopes = alibi_slopes(hq).to(scores.device, scores.dtype).view(hq, 1, 1)
         scores = scores + slopes * (k_pos - q_pos).to(scores.dtype)
-    elif variant.name == "sliding_window":
-        visible = visible & ((q_pos - k_pos) < int(variant.param))
-    if variant.use_softmax:
+    if variant.window is not None:
+        visible = visible & ((q_pos - k_pos) < variant.window)
+    if spec.uses_softmax:
         scores = scores.masked_fill(~visible, float("-inf"))
         return torch.softmax(scores, dim=-1)
-    if variant.name == "sigmoid":
-        weights = torch.sigmoid(scores)
-        return weights.masked_fill(~visible, 0.0)
-    # silu: normalised by the number of keys each query may see
-    weights = torch.nn.functional.silu(scores).masked_fill(~visible, 0.0)
-    n_visible = visible.expand_as(weights).sum(-1, keepdim=True).clamp(min=1)
-    return weights / n_visible.to(weights.dtype)
+    assert spec.weight is not None
+    weights = spec.weight(scores).masked_fill(~visible, 0.0)
+    if spec.normalize_by_visible:  # by the number of keys each query may see
+        n_visible = visible.expand_as(weights).sum(-1, keepdim=True).clamp(min=1)
+        weights = weights / n_visible.to(weights.dtype)
+    return weights

@@ -4,6 +4,6 @@ This package's __init__ stays free of torch so that `scheduler/` (pure Python) c
 the allocator and the prefix cache. Import `kvcache.pool` explicitly for the tensors.
 """
 
-from kvcache.layout import LAYOUT_NAMES, KVLayout
+from kvcache.layout import LAYOUT_NAMES, KVLayout, page_size_for
 
-__all__ = ["KVLayout", "LAYOUT_NAMES"]
+__all__ = ["KVLayout", "LAYOUT_NAMES", "page_size_for"]

@@ -11,11 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.layout import KVLayout
+from kvcache.allocator import SCRATCH_PAGE
+from kvcache.layout import HND_ID, NHD_ID, KVLayout
+
+__all__ = [  # SCRATCH_PAGE is the allocator's, re-exported for the pool's readers
+    "SCRATCH_PAGE", "KVPool", "KVPoolConfig", "bytes_per_page", "pages_for_memory_fraction",
+    "pages_for_tokens", "read_slots", "write_slots",
+]
 
 logger = logging.getLogger(__name__)
-
-SCRATCH_PAGE = 0
 
 
 def _page_and_offset(layout: KVLayout, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,10 +29,10 @@ def _page_and_offset(layout: KVLayout, slots: torch.Tensor) -> tuple[torch.Tenso
 
 def read_slots(cache: torch.Tensor, layout: KVLayout, slots: torch.Tensor) -> torch.Tensor:
     """Gather K (or V) at `slots` (any shape) -> [*slots.shape, kv_heads, head_dim]."""
-    if layout.name in ("token", "nhd"):
+    if layout.kernel_id == NHD_ID:
         return cache.view(-1, layout.num_kv_heads, layout.head_dim)[slots.long()]
     page, off = _page_and_offset(layout, slots)
-    if layout.name == "hnd":
+    if layout.kernel_id == HND_ID:
         return cache[page, :, off, :]
     x = layout.x
     return cache[page, :, off // x, :, off % x]
@@ -39,12 +43,12 @@ def write_slots(
 ) -> None:
     """Scatter `values` [T, kv_heads, head_dim] into `slots` [T]."""
     values = values.to(cache.dtype)
-    if layout.name in ("token", "nhd"):
+    if layout.kernel_id == NHD_ID:
         row = layout.num_kv_heads * layout.head_dim
         cache.view(-1, row).index_copy_(0, slots.long(), values.reshape(-1, row))
         return
     page, off = _page_and_offset(layout, slots)
-    if layout.name == "hnd":
+    if layout.kernel_id == HND_ID:
         cache[page, :, off, :] = values
         return
     x = layout.x
@@ -89,10 +93,6 @@ class KVPool:
         return self.config.num_pages
 
     @property
-    def page_size(self) -> int:
-        return self.layout.page_size
-
-    @property
     def num_tokens(self) -> int:
         """Usable token capacity (the scratch page excluded)."""
         return (self.config.num_pages - 1) * self.layout.page_size
@@ -104,12 +104,6 @@ class KVPool:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         write_slots(self.k_caches[layer], self.layout, slots, k)
         write_slots(self.v_caches[layer], self.layout, slots, v)
-
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            read_slots(self.k_caches[layer], self.layout, slots),
-            read_slots(self.v_caches[layer], self.layout, slots),
-        )
 
 
 def bytes_per_page(layout: KVLayout, num_layers: int, dtype: torch.dtype) -> int:

@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from attention.backends.reference import ReferenceBackend, _GroupPlan
 from attention.base import AttentionConfig, BackendCapabilities
 from attention.batch import ForwardBatch
-from attention.variants import alibi_slopes
+from attention.variants import alibi_slopes, variants_of_peer
 from kvcache.layout import LAYOUT_NAMES
 from kvcache.pool import KVPool, read_slots
 
@@ -82,14 +82,14 @@ def _score_mod(config: AttentionConfig, q_pos: torch.Tensor, slopes: torch.Tenso
                ) -> ScoreMod | None:
     """The variant's logits transform as a Flex score_mod (None: plain softmax)."""
     variant = config.variant
-    if variant.name == "softcap":
-        cap = float(variant.param)
+    if variant.softcap is not None:
+        cap = variant.softcap
 
         def softcap(score: torch.Tensor, b: Any, h: Any, q: Any, k: Any) -> torch.Tensor:
             return cap * torch.tanh(score / cap)
 
         return softcap
-    if variant.name == "alibi":
+    if variant.needs_slopes:
 
         def alibi(score: torch.Tensor, b: Any, h: Any, q: Any, k: Any) -> torch.Tensor:
             return score + slopes[h] * (k - q_pos[b, q]).to(score.dtype)
@@ -120,7 +120,7 @@ class FlexBackend(ReferenceBackend):
     name = "flex"
     capabilities = BackendCapabilities(fused_rope_store=False, cuda_graphs=False)
     supported_layouts = frozenset(LAYOUT_NAMES)
-    supported_variants = frozenset(["softmax", "softcap", "sliding_window", "alibi"])
+    supported_variants = variants_of_peer("flex")
 
     def __init__(self, config: AttentionConfig, pool: KVPool) -> None:
         super().__init__(config, pool)
@@ -167,8 +167,8 @@ class FlexBackend(ReferenceBackend):
 
     def _plan_flex(self, plan: _GroupPlan) -> _FlexGroup:
         allowed = plan.visible[:, 0]  # [B, Lq, Lk]
-        if self.config.variant.name == "sliding_window":
-            window = int(self.config.variant.param)
+        window = self.config.variant.window
+        if window is not None:
             allowed = allowed & ((plan.q_pos - plan.k_pos)[:, 0] < window)
         block_mask = _block_mask(_pad_to_two(allowed, (0, 1, 2), False))
         q_pos = _pad_to_two(plan.q_pos[:, 0, :, 0], (0, 1), None)  # [B, Lq]

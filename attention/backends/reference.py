@@ -13,7 +13,7 @@ import torch
 from attention.base import AttentionBackend, AttentionConfig, BackendCapabilities
 from attention.batch import ForwardBatch
 from attention.batch_slices import split_phases
-from attention.variants import apply_variant_torch
+from attention.variants import BUILTIN_VARIANTS, apply_variant_torch
 from kvcache.layout import LAYOUT_NAMES
 from kvcache.pool import KVPool, read_slots
 
@@ -94,9 +94,7 @@ class ReferenceBackend(AttentionBackend):
     name = "reference"
     capabilities = BackendCapabilities(fused_rope_store=False, cuda_graphs=False)
     supported_layouts = frozenset(LAYOUT_NAMES)
-    supported_variants = frozenset(
-        ["softmax", "softcap", "sliding_window", "alibi", "sigmoid", "silu"]
-    )
+    supported_variants = frozenset(BUILTIN_VARIANTS)
 
     def __init__(self, config: AttentionConfig, pool: KVPool) -> None:
         super().__init__(config, pool)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from attention.backends.reference import ReferenceBackend, _GroupPlan
 from attention.base import AttentionConfig, BackendCapabilities
-from attention.variants import alibi_slopes
+from attention.variants import alibi_slopes, variants_of_peer
 from kvcache.layout import LAYOUT_NAMES
 from kvcache.pool import KVPool, read_slots
 
@@ -24,9 +24,9 @@ def sdpa_group(
     vals = read_slots(v_cache, pool.layout, plan.kv_slots).transpose(1, 2)
     mask: torch.Tensor = plan.visible  # [B, 1, Lq, Lk]
     variant = config.variant
-    if variant.name == "sliding_window":
-        mask = mask & ((plan.q_pos - plan.k_pos) < int(variant.param))
-    if variant.name == "alibi":
+    if variant.window is not None:
+        mask = mask & ((plan.q_pos - plan.k_pos) < variant.window)
+    if variant.needs_slopes:
         slopes = alibi_slopes(Hq).to(q.device, torch.float32).view(1, Hq, 1, 1)
         bias = slopes * (plan.k_pos - plan.q_pos).float()
         mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
@@ -41,7 +41,7 @@ class SDPABackend(ReferenceBackend):
     name = "sdpa"
     capabilities = BackendCapabilities(fused_rope_store=False, cuda_graphs=False)
     supported_layouts = frozenset(LAYOUT_NAMES)
-    supported_variants = frozenset(["softmax", "sliding_window", "alibi"])
+    supported_variants = variants_of_peer("sdpa")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         assert self.batch is not None, "plan() must run before forward()"

@@ -1,7 +1,7 @@
 """Notice the Triton kernel instances built after start-up.
 
 A serving step that meets a kernel specialisation nobody warmed up stalls on the compiler
-(about a second per instance on the H100). `KernelInstanceWatch` counts the compiled
+(docs/architecture.md, start-up warm-up). `KernelInstanceWatch` counts the compiled
 instances each of our kernels holds (Triton keeps one per specialisation in the kernel's
 per-device cache) and reports the growth since it last looked; the engine looks after every
 step and logs and counts any growth (attnserve_kernel_compiles_total).

@@ -28,14 +28,12 @@ import triton
 import triton.language as tl
 
 from attention.triton.variants import TritonVariant
-from kvcache.layout import KVLayout
+from kvcache.layout import HNDX_ID, KVLayout
 
 try:  # Gluon (Triton >= 3.5): the register-direct hnd_x decode kernel
     from attention.triton import decode_hndx
 except ImportError:  # pragma: no cover - older Triton: the portable kernel serves hnd_x
     decode_hndx = None
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -115,10 +113,9 @@ def _kv_tile(
     return result
 
 
-# The block-table width changes from step to step: specialising on it (== 1, multiple of
-# 16) would compile new instances mid-serving. The split count stays specialised: knowing
-# it is 1 made hnd_x 6% faster at (256, 1024) on the H100, and its three classes (1, a
-# multiple of 16, other) are all compiled by warmup_decode.
+# The block-table width changes from step to step: specialising on it would compile new
+# instances mid-serving. The split count stays specialised (docs/kernels.md, "Launch
+# choices"); warmup_decode compiles its three classes (1, a multiple of 16, other).
 @triton.jit(do_not_specialize=["max_splits", "stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache, v_cache, block_table, seq_lens, slopes_ptr,
@@ -269,7 +266,7 @@ class DecodeConfig:
 def gluon_hndx_available(layout: KVLayout, head_dim: int) -> bool:
     """Whether decode_hndx can serve this layout on the current GPU (dtype and group size
     are checked per call)."""
-    return (decode_hndx is not None and layout.name == "hnd_x" and layout.x == decode_hndx.RUN
+    return (decode_hndx is not None and layout.kernel_id == HNDX_ID and layout.x == decode_hndx.RUN
             and head_dim in (64, 128) and torch.cuda.is_available()
             and torch.cuda.get_device_capability()[0] >= 8)
 
@@ -280,26 +277,15 @@ def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool,
     they exercise multi-tile loops)."""
     if not on_gpu:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
+    # each choice below is measured in docs/kernels.md, "Launch choices"
     if allow_gluon and gluon_hndx_available(layout, head_dim):
-        # K/V runs straight into mma operand registers: 0.89-0.94 of copy bandwidth on the
-        # H200 at batch >= 16 and 0.71-0.74 for one 32k request, where the Triton kernel
-        # below reached 0.65-0.69 and 0.56 (bench/results/h200-decode-2026-12-02c.json)
         return DecodeConfig(block_n=decode_hndx.BLOCK_N, num_warps=1, num_stages=1,
                             gluon_hndx=True, max_splits=128)
     if head_dim > 128:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
-    # From the H100 sweep (bench/results/h100-decode-sweep-2026-11-25.json): 64/4/2 was best
-    # or within 2% of the best for nhd/hnd on every shape.
-    if layout.name == "hnd_x":
-        # [N/X, D, X] tiles (16-byte rows, coalesced) permuted for tl.dot; 32-token tiles
-        # reached 87-92% of copy bandwidth at batch >= 16, 75% for one 32k request
-        # (bench/results/h100-decode-sweep-hndx-2026-11-25b.json).
+    if layout.kernel_id == HNDX_ID:  # [N/X, D, X] tiles of 16-byte rows, permuted for tl.dot
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3, x_mode=1)
     if layout.name == "token":
-        # 64-token tiles: 0.98 of copy bandwidth at (64, 4096) in the sweep, where 128-token
-        # tiles gave 0.97 with two splits and 0.91 with one (the split count chosen there;
-        # h100-decode-2026-11-25b.json); within 1% or better on the other shapes
-        # (h100-decode-sweep-2026-11-25.json).
         return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=2)
 
@@ -309,9 +295,9 @@ def choose_num_splits(
     block_n: int, max_splits: int = 64, programs_per_sm: int = 4, min_tokens_per_split: int = 256,
 ) -> int:
     """Splits per sequence. With at least two programs per SM already (batch x kv_heads),
-    none: the H100 sweep measured 1-2% lost to the merge at (64, 4096). Otherwise enough
-    splits for `programs_per_sm` programs per SM, never cutting a sequence into pieces
-    shorter than `min_tokens_per_split` (or one tile)."""
+    none: the merge would cost more than it gains. Otherwise enough splits for
+    `programs_per_sm` programs per SM, never cutting a sequence into pieces shorter than
+    `min_tokens_per_split` (or one tile)."""
     programs = max(1, batch_size * num_kv_heads)
     if programs >= 2 * num_sms:
         return 1
@@ -398,7 +384,7 @@ def decode_attention(
         _merge_kernel[(B, Hq)](
             part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=D, BLOCK_D=block_d, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            USE_SOFTMAX=variant.use_softmax, NORMALIZE_BY_VISIBLE=variant.normalize_by_visible,
+            USE_SOFTMAX=variant.uses_softmax, NORMALIZE_BY_VISIBLE=variant.normalize_by_visible,
             num_warps=4 if D >= 128 else 2,
         )
     return out
@@ -415,7 +401,7 @@ def _launch_triton(
     group = Hq // Hkv
     block_d = triton.next_power_of_2(D)
     block_n = config.block_n
-    if layout.name == "hnd_x":
+    if layout.kernel_id == HNDX_ID:
         block_n = max(block_n, layout.x)
     s_page, s_off, s_head, s_dim, s_xblk = layout.strides()
     direct = num_splits == 1
@@ -428,7 +414,7 @@ def _launch_triton(
         num_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
-        PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.name == "hnd_x",
+        PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.kernel_id == HNDX_ID,
         X_MODE=config.x_mode, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **variant.kernel_args(),

@@ -2,14 +2,14 @@
 tensor-core operand registers, with no shared-memory transpose.
 
 Same contract as `decode.decode_attention` (and the same split-KV partial-result format, so
-its merge kernel is reused) for softmax attention, bf16/fp16, head dim 64 or 128.
+its merge kernel is reused) for every variant, bf16/fp16, head dim 64 or 128.
 
 Why a second kernel: in hnd_x ([pages, kv_heads, page_size/8, head_dim, 8] for 2-byte
 elements) eight consecutive tokens of one dimension are one 16-byte run. Both dots want
 the opposite: q.K^T reduces over the head dim, so an mma operand register holds two
 consecutive *dimensions* of one token. The portable kernel loads 16-byte runs and lets the
-compiler transpose the tile through shared memory, two bytes at a time; on the H200 that
-capped it at 0.65-0.69 of copy bandwidth.
+compiler transpose the tile through shared memory, two bytes at a time, and that transpose
+capped its bandwidth (docs/kernels.md).
 
 Here the token order inside a 64-token tile is permuted instead of the data. Token
 (run r, slot x) (r, x in 0..7) becomes score column n = 8x + r. An mma.m16n8k16 B-operand
@@ -34,7 +34,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from attention.triton.variants import TritonVariant
-from kvcache.layout import KVLayout
+from kvcache.layout import HNDX_ID, KVLayout
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 BLOCK_N = 64  # tokens per tile: 8 runs x 8 slots (one mma column block per slot)
@@ -203,7 +203,7 @@ def _hndx_decode_kernel(
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, layout: KVLayout) -> bool:
     """Whether this kernel serves a decode call; every other one takes the portable kernel."""
-    return (layout.name == "hnd_x" and q.is_cuda and layout.x == RUN
+    return (layout.kernel_id == HNDX_ID and q.is_cuda and layout.x == RUN
             and torch.cuda.get_device_capability(q.device)[0] >= 8  # mma.sync m16n8k16
             and layout.head_dim in (64, 128) and q.shape[1] // layout.num_kv_heads <= 16
             and q.dtype in _GL_DTYPES and k_cache.dtype == q.dtype)
@@ -214,8 +214,8 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, num_
                       min_tokens_per_split: int = 256) -> int:
     """Splits per sequence for one-warp programs: as many as fit one wave of about
     `programs_per_sm` resident programs per SM (188 registers a thread allow 10), rounded
-    down, since a second, partial wave costs more than the extra split gains (H200:
-    0.94 of copy bandwidth at (64, 4096) with 2 splits, 0.84 with 5)."""
+    down, since a second, partial wave costs more than the extra split gains
+    (docs/kernels.md, "Launch choices")."""
     programs = max(1, batch_size * num_kv_heads)
     want = num_sms * programs_per_sm // programs
     longest = -(-max_seq_len // max(BLOCK_N, min_tokens_per_split))

@@ -30,7 +30,6 @@ mask computed, no bounds checks) and the diagonal tiles that need the causal mas
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import torch
@@ -38,10 +37,10 @@ import triton
 import triton.language as tl
 
 from attention.triton.decode import warmup_inputs
-from attention.triton.extend_config import ExtendConfig, extend_config, table_configs
+from attention.triton.extend_config import ExtendConfig, extend_config
 from attention.triton.variants import identity, triton_variant
 from attention.variants import Variant, alibi_slopes
-from kvcache.layout import KVLayout
+from kvcache.layout import HND_ID, NHD_ID, KVLayout
 
 try:  # Gluon's Hopper API (Triton >= 3.5); without it every call takes the portable kernel
     from attention.triton import extend_sm90
@@ -53,7 +52,10 @@ logger = logging.getLogger(__name__)
 # without what it needs): every later call takes the portable kernel instead.
 _sm90_unavailable: str | None = None
 
-_LAYOUT_CODES = {"token": 0, "nhd": 0, "hnd": 1, "hnd_x": 2}  # token == nhd with page size 1
+# The kernels' LAYOUT values (KVLayout.kernel_id) as constants jitted code can read; any
+# other value is hnd_x.
+NHD: tl.constexpr = tl.constexpr(NHD_ID)
+HND: tl.constexpr = tl.constexpr(HND_ID)
 
 
 @triton.jit
@@ -76,10 +78,10 @@ def _kv_tile_offsets(
             pages = tl.load(bt_row + offs_n // PAGE_SIZE)
         in_page = offs_n % PAGE_SIZE
         page_base = pages.to(tl.int64)[:, None] * (PAGE_SIZE * NUM_KV_HEADS * HEAD_DIM)
-    if LAYOUT == 0:  # [pages, page_size, kv_heads, head_dim]
+    if LAYOUT == NHD:  # [pages, page_size, kv_heads, head_dim]
         row = in_page * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
         offs = row[:, None] + offs_d[None, :]
-    elif LAYOUT == 1:  # [pages, kv_heads, page_size, head_dim]
+    elif LAYOUT == HND:  # [pages, kv_heads, page_size, head_dim]
         row = kv_head * (PAGE_SIZE * HEAD_DIM) + in_page * HEAD_DIM
         offs = row[:, None] + offs_d[None, :]
     else:  # [pages, kv_heads, page_size / x, head_dim, x]
@@ -101,7 +103,7 @@ def _load_kv(
         # Bulk tensor copies of a [BLOCK_N, HEAD_DIM] tile inside one page; the caches are
         # viewed as 2-D [rows, cols] (see _tma_descriptors).
         page = tl.load(bt_row + start // PAGE_SIZE)
-        if LAYOUT == 0:
+        if LAYOUT == NHD:
             row = page * PAGE_SIZE + start % PAGE_SIZE
             col = kv_head * HEAD_DIM
         else:
@@ -168,7 +170,7 @@ def _update(
 
 # The per-sequence arrays of a mixed step's prefill part are slices that start after the
 # decodes, so their 16-byte alignment changes from step to step: specialising on it would
-# compile new kernel instances mid-serving (seconds of TTFT on the H100).
+# compile new kernel instances mid-serving.
 @triton.jit(do_not_specialize=["stride_bt", "param", "window", "qo_indptr_ptr",
                                "prefix_lens_ptr", "seq_lens_ptr", "block_table_ptr"])
 def _extend_kernel(
@@ -258,7 +260,7 @@ def _uses_sm90(config: ExtendConfig, q: torch.Tensor, layout: KVLayout, variant:
     """Whether a call with this config goes to the Gluon Hopper kernel (`other_dtypes`: the
     caches' and the output's, when known)."""
     return (config.hopper and extend_sm90 is not None and _sm90_unavailable is None
-            and extend_sm90.supports(q, layout, variant.name, other_dtypes=other_dtypes))
+            and extend_sm90.supports(q, layout, variant, other_dtypes=other_dtypes))
 
 
 def kernel_name(config: ExtendConfig, q: torch.Tensor, layout: KVLayout,
@@ -286,28 +288,25 @@ def _capability(device: torch.device) -> int | None:
     return torch.cuda.get_device_capability(device)[0]
 
 
-def default_config(
-    head_dim: int, device: torch.device, layout_name: str = "nhd", max_q_len: int = 0
-) -> ExtendConfig:
+def default_config(head_dim: int, device: torch.device, layout_name: str = "nhd") -> ExtendConfig:
     """The table config on `device` (small tiles under the interpreter)."""
-    return extend_config(head_dim, _capability(device), layout_name, max_q_len)
+    return extend_config(head_dim, _capability(device), layout_name)
 
 
 def warmup_extend(
     layout: KVLayout, num_q_heads: int, variant: Variant, device: torch.device,
     dtype: torch.dtype,
 ) -> None:
-    """Compile every table config this layout/head dim/variant may use, on a tiny batch, so
-    that no serving step waits on Triton compilation."""
+    """Compile the table config of this layout/head dim/variant on a tiny batch, so that no
+    serving step waits on Triton compilation."""
     D = layout.head_dim
     k_cache, v_cache, q = warmup_inputs(layout, num_q_heads, dtype, device)
     ints = {"device": device, "dtype": torch.int32}
-    for config in table_configs(D, _capability(device), layout.name):
-        extend_attention_with_config(
-            q, k_cache, v_cache, layout, torch.tensor([0, 1], **ints),
-            torch.tensor([0], **ints), torch.tensor([1], **ints), torch.ones(1, 1, **ints),
-            torch.empty_like(q), D**-0.5, variant, 1, None, config,
-        )
+    extend_attention_with_config(
+        q, k_cache, v_cache, layout, torch.tensor([0, 1], **ints),
+        torch.tensor([0], **ints), torch.tensor([1], **ints), torch.ones(1, 1, **ints),
+        torch.empty_like(q), D**-0.5, variant, 1, None, default_config(D, device, layout.name),
+    )
 
 
 def extend_attention(
@@ -317,7 +316,7 @@ def extend_attention(
     max_q_len: int, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over cached prefix + themselves (module docstring)."""
-    config = default_config(q.shape[-1], q.device, layout.name, max_q_len)
+    config = default_config(q.shape[-1], q.device, layout.name)
     return extend_attention_with_config(
         q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table, out,
         scale, variant, max_q_len, alibi_slopes, config,
@@ -341,10 +340,9 @@ def _tma_descriptors(k_cache, v_cache, layout: KVLayout, block_n: int):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     D = layout.head_dim
-    cols = layout.num_kv_heads * D if layout.name == "nhd" else D
     descs = []
     for cache in (k_cache, v_cache):
-        flat = cache.view(-1, cols)
+        flat = cache.view(-1, *layout.key_rows_view())
         descs.append(TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_n, D]))
     return descs[0], descs[1]
 
@@ -383,10 +381,10 @@ def extend_attention_with_config(
     slopes = alibi_slopes if alibi_slopes is not None else _slopes_for(Hq, q.device)
     page_size = layout.page_size
     # sliding_window masks keys with q_pos - k_pos >= window; whole tiles below are skipped
-    window = math.ceil(tv.param) if variant.name == "sliding_window" else 0
+    window = variant.window
     block_d = max(16, triton.next_power_of_2(D))
-    use_tma = (config.tma and layout.name in ("nhd", "hnd") and page_size % config.block_n == 0
-               and block_d == D)
+    use_tma = (config.tma and layout.kernel_id in (NHD_ID, HND_ID)
+               and page_size % config.block_n == 0 and block_d == D)
     k_desc, v_desc = _tma_descriptors(k_cache, v_cache, layout, config.block_n) if use_tma else (
         None, None)
     grid = (Hq, triton.cdiv(max_q_len, config.block_m), B)
@@ -394,13 +392,13 @@ def extend_attention_with_config(
         q, k_cache, v_cache, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens,
         block_table, slopes,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        float(scale), tv.param, window,
-        LAYOUT=_LAYOUT_CODES[layout.name], PAGE_SIZE=page_size, NUM_KV_HEADS=Hkv,
+        float(scale), tv.param, window or 0,
+        LAYOUT=layout.kernel_id, PAGE_SIZE=page_size, NUM_KV_HEADS=Hkv,
         HEAD_DIM=D, BLOCK_D=block_d, X=layout.x, GROUP=Hq // Hkv,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
-        WINDOW_SKIP=variant.name == "sliding_window", USE_TMA=use_tma,
+        WINDOW_SKIP=window is not None, USE_TMA=use_tma,
         TMA_DIAG=config.tma_diag,
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,

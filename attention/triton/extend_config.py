@@ -1,10 +1,9 @@
 """Launch configurations (block sizes, warps, pipeline depth) of the extend kernel.
 
-A fixed table per GPU generation, head dim, layout kind (paged pages vs the page-size-1
-`token` layout) and query length (short runs vs long prompts), chosen from the sweep that
-`bench/attention/prefill.py` runs on the device (bench/results/*prefill*.json). No
-autotuning happens in a serving step; `table_configs` lists the configs a backend should
-compile at warm-up so that no later step waits on compilation.
+A fixed table per GPU generation, head dim and layout kind (paged nhd/hnd, the page-size-1
+`token` layout, hnd_x), chosen from the sweep that `bench/attention/prefill.py` runs
+on the device (bench/results/*prefill*.json). No autotuning happens in a serving step: the
+backend compiles its one config at warm-up, so no later step waits on compilation.
 """
 
 from __future__ import annotations
@@ -34,29 +33,18 @@ class ExtendConfig:
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
-LONG_Q_LEN = 4096  # a batch whose longest new-token run exceeds this uses the "long" entry
-
-# (capability major, head dim bucket, layout kind, "short" | "long") -> config. The `tma`
-# flag only takes effect where a tile fits in a page (nhd/hnd, page_size % block_n == 0).
-# Hopper head dim 128 from the H100 sweep of 2026-11-25 (bench/results/h100-prefill-*.json).
-_TABLE: dict[tuple[int, int, str, str], ExtendConfig] = {
-    # nhd/hnd: the Gluon ping-pong kernel, 1.06-1.30x this Triton config on every prefill
-    # and extend shape of the H200 A/B (bench/results/h200-prefill-pingpong-ab-2026-12-02.json);
-    # the Triton config serves what the Gluon kernel does not (other variants, small pages).
-    (9, 128, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True,
-                                             hopper=True),
-    (9, 128, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True,
-                                            hopper=True),
-    (9, 128, "token", "short"): ExtendConfig(128, 64, 4, 3),
-    (9, 128, "token", "long"): ExtendConfig(128, 64, 4, 3),
-    (9, 128, "hnd_x", "short"): ExtendConfig(128, 64, 4, 3),
-    (9, 128, "hnd_x", "long"): ExtendConfig(128, 64, 4, 3),
-    (9, 64, "paged", "short"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True),
-    (9, 64, "paged", "long"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True),
-    (9, 64, "token", "short"): ExtendConfig(128, 64, 4, 3),
-    (9, 64, "token", "long"): ExtendConfig(128, 64, 4, 3),
-    (9, 64, "hnd_x", "short"): ExtendConfig(128, 64, 4, 3),
-    (9, 64, "hnd_x", "long"): ExtendConfig(128, 64, 4, 3),
+# (capability major, head dim bucket, layout kind) -> config. The `tma` flag only takes
+# effect where a tile fits in a page (nhd/hnd, page_size % block_n == 0). Hopper rows: the
+# H100 and H200 runs in docs/kernels.md ("Launch choices").
+_TABLE: dict[tuple[int, int, str], ExtendConfig] = {
+    # nhd/hnd: the Gluon kernel (extend_sm90.py) where it applies; this Triton config serves
+    # the rest (other variants, small pages)
+    (9, 128, "paged"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True, hopper=True),
+    (9, 128, "token"): ExtendConfig(128, 64, 4, 3),
+    (9, 128, "hnd_x"): ExtendConfig(128, 64, 4, 3),
+    (9, 64, "paged"): ExtendConfig(128, 64, 4, 3, tma=True, tma_diag=True),
+    (9, 64, "token"): ExtendConfig(128, 64, 4, 3),
+    (9, 64, "hnd_x"): ExtendConfig(128, 64, 4, 3),
 }
 _GENERIC = {  # other GPUs and head dims: tiles that fit ~100 KB of shared memory
     16: ExtendConfig(64, 64, 4, 2), 32: ExtendConfig(64, 64, 4, 2),
@@ -77,25 +65,13 @@ def layout_kind(layout_name: str) -> str:
     return layout_name if layout_name in ("token", "hnd_x") else "paged"
 
 
-def extend_config(
-    head_dim: int, capability_major: int | None, layout_name: str = "nhd", max_q_len: int = 0
-) -> ExtendConfig:
+def extend_config(head_dim: int, capability_major: int | None,
+                  layout_name: str = "nhd") -> ExtendConfig:
     """The config for a head dim on a device generation (None: the CPU interpreter)."""
     if capability_major is None:
         return INTERPRETER_CONFIG
     bucket = head_dim_bucket(head_dim)
-    length = "long" if max_q_len > LONG_Q_LEN else "short"
-    key = (capability_major, bucket, layout_kind(layout_name), length)
+    key = (capability_major, bucket, layout_kind(layout_name))
     if key in _TABLE:
         return _TABLE[key]
     return _GENERIC.get(bucket, _FALLBACK)
-
-
-def table_configs(
-    head_dim: int, capability_major: int | None, layout_name: str
-) -> list[ExtendConfig]:
-    """Every config `extend_config` may pick for this head dim and layout (for warm-up)."""
-    picks = {
-        extend_config(head_dim, capability_major, layout_name, n) for n in (1, LONG_Q_LEN + 1)
-    }
-    return sorted(picks, key=str)

@@ -42,12 +42,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from kvcache.layout import KVLayout
+from attention.variants import Variant
+from kvcache.layout import HND_ID, HNDX_ID, NHD_ID, KVLayout
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # Triton 3.6 names the bulk tensor load async_copy_global_to_shared; later versions async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise renamed
+
+# The kernel's LAYOUT values (KVLayout.kernel_id) as constants jitted code can read.
+NHD: gl.constexpr = gl.constexpr(NHD_ID)
+HNDX: gl.constexpr = gl.constexpr(HNDX_ID)
 
 
 @gluon.jit
@@ -59,7 +64,7 @@ def _issue_kv_tile(
     """Start the bulk copies of key tile `tile` (keys tile*BLOCK_N ...) into ring slot
     `slot`: one copy per page the tile spans, or one copy when the tile lies inside a page."""
     # keys per copy (hnd_x copies count runs of 8 keys)
-    COPY_ROWS: gl.constexpr = k_desc.block_type.shape[0] * (8 if LAYOUT == 2 else 1)
+    COPY_ROWS: gl.constexpr = k_desc.block_type.shape[0] * (8 if LAYOUT == HNDX else 1)
     RUNS: gl.constexpr = COPY_ROWS // 8  # hnd_x: runs of 8 keys per copy
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes * (BLOCK_N // COPY_ROWS))
@@ -69,7 +74,7 @@ def _issue_kv_tile(
         # last page again rather than a block-table entry past the row: its keys are masked
         # and its values zeroed all the same.
         page = gl.load(bt_row + gl.minimum(start, seq_len - 1) // PAGE_SIZE)
-        if LAYOUT == 2:
+        if LAYOUT == HNDX:
             # hnd_x viewed as [pages * kv_heads * page_size/8, head_dim, 8]: the copy lands
             # verbatim, runs of 8 keys after one another (see _k_operand)
             run = ((page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + start % PAGE_SIZE) // 8
@@ -78,7 +83,7 @@ def _issue_kv_tile(
             _tma_load(v_desc, [run, 0, 0], v_bars.index(slot),
                       v_bufs.index(slot).slice(c * RUNS, RUNS))
         else:
-            if LAYOUT == 0:  # nhd viewed as [pages * page_size, kv_heads * head_dim]
+            if LAYOUT == NHD:  # nhd viewed as [pages * page_size, kv_heads * head_dim]
                 row = page * PAGE_SIZE + start % PAGE_SIZE
                 col = kv_head * HEAD_DIM
             else:  # hnd viewed as [pages * kv_heads * page_size, head_dim]
@@ -98,7 +103,7 @@ def _k_operand(k_buf, LAYOUT: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.
     run*8*head_dim + 8*d + x. Read as K^T that is wgmma's no-swizzle key-major layout (8 dims
     x 8 keys per 128-byte core matrix, the next dims 128 bytes on, the next run 16*head_dim
     bytes on); the pages are used as stored, with no transpose anywhere."""
-    if LAYOUT == 2:
+    if LAYOUT == HNDX:
         return k_buf.permute((1, 0, 2)).reshape([HEAD_DIM, BLOCK_N])
     else:
         return k_buf.permute((1, 0))
@@ -108,7 +113,7 @@ def _k_operand(k_buf, LAYOUT: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.
 def _v_operand(v_buf, LAYOUT: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
     """A ring slot's values as the V [keys, head_dim] operand of P.V (for hnd_x the same
     bytes as in _k_operand, now the no-swizzle operand whose reduction axis is contiguous)."""
-    if LAYOUT == 2:
+    if LAYOUT == HNDX:
         return v_buf.permute((0, 2, 1)).reshape([BLOCK_N, HEAD_DIM])
     else:
         return v_buf
@@ -408,7 +413,7 @@ def _extend_sm90_kernel(
     NUM_HEADS: gl.constexpr = NUM_KV_HEADS * GROUP
     dtype: gl.constexpr = q_desc.dtype
     q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
-    if LAYOUT == 2:  # hnd_x: a slot holds [keys/8, head_dim, 8] as the pages store it
+    if LAYOUT == HNDX:  # hnd_x: a slot holds [keys/8, head_dim, 8] as the pages store it
         k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N // 8, HEAD_DIM, 8],
                                            k_desc.layout)
         v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N // 8, HEAD_DIM, 8],
@@ -450,19 +455,14 @@ def _extend_sm90_kernel(
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-LAYOUT_IDS = {"nhd": 0, "hnd": 1, "hnd_x": 2}
 # hnd_x builds (tests/attention/test_extend_sm90_build.py) but is served here only once its
 # numerics have been checked on a Hopper GPU; until then it stays on the portable kernel.
 HNDX_ON_GPU = False
 
 # Two consumer warpgroups of 64 query rows (an item covers 128), 128-key tiles, three K/V
-# buffers: 32 KB of q + 3 x 64 KB = 224 KB of shared memory, one program per SM. From the
-# H200 A/B runs (bench/results/h200-prefill-{pingpong,persistent}-ab-2026-12-02*.json):
-# ping-pong reached 471-651 TFLOP/s where the previous kernel (one warpgroup per program,
-# two programs per SM, 64-key tiles; in history at f40e666) reached 444-532 and the Triton
-# kernel 444-518; 64-key tiles with four or five buffers 434-559; persistence then took
-# 8x2048 from 472-474 to 507-514 and left the long cases within run-to-run noise.
-# 240 + 240 + 24 registers per thread fill the register file; 232 spilled 8 bytes.
+# buffers: 32 KB of q + 3 x 64 KB = 224 KB of shared memory, one program per SM; 240 + 240
+# + 24 registers per thread fill the register file. Measured against the alternatives in
+# docs/kernels.md ("Launch choices").
 BLOCK_M = 64  # rows per consumer warpgroup
 BLOCK_N = 128
 NUM_STAGES = 3
@@ -488,16 +488,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def supports(q: torch.Tensor, layout: KVLayout, variant_name: str,
+def supports(q: torch.Tensor, layout: KVLayout, variant: Variant,
              block_n: int = BLOCK_N, other_dtypes: tuple[torch.dtype, ...] = ()) -> bool:
-    """Whether this kernel serves the call (else the portable Triton kernel does). Only the
-    built-in plain softmax: user variants are named `module:function`, never "softmax".
-    `other_dtypes` (the caches', the output's) must all be q's: one dtype runs throughout."""
+    """Whether this kernel serves the call (else the portable Triton kernel does). Only
+    softmax over plain logits (no variant hook here; a user's transform modifies logits).
+    `other_dtypes` (the caches', the output's) must all be q's: one dtype runs throughout.
+    Pages of at least 64 keys: nhd or hnd (token is nhd with pages of one key)."""
     return (
         q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else 0)
-        and q.dtype in _GL_DTYPES and variant_name == "softmax"
+        and q.dtype in _GL_DTYPES and variant.uses_softmax and not variant.modifies_logits
         and all(dtype == q.dtype for dtype in other_dtypes)
-        and (layout.name in ("nhd", "hnd") or (layout.name == "hnd_x" and HNDX_ON_GPU))
+        and (layout.kernel_id in (NHD_ID, HND_ID) or (layout.kernel_id == HNDX_ID and HNDX_ON_GPU))
         and (layout.page_size % block_n == 0 or block_n % layout.page_size == 0)
         and layout.page_size >= 64
         and layout.head_dim in (64, 128) and q.stride(-1) == 1
@@ -527,7 +528,7 @@ def compile_offline(head_dim: int, layout_name: str = "nhd", num_stages: int = N
         "stride_ot": "i32", "stride_oh": "i32", "stride_bt": "i32", "qk_scale": "fp32",
         "num_seqs": "i32", "num_q_blocks": "i32",
     }
-    constants = dict(LAYOUT=LAYOUT_IDS[layout_name], PAGE_SIZE=page_size,
+    constants = dict(LAYOUT=layout.kernel_id, PAGE_SIZE=page_size,
                      NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
                      BLOCK_M=BLOCK_M, BLOCK_N=block_n, NUM_STAGES=num_stages,
                      CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS)
@@ -558,10 +559,10 @@ def _kv_descriptor(cache: torch.Tensor, layout: KVLayout, block_n: int,
     [keys/8, head_dim, 8], its pages' own order (no swizzle: 16-byte rows)."""
     copy_rows = min(block_n, layout.page_size)
     D = layout.head_dim
-    if layout.name == "hnd_x":
-        return _descriptor(cache.view(-1, D, 8), [copy_rows // 8, D, 8], dtype)
-    cols = layout.num_kv_heads * D if layout.name == "nhd" else D
-    return _descriptor(cache.view(-1, cols), [copy_rows, D], dtype)
+    view = cache.view(-1, *layout.key_rows_view())
+    if layout.kernel_id == HNDX_ID:
+        return _descriptor(view, [copy_rows // layout.x, D, layout.x], dtype)
+    return _descriptor(view, [copy_rows, D], dtype)
 
 
 def extend_attention_sm90(
@@ -589,7 +590,7 @@ def extend_attention_sm90(
         q_desc, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens, block_table,
         out.stride(0), out.stride(1), block_table.stride(0), float(scale) * 1.4426950408889634,
         B, num_q_blocks,
-        LAYOUT=LAYOUT_IDS[layout.name], PAGE_SIZE=layout.page_size,
+        LAYOUT=layout.kernel_id, PAGE_SIZE=layout.page_size,
         NUM_KV_HEADS=Hkv, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=4,

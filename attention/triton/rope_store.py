@@ -16,8 +16,8 @@ per program and stores [heads, dims, tokens] tiles whose last (fastest) axis is 
 consecutive lanes write consecutive slots, so a warp's stores fill whole runs whenever the
 tokens' slots are consecutive (a prompt's are), and stay correct when they are not. q is
 rotated by the per-token kernel (STORE_KV=False) in a launch of its own: inside the tile
-kernel the 16 tokens' q rows ran one after another and left a decode step of 64 tokens on
-four programs (25 us on the H100 against 2.4 us for hnd).
+kernel the 16 tokens' q rows ran one after another, and a decode step of 64 tokens had
+four programs (docs/kernels.md, "Launch choices").
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcache.layout import KVLayout
+from kvcache.layout import HNDX_ID, KVLayout
 
 # Tokens per program of the hnd_x kernel: x of them (8 for 2-byte elements) fill a 16-byte
 # run; 16 give each program two runs per (head, dim).
@@ -197,7 +197,7 @@ def _launch(
                   HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HALF=half,
                   BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
                   PAGE_SIZE=layout.page_size, ROTATE=rotate)
-    if layout.name == "hnd_x":
+    if layout.kernel_id == HNDX_ID:
         if rotate:  # q a token per program, as for the other layouts (see module docstring)
             _rope_store_kernel[(T,)](
                 *tensors, *strides, s_page, s_off, s_head, **shapes, STORE_KV=False,

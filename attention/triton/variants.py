@@ -94,33 +94,49 @@ def silu_weight(s, q_pos, k_pos, slope, param):
 class TritonVariant:
     """The Triton form of a `Variant`: what a kernel takes as constexpr arguments."""
 
-    name: str
+    variant: Variant
     logits: Any  # triton JITFunction
     weight: Any  # triton JITFunction (identity for softmax variants)
-    use_softmax: bool
-    normalize_by_visible: bool
-    needs_slopes: bool
-    param: float
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def param(self) -> float:
+        return float(self.variant.param)
+
+    @property
+    def uses_softmax(self) -> bool:
+        return self.variant.uses_softmax
+
+    @property
+    def normalize_by_visible(self) -> bool:
+        return self.variant.normalize_by_visible
+
+    @property
+    def needs_slopes(self) -> bool:
+        return self.variant.needs_slopes
 
     def kernel_args(self) -> dict[str, Any]:
         """Keyword arguments that every kernel of this package takes for the variant."""
         return {
             "LOGITS_FN": self.logits,
             "WEIGHT_FN": self.weight,
-            "USE_SOFTMAX": self.use_softmax,
+            "USE_SOFTMAX": self.uses_softmax,
             "NORMALIZE_BY_VISIBLE": self.normalize_by_visible,
             "HAS_SLOPES": self.needs_slopes,
         }
 
 
-_BUILTIN: dict[str, tuple[Any, Any, bool, bool, bool]] = {
-    # name: (logits, weight, use_softmax, normalize_by_visible, needs_slopes)
-    "softmax": (identity, identity, True, False, False),
-    "softcap": (softcap_logits, identity, True, False, False),
-    "sliding_window": (sliding_window_logits, identity, True, False, False),
-    "alibi": (alibi_logits, identity, True, False, True),
-    "sigmoid": (identity, sigmoid_weight, False, False, False),
-    "silu": (identity, silu_weight, False, True, False),
+# The (logits, weight) functions of every entry of attention.variants.VARIANT_SPECS.
+TRANSFORMS: dict[str, tuple[Any, Any]] = {
+    "softmax": (identity, identity),
+    "softcap": (softcap_logits, identity),
+    "sliding_window": (sliding_window_logits, identity),
+    "alibi": (alibi_logits, identity),
+    "sigmoid": (identity, sigmoid_weight),
+    "silu": (identity, silu_weight),
 }
 
 
@@ -145,10 +161,6 @@ def resolve_user_function(spec: str) -> Any:
 
 def triton_variant(variant: Variant) -> TritonVariant:
     """The Triton transforms for a built-in or user variant."""
-    if variant.name in _BUILTIN:
-        logits, weight, use_softmax, normalize, slopes = _BUILTIN[variant.name]
-        return TritonVariant(
-            variant.name, logits, weight, use_softmax, normalize, slopes, float(variant.param)
-        )
-    fn = resolve_user_function(variant.name)
-    return TritonVariant(variant.name, fn, identity, True, False, False, float(variant.param))
+    if variant.is_builtin:
+        return TritonVariant(variant, *TRANSFORMS[variant.name])
+    return TritonVariant(variant, resolve_user_function(variant.name), identity)

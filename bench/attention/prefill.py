@@ -151,7 +151,7 @@ def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[Be
         paged = build_paged_kv(k4, v4, [case.context] * B, layout_name, page_size, gen)
         launch, out = paged_launcher(case, q4, paged, variant)
         q = q4.reshape(B * Lq, hq, d)
-        default = default_config(d, dev, layout_name, Lq)
+        default = default_config(d, dev, layout_name)
         sweep = SWEEPS[args.sweep_set or layout_kind(layout_name)]
         configs = [default] + [c for c in sweep if c != default] if args.sweep else [default]
         timings, errors = {}, {}

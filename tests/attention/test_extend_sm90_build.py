@@ -25,6 +25,7 @@ import torch
 
 sm90 = pytest.importorskip("attention.triton.extend_sm90")
 
+from attention.variants import Variant  # noqa: E402
 from kvcache.layout import KVLayout  # noqa: E402
 
 HOPPER_SMEM_PER_BLOCK = 227 * 1024
@@ -97,4 +98,4 @@ def test_mmas_stay_asynchronous_without_spills():
 def test_supports_only_what_it_implements():
     layout = KVLayout.create("nhd", 64, 8, 128, "torch.bfloat16")
     q = torch.empty(4, 32, 128, dtype=torch.bfloat16)  # a CPU tensor: never this kernel
-    assert not sm90.supports(q, layout, "softmax")
+    assert not sm90.supports(q, layout, Variant("softmax"))

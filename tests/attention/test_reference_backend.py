@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attention import AttentionConfig, ForwardBatch, Variant, create_backend
+from attention.variants import variants_of_peer
 from kvcache.layout import KVLayout
 from kvcache.pool import KVPool, KVPoolConfig, write_slots
 from tests.attention.attention_oracle import oracle_attention, random_page_tables
@@ -71,17 +72,16 @@ def test_reference_backend_matches_oracle(layout: str, page_size: int, group: in
 
 
 @pytest.mark.parametrize(("layout", "page_size"), LAYOUTS[:4])
-@pytest.mark.parametrize(("variant", "param"), [v for v in VARIANTS if v[0] in
-                                                ("softmax", "alibi", "sliding_window")])
+@pytest.mark.parametrize(("variant", "param"),
+                         [v for v in VARIANTS if v[0] in variants_of_peer("sdpa")])
 def test_sdpa_backend_matches_oracle(layout: str, page_size: int, variant: str, param: float) -> None:
     run_case("sdpa", layout, page_size, 3, variant, param)
 
 
 @pytest.mark.parametrize(("layout", "page_size"), LAYOUTS[:4])
 @pytest.mark.parametrize("group", [1, 3])
-@pytest.mark.parametrize(("variant", "param"), [v for v in VARIANTS if v[0] in
-                                                ("softmax", "softcap", "alibi",
-                                                 "sliding_window")])
+@pytest.mark.parametrize(("variant", "param"),
+                         [v for v in VARIANTS if v[0] in variants_of_peer("flex")])
 def test_flex_backend_matches_oracle(layout: str, page_size: int, group: int, variant: str,
                                      param: float) -> None:
     run_case("flex", layout, page_size, group, variant, param)

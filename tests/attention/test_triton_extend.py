@@ -219,20 +219,23 @@ def test_engine_triton_backend_matches_reference_greedy():
 
 
 @pytest.mark.parametrize(("layout_name", "page_size"), [("token", 1), ("nhd", 16), ("hnd_x", 8)])
-def test_warmup_launches_each_table_config(
+def test_warmup_launches_the_table_config(
     layout_name: str, page_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """warmup_extend launches the kernel once per config the table may pick, with a float32
-    slopes pointer as serving passes (another pointer type would be another instance)."""
+    """warmup_extend launches the kernel once, with the table's config and a float32 slopes
+    pointer as serving passes (another pointer type would be another instance)."""
     import attention.triton.extend as extend_module
 
     real = extend_module._extend_kernel
     slopes_dtypes: list[torch.dtype] = []
 
+    block_ms: list[object] = []
+
     class SpyKernel:
         def __getitem__(self, grid: object):
             def launch(*args: object, **kwargs: object) -> object:
                 slopes_dtypes.append(args[10].dtype)  # slopes_ptr
+                block_ms.append(kwargs["BLOCK_M"])
                 return real[grid](*args, **kwargs)
             return launch
 
@@ -240,25 +243,22 @@ def test_warmup_launches_each_table_config(
     layout = KVLayout.create(layout_name, page_size, 2, 16, "float32")
     extend_module.warmup_extend(layout, 6, Variant("softcap", 3.0), torch.device("cpu"),
                                 torch.float32)
-    configs = extend_module.table_configs(16, None, layout_name)
-    assert slopes_dtypes == [torch.float32] * len(configs) and configs
+    assert slopes_dtypes == [torch.float32]
+    assert block_ms == [extend_module.default_config(16, torch.device("cpu"), layout_name).block_m]
 
 
 def test_hopper_table_sends_paged_runs_to_the_gluon_kernel() -> None:
-    """The launch table marks Hopper head-dim-128 runs on nhd/hnd, short and long (the
-    measured win of extend_sm90.py) and nothing else; the fallback fields stay a valid
-    Triton config."""
-    from attention.triton.extend_config import LONG_Q_LEN, extend_config
+    """The launch table marks Hopper head-dim-128 runs on nhd/hnd (the measured win of
+    extend_sm90.py) and nothing else; the fallback fields stay a valid Triton config."""
+    from attention.triton.extend_config import extend_config
 
-    short, long = 512, LONG_Q_LEN + 1
     for name in ("nhd", "hnd"):
-        picked = extend_config(128, 9, name, short)
+        picked = extend_config(128, 9, name)
         assert picked.hopper and picked.block_m > 0 and picked.num_stages > 0
-        assert extend_config(128, 9, name, long).hopper
     for name in ("token", "hnd_x"):
-        assert not extend_config(128, 9, name, short).hopper
-    assert not extend_config(128, 8, "nhd", short).hopper  # Ampere: no Gluon wgmma
-    assert not extend_config(64, 9, "nhd", short).hopper  # not measured for head dim 64
+        assert not extend_config(128, 9, name).hopper
+    assert not extend_config(128, 8, "nhd").hopper  # Ampere: no Gluon wgmma
+    assert not extend_config(64, 9, "nhd").hopper  # not measured for head dim 64
 
 
 def test_hopper_flag_on_cpu_runs_the_portable_kernel() -> None:

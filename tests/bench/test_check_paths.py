@@ -91,7 +91,7 @@ def test_prefill_benchmark_check_path(layout_name: str, page_size: int) -> None:
     k4, v4 = (torch.randn(case.batch, case.context, HKV, D, generator=gen) for _ in range(2))
     paged = build_paged_kv(k4, v4, [case.context] * case.batch, layout_name, page_size, gen)
     launch, out = prefill.paged_launcher(case, q4, paged, Variant("softmax"))
-    cfg = default_config(D, CPU, layout_name, case.new_tokens)
+    cfg = default_config(D, CPU, layout_name)
     assert prefill.launch_error(launch, out, cfg, q4, k4, v4) < prefill.TOL
 
     def corrupted(cfg: object) -> None:

@@ -1,9 +1,11 @@
 """KV layouts: tensor shapes, index math and the pool's scatter/gather agree."""
 
+import math
+
 import pytest
 import torch
 
-from kvcache.layout import LAYOUT_NAMES, KVLayout
+from kvcache.layout import HND_ID, HNDX_ID, LAYOUT_NAMES, NHD_ID, KVLayout, page_size_for
 from kvcache.pool import read_slots, write_slots
 
 LAYOUT_PAGE_SIZES = [("token", 1)] + [
@@ -29,15 +31,39 @@ def test_scatter_matches_element_offset(name: str, page_size: int, dtype: torch.
                 idx = layout.element_offset(slot // P, slot % P, h, d)
                 assert flat[idx] == values[t, h, d]
     assert torch.equal(read_slots(cache, layout, slots), values)
-    # strides() describe the same map
-    s_page, s_off, s_head, s_dim, s_xblk = layout.strides()
-    for slot in slots.tolist()[:5]:
-        page, off = divmod(slot, P)
-        if name == "hnd_x":
-            base = page * s_page + (off // layout.x) * s_xblk + (off % layout.x) * s_off
+
+
+@pytest.mark.parametrize(("name", "page_size"), LAYOUT_PAGE_SIZES)
+def test_key_rows_view_addresses_the_keys_kernels_copy(name: str, page_size: int) -> None:
+    """Bulk copies read a key of a head as a row of `cache.view(-1, *key_rows_view())`:
+    nhd row page*P + off at column head*D, hnd row (page*H + head)*P + off, hnd_x row
+    ((page*H + head)*P + off) // x holding x keys (the row math of extend.py/extend_sm90.py)."""
+    layout = KVLayout.create(name, page_size, num_kv_heads=3, head_dim=8, dtype_name="bfloat16")
+    shape = layout.cache_shape(4)
+    cache = torch.arange(math.prod(shape)).view(shape)
+    view = cache.view(-1, *layout.key_rows_view())
+    P, H = layout.page_size, layout.num_kv_heads
+    for page, off, head in [(0, 0, 0), (3, P - 1, 2), (1, P // 2, 1)]:
+        expect = torch.tensor([layout.element_offset(page, off, head, d) for d in range(8)])
+        if layout.kernel_id == NHD_ID:
+            got = view[page * P + off, head * 8 : head * 8 + 8]
+        elif layout.kernel_id == HND_ID:
+            got = view[(page * H + head) * P + off]
         else:
-            base = page * s_page + off * s_off
-        assert base + 2 * s_head + 5 * s_dim == layout.element_offset(page, off, 2, 5)
+            got = view[((page * H + head) * P + off) // layout.x, :, off % layout.x]
+        assert torch.equal(got, expect)
+
+
+def test_token_is_nhd_with_page_size_one() -> None:
+    token = KVLayout.create("token", 16, 3, 8, "bfloat16")
+    assert token.page_size == 1 and page_size_for("token", 16) == 1
+    assert page_size_for("nhd", 16) == 16
+    nhd1 = KVLayout.create("nhd", 1, 3, 8, "bfloat16")
+    assert token.kernel_id == nhd1.kernel_id and token.strides() == nhd1.strides()
+    with pytest.raises(ValueError, match="page size 1"):
+        KVLayout("token", 16, 3, 8)
+    assert {KVLayout.create(n, 16, 3, 8, "bfloat16").kernel_id for n in LAYOUT_NAMES} == {
+        NHD_ID, HND_ID, HNDX_ID}
 
 
 def test_hnd_x_vector_width() -> None:
