@@ -170,10 +170,12 @@ def _step_split_plot(runs: list[dict[str, Any]], path: Path) -> bool:
                 total = bar.attention_ms + (bar.other_ms or 0.0)
                 share = 100.0 * bar.attention_ms / total if total > 0 else 0.0
                 ax.text(x, total, f"{share:.0f}%", ha="center", va="bottom", fontsize=8)
-        if len(mine) > 4:
-            ax.set_xticks(xs, [b.label for b in mine], rotation=35, ha="right", fontsize=8)
+        # Few short names stand upright, a line each for configuration and rate; others slant.
+        upright = [b.label.replace(" @ ", "\n") for b in mine]
+        if len(mine) <= 4 and all(len(line) <= 12 for u in upright for line in u.split("\n")):
+            ax.set_xticks(xs, upright, fontsize=8)
         else:
-            ax.set_xticks(xs, [b.label for b in mine], fontsize=8)
+            ax.set_xticks(xs, [b.label for b in mine], rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, top * 1.15)
         ax.set_title(f"{phase} steps")
         ax.set_ylabel("mean step time (ms)")
