@@ -47,8 +47,8 @@ def format_run_summary(result: dict[str, Any], percentiles: tuple[float, ...]) -
     server = result.get("server_metrics") or {}
     if server.get("available"):
         lines.append("{s:{c}^60}".format(s=" Server /metrics over the run ", c="-"))
-        for key in ("server_mean_ttft_ms", "attention_share_of_step_time",
-                    "prefix_cache_hit_rate", "num_preemptions", "kernel_builds"):
+        for key in ("server_mean_ttft_ms", "prefix_cache_hit_rate", "num_preemptions",
+                    "kernel_builds"):
             lines.append(f"{key:<44}{_fmt(server.get(key), 3):>16}")
         lines += step_split_lines(server)
     for err in result.get("error_samples", []):
