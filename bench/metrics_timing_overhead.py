@@ -1,21 +1,24 @@
-"""How much does timing attention cost? Step time with attention timed on every step vs never.
+"""What does timing attention on every step cost, and how close is the estimate?
 
-    python -m bench.metrics_timing_overhead [--device cpu] [--model M] [--reps 6] [--batch 4]
-        [--tokens 32] [--tokenizer-folder DIR]
+    python -m bench.metrics_timing_overhead [--device cuda] [--model llama3-8b]
+        [--tokenizer-folder DIR] [--batches 1,16,64] [--prompt-len 512] [--reps 6]
+        [--json-out FILE]
 
-Runs the offline engine (one model load) on the same greedy batch, alternating between
-`attention_timing_every=1` and "never" so that drift (thermal, other processes) hits both
-modes alike. Every engine step's wall time comes from the observer hook. The overhead of
-one timed step is the difference of the median step times, per phase; with timing on
-every Nth step the average overhead is that difference / N. The recommended N is the
-smallest one that keeps it under the target fraction (1%) of the median step time.
+One engine (one model load) runs the same greedy workloads again and again:
+- `decode-B`: B requests of `--prompt-len` tokens, `--tokens` generated each (decode steps
+  replay CUDA graphs on a GPU);
+- `mixed-B`: B/2 requests decoding while B/2 more arrive, their prompts chunked under a
+  small token budget, so prefill, decode and mixed steps all occur.
 
-Prompts are seeded random token ids, so a synthetic preset (`--model smollm2-135m`, the
-same shapes as the embedded model) runs where the GGUF file is absent; the engine still
-needs a tokenizer (EOS ids, detokenization), which `--tokenizer-folder` can give as a saved
-Hugging Face tokenizer folder.
+Overhead: runs alternate between the device's timing mode (`one` on a GPU, `all` on the
+CPU; model/attention_timing.py) and `off`, so that drift hits both alike; per pair, the
+difference of the median step times by phase; the median over pairs, as a fraction of
+the untimed median, is the overhead.
 
-Prints one JSON object (the CLI's output); logs progress.
+Agreement: the same workloads run with every layer timed eagerly (`all`), the reference.
+Two figures per phase: on the very same steps, the middle layer's time x the layer count
+against the sum over layers; and, matched by step index (the workloads are deterministic),
+the mean attention per step in the timed runs against the eager every-layer runs.
 """
 
 from __future__ import annotations
@@ -23,52 +26,144 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import platform
 import random
 import statistics
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from model.attention_timing import TimingMode, default_timing_mode
 from model.loader import LoadedModel, load_model
 from model.tokenizer import Tokenizer
 from scheduler.request import SamplingParams
 from server.engine import EngineConfig, EngineCore, NullObserver
 
 logger = logging.getLogger(__name__)
-NEVER = 10**9
-PROMPT_LEN = 48
+
+
+@dataclass
+class StepRecord:
+    phase: str
+    step_s: float
+    attention_s: float | None
+    layer_s: list[float] = field(default_factory=list)  # per layer, in `all` mode on a GPU
 
 
 @dataclass
 class StepRecorder(NullObserver):
-    """Collects (phase, step seconds, attention seconds) of every engine step."""
+    """Collects every engine step; in `all` mode also each layer's attention time."""
 
-    steps: list[tuple[str, float, float | None]] = field(default_factory=list)
+    engine: EngineCore | None = None
+    steps: list[StepRecord] = field(default_factory=list)
 
     def on_step(self, phase: str, num_tokens: int, step_s: float, attention_s: float | None
                 ) -> None:
-        self.steps.append((phase, step_s, attention_s))
+        layers: list[float] = []
+        runner = self.engine.runner if self.engine is not None else None
+        if runner is not None and runner.attention_timing == "all" and runner.last_timer \
+                and runner.last_timer.on_gpu:
+            layers = runner.last_timer.layer_times_s()
+        self.steps.append(StepRecord(phase, step_s, attention_s, layers))
 
 
-def run_batch(engine: EngineCore, every: int, batch: int, tokens: int) -> list[tuple]:
-    recorder = StepRecorder()
+Workload = Callable[[EngineCore], None]
+
+
+def _prompt(rng: random.Random, vocab: int, n: int) -> list[int]:
+    return [rng.randrange(100, vocab) for _ in range(n)]
+
+
+def decode_workload(batch: int, prompt_len: int, tokens: int) -> Workload:
+    def run(engine: EngineCore) -> None:
+        rng = random.Random(0)
+        vocab = engine.loaded.config.vocab_size
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(_prompt(rng, vocab, prompt_len - i % 7), params)
+        while engine.has_unfinished():
+            engine.step()
+    return run
+
+
+def mixed_workload(batch: int, prompt_len: int, tokens: int) -> Workload:
+    def run(engine: EngineCore) -> None:
+        rng = random.Random(1)
+        vocab = engine.loaded.config.vocab_size
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        first = max(1, batch // 2)
+        for _ in range(first):
+            engine.add_request(_prompt(rng, vocab, prompt_len), params)
+        for _ in range(4):
+            engine.step()
+        for _ in range(batch - first):  # arrive while the first half decodes
+            engine.add_request(_prompt(rng, vocab, prompt_len), params)
+        while engine.has_unfinished():
+            engine.step()
+    return run
+
+
+def run_once(engine: EngineCore, workload: Workload, mode: TimingMode) -> list[StepRecord]:
+    engine.runner.set_attention_timing(mode)
+    recorder = StepRecorder(engine)
     engine.observer = recorder
-    engine.config.attention_timing_every = every
-    engine.step_count = 0  # so that "every 1" times each step from the first
-    rng = random.Random(0)  # the same prompts in every run
-    vocab = engine.loaded.config.vocab_size
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request([rng.randrange(100, vocab) for _ in range(PROMPT_LEN - i)], params)
-    while engine.has_unfinished():
-        engine.step()
+    if engine.prefix_cache is not None:  # every run computes its prompts
+        engine.prefix_cache.clear()
+    workload(engine)
     return recorder.steps
 
 
-def measure(config: EngineConfig, reps: int, batch: int, tokens: int, target: float,
+def _median_by_phase(steps: list[StepRecord]) -> dict[str, float]:
+    phases = sorted({s.phase for s in steps})
+    return {p: statistics.median(s.step_s for s in steps if s.phase == p) for p in phases}
+
+
+def overhead(pairs: list[tuple[list[StepRecord], list[StepRecord]]]) -> dict[str, dict]:
+    """Per phase: median over pairs of (timed median - untimed median), and as a fraction."""
+    out: dict[str, dict] = {}
+    for phase in sorted({s.phase for pair in pairs for run in pair for s in run}):
+        diffs, bases = [], []
+        for timed, plain in pairs:
+            t, p = _median_by_phase(timed).get(phase), _median_by_phase(plain).get(phase)
+            if t is not None and p is not None:
+                diffs.append(t - p)
+                bases.append(p)
+        if not diffs:
+            continue
+        base, delta = statistics.median(bases), statistics.median(diffs)
+        out[phase] = {"pairs": len(diffs), "median_step_ms_untimed": base * 1e3,
+                      "overhead_ms": delta * 1e3, "overhead_fraction": delta / base,
+                      "pair_fractions": [d / b for d, b in zip(diffs, bases, strict=True)]}
+    return out
+
+
+def agreement(timed: list[StepRecord], eager_all: list[StepRecord], num_layers: int
+              ) -> dict[str, dict]:
+    """Per phase: the one-layer estimate against every layer's sum on the same eager steps,
+    and the timed runs' mean attention per step against the eager every-layer runs'."""
+    out: dict[str, dict] = {}
+    for phase in sorted({s.phase for s in eager_all}):
+        row: dict[str, float | int] = {}
+        same = [s for s in eager_all if s.phase == phase and len(s.layer_s) == num_layers]
+        if same:
+            errors = [num_layers * s.layer_s[num_layers // 2] / sum(s.layer_s) - 1 for s in same]
+            row.update(same_step_steps=len(same),
+                       same_step_mean_error=statistics.fmean(errors),
+                       same_step_max_abs_error=max(abs(e) for e in errors))
+        matched = [(a, b) for a, b in zip(timed, eager_all, strict=False)
+                   if a.phase == b.phase == phase and a.attention_s and b.attention_s]
+        if matched:
+            mean_timed = statistics.fmean(a.attention_s for a, _ in matched)  # type: ignore[misc]
+            mean_all = statistics.fmean(b.attention_s for _, b in matched)  # type: ignore[misc]
+            row.update(matched_steps=len(matched), mean_attention_ms_timed=mean_timed * 1e3,
+                       mean_attention_ms_every_layer=mean_all * 1e3,
+                       ratio_timed_to_every_layer=mean_timed / mean_all)
+        out[phase] = row
+    return out
+
+
+def measure(config: EngineConfig, batches: list[int], prompt_len: int, tokens: int, reps: int,
             tokenizer_folder: str | None = None) -> dict[str, object]:
     loaded = None
     if tokenizer_folder is not None:
@@ -77,63 +172,33 @@ def measure(config: EngineConfig, reps: int, batch: int, tokens: int, target: fl
         loaded = LoadedModel(bare.model, bare.config, Tokenizer.from_pretrained(tokenizer_folder),
                              bare.source)
     engine = EngineCore(config, loaded=loaded)
-    run_batch(engine, NEVER, batch, 4)  # warm-up: allocator, kernels, caches
-    pairs: list[dict[str, list[tuple]]] = []
-    for rep in range(reps):
-        order = ("every_step", "never") if rep % 2 == 0 else ("never", "every_step")
-        pair = {mode: run_batch(engine, 1 if mode == "every_step" else NEVER, batch, tokens)
-                for mode in order}
-        pairs.append(pair)
-        logger.info("rep %d/%d done", rep + 1, reps)
-    phases: dict[str, dict[str, float]] = {}
-    for phase in sorted({p for pair in pairs for steps in pair.values() for p, _, _ in steps}):
-        stats = _phase_stats(pairs, phase)
-        if stats is not None:
-            phases[phase] = stats
-    worst = max((max(0.0, p["overhead_fraction_every_step"]) for p in phases.values()),
-                default=0.0)
+    on_mode = default_timing_mode(engine.device)
+    num_layers = engine.loaded.config.num_layers
+    workloads = {}
+    for b in batches:
+        workloads[f"decode-{b}"] = decode_workload(b, prompt_len, tokens)
+        workloads[f"mixed-{b}"] = mixed_workload(b, prompt_len, tokens)
+    results: dict[str, dict] = {}
+    for name, workload in workloads.items():
+        run_once(engine, workload, "off")  # warm-up: allocator, kernels, graphs of both modes
+        run_once(engine, workload, on_mode)
+        pairs = []
+        for rep in range(reps):
+            order = (on_mode, "off") if rep % 2 == 0 else ("off", on_mode)
+            runs = {mode: run_once(engine, workload, mode) for mode in order}
+            pairs.append((runs[on_mode], runs["off"]))
+        eager_all = run_once(engine, workload, "all")
+        results[name] = {"overhead": overhead(pairs),
+                         "agreement": agreement(pairs[-1][0], eager_all, num_layers)}
+        logger.info("%s: %s", name, json.dumps(results[name]["overhead"]))
+    engine.runner.set_attention_timing(on_mode)
     return {
         "device": str(engine.device), "device_name": device_name(engine.device),
-        "torch_threads": torch.get_num_threads(), "model": engine.loaded.source,
-        "dtype": str(engine.dtype), "backend": engine.backend.name,
-        "layout": engine.layout.name, "page_size": engine.layout.page_size,
-        "reps": reps, "batch": batch, "tokens": tokens, "phases": phases,
-        "target_fraction": target,
-        "recommended_every": max(1, math.ceil(worst / target)),
-        "wrapper_cost_us_per_call": wrapper_cost_us(),
-        "wrapped_calls_per_step": engine.loaded.config.num_layers,
-    }
-
-
-def _phase_stats(pairs: list[dict[str, list[tuple]]], phase: str) -> dict[str, float] | None:
-    """Overhead of timing one step of `phase`: per pair of runs, the difference of the median
-    step times (timed - untimed); the median over pairs is the estimate and their spread
-    (half the range between the 25th and 75th percentile) shows the noise."""
-    diffs, bases, timed_all, shares = [], [], [], []
-    for pair in pairs:
-        timed = [s for p, s, _ in pair["every_step"] if p == phase]
-        plain = [s for p, s, _ in pair["never"] if p == phase]
-        if not timed or not plain:
-            continue
-        diffs.append(statistics.median(timed) - statistics.median(plain))
-        bases.append(statistics.median(plain))
-        timed_all.extend(timed)
-        shares.extend(a / s for p, s, a in pair["every_step"] if p == phase and a is not None)
-    if not diffs:
-        return None
-    base = statistics.median(bases)
-    delta = statistics.median(diffs)
-    spread = 0.0
-    if len(diffs) >= 4:
-        q = statistics.quantiles(diffs, n=4)
-        spread = (q[2] - q[0]) / 2
-    return {
-        "pairs": len(diffs), "steps_timed": len(timed_all),
-        "median_step_ms_untimed": base * 1e3,
-        "overhead_per_timed_step_ms": delta * 1e3,
-        "overhead_noise_ms": spread * 1e3,
-        "overhead_fraction_every_step": delta / base,
-        "median_attention_share": statistics.median(shares) if shares else math.nan,
+        "torch": torch.__version__, "model": engine.loaded.source, "dtype": str(engine.dtype),
+        "backend": engine.backend.name, "layout": engine.layout.name,
+        "page_size": engine.layout.page_size, "cuda_graphs": engine.runner.graphs is not None,
+        "num_layers": num_layers, "timing_mode": on_mode, "reps": reps,
+        "prompt_len": prompt_len, "tokens": tokens, "workloads": results,
     }
 
 
@@ -143,24 +208,19 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def wrapper_cost_us(calls: int = 200_000) -> float:
-    """Cost of the CPU timer around one call (two perf_counter reads and an addition),
-    net of the bare call: a floor under the overhead that noise cannot hide."""
-    def fn() -> None:
-        return None
-
-    total = 0.0
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    bare = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        s = time.perf_counter()
-        fn()
-        total += time.perf_counter() - s
-    wrapped = time.perf_counter() - t0
-    return max(0.0, wrapped - bare) / calls * 1e6
+def table(result: dict) -> str:
+    lines = [f"{'workload':<11} {'phase':<8} {'untimed ms':>10} {'overhead':>9} "
+             f"{'same-step err':>13} {'timed/every-layer':>17}"]
+    for name, r in result["workloads"].items():
+        for phase, o in r["overhead"].items():
+            a = r["agreement"].get(phase, {})
+            same = a.get("same_step_max_abs_error")
+            ratio = a.get("ratio_timed_to_every_layer")
+            lines.append(f"{name:<11} {phase:<8} {o['median_step_ms_untimed']:>10.3f} "
+                         f"{o['overhead_fraction']:>+9.2%} "
+                         f"{'-' if same is None else f'{same:.1%}':>13} "
+                         f"{'-' if ratio is None else f'{ratio:.3f}':>17}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,18 +232,30 @@ def main(argv: list[str] | None = None) -> None:
                    help="a saved Hugging Face tokenizer, for models loaded without one")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--kv-layout", default="nhd")
-    p.add_argument("--reps", type=int, default=6, help="alternating pairs of runs")
-    p.add_argument("--batch", type=int, default=4, help="requests per run")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
-    p.add_argument("--target", type=float, default=0.01, help="largest acceptable overhead")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                   help="token budget per step (chunks the mixed workload's prompts)")
+    p.add_argument("--reps", type=int, default=6, help="alternating pairs of runs")
+    p.add_argument("--json-out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    batches = [int(b) for b in args.batches.split(",")]
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           attention_backend=args.attention_backend, kv_layout=args.kv_layout,
-                          kv_cache_tokens=8192)
-    result = measure(config, args.reps, args.batch, args.tokens, args.target,
+                          page_size=args.page_size, max_num_seqs=max(batches),
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.prompt_len + args.tokens + 8)
+    result = measure(config, batches, args.prompt_len, args.tokens, args.reps,
                      args.tokenizer_folder)
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text)
+    print(text)
+    print(table(result))
 
 
 if __name__ == "__main__":

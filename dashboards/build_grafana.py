@@ -1,7 +1,7 @@
 """Writes dashboards/grafana.json, the Grafana dashboard for attnserve's /metrics.
 
 The JSON is generated so that every panel follows the same conventions (label selector,
-grouping by backend, layout and page size, $__rate_interval windows); edit this file and
+grouping and legends by SERIES_LABELS, $__rate_interval windows); edit this file and
 run `python dashboards/build_grafana.py` rather than editing the JSON by hand. A test
 checks that the committed JSON is what this script produces.
 """
@@ -17,9 +17,21 @@ OUT = Path(__file__).with_name("grafana.json")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # The dashboard's variables filter every query; "All" means the regex .*
 SEL = 'model_name=~"$model_name",attention_backend=~"$attention_backend",kv_layout=~"$kv_layout"'
-BY = "attention_backend, kv_layout, page_size"
-LEGEND = "{{attention_backend}} {{kv_layout}} p{{page_size}}"
+# The engine labels that tell two servers apart: every query groups by them and every
+# legend shows them, so two configurations never merge into one line. A new engine label
+# (e.g. kv_cache_dtype) is one more entry here.
+SERIES_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size",
+                 "attention_variant")
+_LEGEND_PREFIX = {"page_size": "p"}  # "p16" reads better than a bare 16
+BY = ", ".join(SERIES_LABELS)
+LEGEND = " ".join(f"{_LEGEND_PREFIX.get(name, '')}{{{{{name}}}}}" for name in SERIES_LABELS)
 RATE = "[$__rate_interval]"
+PHASE_LEGEND = f"{LEGEND} {{{{phase}}}}"
+# Panels of the step-time split (tests evaluate their expressions against a real Prometheus).
+ATTENTION_SHARE_PANEL = "Attention share of step time"
+ATTENTION_MS_PANEL = "Attention time per step"
+NON_ATTENTION_MS_PANEL = "Non-attention time per step"
+STEP_SPLIT_PANELS = (ATTENTION_SHARE_PANEL, ATTENTION_MS_PANEL, NON_ATTENTION_MS_PANEL)
 
 
 @dataclass
@@ -49,6 +61,36 @@ def quantiles(metric: str, by: str = BY, legend: str = LEGEND,
 def mean(metric: str, by: str = BY, legend: str = LEGEND) -> Target:
     return Target(f"sum by ({by}) (rate(attnserve_{metric}_sum{{{SEL}}}{RATE})) / "
                   f"sum by ({by}) (rate(attnserve_{metric}_count{{{SEL}}}{RATE}))", legend)
+
+
+def _rate_sum(metric: str, by: str) -> str:
+    return f"sum by ({by}) (rate(attnserve_{metric}{{{SEL}}}{RATE}))"
+
+
+def step_split_panels() -> list[Panel]:
+    """Attention and step time are observed on every step, by phase, so over any window
+    share = rate(attention sum) / rate(step sum) and ms per step = rate(sum) / rate(count)."""
+    by_phase = f"{BY}, phase"
+    attention, step = "attention_duration_seconds_sum", "step_duration_seconds_sum"
+    steps = _rate_sum("step_duration_seconds_count", by_phase)
+    return [
+        Panel(ATTENTION_SHARE_PANEL, "Time inside the attention backend over the engine step "
+              "time, by phase and over all steps: the part of a step a better kernel or "
+              "layout can shrink.", [
+            Target(f"{_rate_sum(attention, by_phase)} / {_rate_sum(step, by_phase)}",
+                   PHASE_LEGEND),
+            Target(f"{_rate_sum(attention, BY)} / {_rate_sum(step, BY)}", f"{LEGEND} all"),
+        ], "percentunit"),
+        Panel(ATTENTION_MS_PANEL, "Mean time inside the attention backend per engine step, "
+              "by phase (milliseconds).", [
+            Target(f"1000 * {_rate_sum(attention, by_phase)} / {steps}", PHASE_LEGEND),
+        ], "ms"),
+        Panel(NON_ATTENTION_MS_PANEL, "Mean step time outside the attention backend per "
+              "engine step, by phase (milliseconds): weights, norms, sampling, host work.", [
+            Target(f"1000 * ({_rate_sum(step, by_phase)} - {_rate_sum(attention, by_phase)})"
+                   f" / {steps}", PHASE_LEGEND),
+        ], "ms"),
+    ]
 
 
 def panels() -> list[Panel]:
@@ -102,19 +144,9 @@ def panels() -> list[Panel]:
         ], "reqps"),
         Panel("Step duration by phase", "Engine step wall time (p50, p99) per phase: prefill, "
               "decode, or mixed.",
-              quantiles("step_duration_seconds", f"{BY}, phase", f"{LEGEND} {{{{phase}}}}",
-                        (0.5, 0.99)), "s"),
-        Panel("Attention share of step time", "Time inside the attention backend over the time "
-              "of the same (timed) steps, by backend and layout.", [
-            Target(f"sum by ({BY}) (rate(attnserve_attention_duration_seconds_sum{{{SEL}}}{RATE}))"
-                   f" / sum by ({BY}) "
-                   f"(rate(attnserve_attention_timed_step_seconds_total{{{SEL}}}{RATE}))", LEGEND),
-            Target(f"sum by ({BY}, phase) "
-                   f"(rate(attnserve_attention_duration_seconds_sum{{{SEL}}}{RATE})) / "
-                   f"sum by ({BY}, phase) "
-                   f"(rate(attnserve_attention_timed_step_seconds_total{{{SEL}}}{RATE}))",
-                   f"{LEGEND} {{{{phase}}}}"),
-        ], "percentunit"),
+              quantiles("step_duration_seconds", f"{BY}, phase", PHASE_LEGEND, (0.5, 0.99)),
+              "s"),
+        *step_split_panels(),
         Panel("Tokens per step", "Tokens computed per engine step: mean and p90.", [
             mean("iteration_tokens", legend=f"{LEGEND} mean"),
             *quantiles("iteration_tokens", qs=(0.9,)),
@@ -161,8 +193,9 @@ def dashboard() -> dict[str, Any]:
     }
     return {
         "uid": "attnserve", "title": "attnserve: where end-to-end latency goes",
-        "description": "Latency, throughput, KV cache and attention share of step time, by "
-                       "attention backend and KV layout (metrics: docs/metrics.md).",
+        "description": "Latency, throughput, KV cache and the engine step split into "
+                       "attention and the rest, by attention backend, KV layout, page size "
+                       "and variant (metrics: docs/metrics.md).",
         "tags": ["attnserve", "llm-serving"], "timezone": "browser", "editable": True,
         "schemaVersion": 39, "version": 1, "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},

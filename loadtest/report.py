@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loadtest.server_metrics import PHASES
 from loadtest.stats import LATENCY_METRICS, percentile_label
 
 _METRIC_TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st)",
@@ -46,13 +47,61 @@ def format_run_summary(result: dict[str, Any], percentiles: tuple[float, ...]) -
     server = result.get("server_metrics") or {}
     if server.get("available"):
         lines.append("{s:{c}^60}".format(s=" Server /metrics over the run ", c="-"))
-        for key in ("server_mean_ttft_ms", "attention_share_of_step_time",
-                    "prefix_cache_hit_rate", "num_preemptions", "kernel_builds"):
+        for key in ("server_mean_ttft_ms", "prefix_cache_hit_rate", "num_preemptions",
+                    "kernel_builds"):
             lines.append(f"{key:<44}{_fmt(server.get(key), 3):>16}")
+        lines += step_split_lines(server)
     for err in result.get("error_samples", []):
         lines.append(f"error x{err['count']}: {err['error'][:200]}")
     lines.append("=" * 60)
     return "\n".join(lines)
+
+
+_SPLIT_HEADER = ("phase", "steps", "step ms", "attn ms", "other ms", "attn %")
+
+
+def _split_cells(split: dict[str, Any] | None) -> list[str]:
+    """steps, mean step/attention/other ms and attention %; '-' where the phase had no step
+    (or the server did not measure it)."""
+    split = split or {}
+    steps = split.get("steps")
+    if not steps:
+        return ["-"] * 5
+    share = split.get("attention_share")
+    return [str(steps), _fmt(split.get("mean_step_ms")), _fmt(split.get("mean_attention_ms")),
+            _fmt(split.get("mean_non_attention_ms")),
+            _fmt(None if share is None else 100.0 * share, 1)]
+
+
+def _split_rows(server: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """One row per phase (the three known ones first, always) and one for all steps."""
+    by_phase = server.get("step_time_by_phase") or {}
+    phases = list(PHASES) + [p for p in by_phase if p not in PHASES]
+    rows = [(phase, _split_cells(by_phase.get(phase))) for phase in phases]
+    return rows + [("all", _split_cells(server.get("step_time_all")))]
+
+
+def step_split_lines(server: dict[str, Any]) -> list[str]:
+    """The console table of a run's mean step time split into attention and the rest."""
+    if not server.get("step_time_by_phase"):
+        return []
+    lines = ["{s:{c}^60}".format(s=" Engine step: attention and the rest (server) ", c="-"),
+             f"{_SPLIT_HEADER[0]:<10}" + "".join(f"{h:>10}" for h in _SPLIT_HEADER[1:])]
+    for phase, cells in _split_rows(server):
+        lines.append(f"{phase:<10}" + "".join(f"{c:>10}" for c in cells))
+    return lines
+
+
+def _per_phase(run: dict[str, Any], field: str, scale: float, digits: int) -> str:
+    """'p/d/m' of one field of the step split: prefill/decode/mixed, '-' for a phase that
+    did not occur."""
+    by_phase = _server_value(run, "step_time_by_phase") or {}
+    cells = []
+    for phase in PHASES:
+        split = by_phase.get(phase) or {}
+        value = split.get(field) if split.get("steps") else None
+        cells.append(_fmt(None if value is None else value * scale, digits))
+    return "/".join(cells)
 
 
 SWEEP_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -78,16 +127,40 @@ def _server_value(result: dict[str, Any], key: str) -> Any:
 def sweep_markdown(runs: list[dict[str, Any]]) -> str:
     """One row per (configuration, rate), the same columns for all: a side-by-side table."""
     header = ["config", "rate"] + [title for _, title in SWEEP_COLUMNS]
-    header += ["attn share", "prefix hit", "preempt", "kernel builds"]
+    header += ["attn % all", "attn % p/d/m", "attn ms p/d/m", "step ms p/d/m", "prefix hit",
+               "preempt", "kernel builds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [str(run.get("config_name", "-")), _fmt(run.get("request_rate"))]
         cells += [_fmt(run.get(key)) for key, _ in SWEEP_COLUMNS]
-        cells += [_fmt(_server_value(run, "attention_share_of_step_time"), 3),
+        share = _server_value(run, "attention_share_of_step_time")
+        cells += [_fmt(None if share is None else 100.0 * share, 1),
+                  _per_phase(run, "attention_share", 100.0, 1),
+                  _per_phase(run, "mean_attention_ms", 1.0, 2),
+                  _per_phase(run, "mean_step_ms", 1.0, 2),
                   _fmt(_server_value(run, "prefix_cache_hit_rate"), 3),
                   _fmt(_server_value(run, "num_preemptions"), 0),
                   _fmt(_server_value(run, "kernel_builds"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def step_split_markdown(runs: list[dict[str, Any]]) -> str:
+    """Per run and phase: steps, mean step, attention and other ms, attention % (the data of
+    the stacked plot); empty when no run has the server's step metrics."""
+    if not any(_server_value(run, "step_time_by_phase") for run in runs):
+        return ""
+    header = ["config", "rate", *_SPLIT_HEADER]
+    lines = ["", "Mean engine step time split into attention and the rest, from the server's "
+             "/metrics over each run (`-`: no step of that phase):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        server = run.get("server_metrics") or {}
+        if not server.get("step_time_by_phase"):
+            continue
+        for phase, cells in _split_rows(server):
+            row = [str(run.get("config_name", "-")), _fmt(run.get("request_rate")), phase, *cells]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,12 @@
 
 Only ``prometheus_client``'s text parser is used (no server code). Anything the server
 does not export comes out as None, so the client works against any server.
+
+The step-time split: attnserve observes ``step_duration_seconds`` and
+``attention_duration_seconds`` (histograms, label ``phase``) on every engine step, so over
+a run, per phase, mean step ms = step sum / step count, mean attention ms = attention sum
+/ step count, the rest = their difference, and the attention share = attention sum / step
+sum (docs/metrics.md, "Load generator").
 """
 
 from __future__ import annotations
@@ -16,7 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 logger = logging.getLogger(__name__)
 
 PREFIX = "attnserve_"
-CONFIG_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size")
+# The engine labels that tell two servers apart (a new one, e.g. kv_cache_dtype, is one
+# more entry); each run records the values its server exported.
+CONFIG_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size",
+                 "attention_variant")
+# Step phases: only prompt chunks, only decode tokens, or both in one step.
+PHASES = ("prefill", "decode", "mixed")
 LabelSet = tuple[tuple[str, str], ...]
 
 
@@ -81,6 +92,72 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def _split(steps: float, step_s: float, attention_s: float | None) -> dict[str, Any]:
+    """Means per step of ``steps`` steps that took ``step_s`` in all, ``attention_s`` of it
+    inside the attention backend (None: not known)."""
+    mean_step = _ratio(step_s, steps)
+    mean_attention = _ratio(attention_s, steps)
+    return {
+        "steps": int(round(steps)),
+        "mean_step_ms": _ms(mean_step),
+        "mean_attention_ms": _ms(mean_attention),
+        "mean_non_attention_ms": None if mean_attention is None or mean_step is None
+        else _ms(mean_step - mean_attention),
+        "attention_share": _ratio(attention_s, step_s),
+    }
+
+
+def step_time_split(before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, Any]:
+    """Mean step time split into attention and the rest, per phase and over all steps.
+
+    ``step_time_by_phase`` has an entry for every phase the server exports; a phase with no
+    step in the run has ``steps`` 0 and None elsewhere. The attention numbers need the
+    attention histogram to have been observed on the same steps as the step histogram
+    (every step); where its count differs (a server that times a sample of the steps), they
+    are None rather than a wrong share.
+    """
+    def d(name: str, **labels: str) -> float | None:
+        return _delta(before, after, PREFIX + name, **labels)
+
+    phases = [p for p in PHASES if after.total(PREFIX + "step_duration_seconds_count",
+                                               phase=p) is not None]
+    phases += [p for p in after.label_values("phase") if p not in PHASES]
+    by_phase: dict[str, dict[str, Any]] = {}
+    total_steps = total_step_s = 0.0
+    total_attention_s: float | None = 0.0
+    for phase in phases:
+        steps = d("step_duration_seconds_count", phase=phase) or 0.0
+        step_s = d("step_duration_seconds_sum", phase=phase) or 0.0
+        attention_s = d("attention_duration_seconds_sum", phase=phase)
+        attention_steps = d("attention_duration_seconds_count", phase=phase)
+        # One step of slack: a scrape may fall between a step's two observations.
+        if attention_steps is None or abs(attention_steps - steps) > 1:
+            if steps > 0:
+                logger.warning("phase %s: %s of %d steps have an attention time; no attention "
+                               "split reported for it", phase, attention_steps, steps)
+            attention_s = None
+        by_phase[phase] = _split(steps, step_s, attention_s)
+        total_steps += steps
+        total_step_s += step_s
+        if steps > 0:
+            total_attention_s = None if attention_s is None or total_attention_s is None \
+                else total_attention_s + attention_s
+    overall = _split(total_steps, total_step_s, total_attention_s) if by_phase else None
+    return {
+        "step_time_by_phase": by_phase,
+        "step_time_all": overall,
+        "step_time_s": total_step_s if by_phase else None,
+        "attention_time_s": None if overall is None or overall["attention_share"] is None
+        else total_attention_s,
+        "attention_share_of_step_time": None if overall is None else overall["attention_share"],
+        "attention_share_by_phase": {p: v["attention_share"] for p, v in by_phase.items()},
+    }
+
+
 def server_metrics_delta(
     before: MetricsSnapshot | None, after: MetricsSnapshot | None
 ) -> dict[str, Any]:
@@ -101,24 +178,7 @@ def server_metrics_delta(
                       ("e2el", "e2e_request_latency_seconds")):
         mean = _ratio(d(name + "_sum"), d(name + "_count"))
         out[f"server_mean_{key}_ms"] = None if mean is None else mean * 1000.0
-    # Attention is timed on every Nth step only; its share is taken over those steps' time
-    # (attention_timed_step_seconds) when the server exports it, else over all steps.
-    step_s = d("step_duration_seconds_sum")
-    attn_s = d("attention_duration_seconds_sum")
-    timed_s = d("attention_timed_step_seconds_total")
-    out["step_time_s"] = step_s
-    out["attention_time_s"] = attn_s
-    out["attention_timed_step_time_s"] = timed_s
-    has_timed = timed_s is not None  # no timed step in the run: share unknown (None)
-    out["attention_share_of_step_time"] = _ratio(attn_s, timed_s if has_timed else step_s)
-    phases = sorted(set(after.label_values("phase")))
-    by_phase = {}
-    for phase in phases:
-        denominator = "attention_timed_step_seconds_total" if has_timed \
-            else "step_duration_seconds_sum"
-        by_phase[phase] = _ratio(d("attention_duration_seconds_sum", phase=phase),
-                                 d(denominator, phase=phase))
-    out["attention_share_by_phase"] = by_phase
+    out.update(step_time_split(before, after))
     queries, hits = d("prefix_cache_queries_total"), d("prefix_cache_hits_total")
     out["prefix_cache_queries"] = queries
     out["prefix_cache_hits"] = hits

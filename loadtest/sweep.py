@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.plots import write_sweep_plots
-from loadtest.report import configurations_markdown, sweep_markdown
+from loadtest.report import configurations_markdown, step_split_markdown, sweep_markdown
 from loadtest.runner import RunConfig, run_benchmark
 from loadtest.server_process import ServerProcess, ServerStartError
 from loadtest.workloads import Trace
@@ -132,12 +132,14 @@ def run_sweep(settings: SweepSettings, run_cfg: RunConfig, trace: Trace,
 def write_sweep_outputs(runs: list[dict[str, Any]], out_dir: Path,
                         percentiles: tuple[float, ...], failures: list[str] | None = None
                         ) -> None:
-    """summary.md (the side-by-side table), sweep.json (all runs) and the PNG plots."""
+    """summary.md (the side-by-side table, the step-time split, the plots' names), sweep.json
+    (all runs) and the PNG plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = sweep_markdown(runs) + configurations_markdown(runs)
+    plots = write_sweep_plots(runs, out_dir, percentiles) if runs else []
+    text = sweep_markdown(runs) + step_split_markdown(runs) + configurations_markdown(runs)
+    if plots:
+        text += "\nPlots: " + ", ".join(f"`{p.name}`" for p in plots) + "\n"
     if failures:
         text += "\n" + "".join(f"- configuration failed: {f}\n" for f in failures)
     (out_dir / "summary.md").write_text(text)
     (out_dir / "sweep.json").write_text(json.dumps(runs, indent=2))
-    if runs:
-        write_sweep_plots(runs, out_dir, percentiles)

@@ -15,8 +15,10 @@ A graph fixes its tensors' addresses and shapes, so:
   pair a context can need is captured at start, and the backend sizes its scratch once
   for the worst case (`prepare_cuda_graphs`) before any capture.
 Only the forward pass to the final norm is captured; logits and sampling run eagerly on
-the rows that are sampled. Steps with prefill, larger batches, or attention timing run
-eagerly.
+the rows that are sampled. Steps with prefill or larger batches run eagerly. With `timing`
+"one", each graph records CUDA events around one layer's attention on every replay
+(model/attention_timing.py); graphs are keyed by whether they do, so switching the mode
+captures the other set once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from attention.base import AttentionBackend
 from attention.batch import ForwardBatch
+from model.attention_timing import LayerTimer, TimingMode, step_timer
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ def decode_buckets(max_batch: int) -> list[int]:
 class _Captured:
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # the graph's output: [bucket, hidden_size]
+    timer: LayerTimer | None  # its attention events, recorded on every replay
 
 
 class DecodeGraphs:
@@ -84,8 +88,10 @@ class DecodeGraphs:
         self._host_table = torch.zeros(B * self.max_pages, dtype=torch.int32, pin_memory=pin)
         # the staging buffers are rewritten only after the previous step's copies finished
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
-        self._graphs: dict[tuple[int, Hashable], _Captured] = {}
-        self._failed: set[tuple[int, Hashable]] = set()
+        self._graphs: dict[tuple[int, Hashable, bool], _Captured] = {}
+        self._failed: set[tuple[int, Hashable, bool]] = set()
+        self.timing: TimingMode = "off"  # "one" or "off" ("all" never replays a graph)
+        self.last_timer: LayerTimer | None = None  # of the last replay
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.max_model_len = max_model_len
         backend.prepare_cuda_graphs(self.max_batch, max_model_len)
@@ -111,7 +117,7 @@ class DecodeGraphs:
                 host_lens = [length] * b
                 batch = self._stage([0] * b, [0] * b, [0] * b, host_lens, [[] for _ in range(b)], b)
                 self.backend.plan(batch, graph_mode=True)
-                key = (b, self.backend.graph_key())
+                key = self._key(b)
                 if key not in self._graphs:
                     self._graphs[key] = self._capture(b)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
@@ -134,7 +140,7 @@ class DecodeGraphs:
             raise ValueError(f"batch of {n} exceeds the largest captured size {self.max_batch}")
         batch = self._stage(token_ids, positions, slots, seq_lens, page_tables, bucket)
         self.backend.plan(batch, graph_mode=True)
-        key = (bucket, self.backend.graph_key())
+        key = self._key(bucket)
         if key in self._failed:
             return None
         captured = self._graphs.get(key)
@@ -150,9 +156,14 @@ class DecodeGraphs:
             # capturing ran the step eagerly once; replaying it again is idempotent (the same
             # K/V is stored to the same slots) and gives the output tensor its values
         captured.graph.replay()
+        self.last_timer = captured.timer
         return captured.hidden[:n]
 
     # ------------------------------------------------------------------ internals
+
+    def _key(self, bucket: int) -> tuple[int, Hashable, bool]:
+        """After `plan`: the graph that serves this step."""
+        return (bucket, self.backend.graph_key(), self.timing == "one")
 
     def _stage(
         self, token_ids: list[int], positions: list[int], slots: list[int],
@@ -212,6 +223,8 @@ class DecodeGraphs:
             self._forward(bucket)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        timer = step_timer(self.timing, self.device, self.model.config.num_layers,
+                           external=True)
+        with torch.cuda.graph(graph, pool=self._pool), self.backend.layer_hook(timer):
             hidden = self._forward(bucket)
-        return _Captured(graph, hidden)
+        return _Captured(graph, hidden, timer)

@@ -3,20 +3,19 @@
 Takes plain host lists (the engine translates the scheduler's StepPlan), builds one
 ForwardBatch, calls `backend.plan` once, runs the model (each layer calls
 `backend.forward`), computes logits only for the rows that are sampled, and samples on
-the device. Attention time is measured around the backend's per-layer calls on the steps
-the engine asks for, through the backend's layer hook: CUDA events on GPU, a timer on CPU
-(where execution is synchronous).
+the device. Every step's attention time is measured through the backend's layer hook
+(model/attention_timing.py), CUDA-graph replays included.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from attention.base import AttentionBackend
 from attention.batch import ForwardBatch
+from model.attention_timing import LayerTimer, TimingMode, default_timing_mode, step_timer
 from model.cuda_graphs import DecodeGraphs
 from model.sampler import Sampler, SamplerOutput
 from scheduler.request import SamplingParams
@@ -32,7 +31,6 @@ class StepInput:
     sample_seqs: list[int]  # indices of the sequences whose last token is sampled
     sampling: list[SamplingParams]  # one per sampled sequence
     generators: list[torch.Generator | None]
-    time_attention: bool = False
 
 
 @dataclass
@@ -42,36 +40,6 @@ class StepOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
     attention_s: float | None = None
     phase: str = "decode"
-
-
-class _AttentionTimer:
-    """A backend layer hook that accumulates the time of one step's attention calls."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.on_gpu = device.type == "cuda"
-        self.cpu_s = 0.0
-        self._t0 = 0.0
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    def begin(self, layer: int) -> None:
-        if self.on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.events.append((start, end))
-        else:
-            self._t0 = time.perf_counter()
-
-    def end(self, layer: int) -> None:
-        if self.on_gpu:
-            self.events[-1][1].record()
-        else:
-            self.cpu_s += time.perf_counter() - self._t0
-
-    def elapsed_s(self) -> float:
-        """Call after the step's results were synchronised."""
-        if self.on_gpu:
-            return sum(s.elapsed_time(e) for s, e in self.events) / 1000.0
-        return self.cpu_s
 
 
 def _logprob_rows(
@@ -104,11 +72,24 @@ class ModelRunner:
         self.page_size = page_size
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
+        self.num_layers: int = model.config.num_layers
+        self.attention_timing: TimingMode = default_timing_mode(device)
+        self.last_timer: LayerTimer | None = None  # the last step's (for benchmarks)
+
+    def set_attention_timing(self, mode: TimingMode) -> None:
+        """Switch how attention is timed (model/attention_timing.py); graphs for the new
+        mode are captured now, so no serving step waits on a capture."""
+        self.attention_timing = mode
+        if self.graphs is not None and mode != "all":
+            self.graphs.timing = mode
+            with torch.inference_mode():
+                self.graphs.capture_all()
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture decode steps of up to `max_batch` sequences (model/cuda_graphs.py)."""
         self.graphs = DecodeGraphs(self.model, self.backend, self.device, self.page_size,
                                    max_batch, max_model_len)
+        self.graphs.timing = "off" if self.attention_timing == "all" else self.attention_timing
         with torch.inference_mode():
             self.graphs.capture_all()
 
@@ -135,7 +116,7 @@ class ModelRunner:
             self.graphs = graphs
 
     def _use_graph(self, step: StepInput) -> bool:
-        return (self.graphs is not None and not step.time_attention
+        return (self.graphs is not None and self.attention_timing != "all"
                 and step.num_decodes == len(step.q_lens) > 0
                 and self.graphs.bucket_for(len(step.q_lens)) is not None)
 
@@ -153,7 +134,9 @@ class ModelRunner:
         if self._use_graph(step):
             hidden = self._decode_with_graph(step)
             if hidden is not None:
-                return self._sample(hidden, list(step.sample_seqs), step, None, "decode")
+                assert self.graphs is not None
+                return self._sample(hidden, list(step.sample_seqs), step,
+                                    self.graphs.last_timer, "decode")
         batch = ForwardBatch.build(
             step.q_lens, step.prefix_lens, step.page_tables, self.page_size, self.device,
             num_decodes=step.num_decodes,
@@ -163,14 +146,15 @@ class ModelRunner:
             input_ids = input_ids.pin_memory()
         input_ids = input_ids.to(self.device, non_blocking=True)
         self.backend.plan(batch)
-        timer = _AttentionTimer(self.device) if step.time_attention else None
+        timer = step_timer(self.attention_timing, self.device, self.num_layers)
         with self.backend.layer_hook(timer):
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
         return self._sample(hidden, last_rows, step, timer, batch.phase)
 
     def _sample(self, hidden: torch.Tensor, last_rows: list[int], step: StepInput,
-                timer: _AttentionTimer | None, phase: str) -> StepOutput:
+                timer: LayerTimer | None, phase: str) -> StepOutput:
+        self.last_timer = timer
         token_ids: list[int] = []
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
         if last_rows:

@@ -67,8 +67,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="turn off the radix prefix cache")
     g.add_argument("--schedule-policy", default=D.schedule_policy, choices=["fcfs", "lpm"],
                    help="waiting-queue order: first come first served, or longest prefix match")
-    g.add_argument("--attention-timing-every", type=int, default=D.attention_timing_every,
-                   help="time the attention calls every N steps (0 = never)")
     g.add_argument("--weights-seed", type=int, default=D.seed,
                    help="seed of the random weights of synthetic presets")
     g.add_argument("--no-cuda-graphs", "--enforce-eager", dest="no_cuda_graphs",
@@ -93,6 +91,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
         schedule_policy=args.schedule_policy,
-        attention_timing_every=args.attention_timing_every or 10**9, seed=args.weights_seed,
+        seed=args.weights_seed,
         cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch,
     )

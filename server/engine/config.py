@@ -36,7 +36,6 @@ class EngineConfig:
     max_model_len: int | None = None  # default: resolved_max_model_len()
     enable_prefix_cache: bool = True
     schedule_policy: str = "fcfs"
-    attention_timing_every: int = 64
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU, backends that allow it)
     cuda_graph_max_batch: int | None = None  # default: resolved_cuda_graph_max_batch()
     seed: int = 0

@@ -228,11 +228,10 @@ class EngineCore:
                 sample_seqs.append(i)
                 sampling.append(req.sampling)
                 gens.append(self.outputs.generator(req.request_id))
-        every = max(1, self.config.attention_timing_every)
         return StepInput(
             token_ids=token_ids, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
             num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
-            generators=gens, time_attention=self.step_count % every == 0,
+            generators=gens,
         )
 
     def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:

@@ -2,14 +2,15 @@
 
 `EngineMetrics` implements the engine's observer hooks (server/engine/outputs.py EngineObserver),
 which the engine calls from its own thread, and renders the Prometheus text format for
-GET /metrics. Every series carries the labels model_name, attention_backend, kv_layout and
-page_size, so runs with different kernels and layouts can share one Prometheus.
+GET /metrics. Every series carries the labels model_name, attention_backend, kv_layout,
+page_size and attention_variant, so runs with different kernels and layouts can share one
+Prometheus.
 
 Definitions (as vLLM): TTFT = first token - arrival; ITL = time between consecutive token
 outputs of a request; TPOT = (e2e - TTFT) / (generated tokens - 1); queue time = first
 scheduled - arrival; prefill time = first token - first scheduled; decode time = finished -
-first token. Step time is split into attention (measured inside the model on every Nth
-step) and the rest.
+first token. Every step's time is split into attention (measured inside the model, see
+model/attention_timing.py and docs/metrics.md) and the rest.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from server.engine.core import EngineCore
 
 PREFIX = "attnserve_"
-ENGINE_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size")
+ENGINE_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size", "attention_variant")
 PHASES = ("prefill", "decode", "mixed")
 
 # Seconds. Starts at 0.5 ms: a small model's decode step takes a few milliseconds.
@@ -81,6 +82,7 @@ class EngineMetrics:
         attention_backend: str,
         kv_layout: str,
         page_size: int,
+        attention_variant: str = "softmax",
         buckets: list[float] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
@@ -90,6 +92,7 @@ class EngineMetrics:
         self.label_values = {
             "model_name": model_name, "attention_backend": attention_backend,
             "kv_layout": kv_layout, "page_size": str(page_size),
+            "attention_variant": attention_variant,
         }
         # Request ids are not unique forever and requests are dropped by the engine when
         # they end (or fail without reaching us), so the state is keyed weakly by object.
@@ -102,10 +105,10 @@ class EngineMetrics:
 
     @classmethod
     def attach(cls, core: EngineCore, buckets: list[float] | None = None) -> Self:
-        """Metrics labelled with what `core` resolved (backend, layout, page size, model
-        name), its configuration published, attached as its observer before any step."""
+        """Metrics labelled with what `core` resolved (backend, layout, page size, variant,
+        model name), its configuration published, attached as its observer before any step."""
         metrics = cls(core.model_name, core.backend.name, core.layout.name,
-                      core.layout.page_size, buckets=buckets)
+                      core.layout.page_size, str(core.backend.config.variant), buckets=buckets)
         metrics.set_info(core.config.as_dict())
         core.observer = metrics
         return metrics
@@ -155,13 +158,9 @@ class EngineMetrics:
                          "Wall time of one engine step (schedule excluded), by phase.",
                          phase_labels, registry=self.registry, buckets=latency)
         attention = Histogram(PREFIX + "attention_duration_seconds",
-                              "Time inside the attention backend during one timed step, by phase.",
+                              "Time inside the attention backend during one step, by phase.",
                               phase_labels, registry=self.registry, buckets=latency)
-        timed_step = Counter(PREFIX + "attention_timed_step_seconds",
-                             "Step time summed over the steps whose attention was timed "
-                             "(denominator of the attention share).",
-                             phase_labels, registry=self.registry)
-        self._step, self._attention, self._timed_step = step, attention, timed_step
+        self._step, self._attention = step, attention
         for p in PHASES:  # present from the start, so dashboards show zeros, not "no data"
             self._by_phase(p)
 
@@ -216,20 +215,18 @@ class EngineMetrics:
         self._info.labels(**self.label_values).info(values)
 
     # ---- observer hooks (engine thread) ---------------------------------------------------
-    def _by_phase(self, phase: str) -> tuple[Histogram, Histogram, Counter]:
+    def _by_phase(self, phase: str) -> tuple[Histogram, Histogram]:
         return (self._step.labels(**self.label_values, phase=phase),
-                self._attention.labels(**self.label_values, phase=phase),
-                self._timed_step.labels(**self.label_values, phase=phase))
+                self._attention.labels(**self.label_values, phase=phase))
 
     def on_step(
         self, phase: str, num_tokens: int, step_s: float, attention_s: float | None
     ) -> None:
-        step, attention, timed_step = self._by_phase(phase)
+        step, attention = self._by_phase(phase)
         step.observe(step_s)
         self.iteration_tokens.observe(num_tokens)
-        if attention_s is not None:
+        if attention_s is not None:  # None only when timing is off (a benchmark baseline)
             attention.observe(attention_s)
-            timed_step.inc(step_s)
 
     def on_tokens(self, request: Request, num_new: int, now: float) -> None:
         if num_new <= 0:

@@ -6,6 +6,10 @@ request gets the script of ``ScriptedSSEServer.script``: the first content chunk
 after the request arrived, then one chunk per gap in ``gaps_s``. Run it in a thread
 (``ScriptedSSEServer``) or as a process (``python -m tests.loadtest.scripted_server``, the
 stand-in server of the sweep test, with --host/--port and ignored extra flags).
+
+With ``Script.step_split`` it also exports attnserve's step and attention histograms (sum
+and count, by phase): each finished request adds, per phase, a scripted number of steps
+of scripted step and attention milliseconds, so the expected split is known exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class Script:
     # "normal"; "garbage": a non-JSON data line after the first chunk; "error_event": an
     # {"error": ...} event after the first chunk; "empty": [DONE] with no content at all.
     mode: str = "normal"
+    # phase -> (steps per request, ms per step, attention ms per step); phases not named
+    # are exported with zero steps, as attnserve creates every phase at start-up.
+    step_split: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
     def chunk_times(self, max_tokens: int) -> list[float]:
         gaps = [self.gaps_s[0]] * (max_tokens - 1) if self.follow_max_tokens else self.gaps_s
@@ -44,6 +51,7 @@ class _Counters:
     generation_tokens: int = 0
     ttft_sum: float = 0.0
     ttft_count: int = 0
+    steps: dict[str, list[float]] = field(default_factory=dict)  # phase -> [n, step s, attn s]
     bodies: list[dict[str, Any]] = field(default_factory=list)
     # Per streamed request: perf_counter at arrival, at each content chunk's write, and at
     # the end of the stream (the [DONE] event, or the final chunk of /generate).
@@ -177,18 +185,36 @@ class ScriptedSSEServer:
             await self._chunk(writer, json.dumps({"choices": [], "usage": {
                 "prompt_tokens": prompt_len, "completion_tokens": len(times),
                 "total_tokens": prompt_len + len(times)}}))
-        timeline.append(time.perf_counter())
-        await self._chunk(writer, "[DONE]")
+        # Counted before [DONE]: a client that scrapes /metrics next sees them.
         c.prompt_tokens += prompt_len
         c.generation_tokens += len(times)
+        for phase, (n, step_ms, attention_ms) in self.script.step_split.items():
+            totals = c.steps.setdefault(phase, [0, 0.0, 0.0])
+            totals[0] += n
+            totals[1] += n * step_ms / 1000
+            totals[2] += n * attention_ms / 1000
+        timeline.append(time.perf_counter())
+        await self._chunk(writer, "[DONE]")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
     def _metrics_text(self) -> str:
         c = self.counters
         labels = (f'model_name="scripted-model",attention_backend="scripted",'
-                  f'kv_layout="{self.label_layout}",page_size="16"')
-        return "\n".join([
+                  f'kv_layout="{self.label_layout}",page_size="16",attention_variant="softmax"')
+        lines = []
+        if self.script.step_split:
+            for metric, column in (("step_duration_seconds", 1),
+                                   ("attention_duration_seconds", 2)):
+                name = f"attnserve_{metric}"
+                lines.append(f"# TYPE {name} histogram")
+                for phase in ("prefill", "decode", "mixed"):
+                    n, *seconds = c.steps.get(phase, [0, 0.0, 0.0])
+                    with_phase = f'{labels},phase="{phase}"'
+                    lines += [f'{name}_bucket{{{with_phase},le="+Inf"}} {n}',
+                              f"{name}_count{{{with_phase}}} {n}",
+                              f"{name}_sum{{{with_phase}}} {seconds[column - 1]}"]
+        return "\n".join(lines + [
             "# TYPE attnserve_prompt_tokens counter",
             f"attnserve_prompt_tokens_total{{{labels}}} {c.prompt_tokens}",
             "# TYPE attnserve_generation_tokens counter",
@@ -241,9 +267,17 @@ def main() -> None:
     parser.add_argument("--ttft-ms", type=float, default=20.0)
     parser.add_argument("--itl-ms", type=float, default=5.0)
     parser.add_argument("--kv-layout", default="nhd")
+    parser.add_argument("--step-split", action="append", default=[],
+                        metavar="PHASE=STEPS:STEP_MS:ATTENTION_MS",
+                        help="per finished request, STEPS steps of this phase (repeatable)")
     args, _unknown = parser.parse_known_args()
+    split = {}
+    for item in args.step_split:
+        phase, _, numbers = item.partition("=")
+        steps, step_ms, attention_ms = numbers.split(":")
+        split[phase] = (int(steps), float(step_ms), float(attention_ms))
     script = Script(ttft_s=args.ttft_ms / 1000, gaps_s=[args.itl_ms / 1000],
-                    follow_max_tokens=True)
+                    follow_max_tokens=True, step_split=split)
     server = ScriptedSSEServer(script, args.host, args.port, label_layout=args.kv_layout)
     try:
         asyncio.run(server.serve())

@@ -18,7 +18,8 @@ SCRIPTED_SERVER = Path(__file__).with_name("scripted_server.py")
 def test_run_writes_json_with_vllm_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                           ) -> None:
     out = tmp_path / "run.json"
-    script = Script(ttft_s=0.01, gaps_s=[0.004], follow_max_tokens=True, fail_every=4)
+    script = Script(ttft_s=0.01, gaps_s=[0.004], follow_max_tokens=True, fail_every=4,
+                    step_split={"prefill": (2, 30.0, 6.0), "decode": (5, 10.0, 4.0)})
     with ScriptedSSEServer(script) as server:
         code = main(["--base-url", server.base_url, "--num-prompts", "8", "--input-len", "12",
                      "--output-len", "5", "--request-rate", "200", "--max-concurrency", "2",
@@ -38,8 +39,24 @@ def test_run_writes_json_with_vllm_fields(tmp_path: Path, capsys: pytest.Capture
     assert sm["available"] and sm["prompt_tokens"] == 6 * 12
     assert sm["generation_tokens"] == 6 * 5
     assert result["mean_ttft_ms"] >= sm["server_mean_ttft_ms"]
+    # 6 requests finished (the failed ones add no step): 12 prefill and 30 decode steps.
+    split = sm["step_time_by_phase"]
+    assert split["prefill"] == {"steps": 12, "mean_step_ms": pytest.approx(30.0),
+                                "mean_attention_ms": pytest.approx(6.0),
+                                "mean_non_attention_ms": pytest.approx(24.0),
+                                "attention_share": pytest.approx(0.2)}
+    assert split["decode"]["attention_share"] == pytest.approx(0.4)
+    assert split["mixed"]["steps"] == 0 and split["mixed"]["attention_share"] is None
+    assert sm["attention_share_of_step_time"] == pytest.approx((72 + 120) / (360 + 300))
     printed = capsys.readouterr().out
     assert "Serving Benchmark Result" in printed and "Mean TTFT (ms)" in printed
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()
+            if line.split() and line.split()[0] in ("phase", "prefill", "decode", "mixed", "all")}
+    assert rows["phase"] == ["steps", "step", "ms", "attn", "ms", "other", "ms", "attn", "%"]
+    assert rows["prefill"] == ["12", "30.00", "6.00", "24.00", "20.0"]
+    assert rows["decode"] == ["30", "10.00", "4.00", "6.00", "40.0"]
+    assert rows["mixed"] == ["-"] * 5  # no mixed step in the run
+    assert rows["all"][0] == "42" and rows["all"][4] == f"{100 * 192 / 660:.1f}"
 
 
 def test_sweep_starts_each_configuration_and_writes_table_plots_json(tmp_path: Path) -> None:
@@ -74,6 +91,73 @@ def test_sweep_starts_each_configuration_and_writes_table_plots_json(tmp_path: P
     for png in ("ttft_vs_rate.png", "itl_vs_rate.png", "throughput_vs_latency.png"):
         data = (out_dir / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def red_pixel_columns(png: Path) -> list[float]:
+    """Horizontal positions (0..1) of the attention colour (matplotlib's C3) in the plot
+    area, above the legend at the bottom."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)[..., :3]
+    height, width = image.shape[:2]
+    red = np.array([0xD6, 0x27, 0x28]) / 255
+    mask = np.all(np.abs(image - red) < 0.02, axis=-1)
+    mask[int(0.85 * height):] = False
+    return list(np.nonzero(mask)[1] / width)
+
+
+def test_sweep_reports_the_step_split_per_phase_and_draws_the_stacked_plot(tmp_path: Path
+                                                                          ) -> None:
+    """Stand-in servers whose step metrics are scripted: per request one prefill step and
+    three decode steps, no mixed step, with known step and attention times."""
+    out_dir = tmp_path / "sweep"
+    code = main([
+        "sweep", "--server-command", f"{sys.executable} {SCRIPTED_SERVER}",
+        "--server-config", "fast=--step-split prefill=1:40:10 --step-split decode=3:8:2",
+        "--server-config", "slow=--step-split prefill=1:80:40 --step-split decode=3:16:4",
+        "--server-args", "--ttft-ms 5 --itl-ms 2", "--request-rates", "inf",
+        "--num-prompts", "4", "--input-len", "6", "--output-len", "3", "--warmup", "1",
+        "--output-dir", str(out_dir), "--disable-tqdm", "--startup-timeout", "30",
+    ])
+    assert code == 0
+    runs = {r["config_name"]: r["server_metrics"]
+            for r in json.loads((out_dir / "sweep.json").read_text())}
+    # The warm-up request's steps fall before the run's first scrape: 4 + 12 steps.
+    expected = {"fast": {"prefill": (40.0, 10.0), "decode": (8.0, 2.0)},
+                "slow": {"prefill": (80.0, 40.0), "decode": (16.0, 4.0)}}
+    for name, phases in expected.items():
+        split = runs[name]["step_time_by_phase"]
+        for phase, (step_ms, attention_ms) in phases.items():
+            assert split[phase]["steps"] == (4 if phase == "prefill" else 12)
+            assert split[phase]["mean_step_ms"] == pytest.approx(step_ms)
+            assert split[phase]["mean_attention_ms"] == pytest.approx(attention_ms)
+            assert split[phase]["mean_non_attention_ms"] == pytest.approx(step_ms - attention_ms)
+            assert split[phase]["attention_share"] == pytest.approx(attention_ms / step_ms)
+        assert split["mixed"]["steps"] == 0 and split["mixed"]["mean_step_ms"] is None
+    assert runs["slow"]["attention_share_of_step_time"] == pytest.approx(208 / 512)
+    assert runs["slow"]["step_time_all"]["mean_step_ms"] == pytest.approx(32.0)
+
+    summary = (out_dir / "summary.md").read_text()
+    table = summary.splitlines()
+    header = [c.strip() for c in table[0].split("|")]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")] for r in table[2:4]}
+    column = header.index
+    assert rows["fast"][column("attn % p/d/m")] == "25.0/25.0/-"
+    assert rows["slow"][column("attn % p/d/m")] == "50.0/25.0/-"
+    assert rows["slow"][column("attn ms p/d/m")] == "40.00/4.00/-"
+    assert rows["slow"][column("step ms p/d/m")] == "80.00/16.00/-"
+    assert rows["slow"][column("attn % all")] == "40.6"
+    assert "| fast | inf | prefill | 4 | 40.00 | 10.00 | 30.00 | 25.0 |" in table
+    assert "| slow | inf | decode | 12 | 16.00 | 4.00 | 12.00 | 25.0 |" in table
+    assert "| slow | inf | mixed | - | - | - | - | - |" in table
+    assert "`step_time_split.png`" in summary
+
+    # The stacked plot: attention (red) in the prefill and decode panels, none in mixed.
+    png = out_dir / "step_time_split.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    columns = red_pixel_columns(png)
+    assert any(x < 0.33 for x in columns) and any(0.36 < x < 0.64 for x in columns)
+    assert not any(x > 0.69 for x in columns)
 
 
 def test_sweep_reports_a_server_that_cannot_start(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, gener
 from loadtest.server_metrics import MetricsSnapshot, server_metrics_delta
 
 LABELS = {"model_name": "m", "attention_backend": "triton", "kv_layout": "hnd",
-          "page_size": "16"}
+          "page_size": "16", "attention_variant": "softcap:30"}
+PHASES = ("prefill", "decode", "mixed")
 
 
 class _FakeServer:
@@ -21,14 +22,21 @@ class _FakeServer:
                               registry=reg)
         self.attn = Histogram("attnserve_attention_duration_seconds", "", [*names, "phase"],
                               registry=reg)
-        self.timed = Counter("attnserve_attention_timed_step_seconds", "", [*names, "phase"],
-                             registry=reg)
         self.counters = {name: Counter(f"attnserve_{name}", "", names, registry=reg)
                          for name in ("prefix_cache_queries", "prefix_cache_hits",
                                       "num_preemptions", "prompt_tokens", "generation_tokens",
                                       "kernel_compiles")}
         info = Info("attnserve_engine_config", "", names, registry=reg)
         info.labels(**LABELS).info({"max_num_seqs": "8"})
+        for phase in PHASES:  # created at start-up, as the engine does
+            self.step.labels(**LABELS, phase=phase)
+            self.attn.labels(**LABELS, phase=phase)
+
+    def step_(self, phase: str, step_s: float, attention_s: float | None) -> None:
+        """One engine step; attention_s None: a step whose attention was not timed."""
+        self.step.labels(**LABELS, phase=phase).observe(step_s)
+        if attention_s is not None:
+            self.attn.labels(**LABELS, phase=phase).observe(attention_s)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()
@@ -46,18 +54,15 @@ def test_deltas_over_the_run() -> None:
         server.ttft.labels(**LABELS).observe(float(t))
     step = {"prefill": 0.0, "decode": 0.0}
     attn = {"prefill": 0.0, "decode": 0.0}
-    timed = {"prefill": 0.0, "decode": 0.0}
-    for i in range(40):
+    steps = {"prefill": 0, "decode": 0}
+    for i in range(40):  # no mixed step in the run
         phase = "prefill" if i % 4 == 0 else "decode"
         s = float(rng.uniform(0.01, 0.05))
-        server.step.labels(**LABELS, phase=phase).observe(s)
+        a = s * float(rng.uniform(0.2, 0.6))
+        server.step_(phase, s, a)
         step[phase] += s
-        if i % 3 == 0:  # attention is timed on some steps only
-            a = s * float(rng.uniform(0.2, 0.6))
-            server.attn.labels(**LABELS, phase=phase).observe(a)
-            server.timed.labels(**LABELS, phase=phase).inc(s)
-            attn[phase] += a
-            timed[phase] += s
+        attn[phase] += a
+        steps[phase] += 1
     server.counters["prefix_cache_queries"].labels(**LABELS).inc(400)
     server.counters["prefix_cache_hits"].labels(**LABELS).inc(100)
     server.counters["num_preemptions"].labels(**LABELS).inc(2)
@@ -71,16 +76,33 @@ def test_deltas_over_the_run() -> None:
     assert out["server_mean_ttft_ms"] == pytest.approx(ttfts.mean() * 1000)
     assert out["server_ttft_count"] == 17
     assert out["attention_share_of_step_time"] == pytest.approx(
-        sum(attn.values()) / sum(timed.values()))
+        sum(attn.values()) / sum(step.values()))
     for phase in ("prefill", "decode"):
-        assert out["attention_share_by_phase"][phase] == pytest.approx(
-            attn[phase] / timed[phase])
+        split = out["step_time_by_phase"][phase]
+        assert split["steps"] == steps[phase]
+        assert split["attention_share"] == pytest.approx(attn[phase] / step[phase])
+        assert out["attention_share_by_phase"][phase] == split["attention_share"]
+        assert split["mean_step_ms"] == pytest.approx(1000 * step[phase] / steps[phase])
+        assert split["mean_attention_ms"] == pytest.approx(1000 * attn[phase] / steps[phase])
+        assert split["mean_non_attention_ms"] == pytest.approx(
+            1000 * (step[phase] - attn[phase]) / steps[phase])
+    # The phase that did not occur: zero steps and no numbers.
+    assert out["step_time_by_phase"]["mixed"] == {
+        "steps": 0, "mean_step_ms": None, "mean_attention_ms": None,
+        "mean_non_attention_ms": None, "attention_share": None}
+    assert out["attention_share_by_phase"]["mixed"] is None
+    overall = out["step_time_all"]
+    assert overall["steps"] == 40
+    assert overall["mean_attention_ms"] == pytest.approx(1000 * sum(attn.values()) / 40)
+    assert overall["attention_share"] == out["attention_share_of_step_time"]
     assert out["step_time_s"] == pytest.approx(sum(step.values()))
+    assert out["attention_time_s"] == pytest.approx(sum(attn.values()))
     assert out["prefix_cache_hit_rate"] == pytest.approx(0.25)
     assert out["num_preemptions"] == 2
     assert out["prompt_tokens"] == 321 and out["generation_tokens"] == 77
     assert out["kernel_builds"] == 3
     assert out["server_config"]["kv_layout"] == ["hnd"]
+    assert out["server_config"]["attention_variant"] == ["softcap:30"]
     assert out["engine_config"]["max_num_seqs"] == "8"
 
 
@@ -96,13 +118,21 @@ def test_a_server_without_these_metrics_gives_nulls() -> None:
     assert server_metrics_delta(None, snap) == {"available": False}
 
 
-def test_no_timed_step_in_the_run_gives_no_attention_share() -> None:
+def test_attention_not_observed_on_every_step_gives_no_split() -> None:
+    """A server that times only a sample of its steps: its attention sum over all steps'
+    time would understate the share, so no attention number is reported for that phase."""
     server = _FakeServer()
-    server.timed.labels(**LABELS, phase="decode").inc(0.5)  # timed before the run only
-    server.attn.labels(**LABELS, phase="decode").observe(0.2)
+    server.step_("decode", 0.04, 0.01)  # before the run
     before = MetricsSnapshot.parse(server.text())
-    server.step.labels(**LABELS, phase="decode").observe(0.04)  # untimed steps in the run
+    for i in range(8):
+        server.step_("decode", 0.04, 0.01 if i % 4 == 0 else None)
+    server.step_("prefill", 0.1, 0.03)
     out = server_metrics_delta(before, MetricsSnapshot.parse(server.text()))
-    assert out["step_time_s"] == pytest.approx(0.04)
-    assert out["attention_share_of_step_time"] is None
-    assert out["attention_share_by_phase"]["decode"] is None
+    decode = out["step_time_by_phase"]["decode"]
+    assert decode["steps"] == 8 and decode["mean_step_ms"] == pytest.approx(40.0)
+    assert decode["attention_share"] is None and decode["mean_attention_ms"] is None
+    assert decode["mean_non_attention_ms"] is None
+    assert out["step_time_by_phase"]["prefill"]["attention_share"] == pytest.approx(0.3)
+    assert out["attention_share_of_step_time"] is None  # one phase unknown: overall unknown
+    assert out["attention_time_s"] is None
+    assert out["step_time_s"] == pytest.approx(0.42)

@@ -18,9 +18,7 @@ import pytest
 from loadtest.cli import main
 
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 12, 3
-# Attention timed on every step, so even this short run has an attention share.
-SERVER_ARGS = ("--max-model-len 64 --kv-cache-tokens 512 --max-num-seqs 4 "
-               "--attention-timing-every 1 --log-level warning")
+SERVER_ARGS = "--max-model-len 64 --kv-cache-tokens 512 --max-num-seqs 4 --log-level warning"
 
 
 @pytest.mark.timeout(600)
@@ -42,8 +40,14 @@ def test_small_sweep_against_attnserve(tmp_path: Path) -> None:
     table = summary.splitlines()
     assert table[0].startswith("| config | rate |")
     assert [row.split("|")[1].strip() for row in table[2:4]] == ["nhd", "hnd"]
-    for png in ("ttft_vs_rate.png", "itl_vs_rate.png", "throughput_vs_latency.png"):
+    header = [c.strip() for c in table[0].split("|")]
+    for row in table[2:4]:
+        shares = [c.strip() for c in row.split("|")][header.index("attn % p/d/m")].split("/")
+        assert len(shares) == 3 and "-" not in shares[:2], row  # prefill and decode occurred
+    for png in ("ttft_vs_rate.png", "itl_vs_rate.png", "throughput_vs_latency.png",
+                "step_time_split.png"):
         assert (out_dir / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"`{png}`" in summary
 
     for layout in ("nhd", "hnd"):
         run = json.loads((out_dir / f"{layout}_rate-8.json").read_text())
@@ -62,6 +66,19 @@ def test_small_sweep_against_attnserve(tmp_path: Path) -> None:
         assert run["mean_ttft_ms"] >= server["server_mean_ttft_ms"]
         for key in ("median_ttft_ms", "p99_itl_ms", "mean_tpot_ms", "mean_e2el_ms"):
             assert run[key] is not None and run[key] > 0, key
-        assert server["attention_share_of_step_time"] is not None
+        # The step split: the first request's prompt is computed before anything decodes
+        # (a prefill step), the last one's tokens after every prompt was in (decode steps);
+        # mixed steps depend on the arrival times.
+        split = server["step_time_by_phase"]
+        assert split["prefill"]["steps"] >= 1 and split["decode"]["steps"] >= 1
+        assert sum(s["steps"] for s in split.values()) == server["step_time_all"]["steps"]
+        for phase, s in split.items():
+            if s["steps"] == 0:
+                assert s["attention_share"] is None, phase
+                continue
+            assert 0 < s["attention_share"] < 1, (phase, s)
+            assert 0 < s["mean_attention_ms"] < s["mean_step_ms"], (phase, s)
+            assert s["mean_non_attention_ms"] == pytest.approx(
+                s["mean_step_ms"] - s["mean_attention_ms"])
         assert 0 < server["attention_share_of_step_time"] < 1
         assert server["kernel_builds"] == 0  # exported, and nothing builds on the CPU

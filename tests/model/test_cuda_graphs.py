@@ -26,6 +26,7 @@ from attention.batch import ForwardBatch
 from attention.variants import Variant
 from kvcache.layout import KVLayout
 from kvcache.pool import KVPool, KVPoolConfig
+from model.attention_timing import step_timer
 from model.cuda_graphs import DecodeGraphs, _Captured, decode_buckets
 from model.loader import empty_model
 from model.presets import init_synthetic_weights, synthetic_config
@@ -46,7 +47,8 @@ class _EagerReplay:
 class StandInGraphs(DecodeGraphs):
     """`_capture` without CUDA: replay() reruns the forward pass into the output buffer, and
     first checks that what a real graph would have frozen at capture (the split count, the
-    scratch and block-table addresses, the table's row stride) is what this step planned."""
+    scratch and block-table addresses, the table's row stride) is what this step planned.
+    Its timer, like a graph's captured events, holds the last replay's attention time."""
 
     def _frozen(self) -> tuple:
         bufs = self.backend.split_buffers
@@ -57,11 +59,16 @@ class StandInGraphs(DecodeGraphs):
         hidden = self._forward(bucket).clone()
         frozen = self._frozen()
 
+        timer = step_timer(self.timing, self.device, self.model.config.num_layers)
+
         def run() -> None:
             assert self._frozen() == frozen, "a real graph would replay stale host decisions"
-            hidden.copy_(self._forward(bucket))
+            if timer is not None:
+                timer.cpu_s = 0.0
+            with self.backend.layer_hook(timer):
+                hidden.copy_(self._forward(bucket))
 
-        return _Captured(_EagerReplay(run), hidden)  # type: ignore[arg-type]
+        return _Captured(_EagerReplay(run), hidden, timer)  # type: ignore[arg-type]
 
 
 def test_buckets_cover_every_batch_size() -> None:
@@ -90,6 +97,7 @@ def _setup(layout_name: str, page_size: int):
     backend = TritonBackend(attn, pool)
     backend.min_tokens_per_split = 16  # several splits at these short lengths
     runner = ModelRunner(model, backend, torch.device("cpu"), page_size)
+    runner.attention_timing = "one"  # as on a GPU: graphs replay, one layer timed
     return cfg, model, pool, backend, runner, num_pages
 
 
@@ -129,6 +137,7 @@ def test_padded_graph_step_equals_eager_decode(layout_name: str, page_size: int)
 
     graphs = StandInGraphs(model, backend, torch.device("cpu"), page_size, max_batch=8,
                            max_model_len=256)
+    graphs.timing = "one"
     assert graphs.buckets == [1, 2, 4, 8]
     kv_before = [t.clone() for t in (*pool.k_caches, *pool.v_caches)]
     runner.graphs = graphs
@@ -139,7 +148,7 @@ def test_padded_graph_step_equals_eager_decode(layout_name: str, page_size: int)
     assert got.shape == (3, cfg.hidden_size)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # one graph, for the bucket of 4 and the (power-of-two) split count of this step
-    assert list(graphs._graphs) == [(4, backend.num_splits)]
+    assert list(graphs._graphs) == [(4, backend.num_splits, True)]
     assert backend.num_splits & (backend.num_splits - 1) == 0
     assert eager_splits > 1  # the step really exercises split-KV and the merge
     # the padding row wrote only the scratch page; real pages got the same K/V again
@@ -149,7 +158,11 @@ def test_padded_graph_step_equals_eager_decode(layout_name: str, page_size: int)
     with torch.inference_mode():
         out = runner.execute(step)
     assert len(out.token_ids) == 3 and out.phase == "decode"
-    assert graphs._graphs[(4, backend.num_splits)].graph.replays == 2
+    assert graphs._graphs[(4, backend.num_splits, True)].graph.replays == 2
+    # the replay timed its attention: one layer's, scaled by the layer count
+    timer = graphs._graphs[(4, backend.num_splits, True)].timer
+    assert out.attention_s is not None and out.attention_s > 0
+    assert out.attention_s == timer.elapsed_s() and timer.scale == cfg.num_layers
 
 
 def test_steps_that_cannot_use_a_graph_run_eagerly() -> None:
@@ -159,10 +172,11 @@ def test_steps_that_cannot_use_a_graph_run_eagerly() -> None:
     tables = [[1, 2], [3, 4], [5, 6]]
     assert not runner._use_graph(_step([1, 1, 1], [3, 3, 3], tables, [1, 2, 3]))  # > bucket
     assert not runner._use_graph(_step([5, 1], [0, 3], tables[:2], [1] * 6))  # prefill
-    timed = _step([1, 1], [3, 3], tables[:2], [1, 2])
-    timed.time_attention = True
-    assert not runner._use_graph(timed)  # attention timing needs per-layer events
-    assert runner._use_graph(_step([1, 1], [3, 3], tables[:2], [1, 2]))
+    decode = _step([1, 1], [3, 3], tables[:2], [1, 2])
+    runner.attention_timing = "all"
+    assert not runner._use_graph(decode)  # every layer timed: the eager reference
+    runner.attention_timing = "one"
+    assert runner._use_graph(decode)
 
 
 def test_split_scratch_captured_by_graphs_is_never_freed() -> None:

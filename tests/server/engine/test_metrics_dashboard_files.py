@@ -47,7 +47,8 @@ def test_dashboard_has_the_variables_and_panels_the_issue_asks_for() -> None:
     titles = " | ".join(p["title"].lower() for p in d["panels"])
     for needed in ("first token", "inter-token", "per output token", "end-to-end", "throughput",
                    "running and waiting", "kv cache usage", "prefix cache hit", "preemptions",
-                   "step duration by phase", "attention share", "tokens per step"):
+                   "step duration by phase", "attention share", "attention time per step",
+                   "non-attention time per step", "tokens per step"):
         assert needed in titles, needed
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
@@ -56,6 +57,52 @@ def test_dashboard_has_the_variables_and_panels_the_issue_asks_for() -> None:
         for t in p["targets"]:
             for var in ("$model_name", "$attention_backend", "$kv_layout"):
                 assert var in t["expr"], (p["title"], var)
+
+
+def test_every_query_groups_and_every_legend_names_the_labels_that_tell_servers_apart() -> None:
+    builder = load_builder()
+    assert builder.SERIES_LABELS[:5] == ("model_name", "attention_backend", "kv_layout",
+                                         "page_size", "attention_variant")
+    for p in dashboard()["panels"]:
+        for t in p["targets"]:
+            groupings = re.findall(r"\bby \(([^)]*)\)", t["expr"])
+            assert groupings, (p["title"], t["expr"])
+            for grouping in groupings:
+                names = {n.strip() for n in grouping.split(",")}
+                assert set(builder.SERIES_LABELS) <= names, (p["title"], grouping)
+            for label in builder.SERIES_LABELS:
+                assert "{{" + label + "}}" in t["legendFormat"], (p["title"], label)
+
+
+def panel(title: str) -> dict:
+    return next(p for p in dashboard()["panels"] if p["title"] == title)
+
+
+def test_step_split_panels_divide_attention_by_the_time_of_all_steps_by_phase() -> None:
+    builder = load_builder()
+    assert not any("timed_step" in e for e in dashboard_exprs())  # the old denominator
+    share = panel(builder.ATTENTION_SHARE_PANEL)
+    assert share["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    exprs = {t["legendFormat"].rsplit(" ", 1)[1]: t["expr"] for t in share["targets"]}
+    assert set(exprs) == {"{{phase}}", "all"}
+    for key, expr in exprs.items():
+        numerator, denominator = expr.split(" / ")
+        assert "rate(attnserve_attention_duration_seconds_sum{" in numerator
+        assert "rate(attnserve_step_duration_seconds_sum{" in denominator
+        assert ("phase" in numerator and "phase" in denominator) == (key == "{{phase}}")
+    attention_ms = panel(builder.ATTENTION_MS_PANEL)["targets"]
+    other_ms = panel(builder.NON_ATTENTION_MS_PANEL)["targets"]
+    for targets, numerator in ((attention_ms, ["attention_duration_seconds_sum"]),
+                               (other_ms, ["step_duration_seconds_sum",
+                                           "attention_duration_seconds_sum"])):
+        assert len(targets) == 1 and targets[0]["legendFormat"].endswith("{{phase}}")
+        expr = targets[0]["expr"]
+        assert expr.startswith("1000 * ")  # seconds to milliseconds
+        assert re.findall(r"attnserve_(\w+)\{", expr) == [*numerator,
+                                                           "step_duration_seconds_count"]
+        assert all(", phase)" in g for g in re.findall(r"by \([^)]*\)", expr))
+    for title in builder.STEP_SPLIT_PANELS[1:]:
+        assert panel(title)["fieldConfig"]["defaults"]["unit"] == "ms"
 
 
 def test_every_metric_in_the_dashboard_is_exported() -> None:

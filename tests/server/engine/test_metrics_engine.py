@@ -57,7 +57,7 @@ def run_to_completion(engine: EngineCore, max_steps: int = 2000) -> None:
 def test_step_and_attention_histograms_cover_every_phase() -> None:
     rng = random.Random()
     # A small token budget chunks the late long prompt, so it shares steps with decodes.
-    engine, metrics = make_engine(attention_timing_every=1, max_num_batched_tokens=48)
+    engine, metrics = make_engine(max_num_batched_tokens=48)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     for _ in range(2):
         engine.add_request(random_prompt(rng, rng.randint(8, 30)), params)
@@ -65,35 +65,23 @@ def test_step_and_attention_histograms_cover_every_phase() -> None:
         engine.step()
     engine.add_request(random_prompt(rng, rng.randint(100, 140)), params)
     run_to_completion(engine)
-    # Same engine, timing every 3rd step: attention is observed on those steps only.
-    engine.config.attention_timing_every = 3
-    first_sparse = len(metrics.steps)
-    engine.add_request(random_prompt(rng, 20), params)
-    run_to_completion(engine)
 
     steps = metrics.steps
     phases = {phase for phase, _, _, _ in steps}
     assert phases == {"prefill", "decode", "mixed"}, phases
-    sparse = steps[first_sparse:]
-    timed_sparse = [s for s in sparse if s[3] is not None]
-    assert 0 < len(timed_sparse) < len(sparse)
-    assert abs(len(timed_sparse) - len(sparse) / 3) <= 1
-    for phase_, _, step_s, attention_s in steps:
-        if attention_s is not None:
-            assert 0 < attention_s <= step_s, (phase_, attention_s, step_s)
+    for phase_, _, step_s, attention_s in steps:  # every step has its attention time
+        assert attention_s is not None and 0 < attention_s <= step_s, (phase_, attention_s)
 
     samples = parse_exposition(metrics.render()[0])
     for phase in ("prefill", "decode", "mixed"):
-        mine = [s for s in steps if s[0] == phase]
-        timed = [s for s in mine if s[3] is not None]
-        assert timed, phase
+        timed = mine = [s for s in steps if s[0] == phase]
         assert sample(samples, P + "step_duration_seconds_count", phase=phase) == len(mine)
-        assert sample(samples, P + "attention_duration_seconds_count", phase=phase) == len(timed)
+        assert sample(samples, P + "attention_duration_seconds_count", phase=phase) == len(mine)
         step_sum = sample(samples, P + "step_duration_seconds_sum", phase=phase)
         attention_sum = sample(samples, P + "attention_duration_seconds_sum", phase=phase)
-        timed_step_sum = sample(samples, P + "attention_timed_step_seconds_total", phase=phase)
         assert step_sum == pytest.approx(sum(s[2] for s in mine))
-        assert 0 < attention_sum <= timed_step_sum <= step_sum
+        assert attention_sum == pytest.approx(sum(s[3] for s in mine))
+        assert 0 < attention_sum < step_sum
         # Bucket-wise: no more attention observations above any bound than step observations
         # above it, because each timed step's attention fits inside that step.
         for le in ("0.001", "0.005", "0.01", "0.05", "0.1", "0.5"):
@@ -108,8 +96,7 @@ def test_preemptions_prefix_cache_and_kv_gauges_match_the_scheduler() -> None:
     rng = random.Random()
     # 8 pages of 4 tokens: three requests admitted at 2 pages each grow to 4-5 pages each,
     # so the scheduler must preempt; the shared first page gives prefix-cache hits.
-    engine, metrics = make_engine(kv_cache_tokens=32, page_size=4, max_num_seqs=3,
-                                  attention_timing_every=4)
+    engine, metrics = make_engine(kv_cache_tokens=32, page_size=4, max_num_seqs=3)
     shared = random_prompt(rng, 4)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     for _ in range(3):
