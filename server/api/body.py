@@ -81,8 +81,8 @@ def parse_body(body: bytes, model: type[M]) -> M:
     except json.JSONDecodeError as e:
         raise bad_request(f"the body is not valid JSON: {e.msg} at line {e.lineno} column "
                           f"{e.colno}", code="invalid_json") from None
-    except RecursionError:  # unreachable after json_too_deep; kept as the last line
-        raise bad_request("the body nests too deeply", code="invalid_json") from None
+    except (ValueError, RecursionError):  # e.g. an integer of more than 4300 digits
+        raise bad_request("the body is not valid JSON", code="invalid_json") from None
     if not isinstance(parsed, dict):
         raise bad_request("the body must be a JSON object", code="invalid_json")
     try:

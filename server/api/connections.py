@@ -83,7 +83,7 @@ class RateLimitFilter(logging.Filter):
         record.exc_info = None  # a hostile client must not be able to fill the log
         record.exc_text = None
         if held:
-            record.msg = f"{record.msg} (and {held} more like it in the last {self.interval_s:g} s)"
+            record.msg = f"{record.msg} (and {held} more like it since the last report)"
         return True
 
 
@@ -132,6 +132,7 @@ class ConnectionGuard:
         self.limits = limits
         self.open: dict[GuardedH11Protocol, None] = {}  # insertion order: oldest first
         self.lingering = 0  # refused connections still reading their 503
+        self.accepted = 0
         self.refused = 0
         self.evicted = 0
         self.timed_out = 0
@@ -151,6 +152,7 @@ class ConnectionGuard:
                            self.limits.max_connections)
             victim.evict()
         self.open[conn] = None
+        self.accepted += 1
         return True
 
     def release(self, conn: GuardedH11Protocol) -> None:

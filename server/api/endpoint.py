@@ -68,9 +68,9 @@ class ServerSettings:
 
 
 def _worker_pool() -> ThreadPoolExecutor:
-    # Tokenization and large-body parsing; the fast tokenizers release the GIL, so a few
-    # threads tokenize in parallel without taking the CPU from the engine's step.
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+    # Tokenization and large-body parsing. The fast tokenizers release the GIL, so these
+    # threads really run in parallel: at most half the cores, to leave the rest to the step.
+    return ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)),
                               thread_name_prefix="api-worker")
 
 
