@@ -281,15 +281,30 @@ class GuardedH11Protocol(H11Protocol):
         else:
             logger.warning("closing connections whose request body did not arrive within "
                            "%g s (408)", timeout)
-        cycle = self.cycle
-        if phase == "body" and cycle is not None:
-            if cycle.response_started:
-                self.transport.close()
-                return
-            # The app is waiting for the body: it sees a disconnect, the client a 408.
-            cycle.disconnected = True
-            cycle.message_event.set()
-        self.transport.write(canned_response(
+        if phase == "body" and self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+            return
+        self._abandon_request(canned_response(
             408, "Request Timeout", f"the request {phase} did not arrive within {timeout:g} s",
             "request_timeout"))
+
+    def shutdown(self) -> None:
+        """Server shutdown: a request whose body is still arriving gets 503 now, rather than
+        holding the shutdown until its body deadline (uvicorn waits for it, then cancels it
+        with a traceback)."""
+        if (self.conn.their_state is h11.SEND_BODY and self.cycle is not None
+                and not self.cycle.response_started and not self.transport.is_closing()):
+            self._abandon_request(canned_response(
+                503, "Service Unavailable", "the server is shutting down", "shutting_down",
+                retry_after_s=1))
+            return
+        super().shutdown()
+
+    def _abandon_request(self, response: bytes) -> None:
+        """Answer `response` and close; an app waiting for the body sees a disconnect."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's later sends are dropped
+            cycle.message_event.set()
+        self.transport.write(response)
         self.transport.close()

@@ -284,3 +284,21 @@ def test_no_cors_headers_by_default(deadlines: InProcessServer):
                       headers={"Origin": "https://evil.example",
                                "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_shutdown_answers_an_upload_in_progress_with_503():
+    """Not held until its body deadline: uvicorn would wait for it, then cancel it."""
+    with inprocess_server(CONFIG, ServerSettings(body_timeout=60)) as s:
+        sock = _connect(s, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        guard = s.thread.server.guard
+        wait_for(lambda: _on_server_loop(s, lambda: sum(not c.idle for c in guard.open)) == 1,
+                 5, what="the upload to be in progress")
+        t0 = time.monotonic()
+        s.thread.drain()
+        raw = _read_until_closed(sock, 30)
+        elapsed = time.monotonic() - t0
+        sock.close()
+    status, error = _status_and_error(raw)
+    assert status == 503 and error["code"] == "shutting_down", raw
+    assert elapsed < 5, elapsed
