@@ -126,11 +126,15 @@ def fit_connection_cap(requested: int) -> int:
 
 
 class ConnectionGuard:
-    """What all connections of one server share: the open ones, oldest first, and the cap."""
+    """What all connections of one server share: the open ones and the idle ones, each oldest
+    first, and the cap."""
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
         self.open: dict[GuardedH11Protocol, None] = {}  # insertion order: oldest first
+        # the open ones not serving a request, in the order they became idle: eviction picks
+        # the first without scanning past the busy ones (long streams)
+        self.idle: dict[GuardedH11Protocol, None] = {}
         self.lingering = 0  # refused connections still reading their 503
         self.accepted = 0
         self.refused = 0
@@ -139,7 +143,7 @@ class ConnectionGuard:
 
     def admit(self, conn: GuardedH11Protocol) -> bool:
         if len(self.open) >= self.limits.max_connections:
-            victim = next((c for c in self.open if c.idle), None)
+            victim = next(iter(self.idle), None)
             if victim is None:
                 self.refused += 1
                 logger.warning("connection cap of %d reached and every connection is serving "
@@ -152,11 +156,22 @@ class ConnectionGuard:
                            self.limits.max_connections)
             victim.evict()
         self.open[conn] = None
+        self.idle[conn] = None
         self.accepted += 1
         return True
 
+    def track(self, conn: GuardedH11Protocol) -> None:
+        """Record whether `conn` is serving a request now."""
+        if conn not in self.open:
+            return
+        if conn.idle:
+            self.idle.setdefault(conn, None)
+        else:
+            self.idle.pop(conn, None)
+
     def release(self, conn: GuardedH11Protocol) -> None:
         self.open.pop(conn, None)
+        self.idle.pop(conn, None)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -199,7 +214,12 @@ class GuardedH11Protocol(H11Protocol):
         if self._refused:
             return  # read and dropped, so that closing does not reset the 503 away
         super().data_received(data)
+        self.guard.track(self)
         self._update_read_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.guard.track(self)
 
     def eof_received(self) -> bool | None:
         if self._refused:

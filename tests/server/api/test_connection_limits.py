@@ -27,6 +27,9 @@ from tests.server.conftest import InProcessServer, inprocess_server, wait_for
 CAP = 32
 FLOOD = 300
 HALF_SENT_HEADERS = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-"
+# a request being served (its body is still arriving): never evicted
+HALF_SENT_BODY = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
 CONFIG = EngineConfig(device="cpu", dtype="float32", kv_cache_tokens=1024)
 
 
@@ -141,6 +144,9 @@ def test_flood_of_half_sent_requests_is_shed_and_health_answers(
     caplog.set_level(logging.INFO)
     guard = capped.thread.server.guard
     evicted_before = guard.evicted
+    served = _connect(capped, HALF_SENT_BODY)
+    wait_for(lambda: _on_server_loop(capped, lambda: len(guard.idle) < len(guard.open)), 5,
+             what="the served request to start")
     t0 = time.monotonic()
     flood = [_connect(capped, HALF_SENT_HEADERS) for _ in range(FLOOD)]
     opened_s = time.monotonic() - t0
@@ -172,8 +178,11 @@ def test_flood_of_half_sent_requests_is_shed_and_health_answers(
               f"{open_now} open on the server (cap {CAP})")
         assert open_now <= CAP
         assert guard.evicted - evicted_before >= FLOOD - CAP
+        served.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still open, nothing written to it
+            served.recv(1)
     finally:
-        for sock in flood:
+        for sock in [served, *flood]:
             sock.close()
     elapsed = time.monotonic() - t0
     evictions = _connection_log(caplog, "closing the oldest idle")
@@ -187,9 +196,7 @@ def test_new_connection_gets_503_when_every_slot_is_busy(capped: InProcessServer
     caplog.set_level(logging.INFO)
     wait_for(lambda: _on_server_loop(capped, lambda: len(capped.thread.server.guard.open)) == 0,
              5, what="the flood's connections to close")
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-            b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
-    busy = [_connect(capped, head) for _ in range(CAP)]
+    busy = [_connect(capped, HALF_SENT_BODY) for _ in range(CAP)]
     try:
         wait_for(lambda: _on_server_loop(
             capped, lambda: sum(not c.idle for c in capped.thread.server.guard.open)) == CAP,
@@ -289,8 +296,7 @@ def test_no_cors_headers_by_default(deadlines: InProcessServer):
 def test_shutdown_answers_an_upload_in_progress_with_503():
     """Not held until its body deadline: uvicorn would wait for it, then cancel it."""
     with inprocess_server(CONFIG, ServerSettings(body_timeout=60)) as s:
-        sock = _connect(s, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                           b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        sock = _connect(s, HALF_SENT_BODY)
         guard = s.thread.server.guard
         wait_for(lambda: _on_server_loop(s, lambda: sum(not c.idle for c in guard.open)) == 1,
                  5, what="the upload to be in progress")
