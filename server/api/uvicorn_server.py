@@ -67,13 +67,6 @@ class DrainingServer(uvicorn.Server):
         """Start a drain from any thread (what SIGTERM does)."""
         self._drain_requested = True
 
-    def request_stop(self, sig: int = signal.SIGTERM) -> None:
-        """What a second signal does, from any thread (once a drain was requested)."""
-        self._drain_requested = True
-        if self._stop_signal is None:
-            self._stop_signal = sig
-            self.exit_code = 128 + sig
-
     def _on_engine_fatal(self, reason: str) -> None:
         logger.error("the engine could not start (%s); exiting", reason)
         self.exit_code = 1
