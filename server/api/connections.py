@@ -104,21 +104,33 @@ def install_log_throttles() -> None:
             log.addFilter(RateLimitFilter(prefixes))
 
 
+def max_lingering(cap: int) -> int:
+    """Refused connections allowed to read their 503 at once; beyond, they are reset."""
+    return max(16, cap // 4)
+
+
 def fit_connection_cap(requested: int) -> int:
-    """The connection cap that the process's file-descriptor limit can hold: raises the soft
-    limit towards the hard one if needed, else lowers the cap (with a warning), so that the
-    accept loop never meets EMFILE."""
+    """The connection cap that the process's file-descriptor limit can hold (the open
+    connections, the refused ones reading their 503, and headroom): raises the soft limit
+    towards the hard one if needed, else lowers the cap (with a warning), so that the accept
+    loop never meets EMFILE."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
-    needed = requested + in_use + FD_HEADROOM
-    if needed > soft:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+
+    def needed(cap: int) -> int:
+        return cap + max_lingering(cap) + in_use + FD_HEADROOM
+
+    if needed(requested) > soft:
+        target = needed(requested) if hard == resource.RLIM_INFINITY \
+            else min(needed(requested), hard)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError):
             pass
-    fitted = max(1, min(requested, soft - in_use - FD_HEADROOM))
+    fitted = requested
+    while fitted > 1 and needed(fitted) > soft:
+        fitted = max(1, min(fitted - 1, (soft - in_use - FD_HEADROOM) * 4 // 5))
     if fitted < requested:
         logger.warning("--max-connections %d does not fit the file-descriptor limit %d "
                        "(%d in use): capping connections at %d", requested, soft, in_use, fitted)
@@ -245,7 +257,7 @@ class GuardedH11Protocol(H11Protocol):
         self._refused = True
         self.transport = transport
         self.guard.lingering += 1
-        if self.guard.lingering > max(16, self.guard.limits.max_connections // 4):
+        if self.guard.lingering > max_lingering(self.guard.limits.max_connections):
             transport.abort()  # too many already lingering: free the descriptor now
             return
         transport.write(canned_response(
