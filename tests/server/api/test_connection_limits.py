@@ -110,15 +110,16 @@ def test_small_response_costs_the_same_on_a_reused_connection(capped: InProcessS
     one_token = {"json": {"prompt": "Hi", "max_tokens": 1, "temperature": 0}}
     reused: dict[str, list[float]] = {"health": [], "completion": []}
     fresh: dict[str, list[float]] = {"health": [], "completion": []}
-    # interleaved, so that a slower or faster spell of a shared CPU hits both alike
-    with httpx.Client() as client:
-        timed(client, "/health")
-        for i in range(30 + 8):
-            kind, path, kw = ("health", "/health", {}) if i < 30 else \
-                ("completion", "/v1/completions", one_token)
-            reused[kind].append(timed(client, path, **kw))
-            with httpx.Client() as new_client:
-                fresh[kind].append(timed(new_client, path, **kw))
+    # Back to back on one connection, as `curl URL URL` does: the stall needs the client's
+    # delayed-ACK mode, which requests interleaved with other connections' do not reach.
+    for kind, path, kw, n in [("health", "/health", {}, 30),
+                              ("completion", "/v1/completions", one_token, 8)]:
+        with httpx.Client() as client:
+            timed(client, "/health")
+            reused[kind] = [timed(client, path, **kw) for _ in range(n)]
+        for _ in range(n):
+            with httpx.Client() as client:
+                fresh[kind].append(timed(client, path, **kw))
     medians = {k: (_median_ms(reused[k]), _median_ms(fresh[k])) for k in reused}
     print("median ms (reused, fresh):", {k: f"{a:.2f}, {b:.2f}" for k, (a, b) in medians.items()})
     health_reused, health_fresh = medians["health"]
