@@ -332,7 +332,9 @@ def test_long_prompts_are_tokenized_off_the_event_loop(server: InProcessServer):
     for r in w.responses:
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] != "prompt_too_long"  # got past the cheap bound
-    assert w.health_max_s < 0.1 and w.loop_lag_max_s < 0.1
+    # On the loop, each of these blocked it for 300-450 ms. Off it, what is left is the
+    # tokenizer's own threads competing for the cores, which can delay the loop's thread.
+    assert w.health_max_s < 0.1 and w.loop_lag_max_s < 0.2
 
 
 def test_length_bound_is_safe_for_this_vocabulary(server: InProcessServer):
