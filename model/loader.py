@@ -7,13 +7,16 @@ target dtype, so nothing is initialised twice and big synthetic models load in s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -26,6 +29,7 @@ from model.tokenizer import Tokenizer
 from model.weights import WeightLoader
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EMBEDDED_NAMES = ("smollm2", "smollm2-135m-instruct")
 
@@ -36,14 +40,34 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer | None
     source: str  # human-readable description of where the weights came from
+    # seconds per part of the load ("weights_s", "tokenizer_s", ...) and "total_s"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _no_param_init() -> Iterator[None]:
+    """Skip Linear's and Embedding's initialisers while a model is built: every parameter is
+    overwritten by the loader, and initialising 135M values costs seconds on a CPU."""
+    classes = (torch.nn.Linear, torch.nn.Embedding)
+    saved = [cls.reset_parameters for cls in classes]
+    try:
+        for cls in classes:
+            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+        yield
+    finally:
+        for cls, original in zip(classes, saved, strict=True):
+            cls.reset_parameters = original  # type: ignore[method-assign]
 
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """A model with uninitialised parameters on `device` (rotary cache computed)."""
-    with torch.device("meta"):
+    """A model with uninitialised parameters on `device` (rotary cache computed).
+
+    Built on `device` directly, not on the meta device: an operation on meta tensors imports
+    torch._dynamo (1.5-2.5 s of a fresh process), and allocation without initialisation
+    costs nothing on either device."""
+    with torch.device(device), _no_param_init():
         model = CausalLM(config, dtype=dtype)
-    model.to_empty(device=device)
-    model.rotary.reset_cache(config)
+    model.rotary.reset_cache(config)  # inv_freq computed on the CPU, as the reference does
     return model.eval().requires_grad_(False)
 
 
@@ -69,17 +93,28 @@ def _progress(items: Iterator, total: int, desc: str) -> Iterator:
 def _load_gguf(
     path: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool
 ) -> LoadedModel:
-    gf = GGUFFile(path)
-    config = gf.config()
-    model = empty_model(config, dtype, device)
-    loader = WeightLoader(model)
-    for name, tensor in _progress(gf.hf_tensors(config), gf.num_tensors, f"loading {path.name}"):
-        loader.load(name, tensor)
-    loader.check_complete()
-    tokenizer = None
-    if with_tokenizer:
-        tokenizer = Tokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return LoadedModel(model, config, tokenizer, f"gguf:{path}")
+    """The tokenizer loads on a second thread meanwhile: importing transformers is most of
+    its time and holds the GIL, while dequantizing mostly runs in torch, which releases it
+    (bench/gguf_load.py measures both parts)."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+        tokenizer_job = (pool.submit(_timed, Tokenizer.from_pretrained, path.parent, path.name)
+                         if with_tokenizer else None)
+        gf = GGUFFile(path)
+        config = gf.config()
+        model = empty_model(config, dtype, device)
+        loader = WeightLoader(model)
+        gf.load_into(loader)
+        loader.check_complete()
+        weights_s = time.perf_counter() - t0
+        tokenizer, tokenizer_s = tokenizer_job.result() if tokenizer_job else (None, 0.0)
+    return LoadedModel(model, config, tokenizer, f"gguf:{path}",
+                       {"weights_s": weights_s, "tokenizer_s": tokenizer_s})
+
+
+def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def _safetensors_items(folder: Path) -> tuple[list[Path], int]:
@@ -166,6 +201,7 @@ def load_model(
             f"folder with config.json + *.safetensors, or a synthetic preset "
             f"({', '.join(sorted(SYNTHETIC_PRESETS))})"
         )
+    loaded.timings["total_s"] = time.perf_counter() - t0
     cfg = loaded.config
     logger.info(
         "loaded %s: %s, %d layers, hidden %d, %d/%d heads x %d, vocab %d, %.1fM params, "
