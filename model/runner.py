@@ -17,7 +17,7 @@ from attention.base import AttentionBackend
 from attention.batch import ForwardBatch
 from model.attention_timing import LayerTimer, TimingMode, default_timing_mode, step_timer
 from model.cuda_graphs import DecodeGraphs
-from model.sampler import Sampler, SamplerOutput
+from model.sampler import Sampler, SamplerOutput, TokenHistory
 from scheduler.request import SamplingParams
 
 
@@ -31,6 +31,9 @@ class StepInput:
     sample_seqs: list[int]  # indices of the sequences whose last token is sampled
     sampling: list[SamplingParams]  # one per sampled sequence
     generators: list[torch.Generator | None]
+    # one per sampled sequence, for those whose logits are processed (penalties, min_tokens);
+    # empty when none is
+    histories: list[TokenHistory | None] = field(default_factory=list)
 
 
 @dataclass
@@ -167,7 +170,8 @@ class ModelRunner:
                     rows = rows.pin_memory()
                 picked = hidden[rows.to(self.device, non_blocking=True)]
             logits = self.model.compute_logits(picked)
-            sampled = self.sampler(logits, step.sampling, step.generators)
+            sampled = self.sampler(logits, step.sampling, step.generators,
+                                   step.histories or None)
             token_ids = sampled.token_ids.tolist()
             logprobs = _logprob_rows(sampled, step.sampling)
         elif self.device.type == "cuda":

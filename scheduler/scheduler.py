@@ -301,10 +301,13 @@ class Scheduler:
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         sp = req.sampling
-        if not sp.ignore_eos and token in req.eos_token_ids:
-            return FinishReason.STOP
-        if token in sp.stop_token_ids:
-            return FinishReason.STOP
+        # Under min_tokens the sampler never draws EOS or a stop id (the engine bans them);
+        # should one come anyway it does not end the request before min_tokens.
+        if len(req.output_token_ids) > sp.min_tokens:
+            if not sp.ignore_eos and token in req.eos_token_ids:
+                return FinishReason.STOP
+            if token in sp.stop_token_ids:
+                return FinishReason.STOP
         if len(req.output_token_ids) >= sp.max_tokens:
             return FinishReason.LENGTH
         if req.num_tokens >= self.config.max_model_len:

@@ -15,6 +15,7 @@ import logging
 import queue
 import time
 import uuid
+from collections.abc import Callable
 
 from attention.base import AttentionConfig
 from attention.registry import build_attention_backend
@@ -26,15 +27,31 @@ from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_
 from kvcache.radix import RadixPrefixCache
 from model.loader import LoadedModel, load_model, load_tokenizer
 from model.runner import ModelRunner, StepInput, StepOutput
-from model.sampler import make_generator
+from model.sampler import TokenHistory, make_generator
 from scheduler.plan import StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
+from server.engine.choices import ChoiceGroup
 from server.engine.config import EngineConfig
 from server.engine.output_processor import OutputProcessor, OutputSink
 from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
 
 logger = logging.getLogger(__name__)
+
+
+def token_history(req: Request) -> TokenHistory | None:
+    """What the sampler's logits processing needs of a request, or None if it processes
+    nothing: its tokens, and EOS and stop ids while it is under min_tokens (vLLM: with
+    ignore_eos, EOS is no stop token and is not held back)."""
+    sp = req.sampling
+    if not sp.processes_logits:
+        return None
+    banned: list[int] = []
+    if len(req.output_token_ids) < sp.min_tokens:
+        banned = list(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            banned.extend(req.eos_token_ids)
+    return TokenHistory(req.prompt_token_ids, req.output_token_ids, banned)
 
 
 class EngineCore:
@@ -146,17 +163,34 @@ class EngineCore:
         return request_id
 
     def add_requests(
-        self, prompts: list[list[int]], params: SamplingParams, request_ids: list[str],
-        sinks: list[OutputSink | None],
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+        request_ids: list[str], sinks: list[OutputSink | None],
     ) -> None:
         """Validate every prompt (Scheduler.validate, the one check), then queue them all: one
-        that cannot run (RequestRejected) stops the others from being queued."""
-        for ids in prompts:
-            self.scheduler.validate(ids, params)
-        for ids, rid, sink in zip(prompts, request_ids, sinks, strict=True):
-            req = Request(request_id=rid, prompt_token_ids=list(ids), sampling=params,
+        that cannot run (RequestRejected) stops the others from being queued. `params` is
+        one for all, or one per prompt (the samples of server/engine/choices.py)."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        for ids, p in zip(prompts, per_prompt, strict=True):
+            self.scheduler.validate(ids, p)
+        for ids, p, rid, sink in zip(prompts, per_prompt, request_ids, sinks, strict=True):
+            req = Request(request_id=rid, prompt_token_ids=list(ids), sampling=p,
                           eos_token_ids=self.eos_token_ids)
             self._inbox.put(("add", (req, sink)))
+
+    def add_choice_group(
+        self, prompts: list[list[int]], params: SamplingParams, request_id: str | None = None,
+        sink_for: Callable[[str], OutputSink | None] | None = None,
+    ) -> ChoiceGroup:
+        """Queue the engine requests of `params.n` samples (or `best_of` candidates) of every
+        prompt; the group's `add` turns their outputs into choices. Raises RequestRejected
+        before anything is queued."""
+        for ids in prompts:  # n and best_of are checked here, before the fan-out
+            self.scheduler.validate(ids, params)
+        group = ChoiceGroup(request_id or uuid.uuid4().hex, len(prompts), params)
+        sinks = [sink_for(rid) if sink_for else None for rid in group.request_ids]
+        self.add_requests(group.expand_prompts(prompts), group.engine_params(),
+                          group.request_ids, sinks)
+        return group
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -218,6 +252,7 @@ class EngineCore:
     def _step_input(self, plan: StepPlan) -> StepInput:
         token_ids: list[int] = []
         q_lens, prefix_lens, tables, sample_seqs, sampling, gens = [], [], [], [], [], []
+        histories: list[TokenHistory | None] = []
         for i, seq in enumerate(plan.seqs):
             req = seq.request
             token_ids.extend(req.all_token_ids[seq.start : seq.start + seq.num_tokens])
@@ -228,10 +263,11 @@ class EngineCore:
                 sample_seqs.append(i)
                 sampling.append(req.sampling)
                 gens.append(self.outputs.generator(req.request_id))
+                histories.append(token_history(req))
         return StepInput(
             token_ids=token_ids, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
             num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
-            generators=gens,
+            generators=gens, histories=histories if any(histories) else [],
         )
 
     def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:

@@ -136,6 +136,8 @@ class OutputProcessor:
             return False  # stop tokens are not part of the text
         prev_len = len(tracked.text)
         tracked.text += tracked.detok.add(token)
+        if len(req.output_token_ids) <= req.sampling.min_tokens:
+            return False  # as vLLM: stop strings count only after min_tokens tokens
         for stop in req.sampling.stop:
             pos = tracked.text.find(stop, max(0, prev_len - len(stop) + 1))
             if pos != -1:
