@@ -214,7 +214,8 @@ class Scheduler:
                 return
             tokens = req.all_token_ids
             match: MatchResult | None = None
-            if cache is not None:
+            # Prompt logprobs need every prompt position's logits: no cached prefix (vLLM).
+            if cache is not None and req.sampling.prompt_logprobs is None:
                 # The last token is always computed: its logits are needed, and so it never
                 # writes into a page that the tree shares.
                 match = cache.match(tokens[:-1])

@@ -20,6 +20,7 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked for
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
@@ -86,6 +87,8 @@ class LLM:
         c.token_ids.extend(out.new_token_ids)
         c.text += out.new_text
         c.logprobs.extend(out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
         c.arrival_time = out.arrival_time
         c.first_token_time = out.first_token_time
         c.num_cached_tokens = out.num_cached_tokens

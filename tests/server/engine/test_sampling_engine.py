@@ -99,3 +99,23 @@ def test_best_of_returns_the_most_likely_candidates() -> None:
     quiet = make_llm().generate([prompt], SamplingParams(n=2, best_of=4, **common))  # type: ignore[arg-type]
     assert [c.token_ids for c in quiet] == [c.token_ids for c in best]
     assert all(not c.logprobs for c in quiet)
+
+
+@pytest.mark.parametrize("chunk", [4096, 24])
+def test_prompt_logprobs_are_transformers_and_ignore_the_prefix_cache(chunk: int) -> None:
+    prompt = _prompt()
+    llm = make_llm(max_num_batched_tokens=chunk)
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))  # fills the cache
+    r = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2,
+                                              prompt_logprobs=3))[0]
+    assert r.num_cached_tokens == 0
+    lps = r.prompt_logprobs
+    assert lps is not None and len(lps) == len(prompt) and lps[0] is None
+    with torch.inference_mode():
+        ref = _hf()(torch.tensor([prompt])).logits[0].double().log_softmax(dim=-1)
+    for pos in range(1, len(prompt)):
+        lp = lps[pos]
+        assert lp is not None and lp.token_id == prompt[pos]
+        assert abs(lp.logprob - float(ref[pos - 1, prompt[pos]])) < 1e-3, pos
+        top = ref[pos - 1].topk(3)
+        assert [t for t, _ in lp.top] == top.indices.tolist(), pos
