@@ -330,6 +330,18 @@ class AsyncEngine:
         self._wake.set()
         return len(rids)
 
+    async def reset_prefix_cache(self, timeout: float = 30.0) -> int:
+        """Drop every cached prefix page no running request uses (EngineCore.
+        reset_prefix_cache, applied by the engine thread before its next step); returns how
+        many. Raises EngineUnavailable unless the engine is ready or draining, TimeoutError
+        if the engine thread does not get to it within `timeout` seconds."""
+        _, state = self.health()
+        if self.core is None or state not in (EngineState.READY, EngineState.DRAINING):
+            raise EngineUnavailable(f"the engine is {state}", state)
+        done = self.core.request_reset_prefix_cache()
+        self._wake.set()
+        return await asyncio.wait_for(asyncio.wrap_future(done), timeout)
+
     # ---- draining ---------------------------------------------------------------------------
     def begin_drain(self) -> None:
         if self.state in (EngineState.READY, EngineState.STARTING):

@@ -10,6 +10,7 @@ stop strings and building outputs live in server/engine/output_processor.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -206,6 +207,23 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached page no running request uses; returns how many. Call it on the
+        step thread (the offline LLM's); other threads use `request_reset_prefix_cache`."""
+        if self.prefix_cache is None:
+            return 0
+        dropped = self.prefix_cache.clear()
+        logger.info("prefix cache reset: %d pages dropped, %d still used by running requests",
+                    dropped, self.prefix_cache.num_cached_pages)
+        return dropped
+
+    def request_reset_prefix_cache(self) -> concurrent.futures.Future[int]:
+        """`reset_prefix_cache` from any thread: applied at the start of the next step (the
+        caller wakes the step loop); the future holds the number of pages dropped."""
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._inbox.put(("reset_prefix_cache", done))
+        return done
+
     def _drain_inbox(self) -> None:
         while True:
             try:
@@ -217,6 +235,8 @@ class EngineCore:
                 self._admit(req, sink)
             elif kind == "abort":
                 self._abort_now(str(item))
+            elif kind == "reset_prefix_cache":
+                item.set_result(self.reset_prefix_cache())  # type: ignore[attr-defined]
 
     def _admit(self, req: Request, sink: OutputSink | None) -> None:
         try:
