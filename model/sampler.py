@@ -153,7 +153,11 @@ def _race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 class Sampler:
     """logits [N, V] float32 + per-row SamplingParams (+ generator or None, + token history
-    for rows that process their logits) -> SamplerOutput."""
+    for rows that process their logits) -> SamplerOutput. Rows without a generator of their
+    own draw from `generator` (the engine's, seeded by --seed), or torch's global one."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
 
     def __call__(
         self,
@@ -177,7 +181,7 @@ class Sampler:
         if unseeded:
             rows = torch.tensor(unseeded, device=dev)
             probs = filtered_probs(logits[rows], [params[i] for i in unseeded])
-            tokens[rows] = _race(probs, None)
+            tokens[rows] = _race(probs, self.generator)
         for i in seeded:
             probs = filtered_probs(logits[i : i + 1], [params[i]])
             tokens[i] = _race(probs, gens[i])[0]

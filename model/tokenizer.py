@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -61,11 +62,23 @@ class Tokenizer:
             clean_up_tokenization_spaces=False,
         )
 
+    chat_template: str | None = None  # overrides the tokenizer's own (--chat-template)
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """A copy that renders chats with `template` (Jinja) instead of the tokenizer's own;
+        the underlying tokenizer, which other engines may share, is left as it is."""
+        other = copy.copy(self)
+        other.chat_template = template
+        return other
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the rendered conversation, ending with the assistant's turn prompt."""
-        if not getattr(self.hf, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; use raw prompts")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        template = self.chat_template or getattr(self.hf, "chat_template", None)
+        if not template:
+            raise ValueError("this model's tokenizer has no chat template; use raw prompts "
+                             "or start the server with --chat-template")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           chat_template=template)
         return self.encode(text, add_special_tokens=False)
 
 

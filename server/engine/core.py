@@ -81,6 +81,9 @@ class EngineCore:
             self.loaded.tokenizer = load_tokenizer(config.tokenizer)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
+        template = config.resolved_chat_template()
+        if template is not None:
+            self.tokenizer = self.tokenizer.with_chat_template(template)
         mc = self.loaded.config
         self.model_name = config.resolved_model_name()
         self.max_model_len = config.resolved_max_model_len(mc.max_position_embeddings)
@@ -115,6 +118,7 @@ class EngineCore:
             self.prefix_cache,
         )
         self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        self.runner.sampler.generator = make_generator(config.seed, self.device)  # --seed
         if self.device.type == "cuda":
             try:
                 self.runner.warm_up()

@@ -119,3 +119,13 @@ def test_prompt_logprobs_are_transformers_and_ignore_the_prefix_cache(chunk: int
         assert abs(lp.logprob - float(ref[pos - 1, prompt[pos]])) < 1e-3, pos
         top = ref[pos - 1].topk(3)
         assert [t for t, _ in lp.top] == top.indices.tolist(), pos
+
+
+def test_engine_seed_makes_unseeded_sampling_reproducible() -> None:
+    params = SamplingParams(temperature=1.8, max_tokens=6, ignore_eos=True)
+
+    def run(seed: int) -> list[int]:
+        return make_llm(seed=seed).generate([_prompt()], params)[0].token_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
