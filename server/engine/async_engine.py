@@ -189,7 +189,9 @@ class AsyncEngine:
                 if self._stop.is_set():
                     break
                 if not core.has_unfinished():
-                    self._wake.wait()
+                    due = core.stats_due_in()  # the last interval's stats line, if pending
+                    if not self._wake.wait(due) and due is not None:
+                        core.flush_stats()
                     continue
                 core.step()
                 self.stats_snapshot = core.stats()

@@ -36,6 +36,7 @@ from server.engine.choices import ChoiceGroup
 from server.engine.config import EngineConfig
 from server.engine.output_processor import OutputProcessor, OutputSink
 from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
+from server.engine.stats_logger import StatsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class EngineCore:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
+        self.generated_tokens = 0  # sampled tokens, all steps
+        self.stats_logger = StatsLogger() if config.log_stats else None
         # Kernels built during start-up are expected (warm-up, graph capture); any built
         # later stalls a step, so it is logged and counted in /metrics.
         watch = KernelInstanceWatch()
@@ -282,6 +285,10 @@ class EngineCore:
             return outputs
         outputs = self._process_result(plan, result, t0)
         self._report_gauges()
+        self.generated_tokens += len(result.token_ids)
+        if self.stats_logger is not None:
+            self.stats_logger.on_step(self.prefill_tokens_computed, self.generated_tokens,
+                                      self.scheduler.stats)
         return outputs
 
     def _step_input(self, plan: StepPlan) -> StepInput:
@@ -366,6 +373,34 @@ class EngineCore:
         )
 
     # ---- introspection ----------------------------------------------------------------------
+    def stats_due_in(self) -> float | None:
+        """Seconds until the stats line of the current interval is due (None: none pending);
+        an idle engine loop wakes then and calls `flush_stats`."""
+        return self.stats_logger.due_in() if self.stats_logger is not None else None
+
+    def flush_stats(self) -> None:
+        if self.stats_logger is not None:
+            self.stats_logger.flush_if_due()
+
+    def effective_config(self) -> dict[str, object]:
+        """EngineConfig's fields with what start-up resolved in place of `auto`/None: dtype,
+        device, backend, page size, max model length, KV tokens, graph batch, chat template
+        (a file's path, or "inline")."""
+        values = self.config.as_dict()
+        graphs = self.runner.graphs
+        values.update(
+            model=self.loaded.source, dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device), attention_backend=self.backend.name,
+            page_size=self.layout.page_size, max_model_len=self.max_model_len,
+            kv_cache_tokens=self.pool.num_tokens, served_model_name=self.model_name,
+            cuda_graphs=graphs is not None,
+            cuda_graph_max_batch=graphs.max_batch if graphs is not None else 0,
+        )
+        template = self.config.chat_template
+        if template is not None and "{" in template:
+            values["chat_template"] = "inline"
+        return values
+
     def stats(self) -> dict[str, object]:
         """The scheduler's stats and the number of requests the engine tracks."""
         return {**dataclasses.asdict(self.scheduler.stats), "num_tracked": len(self.outputs)}
