@@ -27,9 +27,9 @@ from kvcache.layout import KVLayout
 from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_for_tokens
 from kvcache.radix import RadixPrefixCache
 from model.loader import LoadedModel, load_model, load_tokenizer
-from model.runner import ModelRunner, PromptLogprobRequest, StepInput, StepOutput
-from model.sampler import TokenHistory, make_generator
-from scheduler.plan import ScheduledSeq, StepPlan
+from model.runner import ModelRunner, StepInput, StepOutput
+from model.sampler import make_generator
+from scheduler.plan import StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from server.engine.choices import ChoiceGroup
@@ -37,34 +37,9 @@ from server.engine.config import EngineConfig
 from server.engine.output_processor import OutputProcessor, OutputSink
 from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
 from server.engine.stats_logger import StatsLogger
+from server.engine.step_input import build_step_input
 
 logger = logging.getLogger(__name__)
-
-
-def token_history(req: Request) -> TokenHistory | None:
-    """What the sampler's logits processing needs of a request, or None if it processes
-    nothing: its tokens, and EOS and stop ids while it is under min_tokens (vLLM: with
-    ignore_eos, EOS is no stop token and is not held back)."""
-    sp = req.sampling
-    if not sp.processes_logits:
-        return None
-    banned: list[int] = []
-    if len(req.output_token_ids) < sp.min_tokens:
-        banned = list(sp.stop_token_ids)
-        if not sp.ignore_eos:
-            banned.extend(req.eos_token_ids)
-    return TokenHistory(req.prompt_token_ids, req.output_token_ids, banned)
-
-
-def prompt_logprob_request(index: int, seq: ScheduledSeq) -> PromptLogprobRequest | None:
-    """The prompt logprobs this chunk can give (its rows that predict a prompt token), if
-    its request asked for them."""
-    req = seq.request
-    k = req.sampling.prompt_logprobs
-    end = min(seq.start + seq.num_tokens, req.num_prompt_tokens - 1)
-    if k is None or seq.start >= end:
-        return None
-    return PromptLogprobRequest(index, k, req.prompt_token_ids[seq.start + 1 : end + 1])
 
 
 class EngineCore:
@@ -292,30 +267,7 @@ class EngineCore:
         return outputs
 
     def _step_input(self, plan: StepPlan) -> StepInput:
-        token_ids: list[int] = []
-        q_lens, prefix_lens, tables, sample_seqs, sampling, gens = [], [], [], [], [], []
-        histories: list[TokenHistory | None] = []
-        prompt_lps: list[PromptLogprobRequest] = []
-        for i, seq in enumerate(plan.seqs):
-            req = seq.request
-            token_ids.extend(req.all_token_ids[seq.start : seq.start + seq.num_tokens])
-            q_lens.append(seq.num_tokens)
-            prefix_lens.append(seq.start)
-            tables.append(req.pages)
-            wanted = prompt_logprob_request(i, seq)
-            if wanted is not None:
-                prompt_lps.append(wanted)
-            if seq.needs_sample:
-                sample_seqs.append(i)
-                sampling.append(req.sampling)
-                gens.append(self.outputs.generator(req.request_id))
-                histories.append(token_history(req))
-        return StepInput(
-            token_ids=token_ids, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
-            num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
-            generators=gens, histories=histories if any(histories) else [],
-            prompt_logprobs=prompt_lps,
-        )
+        return build_step_input(plan, self.outputs.generator)
 
     def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:
         # which sequences were sampled must be read before update() advances the requests
