@@ -62,3 +62,34 @@ def test_best_of_returns_logprobs_when_asked() -> None:
     group.add(0, _out("c-0", [1, 2], [-0.1, -0.2], True))
     (index, best), = group.add(1, _out("c-1", [3], [-5.0], True))
     assert index == 0 and [lp.logprob for lp in best.new_logprobs] == [-0.1, -0.2]
+
+
+def test_async_engine_streams_choices_of_n_and_best_of() -> None:
+    import asyncio
+
+    from server.engine import AsyncEngine
+    from tests.server.engine_fixtures import make_llm
+
+    core = make_llm().engine
+
+    async def run(params: SamplingParams) -> tuple[int, dict[int, list[RequestOutput]]]:
+        engine = AsyncEngine(lambda: core, max_queued_requests=16)
+        engine.start()
+        try:
+            assert engine.wait_ready(60)
+            got: dict[int, list[RequestOutput]] = {}
+            async with engine.submit([[1, 2, 3], [4, 5, 6, 7]], params, "req") as stream:
+                async for index, out in stream:
+                    got.setdefault(index, []).append(out)
+            return stream.num_choices, got
+        finally:
+            engine.shutdown()
+
+    base = dict(temperature=1.0, max_tokens=3, ignore_eos=True, seed=3)
+    num, got = asyncio.run(run(SamplingParams(n=2, **base)))  # type: ignore[arg-type]
+    assert num == 4 and sorted(got) == [0, 1, 2, 3]
+    assert all(len(outs) == 3 and outs[-1].finished for outs in got.values())  # streamed
+    assert got[1][0].request_id == "req-1" and got[2][0].num_prompt_tokens == 4
+    num, got = asyncio.run(run(SamplingParams(n=1, best_of=3, **base)))  # type: ignore[arg-type]
+    assert num == 2 and sorted(got) == [0, 1]
+    assert all(len(outs) == 1 and len(outs[0].new_token_ids) == 3 for outs in got.values())
