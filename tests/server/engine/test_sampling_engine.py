@@ -72,16 +72,16 @@ def test_min_tokens_holds_eos_and_stop_ids_back(min_tokens: int) -> None:
 
 
 def test_n_samples_compute_the_prompt_once_and_seeded_samples_repeat() -> None:
-    prompt = smollm2().tokenizer.encode(LONG_TEXT * 2)[:100]
-    assert len(prompt) == 100
+    prompt = smollm2().tokenizer.encode(LONG_TEXT)[:50]
+    assert len(prompt) == 50
     params = SamplingParams(temperature=1.8, max_tokens=6, n=3, seed=11, ignore_eos=True)
     llm = make_llm(page_size=16)
     first = llm.generate([prompt], params)
-    # the first sample computes all 100 prompt tokens; the others take the 96 of its whole
-    # pages from the cache and compute only the last 4
-    assert llm.engine.prefill_tokens_computed == 100 + 2 * 4
+    # the first sample computes all 50 prompt tokens; the others take the 48 of its whole
+    # pages from the cache and compute only the last 2
+    assert llm.engine.prefill_tokens_computed == 50 + 2 * 2
     assert len(first) == 3 and all(len(c.token_ids) == 6 for c in first)
-    assert [c.num_cached_tokens for c in first] == [0, 96, 96]
+    assert [c.num_cached_tokens for c in first] == [0, 48, 48]
     assert len({tuple(c.token_ids) for c in first}) == 3  # distinct samples
     again = make_llm(page_size=16).generate([prompt], params)
     assert [c.token_ids for c in again] == [c.token_ids for c in first]
@@ -89,7 +89,7 @@ def test_n_samples_compute_the_prompt_once_and_seeded_samples_repeat() -> None:
 
 def test_best_of_returns_the_most_likely_candidates() -> None:
     prompt = _prompt()
-    common = dict(temperature=1.5, max_tokens=6, seed=5, ignore_eos=True, logprobs=0)
+    common = dict(temperature=1.5, max_tokens=4, seed=5, ignore_eos=True, logprobs=0)
     candidates = make_llm().generate([prompt], SamplingParams(n=4, **common))  # type: ignore[arg-type]
     best = make_llm().generate([prompt], SamplingParams(n=2, best_of=4, **common))  # type: ignore[arg-type]
     ranked = sorted(candidates, key=lambda c: -sum(lp.logprob for lp in c.logprobs))
