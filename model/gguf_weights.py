@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from model.config import ModelConfig
+from model.gguf_format import GGUFContainer
+from model.weights import WeightLoader
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -80,31 +80,29 @@ def gguf_to_hf_name(name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_LAYER_PARTS[m.group(2)]}.{m.group(3)}"
 
 
-def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Invert llama.cpp's per-head row interleave of Q/K (weight [out, in] or bias [out])."""
-    rest = w.shape[1:]
-    head_dim = w.shape[0] // num_heads
-    return (
-        w.reshape(num_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(w.shape).contiguous()
-    )
+def unpermuted_row_order(num_rows: int, num_heads: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's per-head interleave of Q/K rows: row i of the
+    Hugging Face weight is row order[i] of the GGUF one. Within a head of d rows, the HF row
+    a * d/2 + b (a in {0, 1}) was stored at 2 * b + a."""
+    head_dim = num_rows // num_heads
+    h, a, b = np.meshgrid(np.arange(num_heads), np.arange(2), np.arange(head_dim // 2),
+                          indexing="ij")
+    return (h * head_dim + 2 * b + a).reshape(-1)
 
 
 class GGUFFile:
     def __init__(self, path: str | Path) -> None:
-        import gguf
-
         self.path = Path(path)
-        self.reader = gguf.GGUFReader(str(self.path))
+        self.container = GGUFContainer(self.path)
         self.arch = str(self.field("general.architecture"))
         if self.arch not in _ARCHITECTURES:
             raise ValueError(
                 f"unsupported GGUF architecture {self.arch!r}; supported: {sorted(_ARCHITECTURES)}"
             )
-        self.tensor_names = {t.name for t in self.reader.tensors}
+        self.tensor_names = {t.name for t in self.container.tensors}
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self.container.field(key, default)
 
     def config(self) -> ModelConfig:
         a = self.arch
@@ -112,7 +110,7 @@ class GGUFFile:
         hidden = int(self.field(f"{a}.embedding_length"))
         vocab = self.field(f"{a}.vocab_size")
         if vocab is None:
-            vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
+            vocab = self.container.field_length("tokenizer.ggml.tokens")
         head_dim = self.field(f"{a}.attention.key_length") or hidden // num_heads
         rope_scaling = None
         if self.field(f"{a}.rope.scaling.type") == "llama3" or (
@@ -151,25 +149,32 @@ class GGUFFile:
 
     @property
     def num_tensors(self) -> int:
-        return len(self.reader.tensors)
+        return len(self.container.tensors)
 
-    def hf_tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, float32 tensor) for each GGUF tensor, dequantized."""
-        import gguf
-
-        for t in self.reader.tensors:
+    def load_into(self, loader: WeightLoader) -> None:
+        """Dequantize every tensor straight into the model parameter it fills."""
+        config = loader.model.config
+        for t in self.container.tensors:
             name = gguf_to_hf_name(t.name)
             if name is None:
                 continue
-            shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
-            data = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-            if not data.flags.writeable:  # unquantized tensors are views of the read-only map
-                data = data.copy()
-            tensor = torch.from_numpy(data.reshape(shape))
-            # Only llama.cpp's `llama` converter permutes Q/K (qwen2/qwen3 use neox rotary).
-            if self.arch in ("llama", "mistral"):
-                if ".self_attn.q_proj." in name:
-                    tensor = unpermute_rows(tensor, config.num_heads)
-                elif ".self_attn.k_proj." in name:
-                    tensor = unpermute_rows(tensor, config.num_kv_heads)
-            yield name, tensor
+            dest = loader.destination(name, t.shape)
+            if dest is None:
+                continue
+            heads = self._permuted_heads(name, config)
+            order = None if heads is None else unpermuted_row_order(t.shape[0], heads)
+            if dest.is_contiguous():
+                self.container.dequantize_into(t, dest, order)
+            else:
+                dest.copy_(self.container.dequantize(t, order))
+
+    def _permuted_heads(self, name: str, config: ModelConfig) -> int | None:
+        """Head count of a Q/K weight whose rows llama.cpp permuted, else None. Only its
+        `llama` converter permutes them (qwen2/qwen3 use neox rotary)."""
+        if self.arch not in ("llama", "mistral"):
+            return None
+        if ".self_attn.q_proj." in name:
+            return config.num_heads
+        if ".self_attn.k_proj." in name:
+            return config.num_kv_heads
+        return None

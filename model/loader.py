@@ -7,13 +7,17 @@ target dtype, so nothing is initialised twice and big synthetic models load in s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -26,6 +30,7 @@ from model.tokenizer import Tokenizer
 from model.weights import WeightLoader
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EMBEDDED_NAMES = ("smollm2", "smollm2-135m-instruct")
 
@@ -36,14 +41,41 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer | None
     source: str  # human-readable description of where the weights came from
+    # seconds per part of the load ("weights_s", "tokenizer_s", ...) and "total_s"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _no_param_init() -> Iterator[None]:
+    """Skip Linear's and Embedding's initialisers while a model is built: every parameter is
+    overwritten by the loader, and initialising 135M values costs seconds on a CPU."""
+    classes = (torch.nn.Linear, torch.nn.Embedding)
+    saved = [cls.reset_parameters for cls in classes]
+    try:
+        for cls in classes:
+            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+        yield
+    finally:
+        for cls, original in zip(classes, saved, strict=True):
+            cls.reset_parameters = original  # type: ignore[method-assign]
+
+
+class ModelSpecError(ValueError):
+    """A --model (or --tokenizer) value that names nothing loadable: a one-line message."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """A model with uninitialised parameters on `device` (rotary cache computed)."""
-    with torch.device("meta"):
+    """A model with uninitialised parameters on `device` (rotary cache computed).
+
+    Built on `device` directly, not on the meta device: an operation on meta tensors imports
+    torch._dynamo (1.5-2.5 s of a fresh process), and allocation without initialisation
+    costs nothing on either device."""
+    with torch.device(device), _no_param_init():
         model = CausalLM(config, dtype=dtype)
-    model.to_empty(device=device)
-    model.rotary.reset_cache(config)
+    model.rotary.reset_cache(config)  # inv_freq computed on the CPU, as the reference does
     return model.eval().requires_grad_(False)
 
 
@@ -52,14 +84,20 @@ def embedded_tokenizer() -> Tokenizer:
     return Tokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
+def check_tokenizer_spec(spec: str) -> Path:
+    """The --tokenizer path, or ModelSpecError unless it is a folder or a .gguf file."""
+    path = Path(spec).expanduser()
+    if (path.is_file() and path.suffix == ".gguf") or path.is_dir():
+        return path
+    raise ModelSpecError(f"--tokenizer {spec!r} is neither a tokenizer folder nor a .gguf file")
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """A tokenizer from a Hugging Face folder or a .gguf file (`--tokenizer`)."""
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    path = check_tokenizer_spec(spec)
+    if path.is_file():
         return Tokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if path.is_dir():
-        return Tokenizer.from_pretrained(path)
-    raise ValueError(f"--tokenizer {spec!r} is neither a tokenizer folder nor a .gguf file")
+    return Tokenizer.from_pretrained(path)
 
 
 def _progress(items: Iterator, total: int, desc: str) -> Iterator:
@@ -69,17 +107,28 @@ def _progress(items: Iterator, total: int, desc: str) -> Iterator:
 def _load_gguf(
     path: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool
 ) -> LoadedModel:
-    gf = GGUFFile(path)
-    config = gf.config()
-    model = empty_model(config, dtype, device)
-    loader = WeightLoader(model)
-    for name, tensor in _progress(gf.hf_tensors(config), gf.num_tensors, f"loading {path.name}"):
-        loader.load(name, tensor)
-    loader.check_complete()
-    tokenizer = None
-    if with_tokenizer:
-        tokenizer = Tokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return LoadedModel(model, config, tokenizer, f"gguf:{path}")
+    """The tokenizer loads on a second thread meanwhile: importing transformers is most of
+    its time and holds the GIL, while dequantizing mostly runs in torch, which releases it
+    (bench/gguf_load.py measures both parts)."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+        tokenizer_job = (pool.submit(_timed, Tokenizer.from_pretrained, path.parent, path.name)
+                         if with_tokenizer else None)
+        gf = GGUFFile(path)
+        config = gf.config()
+        model = empty_model(config, dtype, device)
+        loader = WeightLoader(model)
+        gf.load_into(loader)
+        loader.check_complete()
+        weights_s = time.perf_counter() - t0
+        tokenizer, tokenizer_s = tokenizer_job.result() if tokenizer_job else (None, 0.0)
+    return LoadedModel(model, config, tokenizer, f"gguf:{path}",
+                       {"weights_s": weights_s, "tokenizer_s": tokenizer_s})
+
+
+def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def _safetensors_items(folder: Path) -> tuple[list[Path], int]:
@@ -135,6 +184,41 @@ def _load_synthetic(
     return LoadedModel(model, config, tokenizer, f"synthetic:{name} (seed {seed})")
 
 
+def resolve_model_spec(spec: str | None) -> tuple[str, str]:
+    """(kind, target) for a model spec, without loading anything: ("gguf", path),
+    ("hf", folder) or ("synthetic", preset). Raises ModelSpecError with what was expected."""
+    key = (spec or "smollm2").strip()
+    bare = key.removeprefix("synthetic:").lower()
+    path = Path(key).expanduser()
+    if key.lower() in EMBEDDED_NAMES:
+        try:
+            return "gguf", str(embedded_smollm2_path())
+        except FileNotFoundError as e:
+            raise ModelSpecError(str(e)) from None
+    if key.startswith("synthetic:") or bare in SYNTHETIC_PRESETS:
+        if bare not in SYNTHETIC_PRESETS:
+            raise ModelSpecError(f"unknown synthetic preset {bare!r}; presets: "
+                                 f"{', '.join(sorted(SYNTHETIC_PRESETS))}")
+        return "synthetic", bare
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", str(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf", str(path)
+    if path.is_dir() and len(ggufs := sorted(path.glob("*.gguf"))) == 1:
+        return "gguf", str(ggufs[0])
+    expected = ("expected 'smollm2' (the embedded model), a .gguf file, a Hugging Face folder "
+                "with config.json + *.safetensors, or a synthetic preset "
+                f"({', '.join(sorted(SYNTHETIC_PRESETS))})")
+    if not path.exists() and _HUB_ID.match(key):
+        raise ModelSpecError(
+            f"--model {key!r} looks like a Hugging Face Hub id, and attnserve does not "
+            f"download models: fetch it first (e.g. huggingface-cli download {key} "
+            "--local-dir DIR) and pass --model DIR")
+    if not path.exists():
+        raise ModelSpecError(f"--model {key!r}: no such file or folder; {expected}")
+    raise ModelSpecError(f"--model {key!r} is not a model this server can load; {expected}")
+
+
 def load_model(
     spec: str | None,
     dtype: torch.dtype,
@@ -144,28 +228,17 @@ def load_model(
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Load `spec`: None/'smollm2' (embedded GGUF), a .gguf path, a Hugging Face folder, or
-    a synthetic preset ('synthetic:llama3-8b' or 'llama3-8b')."""
+    a synthetic preset ('synthetic:llama3-8b' or 'llama3-8b'); see resolve_model_spec."""
     device = torch.device(device)
     t0 = time.perf_counter()
-    key = (spec or "smollm2").strip()
-    bare = key.removeprefix("synthetic:").lower()
-    path = Path(key).expanduser()
-    if key.lower() in EMBEDDED_NAMES:
-        loaded = _load_gguf(embedded_smollm2_path(), dtype, device, with_tokenizer)
-    elif key.startswith("synthetic:") or bare in SYNTHETIC_PRESETS:
-        loaded = _load_synthetic(bare, dtype, device, seed, with_tokenizer)
-    elif path.is_file() and path.suffix == ".gguf":
-        loaded = _load_gguf(path, dtype, device, with_tokenizer)
-    elif path.is_dir() and (path / "config.json").is_file():
-        loaded = _load_hf_folder(path, dtype, device, with_tokenizer)
-    elif path.is_dir() and len(ggufs := sorted(path.glob("*.gguf"))) == 1:
-        loaded = _load_gguf(ggufs[0], dtype, device, with_tokenizer)
+    kind, target = resolve_model_spec(spec)
+    if kind == "gguf":
+        loaded = _load_gguf(Path(target), dtype, device, with_tokenizer)
+    elif kind == "synthetic":
+        loaded = _load_synthetic(target, dtype, device, seed, with_tokenizer)
     else:
-        raise ValueError(
-            f"cannot load model {spec!r}: expected 'smollm2', a .gguf file, a Hugging Face "
-            f"folder with config.json + *.safetensors, or a synthetic preset "
-            f"({', '.join(sorted(SYNTHETIC_PRESETS))})"
-        )
+        loaded = _load_hf_folder(Path(target), dtype, device, with_tokenizer)
+    loaded.timings["total_s"] = time.perf_counter() - t0
     cfg = loaded.config
     logger.info(
         "loaded %s: %s, %d layers, hidden %d, %d/%d heads x %d, vocab %d, %.1fM params, "

@@ -17,7 +17,7 @@ from attention.base import AttentionBackend
 from attention.batch import ForwardBatch
 from model.attention_timing import LayerTimer, TimingMode, default_timing_mode, step_timer
 from model.cuda_graphs import DecodeGraphs
-from model.sampler import Sampler, SamplerOutput
+from model.sampler import Sampler, SamplerOutput, TokenHistory
 from scheduler.request import SamplingParams
 
 HOLD_GPU_CYCLES = 100_000_000  # ~50-60 ms of GPU clock: longer than a step takes to launch
@@ -33,6 +33,23 @@ class StepInput:
     sample_seqs: list[int]  # indices of the sequences whose last token is sampled
     sampling: list[SamplingParams]  # one per sampled sequence
     generators: list[torch.Generator | None]
+    # one per sampled sequence, for those whose logits are processed (penalties, min_tokens);
+    # empty when none is
+    histories: list[TokenHistory | None] = field(default_factory=list)
+    # prompt logprobs wanted: (sequence index, top k, the tokens its first rows predict)
+    prompt_logprobs: list[PromptLogprobRequest] = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobRequest:
+    """Row j of sequence `seq`'s chunk predicts `targets[j]` (the next prompt token)."""
+
+    seq: int
+    top_k: int
+    targets: list[int]
+
+
+LogprobRow = tuple[float, list[tuple[int, float]]]  # (target's logprob, top (token, logprob))
 
 
 @dataclass
@@ -42,6 +59,7 @@ class StepOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
     attention_s: float | None = None
     phase: str = "decode"
+    prompt_logprobs: dict[int, list[LogprobRow]] = field(default_factory=dict)  # by seq index
 
 
 def _logprob_rows(
@@ -61,6 +79,9 @@ def _logprob_rows(
             if top_ids is not None and top_lp is not None else []
         rows.append((chosen[i], top))
     return rows
+
+
+PROMPT_LOGPROB_ROWS = 256  # rows of prompt logits computed at a time
 
 
 class ModelRunner:
@@ -156,7 +177,30 @@ class ModelRunner:
         with self.backend.layer_hook(timer):
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
-        return self._sample(hidden, last_rows, step, timer, batch.phase)
+        out = self._sample(hidden, last_rows, step, timer, batch.phase)
+        for want in step.prompt_logprobs:
+            first = batch.qo_indptr_host[want.seq]
+            out.prompt_logprobs[want.seq] = self._prompt_logprobs(hidden, first, want)
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, first: int,
+                         want: PromptLogprobRequest) -> list[LogprobRow]:
+        """The model's logprob of each next prompt token (and the top k) at the chunk's rows,
+        a slice of rows at a time: a [rows, vocab] float32 block is large."""
+        rows: list[LogprobRow] = []
+        for j0 in range(0, len(want.targets), PROMPT_LOGPROB_ROWS):
+            targets = want.targets[j0 : j0 + PROMPT_LOGPROB_ROWS]
+            logp = self.model.compute_logits(
+                hidden[first + j0 : first + j0 + len(targets)]).log_softmax(dim=-1)
+            index = torch.tensor(targets, device=logp.device)[:, None]
+            chosen = logp.gather(1, index)[:, 0].tolist()
+            if want.top_k > 0:
+                top_lp, top_ids = (t.tolist() for t in logp.topk(want.top_k, dim=-1))
+                rows.extend((c, list(zip(i, v, strict=True)))
+                            for c, i, v in zip(chosen, top_ids, top_lp, strict=True))
+            else:
+                rows.extend((c, []) for c in chosen)
+        return rows
 
     def _sample(self, hidden: torch.Tensor, last_rows: list[int], step: StepInput,
                 timer: LayerTimer | None, phase: str) -> StepOutput:
@@ -173,7 +217,8 @@ class ModelRunner:
                     rows = rows.pin_memory()
                 picked = hidden[rows.to(self.device, non_blocking=True)]
             logits = self.model.compute_logits(picked)
-            sampled = self.sampler(logits, step.sampling, step.generators)
+            sampled = self.sampler(logits, step.sampling, step.generators,
+                                   step.histories or None)
             token_ids = sampled.token_ids.tolist()
             logprobs = _logprob_rows(sampled, step.sampling)
         elif self.device.type == "cuda":

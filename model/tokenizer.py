@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -61,11 +62,23 @@ class Tokenizer:
             clean_up_tokenization_spaces=False,
         )
 
+    chat_template: str | None = None  # overrides the tokenizer's own (--chat-template)
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """A copy that renders chats with `template` (Jinja) instead of the tokenizer's own;
+        the underlying tokenizer, which other engines may share, is left as it is."""
+        other = copy.copy(self)
+        other.chat_template = template
+        return other
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the rendered conversation, ending with the assistant's turn prompt."""
-        if not getattr(self.hf, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; use raw prompts")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        template = self.chat_template or getattr(self.hf, "chat_template", None)
+        if not template:
+            raise ValueError("this model's tokenizer has no chat template; use raw prompts "
+                             "or start the server with --chat-template")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           chat_template=template)
         return self.encode(text, add_special_tokens=False)
 
 
@@ -77,16 +90,20 @@ def tokenizer_cache_dir() -> Path:
 def _load_from_gguf(gguf_path: Path) -> Any:
     """Building a tokenizer from GGUF metadata takes seconds; keep a converted copy (keyed by
     the file's path, size and mtime) that loads in a fraction of that."""
-    from transformers import AutoTokenizer
-
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     cached = tokenizer_cache_dir() / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
     if (cached / "tokenizer_config.json").is_file():
+        # The fast class directly: AutoTokenizer's first use scans every model package of
+        # transformers (over a second) to find the class that this folder names anyway.
+        from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
+
         try:
-            return AutoTokenizer.from_pretrained(str(cached))
+            return PreTrainedTokenizerFast.from_pretrained(str(cached))
         except (OSError, ValueError) as exc:
             logger.warning("ignoring unreadable tokenizer cache %s: %s", cached, exc)
+    from transformers import AutoTokenizer
+
     hf = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -103,12 +120,12 @@ def _load_from_gguf(gguf_path: Path) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(folder: str, gguf_file: str | None) -> Tokenizer:
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
     if gguf_file:
         hf = _load_from_gguf(Path(folder) / gguf_file)
     else:
+        from transformers import AutoTokenizer
+
         hf = AutoTokenizer.from_pretrained(folder)
     extra: set[int] = set()
     gen_cfg = Path(folder) / "generation_config.json"

@@ -53,27 +53,34 @@ class WeightLoader:
 
     @torch.no_grad()
     def load(self, name: str, tensor: torch.Tensor) -> None:
+        dest = self.destination(name, tuple(tensor.shape))
+        if dest is not None:
+            dest.copy_(tensor.to(device=dest.device, dtype=dest.dtype))
+
+    def destination(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The parameter (slice) that checkpoint tensor `name` of `shape` fills, marked as
+        written: the caller writes it (a GGUF tensor is dequantized straight into it). None
+        for tensors that are not loaded."""
         if name.endswith("rotary_emb.inv_freq"):
-            return  # recomputed from the config
+            return None  # recomputed from the config
         target = self._target(name)
         if target is None:
-            return  # e.g. an lm_head duplicated from tied embeddings
+            return None  # e.g. an lm_head duplicated from tied embeddings
         pname, shard = target
         if pname not in self.params:
             raise KeyError(f"weight {name!r} maps to unknown parameter {pname!r}")
-        param = self.params[pname]
-        dest = param
+        dest = self.params[pname].data
         if shard is not None:
             sizes = self.qkv_sizes if "qkv_proj" in pname else self.gate_up_sizes
             start = sum(sizes[:shard])
-            dest = param.narrow(0, start, sizes[shard])
-        if tuple(dest.shape) != tuple(tensor.shape):
+            dest = dest.narrow(0, start, sizes[shard])
+        if tuple(dest.shape) != tuple(shape):
             raise ValueError(
-                f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
+                f"shape mismatch for {name!r}: checkpoint {tuple(shape)}, "
                 f"model {tuple(dest.shape)}"
             )
-        dest.copy_(tensor.to(device=dest.device, dtype=dest.dtype))
         self.written.add(pname if shard is None else f"{pname}#{shard}")
+        return dest
 
     def check_complete(self) -> None:
         expected: set[str] = set()

@@ -214,7 +214,8 @@ class Scheduler:
                 return
             tokens = req.all_token_ids
             match: MatchResult | None = None
-            if cache is not None:
+            # Prompt logprobs need every prompt position's logits: no cached prefix (vLLM).
+            if cache is not None and req.sampling.prompt_logprobs is None:
                 # The last token is always computed: its logits are needed, and so it never
                 # writes into a page that the tree shares.
                 match = cache.match(tokens[:-1])
@@ -301,10 +302,13 @@ class Scheduler:
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         sp = req.sampling
-        if not sp.ignore_eos and token in req.eos_token_ids:
-            return FinishReason.STOP
-        if token in sp.stop_token_ids:
-            return FinishReason.STOP
+        # Under min_tokens the sampler never draws EOS or a stop id (the engine bans them);
+        # should one come anyway it does not end the request before min_tokens.
+        if len(req.output_token_ids) > sp.min_tokens:
+            if not sp.ignore_eos and token in req.eos_token_ids:
+                return FinishReason.STOP
+            if token in sp.stop_token_ids:
+                return FinishReason.STOP
         if len(req.output_token_ids) >= sp.max_tokens:
             return FinishReason.LENGTH
         if req.num_tokens >= self.config.max_model_len:

@@ -33,12 +33,14 @@ def check_request(
     try:
         params.validate()
     except ValueError as e:
-        raise RequestRejected(str(e)) from None
+        raise RequestRejected(str(e), getattr(e, "param", None)) from None
     n = len(prompt_token_ids)
     if n == 0:
         raise RequestRejected("the prompt is empty", "prompt")
-    if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise RequestRejected(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    if vocab_size is not None:
+        for name, ids in (("prompt", prompt_token_ids), ("logit_bias", params.logit_bias or ())):
+            if any(not 0 <= t < vocab_size for t in ids):
+                raise RequestRejected(f"{name} token ids must be in [0, {vocab_size})", name)
     total = n + params.max_tokens
     if total > max_model_len:
         raise RequestRejected(

@@ -28,14 +28,17 @@ def _at_least_one(text: str) -> int:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=D.model,
-                   help=f"weights: omitted = the embedded {EMBEDDED_MODEL_NAME} GGUF; a .gguf file; a "
-                        "Hugging Face folder (config.json + safetensors); or a synthetic preset "
-                        "(smollm2-135m, llama3-8b, qwen2.5-7b, qwen3-8b) with seeded random weights")
+                   help="weights: a .gguf file; a Hugging Face folder (config.json + "
+                        "safetensors); or a synthetic preset (smollm2-135m, llama3-8b, "
+                        "qwen2.5-7b, qwen3-8b) with seeded random weights; nothing is downloaded "
+                        f"(default: the embedded {EMBEDDED_MODEL_NAME} GGUF)")
     g.add_argument("--tokenizer", default=D.tokenizer,
                    help="tokenizer folder or .gguf file to use instead of the model's own (e.g. "
-                        "for a synthetic preset on a machine without the embedded SmolLM2)")
+                        "for a synthetic preset on a machine without the embedded SmolLM2) "
+                        "(default: the model's own)")
     g.add_argument("--served-model-name", default=D.served_model_name,
-                   help="model name reported by the API and used in metric labels")
+                   help="model name reported by the API and used in metric labels (default: "
+                        "the model's file or folder name)")
     g.add_argument("--dtype", default=D.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV dtype; auto = float32 on CPU, bfloat16 on GPU")
     g.add_argument("--device", default=D.device, help="cpu, cuda, cuda:N or auto (GPU when present)")
@@ -51,7 +54,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "silu, or module:function for your own Triton transform")
     g.add_argument("--kv-layout", default=D.kv_layout, choices=["token", "nhd", "hnd", "hnd_x"],
                    help="KV-cache layout (token forces page size 1)")
-    g.add_argument("--page-size", type=int, default=D.page_size, help="tokens per KV page")
+    g.add_argument("--page-size", "--block-size", dest="page_size", type=int,
+                   default=D.page_size,
+                   help="tokens per KV page (--block-size is vLLM's name for it)")
     g.add_argument("--kv-cache-tokens", type=int, default=D.kv_cache_tokens,
                    help=f"KV pool size in tokens (CPU default {DEFAULT_CPU_KV_TOKENS}; GPU default: "
                         "--gpu-memory-utilization)")
@@ -63,12 +68,31 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=D.max_model_len,
                    help="longest prompt + output (default: the model's, capped at "
                         f"{MAX_DEFAULT_MODEL_LEN})")
-    g.add_argument("--no-prefix-cache", action="store_true",
-                   help="turn off the radix prefix cache")
+    g.add_argument("--enable-prefix-caching", dest="enable_prefix_cache",
+                   action=argparse.BooleanOptionalAction, default=D.enable_prefix_cache,
+                   help="the radix prefix cache (vLLM's spelling; --no-enable-prefix-caching "
+                        "turns it off)")
+    g.add_argument("--no-prefix-cache", dest="enable_prefix_cache", action="store_false",
+                   help="turn off the radix prefix cache (same as --no-enable-prefix-caching; "
+                        "default: the cache is on)")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="accepted for vLLM compatibility: prefill is always chunked under "
+                        "--max-num-batched-tokens, so --no-enable-chunked-prefill is refused")
     g.add_argument("--schedule-policy", default=D.schedule_policy, choices=["fcfs", "lpm"],
                    help="waiting-queue order: first come first served, or longest prefix match")
-    g.add_argument("--weights-seed", type=int, default=D.seed,
-                   help="seed of the random weights of synthetic presets")
+    g.add_argument("--seed", "--weights-seed", dest="seed", type=int, default=D.seed,
+                   help="seed of the synthetic presets' random weights and of the sampling of "
+                        "requests that bring no seed of their own (--weights-seed: its old name)")
+    g.add_argument("--chat-template", default=D.chat_template,
+                   help="Jinja chat template, a file or the template itself, used instead of "
+                        "the tokenizer's (default: the tokenizer's own)")
+    g.add_argument("--disable-log-stats", action="store_true", default=not D.log_stats,
+                   help="no periodic stats line (running, waiting, KV use, tokens/s, prefix "
+                        "hits) in the log")
+    g.add_argument("--disable-log-requests", action="store_true", default=D.disable_log_requests,
+                   help="no per-request log lines (kept in EngineConfig for the HTTP layer, "
+                        "which writes them)")
     g.add_argument("--no-cuda-graphs", "--enforce-eager", dest="no_cuda_graphs",
                    action="store_true",
                    help="run decode steps eagerly instead of replaying captured CUDA graphs "
@@ -80,6 +104,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of parsed flags; ValueError (a one-line message) for a combination
+    the engine cannot honour."""
+    if not args.enable_chunked_prefill:
+        raise ValueError("--no-enable-chunked-prefill: attnserve always chunks prefill; to run "
+                         "a prompt in one step, raise --max-num-batched-tokens to at least "
+                         "--max-model-len")
     return EngineConfig(
         model=args.model, tokenizer=args.tokenizer, served_model_name=args.served_model_name,
         dtype=args.dtype,
@@ -89,8 +119,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         page_size=1 if args.kv_layout == "token" else args.page_size,
         kv_cache_tokens=args.kv_cache_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
-        schedule_policy=args.schedule_policy,
-        seed=args.weights_seed,
+        max_model_len=args.max_model_len, enable_prefix_cache=args.enable_prefix_cache,
+        schedule_policy=args.schedule_policy, seed=args.seed,
         cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch,
+        chat_template=args.chat_template, log_stats=not args.disable_log_stats,
+        disable_log_requests=args.disable_log_requests,
     )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from scheduler.request import SamplingParams
 from scheduler.validation import RequestRejected
+from server.engine.choices import ChoiceGroup
 from server.engine.core import EngineCore
 from server.engine.output_processor import OutputSink
 from server.engine.outputs import RequestOutput
@@ -56,14 +57,16 @@ class _Pending:
 
 @dataclass
 class RequestStream:
-    """The outputs of one HTTP request's engine requests (one per prompt), tagged by index.
+    """The outputs of one HTTP request's engine requests (prompts x samples), tagged by their
+    choice index (server/engine/choices.py).
 
     Iterate with `async for index, output in stream`; always `await stream.aclose()` (or use
     `async with`) so that requests still running when the consumer stops are aborted.
     """
 
     engine: AsyncEngine
-    request_ids: list[str]
+    request_ids: list[str]  # the engine requests (prompts x samples)
+    group: ChoiceGroup | None = None  # None: one choice per engine request
     queue: asyncio.Queue[tuple[int, RequestOutput]] = field(default_factory=asyncio.Queue)
     num_finished: int = 0
     closed: bool = False
@@ -71,6 +74,11 @@ class RequestStream:
     @property
     def done(self) -> bool:
         return self.num_finished == len(self.request_ids)
+
+    @property
+    def num_choices(self) -> int:
+        """Choices of the response: prompts x n (fewer than request_ids with best_of > n)."""
+        return self.group.num_choices if self.group is not None else len(self.request_ids)
 
     def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         return self._iterate()
@@ -80,7 +88,11 @@ class RequestStream:
             index, out = await self.queue.get()
             if out.finished:
                 self.num_finished += 1
-            yield index, out
+            if self.group is None:
+                yield index, out
+                continue
+            for choice in self.group.add(index, out):
+                yield choice
 
     async def aclose(self) -> None:
         """Abort whatever has not finished; idempotent."""
@@ -177,7 +189,9 @@ class AsyncEngine:
                 if self._stop.is_set():
                     break
                 if not core.has_unfinished():
-                    self._wake.wait()
+                    due = core.stats_due_in()  # the last interval's stats line, if pending
+                    if not self._wake.wait(due) and due is not None:
+                        core.flush_stats()
                     continue
                 core.step()
                 self.stats_snapshot = core.stats()
@@ -226,19 +240,23 @@ class AsyncEngine:
 
     def submit(self, prompts: list[list[int]], params: SamplingParams,
                request_id: str | None = None) -> RequestStream:
-        """Queue one engine request per prompt. Raises EngineUnavailable or RequestRejected
-        (from the engine's validation) before anything is queued."""
-        if len(prompts) > self.max_queued_requests:  # could never be admitted: not a 503
-            raise RequestRejected(f"at most {self.max_queued_requests} prompts per request "
-                                  f"(got {len(prompts)})", "prompt")
-        self.check_admission(len(prompts))
+        """Queue `params.num_samples` engine requests per prompt (n, or best_of: see
+        server/engine/choices.py). Raises EngineUnavailable or RequestRejected (from the
+        engine's validation) before anything is queued. The stream yields (choice index,
+        output); `stream.num_choices` = prompts x n."""
+        total = len(prompts) * max(1, params.num_samples)
+        if total > self.max_queued_requests:  # could never be admitted: not a 503
+            what = "prompts" if params.num_samples <= 1 else "prompts x samples (n or best_of)"
+            raise RequestRejected(f"at most {self.max_queued_requests} {what} per request "
+                                  f"(got {total})", "prompt" if params.num_samples <= 1 else "n")
+        self.check_admission(total)
         core = self.core
         assert core is not None
-        base = request_id or uuid.uuid4().hex
-        ids_list = [base if len(prompts) == 1 else f"{base}-{i}" for i in range(len(prompts))]
-        core.add_requests(prompts, params, ids_list, [self._sink(rid) for rid in ids_list])
+        group = core.add_choice_group(prompts, params, request_id or uuid.uuid4().hex,
+                                      self._sink)
+        ids_list = group.request_ids
         # Outputs reach _deliver through the loop, so none can arrive before this returns.
-        stream = RequestStream(self, ids_list)
+        stream = RequestStream(self, ids_list, group)
         for index, rid in enumerate(ids_list):
             self._pending[rid] = _Pending(stream, index)
             self._num_queued += 1
@@ -313,6 +331,18 @@ class AsyncEngine:
                 self.core.abort(rid)
         self._wake.set()
         return len(rids)
+
+    async def reset_prefix_cache(self, timeout: float = 30.0) -> int:
+        """Drop every cached prefix page no running request uses (EngineCore.
+        reset_prefix_cache, applied by the engine thread before its next step); returns how
+        many. Raises EngineUnavailable unless the engine is ready or draining, TimeoutError
+        if the engine thread does not get to it within `timeout` seconds."""
+        _, state = self.health()
+        if self.core is None or state not in (EngineState.READY, EngineState.DRAINING):
+            raise EngineUnavailable(f"the engine is {state}", state)
+        done = self.core.request_reset_prefix_cache()
+        self._wake.set()
+        return await asyncio.wait_for(asyncio.wrap_future(done), timeout)
 
     # ---- draining ---------------------------------------------------------------------------
     def begin_drain(self) -> None:

@@ -7,6 +7,7 @@ from here, and the scheduler's settings (scheduler/config.py) have none of their
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,7 +39,12 @@ class EngineConfig:
     schedule_policy: str = "fcfs"
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU, backends that allow it)
     cuda_graph_max_batch: int | None = None  # default: resolved_cuda_graph_max_batch()
+    # seeds the synthetic presets' weights and the sampling of requests without a seed
     seed: int = 0
+    chat_template: str | None = None  # a Jinja file or string; default: the tokenizer's
+    log_stats: bool = True  # the periodic stats line (server/engine/stats_logger.py)
+    # Kept for the HTTP side, which owns the per-request access log (vLLM's flag)
+    disable_log_requests: bool = False
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -85,6 +91,19 @@ class EngineConfig:
         """The largest decode batch captured in a graph; never above max_num_seqs."""
         default = min(self.max_num_seqs, MAX_DEFAULT_CUDA_GRAPH_BATCH)
         return min(self.cuda_graph_max_batch or default, self.max_num_seqs)
+
+    def resolved_chat_template(self) -> str | None:
+        """The --chat-template text: a file's contents, or the value itself when it is a
+        Jinja template; None to keep the tokenizer's own. ValueError otherwise."""
+        spec = self.chat_template
+        if spec is None:
+            return None
+        path = Path(spec).expanduser()
+        if path.is_file():
+            return path.read_text()
+        if "{{" in spec or "{%" in spec:
+            return spec
+        raise ValueError(f"--chat-template {spec!r}: no such file, and not a Jinja template")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

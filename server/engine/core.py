@@ -10,11 +10,13 @@ stop strings and building outputs live in server/engine/output_processor.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
 import time
 import uuid
+from collections.abc import Callable
 
 from attention.base import AttentionConfig
 from attention.registry import build_attention_backend
@@ -30,9 +32,12 @@ from model.sampler import make_generator
 from scheduler.plan import StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
+from server.engine.choices import ChoiceGroup
 from server.engine.config import EngineConfig
 from server.engine.output_processor import OutputProcessor, OutputSink
 from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
+from server.engine.stats_logger import StatsLogger
+from server.engine.step_input import build_step_input
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,9 @@ class EngineCore:
             self.loaded.tokenizer = load_tokenizer(config.tokenizer)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
+        template = config.resolved_chat_template()
+        if template is not None:
+            self.tokenizer = self.tokenizer.with_chat_template(template)
         mc = self.loaded.config
         self.model_name = config.resolved_model_name()
         self.max_model_len = config.resolved_max_model_len(mc.max_position_embeddings)
@@ -86,6 +94,7 @@ class EngineCore:
             self.prefix_cache,
         )
         self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        self.runner.sampler.generator = make_generator(config.seed, self.device)  # --seed
         if self.device.type == "cuda":
             try:
                 self.runner.warm_up()
@@ -96,6 +105,8 @@ class EngineCore:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
+        self.generated_tokens = 0  # sampled tokens, all steps
+        self.stats_logger = StatsLogger() if config.log_stats else None
         # Kernels built during start-up are expected (warm-up, graph capture); any built
         # later stalls a step, so it is logged and counted in /metrics.
         watch = KernelInstanceWatch()
@@ -146,20 +157,54 @@ class EngineCore:
         return request_id
 
     def add_requests(
-        self, prompts: list[list[int]], params: SamplingParams, request_ids: list[str],
-        sinks: list[OutputSink | None],
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+        request_ids: list[str], sinks: list[OutputSink | None],
     ) -> None:
         """Validate every prompt (Scheduler.validate, the one check), then queue them all: one
-        that cannot run (RequestRejected) stops the others from being queued."""
-        for ids in prompts:
-            self.scheduler.validate(ids, params)
-        for ids, rid, sink in zip(prompts, request_ids, sinks, strict=True):
-            req = Request(request_id=rid, prompt_token_ids=list(ids), sampling=params,
+        that cannot run (RequestRejected) stops the others from being queued. `params` is
+        one for all, or one per prompt (the samples of server/engine/choices.py)."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        for ids, p in zip(prompts, per_prompt, strict=True):
+            self.scheduler.validate(ids, p)
+        for ids, p, rid, sink in zip(prompts, per_prompt, request_ids, sinks, strict=True):
+            req = Request(request_id=rid, prompt_token_ids=list(ids), sampling=p,
                           eos_token_ids=self.eos_token_ids)
             self._inbox.put(("add", (req, sink)))
 
+    def add_choice_group(
+        self, prompts: list[list[int]], params: SamplingParams, request_id: str | None = None,
+        sink_for: Callable[[str], OutputSink | None] | None = None,
+    ) -> ChoiceGroup:
+        """Queue the engine requests of `params.n` samples (or `best_of` candidates) of every
+        prompt; the group's `add` turns their outputs into choices. Raises RequestRejected
+        before anything is queued."""
+        for ids in prompts:  # n and best_of are checked here, before the fan-out
+            self.scheduler.validate(ids, params)
+        group = ChoiceGroup(request_id or uuid.uuid4().hex, len(prompts), params)
+        sinks = [sink_for(rid) if sink_for else None for rid in group.request_ids]
+        self.add_requests(group.expand_prompts(prompts), group.engine_params(),
+                          group.request_ids, sinks)
+        return group
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached page no running request uses; returns how many. Call it on the
+        step thread (the offline LLM's); other threads use `request_reset_prefix_cache`."""
+        if self.prefix_cache is None:
+            return 0
+        dropped = self.prefix_cache.clear()
+        logger.info("prefix cache reset: %d pages dropped, %d still used by running requests",
+                    dropped, self.prefix_cache.num_cached_pages)
+        return dropped
+
+    def request_reset_prefix_cache(self) -> concurrent.futures.Future[int]:
+        """`reset_prefix_cache` from any thread: applied at the start of the next step (the
+        caller wakes the step loop); the future holds the number of pages dropped."""
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._inbox.put(("reset_prefix_cache", done))
+        return done
 
     def _drain_inbox(self) -> None:
         while True:
@@ -172,6 +217,8 @@ class EngineCore:
                 self._admit(req, sink)
             elif kind == "abort":
                 self._abort_now(str(item))
+            elif kind == "reset_prefix_cache":
+                item.set_result(self.reset_prefix_cache())  # type: ignore[attr-defined]
 
     def _admit(self, req: Request, sink: OutputSink | None) -> None:
         try:
@@ -213,30 +260,21 @@ class EngineCore:
             return outputs
         outputs = self._process_result(plan, result, t0)
         self._report_gauges()
+        self.generated_tokens += len(result.token_ids)
+        if self.stats_logger is not None:
+            self.stats_logger.on_step(self.prefill_tokens_computed, self.generated_tokens,
+                                      self.scheduler.stats)
         return outputs
 
     def _step_input(self, plan: StepPlan) -> StepInput:
-        token_ids: list[int] = []
-        q_lens, prefix_lens, tables, sample_seqs, sampling, gens = [], [], [], [], [], []
-        for i, seq in enumerate(plan.seqs):
-            req = seq.request
-            token_ids.extend(req.all_token_ids[seq.start : seq.start + seq.num_tokens])
-            q_lens.append(seq.num_tokens)
-            prefix_lens.append(seq.start)
-            tables.append(req.pages)
-            if seq.needs_sample:
-                sample_seqs.append(i)
-                sampling.append(req.sampling)
-                gens.append(self.outputs.generator(req.request_id))
-        return StepInput(
-            token_ids=token_ids, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
-            num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
-            generators=gens,
-        )
+        return build_step_input(plan, self.outputs.generator)
 
     def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:
         # which sequences were sampled must be read before update() advances the requests
         sampled_seqs = [seq for seq in plan.seqs if seq.needs_sample]
+        for i, rows in result.prompt_logprobs.items():
+            seq = plan.seqs[i]
+            self.outputs.add_prompt_logprobs(seq.request.request_id, seq.start + 1, rows)
         finished = self.scheduler.update(plan, result.token_ids)
         now = time.monotonic()
         step_s = time.perf_counter() - t0
@@ -287,6 +325,34 @@ class EngineCore:
         )
 
     # ---- introspection ----------------------------------------------------------------------
+    def stats_due_in(self) -> float | None:
+        """Seconds until the stats line of the current interval is due (None: none pending);
+        an idle engine loop wakes then and calls `flush_stats`."""
+        return self.stats_logger.due_in() if self.stats_logger is not None else None
+
+    def flush_stats(self) -> None:
+        if self.stats_logger is not None:
+            self.stats_logger.flush_if_due()
+
+    def effective_config(self) -> dict[str, object]:
+        """EngineConfig's fields with what start-up resolved in place of `auto`/None: dtype,
+        device, backend, page size, max model length, KV tokens, graph batch, chat template
+        (a file's path, or "inline")."""
+        values = self.config.as_dict()
+        graphs = self.runner.graphs
+        values.update(
+            model=self.loaded.source, dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device), attention_backend=self.backend.name,
+            page_size=self.layout.page_size, max_model_len=self.max_model_len,
+            kv_cache_tokens=self.pool.num_tokens, served_model_name=self.model_name,
+            cuda_graphs=graphs is not None,
+            cuda_graph_max_batch=graphs.max_batch if graphs is not None else 0,
+        )
+        template = self.config.chat_template
+        if template is not None and "{" in template:
+            values["chat_template"] = "inline"
+        return values
+
     def stats(self) -> dict[str, object]:
         """The scheduler's stats and the number of requests the engine tracks."""
         return {**dataclasses.asdict(self.scheduler.stats), "num_tracked": len(self.outputs)}

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from scheduler.request import SamplingParams
+from server.engine.choices import ChoiceGroup
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import RequestOutput, TokenLogprob
 
 
 @dataclass
@@ -18,6 +19,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked for
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
@@ -54,29 +57,38 @@ class LLM:
         chat: bool = False,
         progress: bool = False,
     ) -> list[Completion]:
+        """One Completion per choice: prompt i's n samples follow each other (with n = 1,
+        one per prompt, in order)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        results: dict[str, Completion] = {}
-        order: list[str] = []
+        groups: list[tuple[ChoiceGroup, list[Completion]]] = []
+        owner: dict[str, tuple[int, int]] = {}  # engine request id -> (group, its index)
         for prompt, p in zip(prompts, params_list, strict=True):
             ids = self.encode_prompt(prompt, chat)
-            rid = self.engine.add_request(ids, p)
-            results[rid] = Completion(prompt_token_ids=ids)
-            order.append(rid)
-        bar = tqdm(total=len(order), desc="generate", disable=not progress, unit="req")
+            group = self.engine.add_choice_group([ids], p)
+            groups.append((group, [Completion(prompt_token_ids=ids) for _ in range(p.n)]))
+            for k, rid in enumerate(group.request_ids):
+                owner[rid] = (len(groups) - 1, k)
+        bar = tqdm(total=len(owner), desc="generate", disable=not progress, unit="req")
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                self._merge(results[out.request_id], out)
+                g, k = owner[out.request_id]
+                group, completions = groups[g]
+                for choice, choice_out in group.add(k, out):
+                    self._merge(completions[choice], choice_out)
                 if out.finished:
                     bar.update(1)
         bar.close()
-        return [results[rid] for rid in order]
+        return [c for _, completions in groups for c in completions]
 
     @staticmethod
     def _merge(c: Completion, out: RequestOutput) -> None:
         c.token_ids.extend(out.new_token_ids)
         c.text += out.new_text
+        c.logprobs.extend(out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
         c.arrival_time = out.arrival_time
         c.first_token_time = out.first_token_time
         c.num_cached_tokens = out.num_cached_tokens

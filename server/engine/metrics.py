@@ -109,7 +109,7 @@ class EngineMetrics:
         model name), its configuration published, attached as its observer before any step."""
         metrics = cls(core.model_name, core.backend.name, core.layout.name,
                       core.layout.page_size, str(core.backend.config.variant), buckets=buckets)
-        metrics.set_info(core.config.as_dict())
+        metrics.set_info(core.effective_config(), core.config.as_dict())
         core.observer = metrics
         return metrics
 
@@ -192,22 +192,28 @@ class EngineMetrics:
         self.waiting = self._gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = self._gauge("kv_cache_usage_perc",
                                     "Fraction of KV pages held by requests (1 = full).")
-        self.kv_pages_total = self._gauge("kv_cache_pages_total", "KV pages in the pool.")
+        # not "..._total": that suffix is for counters (promtool's lint)
+        self.kv_pages = self._gauge("kv_cache_pages", "KV pages in the pool.")
         self._info = Info(PREFIX + "engine_config", "The engine's start-up configuration.",
                           ENGINE_LABELS, registry=self.registry)
         self.set_info({})
 
     # ---- configuration --------------------------------------------------------------------
-    def set_info(self, config: dict) -> None:
+    def set_info(self, config: dict, configured: dict | None = None) -> None:
         """Publish the engine's configuration as attnserve_engine_config_info.
 
-        Keys that are also engine labels are published by the labels (their effective
-        values); a configured value that differs (e.g. backend "auto") is kept as
-        configured_<key>.
+        `config` holds the effective values (what `auto` and unset fields resolved to:
+        EngineCore.effective_config); a `configured` value that differs from its effective
+        one (e.g. dtype "auto") is kept as configured_<key>. Keys that are also engine labels
+        are published by the labels.
         """
+        configured = configured or {}
         values: dict[str, str] = {}
         for key, value in config.items():
             text = "" if value is None else str(value)
+            given = configured.get(key)
+            if given is not None and str(given) != text:
+                values[f"configured_{key}"] = str(given)
             if key in ENGINE_LABELS:
                 if text != self.label_values[key]:
                     values[f"configured_{key}"] = text
@@ -281,7 +287,7 @@ class EngineMetrics:
         self.running.set(num_running)
         self.waiting.set(num_waiting)
         total = stats.num_pages_total
-        self.kv_pages_total.set(total)
+        self.kv_pages.set(total)
         # Pages only the prefix cache holds count as free, as in vLLM: they are reclaimed on
         # demand, so they do not limit admission (num_pages_in_use leaves them out).
         if total:

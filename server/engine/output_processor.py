@@ -43,6 +43,9 @@ class _Tracked:
     generator: torch.Generator | None
     text: str = ""
     emitted_text_len: int = 0
+    # position -> logprob of that prompt token (SamplingParams.prompt_logprobs), until sent
+    prompt_logprobs: dict[int, TokenLogprob] | None = None
+    prompt_logprobs_sent: bool = False
     wall_offset: float = 0.0  # time.time() - time.monotonic() at arrival
 
 
@@ -68,6 +71,20 @@ class OutputProcessor:
             request=req, sink=sink, detok=IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids),
             generator=generator, wall_offset=time.time() - time.monotonic(),
         )
+
+    def add_prompt_logprobs(self, request_id: str, first_position: int,
+                            rows: list[tuple[float, list[tuple[int, float]]]]) -> None:
+        """Logprobs of the prompt tokens at first_position, first_position + 1, ... (a
+        recomputed chunk after a preemption repeats positions: the first value is kept)."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None or tracked.prompt_logprobs_sent:
+            return
+        if tracked.prompt_logprobs is None:
+            tracked.prompt_logprobs = {}
+        prompt = tracked.request.prompt_token_ids
+        for j, (lp, top) in enumerate(rows):
+            pos = first_position + j
+            tracked.prompt_logprobs.setdefault(pos, TokenLogprob(prompt[pos], lp, top))
 
     def generator(self, request_id: str) -> torch.Generator | None:
         """The request's own sampling generator (a seeded request's), or None."""
@@ -136,6 +153,8 @@ class OutputProcessor:
             return False  # stop tokens are not part of the text
         prev_len = len(tracked.text)
         tracked.text += tracked.detok.add(token)
+        if len(req.output_token_ids) <= req.sampling.min_tokens:
+            return False  # as vLLM: stop strings count only after min_tokens tokens
         for stop in req.sampling.stop:
             pos = tracked.text.find(stop, max(0, prev_len - len(stop) + 1))
             if pos != -1:
@@ -156,6 +175,11 @@ class OutputProcessor:
             new_text += tracked.detok.flush()
         tracked.emitted_text_len = end
         off = tracked.wall_offset
+        prompt_lps = None
+        if tracked.prompt_logprobs is not None and (tokens or finished):
+            got = tracked.prompt_logprobs
+            prompt_lps = [None] + [got.get(p) for p in range(1, req.num_prompt_tokens)]
+            tracked.prompt_logprobs, tracked.prompt_logprobs_sent = None, True
         out = RequestOutput(
             request_id=req.request_id, new_token_ids=tokens, new_text=new_text, finished=finished,
             finish_reason=reason, num_prompt_tokens=req.num_prompt_tokens,
@@ -163,6 +187,7 @@ class OutputProcessor:
             new_logprobs=lps, arrival_time=req.arrival_time + off,
             first_token_time=req.first_token_time + off if req.first_token_time else None,
             finish_time=time.monotonic() + off if finished else None, error=error,
+            prompt_logprobs=prompt_lps,
         )
         if tracked.sink is not None:
             tracked.sink(out)

@@ -33,6 +33,10 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None  # set when the request failed inside the engine
+    # With SamplingParams.prompt_logprobs, on the request's first output only: one entry per
+    # prompt token, None for the first (nothing predicts it), else the token's logprob given
+    # the tokens before it and the top prompt_logprobs alternatives (vLLM's layout)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class EngineObserver(Protocol):

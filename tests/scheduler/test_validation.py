@@ -58,8 +58,8 @@ def test_the_pool_must_hold_all_but_the_last_generated_token() -> None:
     ([], _params(1), "the prompt is empty", "prompt"),
     ([1, VOCAB], _params(1), rf"prompt token ids must be in \[0, {VOCAB}\)", "prompt"),
     ([-1], _params(1), "prompt token ids", "prompt"),
-    ([1], _params(1, top_p=0.0), "top_p", None),
-    ([1], _params(0), "max_tokens must be at least 1", None),
+    ([1], _params(1, top_p=0.0), "top_p", "top_p"),
+    ([1], _params(0), "max_tokens must be at least 1", "max_tokens"),
 ])
 def test_bad_requests_say_why(prompt: list[int], params: SamplingParams, message: str,
                               param: str | None) -> None:
@@ -67,3 +67,33 @@ def test_bad_requests_say_why(prompt: list[int], params: SamplingParams, message
         _scheduler(num_pages=8, max_model_len=100).validate(prompt, params)
     assert e.value.param == param
     assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"presence_penalty": 2.5}, "presence_penalty", r"presence_penalty must be in \[-2, 2\]"),
+    ({"frequency_penalty": -2.1}, "frequency_penalty", r"frequency_penalty must be in \[-2, 2\]"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty", "greater than zero"),
+    ({"logit_bias": {5: 100.5}}, "logit_bias", r"must be in \[-100, 100\]"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias", "token ids"),
+    ({"logit_bias": {VOCAB: 1.0}}, "logit_bias", r"logit_bias token ids must be in \[0,"),
+    ({"min_tokens": 11}, "min_tokens", r"between 0 and max_tokens \(10\)"),
+    ({"n": 0}, "n", "n must be at least 1"),
+    ({"n": 3, "best_of": 2}, "best_of", "best_of must be greater than or equal to n, got n=3"),
+    ({"best_of": 2, "temperature": 0.0}, "best_of", "needs sampling"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs", "between 0 and 20"),
+])
+def test_sampling_params_are_refused_with_the_field_named(
+    fields: dict[str, object], param: str, message: str
+) -> None:
+    scheduler = _scheduler(num_pages=64, max_model_len=1000)
+    with pytest.raises(RequestRejected, match=message) as e:
+        scheduler.validate([1] * 5, _params(10, **fields))
+    assert e.value.param == param
+
+
+def test_sampling_params_in_range_pass() -> None:
+    scheduler = _scheduler(num_pages=64, max_model_len=1000)
+    scheduler.validate([1] * 5, _params(
+        10, presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=1.5,
+        logit_bias={0: -100.0, VOCAB - 1: 100.0}, min_tokens=10, n=2, best_of=4,
+        prompt_logprobs=0))

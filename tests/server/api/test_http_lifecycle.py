@@ -231,9 +231,12 @@ def test_startup_then_sigterm_drains_then_exits_zero():
 
 
 def test_model_that_cannot_load_exits_nonzero(tmp_path: Path):
-    missing = tmp_path / "no-such-model"
+    # A path that does not exist is refused before the server starts (exit 2, one line:
+    # tests/server/engine/test_engine_flags.py); a file that fails while loading gets here.
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"not a gguf file")
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--port", "0", "--model", str(missing)],
+        [sys.executable, "-m", "server", "serve", "--port", "0", "--model", str(corrupt)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -118,7 +118,7 @@ def test_preemptions_prefix_cache_and_kv_gauges_match_the_scheduler() -> None:
     assert stats.prefix_cache_hit_tokens > 0
     assert sample(samples, P + "prefix_cache_queries_total") == stats.prefix_cache_queries_tokens
     assert sample(samples, P + "prefix_cache_hits_total") == stats.prefix_cache_hit_tokens
-    assert sample(samples, P + "kv_cache_pages_total") == stats.num_pages_total
+    assert sample(samples, P + "kv_cache_pages") == stats.num_pages_total
     assert peak_usage > 0.5
     assert sample(samples, P + "num_requests_running") == 0
     assert sample(samples, P + "request_success_total", finished_reason="length") == 3

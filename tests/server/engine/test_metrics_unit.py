@@ -189,7 +189,7 @@ def test_gauges_and_prefix_counters_follow_the_scheduler_totals() -> None:
         p = "attnserve_"
         assert sample(samples, p + "num_requests_running") == running
         assert sample(samples, p + "num_requests_waiting") == waiting
-        assert sample(samples, p + "kv_cache_pages_total") == total
+        assert sample(samples, p + "kv_cache_pages") == total
         assert sample(samples, p + "kv_cache_usage_perc") == pytest.approx(
             (total - free - evictable) / total)
         assert sample(samples, p + "prefix_cache_queries_total") == queries

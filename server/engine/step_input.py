@@ -1,0 +1,68 @@
+"""One step's plan -> the runner's StepInput: the tokens, positions and page tables of every
+scheduled chunk, and what sampling needs of the sampled ones (parameters, generators, token
+histories for logits processing, prompt-logprob rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from model.runner import PromptLogprobRequest, StepInput
+from model.sampler import TokenHistory
+from scheduler.plan import ScheduledSeq, StepPlan
+from scheduler.request import Request
+
+
+def build_step_input(plan: StepPlan,
+                     generator_of: Callable[[str], torch.Generator | None]) -> StepInput:
+    token_ids: list[int] = []
+    q_lens, prefix_lens, tables, sample_seqs, sampling, gens = [], [], [], [], [], []
+    histories: list[TokenHistory | None] = []
+    prompt_lps: list[PromptLogprobRequest] = []
+    for i, seq in enumerate(plan.seqs):
+        req = seq.request
+        token_ids.extend(req.all_token_ids[seq.start : seq.start + seq.num_tokens])
+        q_lens.append(seq.num_tokens)
+        prefix_lens.append(seq.start)
+        tables.append(req.pages)
+        wanted = prompt_logprob_request(i, seq)
+        if wanted is not None:
+            prompt_lps.append(wanted)
+        if seq.needs_sample:
+            sample_seqs.append(i)
+            sampling.append(req.sampling)
+            gens.append(generator_of(req.request_id))
+            histories.append(token_history(req))
+    return StepInput(
+        token_ids=token_ids, q_lens=q_lens, prefix_lens=prefix_lens, page_tables=tables,
+        num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
+        generators=gens, histories=histories if any(histories) else [],
+        prompt_logprobs=prompt_lps,
+    )
+
+
+def token_history(req: Request) -> TokenHistory | None:
+    """What the sampler's logits processing needs of a request, or None if it processes
+    nothing: its tokens, and EOS and stop ids while it is under min_tokens (vLLM: with
+    ignore_eos, EOS is no stop token and is not held back)."""
+    sp = req.sampling
+    if not sp.processes_logits:
+        return None
+    banned: list[int] = []
+    if len(req.output_token_ids) < sp.min_tokens:
+        banned = list(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            banned.extend(req.eos_token_ids)
+    return TokenHistory(req.prompt_token_ids, req.output_token_ids, banned)
+
+
+def prompt_logprob_request(index: int, seq: ScheduledSeq) -> PromptLogprobRequest | None:
+    """The prompt logprobs this chunk can give (its rows that predict a prompt token), if
+    its request asked for them."""
+    req = seq.request
+    k = req.sampling.prompt_logprobs
+    end = min(seq.start + seq.num_tokens, req.num_prompt_tokens - 1)
+    if k is None or seq.start >= end:
+        return None
+    return PromptLogprobRequest(index, k, req.prompt_token_ids[seq.start + 1 : end + 1])
