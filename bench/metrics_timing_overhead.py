@@ -29,12 +29,13 @@ import logging
 import platform
 import random
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from model.attention_timing import TimingMode, default_timing_mode
+from model.attention_timing import LayerTimer, TimingMode, default_timing_mode
 from model.loader import LoadedModel, load_model
 from model.tokenizer import Tokenizer
 from scheduler.request import SamplingParams
@@ -198,8 +199,30 @@ def measure(config: EngineConfig, batches: list[int], prompt_len: int, tokens: i
         "backend": engine.backend.name, "layout": engine.layout.name,
         "page_size": engine.layout.page_size, "cuda_graphs": engine.runner.graphs is not None,
         "num_layers": num_layers, "timing_mode": on_mode, "reps": reps,
+        "hook_cost_us_per_step": hook_cost_us(engine.device, on_mode, num_layers),
         "prompt_len": prompt_len, "tokens": tokens, "workloads": results,
     }
+
+
+def hook_cost_us(device: torch.device, mode: TimingMode, num_layers: int,
+                 steps: int = 2000) -> float:
+    """Host cost of one step's timing hook alone (begin/end for every layer, then the read),
+    net of the bare loop: a floor under the step-level overhead that noise cannot hide."""
+    def run(timed: bool) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            timer = LayerTimer(device, None if mode == "all" else num_layers // 2, num_layers)
+            for layer in range(num_layers):
+                if timed:
+                    timer.begin(layer)
+                    timer.end(layer)
+            if timed:
+                timer.elapsed_s()
+        return time.perf_counter() - t0
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return max(0.0, run(True) - run(False)) / steps * 1e6
 
 
 def device_name(device: torch.device) -> str:

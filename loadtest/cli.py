@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import shlex
 from pathlib import Path
 
@@ -23,7 +24,13 @@ from loadtest.sweep import (
     parse_server_config,
     run_sweep,
 )
-from loadtest.workloads import WORKLOADS, Trace, WorkloadOptions, build_trace
+from loadtest.workloads import (
+    SHARED_PREFIX_ORDERS,
+    WORKLOADS,
+    Trace,
+    WorkloadOptions,
+    build_trace,
+)
 
 logger = logging.getLogger("loadtest")
 
@@ -31,8 +38,12 @@ logger = logging.getLogger("loadtest")
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("requests")
     g.add_argument("--endpoint", choices=list(ENDPOINT_PATHS), default="completions",
-                   help="completions (/v1/completions), chat (/v1/chat/completions, streamed) "
-                        "or generate (/generate); default completions")
+                   help="completions (/v1/completions), chat (/v1/chat/completions), generate "
+                        "(attnserve's /generate) or sglang (SGLang's /generate); every request "
+                        "streams; default completions")
+    g.add_argument("--api-key", default=None,
+                   help="sent as 'Authorization: Bearer KEY' on every request (default: "
+                        "$OPENAI_API_KEY, if set)")
     g.add_argument("--model", default=None,
                    help="model field of the requests (default: the first of GET /v1/models)")
     g.add_argument("--num-prompts", type=int, default=100,
@@ -80,6 +91,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="shared-prefix: tokens of each group's shared prefix (default 2048)")
     w.add_argument("--question-len", type=int, default=128,
                    help="shared-prefix: tokens of each question after the prefix (default 128)")
+    w.add_argument("--shared-prefix-order", choices=SHARED_PREFIX_ORDERS, default="random",
+                   help="shared-prefix: 'random' shuffles all prompts with the seed, as SGLang's "
+                        "generated-shared-prefix does; 'grouped' sends group after group "
+                        "(default random)")
     w.add_argument("--turns", type=int, default=3,
                    help="multi-turn: user turns per conversation (default 3)")
     w.add_argument("--file", default=None, help="JSONL for --workload file")
@@ -102,6 +117,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument("--request-rate", type=parse_rate, default=float("inf"),
                      help="requests per second, or inf (all at once)")
     run.add_argument("--output", default=None, help="write the result JSON here")
+    run.add_argument("--reset-prefix-cache", action="store_true",
+                     help="empty the server's prefix cache after the warm-up (POST "
+                          "/reset_prefix_cache, else SGLang's /flush_cache); the JSON's "
+                          "prefix_cache_cold says whether it worked")
     _add_common(run)
     sweep = argparse.ArgumentParser(
         prog="attnserve loadtest sweep",
@@ -121,7 +140,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sweep.add_argument("--startup-timeout", type=float, default=300.0,
                        help="seconds a server may take to answer /health (default 300)")
     sweep.add_argument("--restart-per-rate", action="store_true",
-                       help="a fresh server for every rate (no cache carried between rates)")
+                       help="a fresh server for every rate (default: one server per "
+                            "configuration, its prefix cache emptied before each rate)")
+    sweep.add_argument("--keep-prefix-cache", action="store_true",
+                       help="do not empty the prefix cache between rates: a later rate may hit "
+                            "what an earlier one cached (each JSON says prefix_cache_cold)")
     sweep.add_argument("--output-dir", default="loadtest-results",
                        help="results, plots and server logs go here (default loadtest-results)")
     _add_common(sweep)
@@ -149,7 +172,8 @@ def _traces(args: argparse.Namespace) -> tuple[Trace, Trace | None]:
         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
         num_groups=args.num_groups, prompts_per_group=args.prompts_per_group,
         system_prompt_len=args.system_prompt_len, question_len=args.question_len,
-        turns=args.turns, file=args.file, token_id_range=_token_id_range(args, tokenizer),
+        shared_prefix_order=args.shared_prefix_order, turns=args.turns, file=args.file,
+        token_id_range=_token_id_range(args, tokenizer),
         use_token_ids=args.endpoint != "chat")
     trace = build_trace(opts, tokenizer)
     if args.endpoint == "chat" and tokenizer is None:
@@ -175,7 +199,9 @@ def _run_config(args: argparse.Namespace, base_url: str, rate: float) -> RunConf
                                  else {}),
         percentiles=tuple(float(p) for p in args.metric_percentiles.split(",") if p.strip()),
         goodput_slos_ms=parse_goodput(args.goodput), request_timeout_s=args.request_timeout,
-        show_progress=not args.disable_tqdm, save_detailed=args.save_detailed)
+        show_progress=not args.disable_tqdm, save_detailed=args.save_detailed,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
+        reset_prefix_cache=getattr(args, "reset_prefix_cache", False))
 
 
 def _setup_logging(level: str) -> None:
@@ -193,6 +219,10 @@ def _main_run(argv: list[str]) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         parser.error(str(exc))
     result = asyncio.run(run_benchmark(cfg, trace, warmup))
+    reset = result.get("prefix_cache_reset") or {}
+    if reset and reset.get("status") != "reset":
+        logger.warning("the prefix cache could not be emptied (%s); this run is on a warm "
+                       "cache (prefix_cache_cold: false)", reset.get("detail"))
     print(format_run_summary(result, cfg.percentiles))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +241,9 @@ def _main_sweep(argv: list[str]) -> int:
             configs += load_server_configs(args.configs)
         if not configs:
             raise ValueError("give at least one --server-config NAME=FLAGS or --configs FILE")
+        if args.keep_prefix_cache and args.restart_per_rate:
+            raise ValueError("--keep-prefix-cache and --restart-per-rate contradict each other "
+                             "(a fresh server has an empty cache)")
         cfg = _run_config(args, "", args.request_rates[0])
         trace, warmup = _traces(args)
     except (ValueError, OSError, RuntimeError) as exc:
@@ -221,7 +254,7 @@ def _main_sweep(argv: list[str]) -> int:
         server_command=shlex.split(args.server_command) if args.server_command
         else default_server_command(),
         host=args.host, startup_timeout_s=args.startup_timeout,
-        restart_per_rate=args.restart_per_rate)
+        restart_per_rate=args.restart_per_rate, keep_prefix_cache=args.keep_prefix_cache)
     try:
         runs, failures = run_sweep(settings, cfg, trace, warmup)
     except ServerStartError as exc:  # raised only if stopping fails in an odd way

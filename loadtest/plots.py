@@ -13,6 +13,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from loadtest.server_metrics import PHASES  # noqa: E402
 from loadtest.stats import percentile_label  # noqa: E402
@@ -20,65 +24,153 @@ from loadtest.stats import percentile_label  # noqa: E402
 STEP_SPLIT_PNG = "step_time_split.png"
 
 
-def _rate_value(run: dict[str, Any], finite_max: float) -> float:
-    """Rates on the x axis; 'inf' is drawn one step past the largest finite rate."""
-    rate = run.get("request_rate")
-    if rate == "inf" or (isinstance(rate, float) and math.isinf(rate)):
-        return finite_max * 2 if finite_max > 0 else 1.0
-    return float(rate)
+INF_LABEL = "inf\n(all at once)"
+# One line style and marker per percentile, in the order they are drawn (median first).
+PERCENTILE_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1, 1, 1)), "v"))
+
+
+def _is_inf(rate: Any) -> bool:
+    return rate == "inf" or (isinstance(rate, float) and math.isinf(rate))
+
+
+def rate_categories(runs: list[dict[str, Any]]) -> list[str]:
+    """The x categories of the rate plots: the finite rates in increasing order, then 'inf'
+    (everything sent at once) as a category of its own, not a number."""
+    finite = sorted({float(r["request_rate"]) for r in runs if not _is_inf(r.get("request_rate"))})
+    labels = [f"{rate:g}" for rate in finite]
+    if any(_is_inf(r.get("request_rate")) for r in runs):
+        labels.append("inf")
+    return labels
 
 
 def _by_config(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         grouped[str(run.get("config_name", "run"))].append(run)
-    return grouped
+    return dict(sorted(grouped.items()))
+
+
+def _context_line(runs: list[dict[str, Any]]) -> str:
+    """'model M; workload random, 100 prompts, in 512, out 128' for a plot's title."""
+    models = sorted({str(r.get("model_id")) for r in runs if r.get("model_id")})
+    workloads = sorted({_workload_text(r) for r in runs})
+    return f"model {', '.join(models) or '?'}; workload {' | '.join(workloads)}"
+
+
+def _percentile_keys(metric: str, percentiles: tuple[float, ...]) -> list[tuple[str, str]]:
+    keys = [("median", f"median_{metric}_ms")]
+    keys += [(percentile_label(p), f"{percentile_label(p)}_{metric}_ms") for p in percentiles
+             if p != 50]
+    return keys
+
+
+def latency_vs_rate_figure(runs: list[dict[str, Any]], metric: str,
+                           percentiles: tuple[float, ...]) -> Figure:
+    """Latency percentiles against the request rate. Colour: the configuration (or the
+    percentile, when there is one configuration); line style and marker: the percentile.
+    The 'inf' rate is a separate category right of a dotted line, not joined to the rest."""
+    categories = rate_categories(runs)
+    position = {label: i for i, label in enumerate(categories)}
+    configs = _by_config(runs)
+    keys = _percentile_keys(metric, percentiles)
+    one_config = len(configs) == 1
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    for color_index, (name, group) in enumerate(configs.items()):
+        by_rate = {_rate_text(r.get("request_rate")): r for r in group}
+        for style_index, (label, key) in enumerate(keys):
+            linestyle, marker = PERCENTILE_STYLES[style_index % len(PERCENTILE_STYLES)]
+            color = f"C{style_index if one_config else color_index}"
+            finite = [c for c in categories if c != "inf" and c in by_rate]
+            xs = [position[c] for c in finite]
+            ys = [by_rate[c].get(key) for c in finite]
+            inf_y = by_rate["inf"].get(key) if "inf" in by_rate else None
+            if all(y is None for y in ys) and inf_y is None:
+                continue
+            ax.plot(xs, [math.nan if y is None else y for y in ys], linestyle=linestyle,
+                    marker=marker, color=color, label=f"{name} {label}")
+            if inf_y is not None:
+                ax.plot([position["inf"]], [inf_y], linestyle="none", marker=marker,
+                        color=color, markersize=8)
+    ax.set_xticks(range(len(categories)),
+                  [INF_LABEL if c == "inf" else c for c in categories])
+    if "inf" in position and len(categories) > 1:
+        ax.axvline(position["inf"] - 0.5, color="0.5", linestyle=":", linewidth=1)
+    ax.set_xlim(-0.5, len(categories) - 0.5)
+    ax.set_xlabel("request rate (req/s; one column each)")
+    ax.set_ylabel(f"{metric.upper()} (ms)")
+    ax.set_title(f"{metric.upper()} percentiles against request rate\n{_context_line(runs)}",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    # Legends right of the plot, where they cover no point.
+    if one_config:
+        ax.legend([Line2D([], [], color=f"C{i}", linestyle=ls, marker=mk)
+                   for i, (ls, mk) in enumerate(_styles(len(keys)))],
+                  [label for label, _ in keys], fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), title=f"{next(iter(configs))}\npercentile",
+                  title_fontsize=8)
+    else:
+        _two_legends(ax, list(configs), [label for label, _ in keys])
+    fig.tight_layout()
+    return fig
+
+
+def _styles(n: int) -> list[tuple[Any, str]]:
+    return [PERCENTILE_STYLES[i % len(PERCENTILE_STYLES)] for i in range(n)]
+
+
+def _two_legends(ax: Axes, configs: list[str], percentile_names: list[str]) -> None:
+    """One legend for the configurations (colours), one for the percentiles (styles)."""
+    config_handles = [Line2D([], [], color=f"C{i}", linewidth=3) for i in range(len(configs))]
+    style_handles = [Line2D([], [], color="0.2", linestyle=ls, marker=mk)
+                     for ls, mk in _styles(len(percentile_names))]
+    first = ax.legend(config_handles, configs, fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0), title="configuration", title_fontsize=8)
+    ax.add_artist(first)
+    ax.legend(style_handles, percentile_names, fontsize=8, loc="lower left",
+              bbox_to_anchor=(1.01, 0.0), title="percentile", title_fontsize=8)
 
 
 def _latency_vs_rate(runs: list[dict[str, Any]], metric: str, percentiles: tuple[float, ...],
                      path: Path) -> None:
-    finite = [float(r["request_rate"]) for r in runs if r.get("request_rate") != "inf"]
-    finite_max = max(finite, default=0.0)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ["-", "--", ":", "-."]
-    keys = [("median", f"median_{metric}_ms")] + [
-        (percentile_label(p), f"{percentile_label(p)}_{metric}_ms") for p in percentiles]
-    for color_index, (name, group) in enumerate(sorted(_by_config(runs).items())):
-        group = sorted(group, key=lambda r: _rate_value(r, finite_max))
-        xs = [_rate_value(r, finite_max) for r in group]
-        for style_index, (label, key) in enumerate(keys):
-            ys = [r.get(key) for r in group]
-            if all(y is None for y in ys):
-                continue
-            ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o",
-                    linestyle=styles[style_index % len(styles)], color=f"C{color_index}",
-                    label=f"{name} {label}")
-    ax.set_xlabel("request rate (req/s; inf drawn at 2x the largest)")
-    ax.set_ylabel(f"{metric.upper()} (ms)")
-    ax.set_title(f"{metric.upper()} percentiles against request rate")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig = latency_vs_rate_figure(runs, metric, percentiles)
+    # The legends stand right of the axes: the saved area is grown to hold them.
+    legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, Legend)]
+    fig.savefig(path, dpi=110, bbox_inches="tight", bbox_extra_artists=legends)
     plt.close(fig)
 
 
-def _throughput_vs_latency(runs: list[dict[str, Any]], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for color_index, (name, group) in enumerate(sorted(_by_config(runs).items())):
+def throughput_vs_latency_figure(runs: list[dict[str, Any]]) -> Figure:
+    """Median TPOT and TTFT against output throughput, one point per run, each point
+    labelled with its request rate."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for color_index, (name, group) in enumerate(_by_config(runs).items()):
         group = sorted(group, key=lambda r: r.get("output_throughput") or 0.0)
         xs = [r.get("output_throughput") for r in group]
         for ax, key in zip(axes, ("median_tpot_ms", "median_ttft_ms"), strict=True):
             ys = [r.get(key) for r in group]
             ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o",
                     color=f"C{color_index}", label=name)
+            for x, y, run in zip(xs, ys, group, strict=True):
+                if x is None or y is None:
+                    continue
+                rate = _rate_text(run.get("request_rate"))
+                ax.annotate(rate if rate == "inf" else f"{rate}/s", (x, y),
+                            textcoords="offset points", xytext=(5, 5), fontsize=8,
+                            color=f"C{color_index}")
     for ax, title in zip(axes, ("median TPOT (ms)", "median TTFT (ms)"), strict=True):
         ax.set_xlabel("output throughput (tok/s)")
         ax.set_ylabel(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("throughput against latency, one point per request rate")
+        ax.legend(fontsize=8, title="configuration", title_fontsize=8)
+        ax.margins(x=0.12, y=0.12)  # room for the rate labels
+    fig.suptitle("Throughput against latency, one point per request rate (its label: req/s; "
+                 f"inf = all at once)\n{_context_line(runs)}", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _throughput_vs_latency(runs: list[dict[str, Any]], path: Path) -> None:
+    fig = throughput_vs_latency_figure(runs)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -99,7 +191,7 @@ class StepSplitBar:
 
 
 def _rate_text(rate: Any) -> str:
-    return "inf" if rate == "inf" else f"{float(rate):g}"
+    return "inf" if _is_inf(rate) else f"{float(rate):g}"
 
 
 def step_split_bars(runs: list[dict[str, Any]]) -> list[StepSplitBar]:
@@ -126,7 +218,7 @@ def _workload_text(run: dict[str, Any]) -> str:
     for key, name in (("num_prompts", "prompts"), ("num_groups", "groups"),
                       ("prompts_per_group", "per group"), ("system_prompt_len", "system"),
                       ("question_len", "question"), ("turns", "turns"), ("input_len", "in"),
-                      ("output_len", "out")):
+                      ("output_len", "out"), ("shared_prefix_order", "order")):
         if run.get(key) is not None:
             parts.append(f"{run[key]} {name}" if key in ("num_prompts", "num_groups", "turns")
                          else f"{name} {run[key]}")
@@ -134,10 +226,8 @@ def _workload_text(run: dict[str, Any]) -> str:
 
 
 def _step_split_title(runs: list[dict[str, Any]]) -> str:
-    models = sorted({str(r.get("model_id")) for r in runs if r.get("model_id")})
-    workloads = sorted({_workload_text(r) for r in runs})
     rates = sorted({_rate_text(r.get("request_rate")) for r in runs})
-    line = f"model {', '.join(models) or '?'}; workload {' | '.join(workloads)}"
+    line = _context_line(runs)
     if len(rates) == 1:
         line += f"; {rates[0]} req/s"
     return f"Mean engine step time: attention and the rest, by phase\n{line}"

@@ -33,8 +33,12 @@ def format_run_summary(result: dict[str, Any], percentiles: tuple[float, ...]) -
         rows.append(("Request goodput (req/s)", result["request_goodput"]))
     rows += [
         ("Output token throughput (tok/s)", result["output_throughput"]),
+        ("Peak output token throughput (tok/s)", result.get("max_output_tokens_per_s")),
+        ("Peak concurrent requests", result.get("max_concurrent_requests")),
         ("Total token throughput (tok/s)", result["total_token_throughput"]),
     ]
+    if result.get("prefix_cache_cold") is not None:
+        rows.append(("Prefix cache at the start", _cache_text(result)))
     lines = ["{s:{c}^60}".format(s=" Serving Benchmark Result ", c="=")]
     lines += [f"{name:<44}{_fmt(value):>16}" for name, value in rows]
     for metric in LATENCY_METRICS:
@@ -120,6 +124,17 @@ SWEEP_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _cache_text(run: dict[str, Any]) -> str:
+    """'cold (reset)', 'cold (fresh server)', 'warm' or '-' (not known)."""
+    cold = run.get("prefix_cache_cold")
+    if cold is None:
+        return "-"
+    if not cold:
+        return "warm"
+    by = run.get("prefix_cache_cold_by")
+    return f"cold ({by})" if by else "cold"
+
+
 def _server_value(result: dict[str, Any], key: str) -> Any:
     return (result.get("server_metrics") or {}).get(key)
 
@@ -128,7 +143,7 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> str:
     """One row per (configuration, rate), the same columns for all: a side-by-side table."""
     header = ["config", "rate"] + [title for _, title in SWEEP_COLUMNS]
     header += ["attn % all", "attn % p/d/m", "attn ms p/d/m", "step ms p/d/m", "prefix hit",
-               "preempt", "kernel builds"]
+               "preempt", "kernel builds", "prefix cache"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [str(run.get("config_name", "-")), _fmt(run.get("request_rate"))]
@@ -140,7 +155,8 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> str:
                   _per_phase(run, "mean_step_ms", 1.0, 2),
                   _fmt(_server_value(run, "prefix_cache_hit_rate"), 3),
                   _fmt(_server_value(run, "num_preemptions"), 0),
-                  _fmt(_server_value(run, "kernel_builds"), 0)]
+                  _fmt(_server_value(run, "kernel_builds"), 0),
+                  _cache_text(run)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

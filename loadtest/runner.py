@@ -15,6 +15,7 @@ import httpx
 from tqdm import tqdm
 
 from loadtest.client import RequestResult, send_streaming_request
+from loadtest.prefix_cache import ResetOutcome, reset_prefix_cache
 from loadtest.protocols import SamplingOptions, build_body
 from loadtest.schedule import achieved_rate, arrival_times
 from loadtest.server_metrics import scrape, server_metrics_delta
@@ -40,6 +41,13 @@ class RunConfig:
     metrics_path: str = "/metrics"
     show_progress: bool = True
     save_detailed: bool = False
+    api_key: str | None = None  # sent as 'Authorization: Bearer KEY' on every request
+    # Empty the server's prefix cache after the warm-up, before the measured run.
+    reset_prefix_cache: bool = False
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 async def resolve_model(client: httpx.AsyncClient) -> str | None:
@@ -105,13 +113,25 @@ class _Dispatcher:
         return [r for conv_results in done for r in conv_results]
 
 
+def prefix_cache_fields(reset: ResetOutcome | None) -> dict[str, Any]:
+    """``prefix_cache_cold``: True when the cache was emptied before the run, False when
+    that was asked and failed, None when not asked (a sweep fills it in from what it knows
+    of the server); ``prefix_cache_reset``: how the reset went."""
+    return {
+        "prefix_cache_cold": None if reset is None else reset.reset,
+        "prefix_cache_cold_by": "reset" if reset is not None and reset.reset else None,
+        "prefix_cache_reset": None if reset is None else reset.as_json(),
+    }
+
+
 async def run_benchmark(cfg: RunConfig, trace: Trace, warmup_trace: Trace | None = None
                         ) -> dict[str, Any]:
     """Replay ``trace`` against ``cfg.base_url`` and return the result dict (JSON-ready)."""
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=30.0)
     limits = httpx.Limits(max_connections=cfg.max_concurrency or None,
                           max_keepalive_connections=cfg.max_concurrency or None)
-    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=timeout, limits=limits,
+                                 headers=auth_headers(cfg.api_key)) as client:
         model = cfg.model or await resolve_model(client)
         warmup_failed = 0
         if warmup_trace is not None and warmup_trace.conversations:
@@ -122,6 +142,7 @@ async def run_benchmark(cfg: RunConfig, trace: Trace, warmup_trace: Trace | None
             warmup_failed = sum(not r.success for r in warm_results)
             if warmup_failed == len(warm_results):
                 raise RuntimeError(f"every warm-up request failed: {warm_results[0].error}")
+        reset = await reset_prefix_cache(client) if cfg.reset_prefix_cache else None
         before = await scrape(client, cfg.metrics_path)
         times = arrival_times(len(trace.conversations), cfg.request_rate, cfg.burstiness, cfg.seed)
         progress = tqdm(total=trace.num_requests, disable=not cfg.show_progress,
@@ -149,6 +170,7 @@ async def run_benchmark(cfg: RunConfig, trace: Trace, warmup_trace: Trace | None
         "sampling": {"temperature": cfg.sampling.temperature,
                      "ignore_eos": cfg.sampling.ignore_eos},
         "workload_notes": trace.notes,
+        **prefix_cache_fields(reset),
     }
     out.update(summarize(results, duration, cfg.percentiles, cfg.goodput_slos_ms))
     out["server_metrics"] = server_metrics_delta(before, after)

@@ -1,9 +1,15 @@
 """Benchmark metrics with vLLM's definitions and field names.
 
-TTFT: send to first content chunk. TPOT: (E2E - TTFT) / (output tokens - 1), for requests
-with more than one output token. ITL: gaps between consecutive content chunks, pooled over
-all requests. E2EL: send to end of stream. Percentiles interpolate linearly (numpy's
-default), std is the population standard deviation; times are reported in milliseconds.
+TTFT: send to the first event that carries a token. TPOT: (E2E - TTFT) / (output tokens
+- 1), for requests with more than one output token. ITL: gaps between consecutive token
+events, pooled over all requests. E2EL: send to the last token's event. Percentiles
+interpolate linearly (numpy's default), std is the population standard deviation; times
+are reported in milliseconds.
+
+Peaks over one-second buckets counted from the earliest start of a successful request:
+``max_output_tokens_per_s`` is the most token events that arrived in one bucket, and
+``max_concurrent_requests`` the most successful requests whose span (start to last token)
+touched one bucket.
 """
 
 from __future__ import annotations
@@ -69,6 +75,25 @@ class Distribution:
         return out
 
 
+def peak_buckets(ok: list[RequestResult]) -> tuple[float, int]:
+    """(max_output_tokens_per_s, max_concurrent_requests) of the successful requests."""
+    if not ok:
+        return 0.0, 0
+    origin = min(r.start_time for r in ok)
+    tokens: Counter[int] = Counter()
+    in_flight: Counter[int] = Counter()
+    for r in ok:
+        # The token events' arrivals, rebuilt from the request's start, TTFT and gaps.
+        arrival = r.start_time + r.ttft
+        tokens[int(arrival - origin)] += 1
+        for gap in r.itl:
+            arrival += gap
+            tokens[int(arrival - origin)] += 1
+        first, last = int(r.start_time - origin), int(r.start_time + r.latency - origin)
+        in_flight.update(range(first, last + 1))
+    return float(max(tokens.values())), max(in_flight.values())
+
+
 def _error_samples(results: list[RequestResult], limit: int) -> list[dict[str, Any]]:
     counts = Counter(r.error for r in results if not r.success)
     return [{"error": err, "count": n} for err, n in counts.most_common(limit)]
@@ -86,6 +111,7 @@ def summarize(
     total_in = sum(r.prompt_len for r in ok)
     total_out = sum(r.output_tokens for r in ok)
     dur = max(duration_s, 1e-9)
+    peak_tokens, peak_requests = peak_buckets(ok)
     out: dict[str, Any] = {
         "duration": duration_s,
         "num_requests": len(results),
@@ -97,6 +123,8 @@ def summarize(
         "request_goodput": None,
         "output_throughput": total_out / dur,
         "total_token_throughput": (total_in + total_out) / dur,
+        "max_output_tokens_per_s": peak_tokens,
+        "max_concurrent_requests": peak_requests,
         "error_samples": _error_samples(results, max_error_samples),
     }
     if goodput_slos_ms:
@@ -114,15 +142,18 @@ def summarize(
 
 
 def per_request_details(results: list[RequestResult]) -> dict[str, list[Any]]:
-    """The per-request arrays vLLM saves with --save-detailed."""
+    """The per-request arrays vLLM saves with --save-detailed (seconds; a failed request
+    has zeros and its error), then attnserve's own: ``send_offsets`` (seconds after the run
+    started) and ``output_tokens_sources`` (where each output count came from)."""
     return {
         "input_lens": [r.prompt_len for r in results],
         "output_lens": [r.output_tokens for r in results],
         "ttfts": [r.ttft for r in results],
         "itls": [r.itl for r in results],
-        "e2els": [r.latency for r in results],
-        "send_offsets": [r.send_offset for r in results],
-        "sent_at": [r.sent_at for r in results],
+        "latencies": [r.latency for r in results],
+        "start_times": [r.start_time for r in results],
         "generated_texts": [r.generated_text for r in results],
         "errors": [r.error for r in results],
+        "send_offsets": [r.send_offset for r in results],
+        "output_tokens_sources": [r.output_tokens_source for r in results],
     }

@@ -17,6 +17,7 @@ import numpy as np
 from loadtest.prompts import PromptFactory, TextTokenizer, sample_lengths
 
 WORKLOADS = ("random", "shared-prefix", "multi-turn", "file")
+SHARED_PREFIX_ORDERS = ("random", "grouped")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class WorkloadOptions:
     prompts_per_group: int = 16
     system_prompt_len: int = 2048
     question_len: int = 128
+    shared_prefix_order: str = "random"  # SGLang's: every prompt shuffled; or "grouped"
     turns: int = 3
     file: str | None = None
     token_id_range: tuple[int, int] = (1000, 30000)
@@ -56,7 +58,7 @@ class WorkloadOptions:
         keys = {
             "random": ("num_prompts", "input_len", "output_len", "range_ratio"),
             "shared-prefix": ("num_groups", "prompts_per_group", "system_prompt_len",
-                              "question_len", "output_len"),
+                              "question_len", "output_len", "shared_prefix_order"),
             "multi-turn": ("num_prompts", "turns", "input_len", "output_len", "range_ratio"),
             "file": ("num_prompts", "file"),
         }[self.name]
@@ -93,23 +95,29 @@ def _random(opts: WorkloadOptions, factory: PromptFactory, rng: np.random.Genera
     return Trace(convs, opts)
 
 
-def _shared_prefix(opts: WorkloadOptions, factory: PromptFactory) -> Trace:
-    """Groups of prompts that share a system prompt, sent group after group (SGLang's order)."""
-    convs: list[Conversation] = []
+def _shared_prefix(opts: WorkloadOptions, factory: PromptFactory,
+                   rng: np.random.Generator) -> Trace:
+    """Groups of prompts that share a system prompt. SGLang's generated-shared-prefix
+    shuffles all prompts, so the groups arrive interleaved ('random', the default);
+    'grouped' sends group after group, the easiest order for a prefix cache."""
+    if opts.shared_prefix_order not in SHARED_PREFIX_ORDERS:
+        raise ValueError(f"unknown shared-prefix order {opts.shared_prefix_order!r}; choose "
+                         f"from {', '.join(SHARED_PREFIX_ORDERS)}")
+    turns: list[Turn] = []
     for _ in range(opts.num_groups):
         if opts.use_token_ids:
             system_ids = factory.token_ids(opts.system_prompt_len)
             for _ in range(opts.prompts_per_group):
                 ids = system_ids + factory.token_ids(opts.question_len)
-                turn = Turn(opts.output_len, len(ids), token_ids=ids)
-                convs.append(Conversation(len(convs), [turn]))
+                turns.append(Turn(opts.output_len, len(ids), token_ids=ids))
         else:
             system_text = factory.text(opts.system_prompt_len)
             for _ in range(opts.prompts_per_group):
                 text = f"{system_text}\n\n{factory.text(opts.question_len)}"
-                turn = Turn(opts.output_len, factory.count_text_tokens(text), text=text)
-                convs.append(Conversation(len(convs), [turn]))
-    return Trace(convs, opts)
+                turns.append(Turn(opts.output_len, factory.count_text_tokens(text), text=text))
+    if opts.shared_prefix_order == "random":
+        turns = [turns[i] for i in rng.permutation(len(turns))]
+    return Trace([Conversation(i, [turn]) for i, turn in enumerate(turns)], opts)
 
 
 def _multi_turn(opts: WorkloadOptions, factory: PromptFactory, rng: np.random.Generator) -> Trace:
@@ -171,7 +179,7 @@ def build_trace(opts: WorkloadOptions, tokenizer: TextTokenizer | None = None) -
     if opts.name == "random":
         return _random(opts, factory, rng)
     if opts.name == "shared-prefix":
-        return _shared_prefix(opts, factory)
+        return _shared_prefix(opts, factory, rng)
     if opts.name == "multi-turn":
         return _multi_turn(opts, factory, rng)
     if opts.name == "file":

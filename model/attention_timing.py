@@ -7,9 +7,11 @@ Modes (`ModelRunner.attention_timing`):
   (events captured with it), so graph replays are timed too.
 - `all`: every layer's call is bracketed and the times summed. On the CPU, where execution
   is synchronous, this is exact and costs two clock reads a layer, so it is the CPU
-  default; on a GPU it costs two event records a layer and keeps decode steps off CUDA
-  graphs, so there it serves as the reference that `one` is checked against
-  (bench/metrics_timing_overhead.py).
+  default. On a GPU it is the reference that `one` is checked against
+  (bench/metrics_timing_overhead.py): steps run eagerly, and the runner holds the GPU back
+  until the host has queued the whole step, so that each window is the kernels' time and
+  not the host's launch gaps (which made eager per-layer windows of a host-bound decode
+  step 4-7x the kernels' time on the H100, docs/metrics.md).
 - `off`: nothing is measured (the baseline of the overhead benchmark).
 """
 

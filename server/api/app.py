@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -19,6 +20,7 @@ from server.api.endpoint import APIKeyMiddleware, AppContext, ServerSettings
 from server.api.errors import http_exception_handler, internal_error_handler
 from server.api.native import engine_stats, generate, health, list_models, metrics
 from server.api.openapi import build_openapi
+from server.api.prompts import PromptEncoder
 from server.engine import AsyncEngine, EngineConfig, EngineCore, EngineMetrics, LoadedModel, parse_buckets
 
 logger = logging.getLogger(__name__)
@@ -26,11 +28,16 @@ API_VERSION = "0.1.0"
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Raises ValueError with a message for the user on a bad combination of flags."""
     buckets = getattr(args, "latency_buckets", None)
+    origins = getattr(args, "allowed_origins", None)
     return ServerSettings(
         api_key=args.api_key, max_request_bytes=args.max_request_bytes,
         max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
         latency_buckets=parse_buckets(buckets) if buckets else None,
+        max_connections=args.max_connections, header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout,
+        allowed_origins=[o.strip() for o in origins.split(",") if o.strip()] if origins else [],
     )
 
 
@@ -41,6 +48,7 @@ def build_app(config: EngineConfig, settings: ServerSettings,
     def build_core() -> EngineCore:  # on the engine thread
         core = EngineCore(config, loaded=loaded)
         ctx.metrics = EngineMetrics.attach(core, settings.latency_buckets)
+        ctx.prompts = PromptEncoder(core, ctx.pool)
         return core
 
     ctx = AppContext(engine=AsyncEngine(build_core, settings.max_queued_requests),
@@ -57,6 +65,7 @@ def build_app(config: EngineConfig, settings: ServerSettings,
             yield
         finally:
             ctx.engine.shutdown()
+            ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     routes = [
         Route("/v1/completions", create_completion, methods=["POST"]),
@@ -68,12 +77,19 @@ def build_app(config: EngineConfig, settings: ServerSettings,
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
+    middleware = [Middleware(APIKeyMiddleware, api_key=settings.api_key)]
+    if settings.allowed_origins:  # outermost, so that a preflight needs no API key
+        middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"]))
     app = Starlette(
-        routes=routes, lifespan=lifespan,
-        middleware=[Middleware(APIKeyMiddleware, api_key=settings.api_key)],
+        routes=routes, lifespan=lifespan, middleware=middleware,
         exception_handlers={HTTPException: http_exception_handler,
                             Exception: internal_error_handler},
     )
+    # No redirect from /health/ to /health: Starlette builds its Location from the Host
+    # header, which the client chooses.
+    app.router.redirect_slashes = False
     app.state.ctx = ctx
     return app
 

@@ -14,13 +14,11 @@ from server.api.convert import (
     collect,
     completion_logprobs,
     delta_events,
-    encode_chat,
-    encode_prompts,
     sampling_params,
     stream_response,
     usage_of,
 )
-from server.api.endpoint import AppContext, api_endpoint, read_body_model
+from server.api.endpoint import AppContext, api_endpoint
 from server.api.protocol import (
     AssistantMessage,
     ChatChunkChoice,
@@ -42,18 +40,18 @@ from server.engine import EngineCore, RequestOutput, RequestStream
 
 @api_endpoint
 async def create_completion(request: Request, ctx: AppContext) -> Response:
-    body = await read_body_model(request, CompletionRequest, ctx.settings.max_request_bytes)
+    body = await ctx.read_body(request, CompletionRequest)
     ctx.check_model(body.model)
-    core = ctx.ready_core()
-    prompts = encode_prompts(core, body.prompt_list())
+    core, encoder = ctx.ready_prompts()
+    prompts = await encoder.encode_prompts(body.prompt_list())
     params = sampling_params(body, body.max_tokens, body.logprobs)
     request_id, stream = ctx.submit(prompts, params, "cmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _completion_events(core, stream, request_id, include_usage,
                                     body.logprobs is not None)
-        return stream_response(stream, events)
-    results = await collect(request.receive, stream)
+        return stream_response(stream, events, ctx.stopping)
+    results = await collect(request.receive, stream, ctx.stopping, ctx.settings.retry_after_s)
     choices = [
         CompletionChoice(
             index=i, text=r.text, finish_reason=r.finish_reason,  # type: ignore[arg-type]
@@ -94,10 +92,11 @@ async def _completion_events(core: EngineCore, stream: RequestStream, request_id
 
 @api_endpoint
 async def create_chat_completion(request: Request, ctx: AppContext) -> Response:
-    body = await read_body_model(request, ChatCompletionRequest, ctx.settings.max_request_bytes)
+    body = await ctx.read_body(request, ChatCompletionRequest)
     ctx.check_model(body.model)
-    core = ctx.ready_core()
-    prompt = encode_chat(core, [{"role": m.role, "content": m.text()} for m in body.messages])
+    core, encoder = ctx.ready_prompts()
+    prompt = await encoder.encode_chat([{"role": m.role, "content": m.text()}
+                                        for m in body.messages])
     requested = body.requested_max_tokens()
     # Without a limit, generate up to the context length (at least one token, so a prompt
     # that fills the context is rejected by validation with a clear message).
@@ -109,8 +108,9 @@ async def create_chat_completion(request: Request, ctx: AppContext) -> Response:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _chat_events(core, stream, request_id, include_usage,
                               top_n if body.logprobs else None)
-        return stream_response(stream, events)
-    (result,) = await collect(request.receive, stream)
+        return stream_response(stream, events, ctx.stopping)
+    (result,) = await collect(request.receive, stream, ctx.stopping,
+                              ctx.settings.retry_after_s)
     choice = ChatCompletionChoice(
         index=0, message=AssistantMessage(content=result.text),
         finish_reason=result.finish_reason,  # type: ignore[arg-type]

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 from starlette.types import Receive
 
-from server.api.errors import APIError, bad_request
+from server.api.errors import APIError, service_unavailable
 from server.api.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
-    ErrorBody,
     RequestTiming,
     SamplingFields,
     TopLogprob,
     Usage,
 )
-from server.api.sse import SSEResponse, run_until_disconnect, sse_event
+from server.api.sse import (
+    STOPPING_MESSAGE,
+    ServerStopping,
+    SSEResponse,
+    error_event,
+    run_until_disconnect,
+    sse_event,
+)
 from server.engine import EngineCore, RequestOutput, RequestStream, SamplingParams, TokenLogprob
 
 
@@ -31,24 +38,6 @@ def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | Non
         stop_token_ids=list(stop_token_ids or []), ignore_eos=fields.ignore_eos,
         logprobs=logprobs,
     )
-
-
-def encode_prompts(core: EngineCore, prompts: list[str] | list[list[int]]) -> list[list[int]]:
-    """Token ids of each prompt: texts are tokenized as offline `generate` does (raw)."""
-    encoded: list[list[int]] = []
-    for p in prompts:
-        ids = list(p) if isinstance(p, list) else core.tokenizer.encode(p)
-        if not ids:
-            raise bad_request("a prompt encodes to no tokens", "prompt")
-        encoded.append(ids)
-    return encoded
-
-
-def encode_chat(core: EngineCore, messages: list[dict[str, str]]) -> list[int]:
-    try:
-        return core.tokenizer.apply_chat_template(messages)
-    except ValueError as e:
-        raise bad_request(str(e), "messages") from None
 
 
 @dataclass
@@ -93,11 +82,16 @@ def request_timing(arrival: float, first: float | None, finish: float | None) ->
     )
 
 
-async def collect(receive: Receive, stream: RequestStream) -> list[Accumulated]:
+async def collect(receive: Receive, stream: RequestStream, stopping: asyncio.Event,
+                  retry_after_s: int) -> list[Accumulated]:
     """Run a stream to completion and close it; a client that disconnects first cancels it
-    (ClientDisconnected), and an engine-side failure becomes a 500."""
+    (ClientDisconnected), a server that stops first makes it a 503, and an engine-side
+    failure becomes a 500."""
     try:
-        return await run_until_disconnect(receive, _accumulate(stream))
+        return await run_until_disconnect(receive, _accumulate(stream), stopping)
+    except ServerStopping:
+        raise service_unavailable(STOPPING_MESSAGE, "shutting_down", retry_after_s,
+                                  "unavailable") from None
     finally:
         await stream.aclose()
 
@@ -114,20 +108,20 @@ async def _accumulate(stream: RequestStream) -> list[Accumulated]:
     return results
 
 
-def stream_response(stream: RequestStream, events: AsyncIterator[str]) -> SSEResponse:
+def stream_response(stream: RequestStream, events: AsyncIterator[str],
+                    stopping: asyncio.Event) -> SSEResponse:
     """An SSE response of `events`; closing it early (a disconnect) aborts the request, which
     the engine counts (finished_reason="abort")."""
     async def on_close(disconnected: bool) -> None:
         await stream.aclose()
 
-    return SSEResponse(events, on_close)
+    return SSEResponse(events, on_close, stopping)
 
 
 def engine_error_event(message: str) -> str:
     """The SSE event that ends a stream whose request failed inside the engine."""
-    body = ErrorBody(message=f"the request failed in the engine: {message}", type="server_error",
-                     code="engine_error")
-    return sse_event({"error": body.model_dump()})
+    return error_event(f"the request failed in the engine: {message}", "server_error",
+                       "engine_error")
 
 
 async def delta_events(

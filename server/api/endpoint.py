@@ -1,28 +1,26 @@
-"""What every API endpoint shares: the app context, body limits, auth, error translation."""
+"""What every API endpoint shares: the settings, the app context, auth, error translation."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.errors import (
-    APIError,
-    bad_request,
-    error_response,
-    from_validation_error,
-    service_unavailable,
-)
+from server.api.body import read_body_model as _read_body_model
+from server.api.errors import APIError, bad_request, error_response, service_unavailable
+from server.api.prompts import PromptEncoder
 from server.api.sse import ClientDisconnected
 from server.engine import (
     AsyncEngine,
@@ -49,6 +47,31 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     latency_buckets: list[float] | None = None
     retry_after_s: int = 1
+    # Connection limits (server/api/connections.py); keep_alive_timeout is uvicorn's own.
+    max_connections: int = 2048
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api-key must not be empty: an empty key would let any client "
+                             "in (`Authorization: Bearer` with no token matches it); leave the "
+                             "flag out to serve without a key")
+        for name in ("max_request_bytes", "max_queued_requests", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+
+
+def _worker_pool() -> ThreadPoolExecutor:
+    # Tokenization and large-body parsing. The fast tokenizers release the GIL, so these
+    # threads really run in parallel: at most half the cores, to leave the rest to the step.
+    return ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                              thread_name_prefix="api-worker")
 
 
 @dataclass
@@ -56,7 +79,11 @@ class AppContext:
     engine: AsyncEngine
     settings: ServerSettings
     metrics: EngineMetrics | None = None  # set once the engine has loaded
+    prompts: PromptEncoder | None = None  # set once the engine has loaded
     created: int = field(default_factory=lambda: int(time.time()))
+    pool: ThreadPoolExecutor = field(default_factory=_worker_pool)
+    # Set by a second SIGTERM/SIGINT: every open response ends now (503 / an error event).
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def count_failure(self, reason: str) -> None:
         if self.metrics is not None:
@@ -72,6 +99,16 @@ class AppContext:
         assert self.engine.core is not None
         return self.engine.core
 
+    def ready_prompts(self) -> tuple[EngineCore, PromptEncoder]:
+        """The engine and its prompt encoder, or a 503 if it cannot take requests now."""
+        core = self.ready_core()
+        assert self.prompts is not None
+        return core, self.prompts
+
+    async def read_body(self, request: Request, model: type[M]) -> M:
+        return await _read_body_model(request, model, self.settings.max_request_bytes,
+                                      self.pool)
+
     def submit(self, prompts: list[list[int]], params: SamplingParams,
                id_prefix: str) -> tuple[str, RequestStream]:
         """Queue the prompts under a new request id, `<id_prefix>-<hex>`."""
@@ -84,36 +121,6 @@ class AppContext:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
                                 f"`{core.model_name}`", "invalid_request_error", "model",
                            "model_not_found", metric_reason="validation")
-
-
-async def read_body_model(request: Request, model: type[M], limit: int) -> M:
-    """Read the body (413 beyond `limit` bytes) and validate it (400 on any problem)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(parsed, dict):
-        raise bad_request("the body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body exceeds the limit of {limit} bytes",
-                    "invalid_request_error", code="request_too_large", metric_reason="validation")
 
 
 Handler = Callable[[Request, AppContext], Awaitable[Response]]
@@ -136,13 +143,15 @@ def api_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         except EngineUnavailable as e:
             ctx.count_failure("queue_full" if e.code == "queue_full" else "unavailable")
             return service_unavailable(str(e), e.code, ctx.settings.retry_after_s, "").response()
-        except ClientDisconnected:  # counted by the engine as finished_reason="abort"
+        except ClientDisconnected as e:
             logger.info("client disconnected before the response; request aborted")
+            if not e.submitted:  # a submitted one is counted by the engine (finished "abort")
+                ctx.count_failure("abort")
             return Response(status_code=499)  # nobody reads it; keeps the ASGI contract
-        except Exception as e:
+        except Exception:
             logger.exception("internal error in %s %s", request.method, request.url.path)
             ctx.count_failure("error")
-            return error_response(500, f"internal server error: {type(e).__name__}: {e}",
+            return error_response(500, "internal server error (the server log has the details)",
                                   "server_error", code="internal_error")
 
     endpoint.__name__ = handler.__name__

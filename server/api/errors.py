@@ -103,5 +103,5 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
     """Anything that escaped the endpoints' own handling (api_endpoint) still gets a JSON 500."""
     logger.error("internal error serving %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, f"internal server error: {type(exc).__name__}", "server_error",
-                          code="internal_error")
+    return error_response(500, "internal server error (the server log has the details)",
+                          "server_error", code="internal_error")

@@ -11,13 +11,12 @@ from starlette.responses import JSONResponse, Response
 from server.api.convert import (
     Accumulated,
     collect,
-    encode_prompts,
     engine_error_event,
     request_timing,
     sampling_params,
     stream_response,
 )
-from server.api.endpoint import AppContext, api_endpoint, read_body_model
+from server.api.endpoint import AppContext, api_endpoint
 from server.api.errors import error_response
 from server.api.protocol import (
     EngineStatsResponse,
@@ -35,16 +34,16 @@ from server.engine import RequestStream
 @api_endpoint
 async def generate(request: Request, ctx: AppContext) -> Response:
     """Native generation: token ids in or text in, token ids and timing out."""
-    body = await read_body_model(request, GenerateRequest, ctx.settings.max_request_bytes)
-    core = ctx.ready_core()
-    prompt = encode_prompts(core, [body.input_ids if body.input_ids is not None
-                                   else body.text])[0]  # type: ignore[list-item]
+    body = await ctx.read_body(request, GenerateRequest)
+    _, encoder = ctx.ready_prompts()
+    prompt = (await encoder.encode_prompts([body.input_ids if body.input_ids is not None
+                                            else body.text]))[0]  # type: ignore[list-item]
     sp = body.sampling_params
     params = sampling_params(sp, sp.max_tokens, sp.logprobs, sp.stop_token_ids)
     request_id, stream = ctx.submit([prompt], params, "gen")
     if body.stream:
-        return stream_response(stream, _generate_events(stream, request_id))
-    (r,) = await collect(request.receive, stream)
+        return stream_response(stream, _generate_events(stream, request_id), ctx.stopping)
+    (r,) = await collect(request.receive, stream, ctx.stopping, ctx.settings.retry_after_s)
     response = GenerateResponse(
         request_id=request_id, text=r.text, output_ids=r.token_ids,
         finish_reason=r.finish_reason,  # type: ignore[arg-type]

@@ -34,12 +34,16 @@ _RESPONSE_MODELS: list[type[BaseModel]] = [
 _CHUNK_OF = {CompletionResponse: CompletionChunk, ChatCompletionResponse: ChatCompletionChunk,
              GenerateResponse: GenerateChunk}
 _ERROR_DESCRIPTIONS = {
-    "400": "invalid JSON, wrong types, out-of-range values, or a prompt that cannot fit",
+    "400": "invalid JSON (or nested deeper than 32 levels), wrong types, out-of-range values, "
+           "or a prompt that cannot fit",
     "401": "missing or wrong API key",
     "404": "unknown model",
+    "408": "the request headers or body did not arrive in time",
     "413": "request body over the size limit",
+    "415": "the body is not sent as application/json",
     "500": "internal error (this request only)",
-    "503": "starting, draining, broken, or the queue is full (see Retry-After)",
+    "503": "starting, draining, shutting down, broken, the queue is full or the connection "
+           "limit reached (see Retry-After)",
 }
 
 
@@ -83,7 +87,7 @@ def build_openapi(version: str, with_auth: bool) -> dict[str, Any]:
                 "200": {"description": "the result, or an SSE stream when stream is true",
                         "content": {**json_content(response),
                                     **sse_content(_CHUNK_OF[response])}},
-                **errors("400", "401", "404", "413", "500", "503"),
+                **errors("400", "401", "404", "408", "413", "415", "500", "503"),
             },
             "security": security,
         }}

@@ -176,6 +176,7 @@ class EngineMetrics:
                           (*ENGINE_LABELS, "reason"), registry=self.registry)
         self._failure = failure
         failure.labels(**self.label_values, reason="error")
+        failure.labels(**self.label_values, reason="abort")
         self.prefix_queries = self._counter("prefix_cache_queries",
                                             "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = self._counter("prefix_cache_hits",

@@ -14,7 +14,7 @@ from tests.loadtest.scripted_server import Script, ScriptedSSEServer
 @pytest.mark.parametrize(("mode", "message"), [
     ("garbage", "JSONDecodeError"),
     ("error_event", "engine died"),
-    ("empty", "without any content chunk"),
+    ("empty", "without any token"),
 ])
 def test_broken_streams_are_failures_with_samples(mode: str, message: str) -> None:
     trace = build_trace(WorkloadOptions(num_prompts=3, input_len=4, output_len=3))

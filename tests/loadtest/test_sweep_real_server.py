@@ -53,6 +53,12 @@ def test_small_sweep_against_attnserve(tmp_path: Path) -> None:
         run = json.loads((out_dir / f"{layout}_rate-8.json").read_text())
         server = run["server_metrics"]
         assert server["available"], "the server's /metrics could not be read"
+        # The run started on a cold prefix cache: emptied by POST /reset_prefix_cache, or,
+        # on a server without it, a fresh server.
+        assert run["prefix_cache_cold"] is True
+        assert run["prefix_cache_reset"]["status"] in ("reset", "unsupported")
+        assert run["prefix_cache_cold_by"] == (
+            "reset" if run["prefix_cache_reset"]["status"] == "reset" else "fresh server")
         assert server["server_config"]["kv_layout"] == [layout]
         # Everything sent came back, with exactly the asked lengths (token-id prompts,
         # ignore_eos), and the server counted the same tokens.

@@ -38,7 +38,8 @@ def test_random_prompts_have_exact_lengths_within_the_range_ratio() -> None:
 
 def test_shared_prefix_groups_share_exactly_the_system_prompt() -> None:
     opts = WorkloadOptions(name="shared-prefix", num_groups=4, prompts_per_group=3,
-                           system_prompt_len=50, question_len=7, output_len=5, seed=_seed())
+                           system_prompt_len=50, question_len=7, output_len=5, seed=_seed(),
+                           shared_prefix_order="grouped")
     trace = build_trace(opts)
     prompts = [c.turns[0].token_ids for c in trace.conversations]
     assert len(prompts) == 12 and all(p is not None and len(p) == 57 for p in prompts)
@@ -47,6 +48,25 @@ def test_shared_prefix_groups_share_exactly_the_system_prompt() -> None:
         assert all(p[:50] == group[0][:50] for p in group)
         assert len({tuple(p[50:]) for p in group}) == 3
     assert len({tuple(g[0][:50]) for g in groups}) == 4
+
+
+def test_shared_prefix_default_order_shuffles_the_groups_as_sglang_does() -> None:
+    """SGLang's generated-shared-prefix shuffles all prompts after building them group by
+    group; the default order does the same (seeded), 'grouped' keeps group after group."""
+    base = dict(name="shared-prefix", num_groups=6, prompts_per_group=5, system_prompt_len=20,
+                question_len=4, output_len=5, seed=_seed())
+    grouped = build_trace(WorkloadOptions(**base, shared_prefix_order="grouped"))
+    shuffled = build_trace(WorkloadOptions(**base))
+    assert shuffled.options.describe()["shared_prefix_order"] == "random"
+    ids = lambda t: [tuple(c.turns[0].token_ids or []) for c in t.conversations]  # noqa: E731
+    assert sorted(ids(shuffled)) == sorted(ids(grouped))  # the same prompts...
+    groups_in_order = [p[:20] for p in ids(shuffled)]
+    # ...in another order, where a group's prompts do not all come one after another.
+    changes = sum(a != b for a, b in zip(groups_in_order, groups_in_order[1:], strict=False))
+    assert changes > 5
+    assert ids(build_trace(WorkloadOptions(**base))) == ids(shuffled)  # seeded
+    with pytest.raises(ValueError, match="order"):
+        build_trace(WorkloadOptions(**base, shared_prefix_order="sorted"))
 
 
 def test_multi_turn_sends_the_history_with_each_previous_answer() -> None:
