@@ -54,9 +54,9 @@ async def create_completion(request: Request, ctx: AppContext) -> Response:
     echo_lps = body.logprobs if body.echo and body.logprobs is not None else None
     params = sampling_params(body, body.max_tokens, body.logprobs, best_of=body.best_of,
                              prompt_logprobs=echo_lps)
+    request_id, stream = ctx.submit(prompts, params, "cmpl")  # validates token ids first
     echoes = [p if isinstance(p, str) else core.tokenizer.decode(p) for p in raw_prompts] \
         if body.echo else None
-    request_id, stream = ctx.submit(prompts, params, "cmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _completion_events(core, stream, request_id, include_usage, body, echoes,
