@@ -15,10 +15,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from server.api.access_log import AccessLogMiddleware
 from server.api.completions import create_chat_completion, create_completion
 from server.api.endpoint import APIKeyMiddleware, AppContext, ServerSettings
 from server.api.errors import http_exception_handler, internal_error_handler
-from server.api.native import engine_stats, generate, health, list_models, metrics
+from server.api.native import (
+    engine_stats,
+    generate,
+    health,
+    list_models,
+    metrics,
+    reset_prefix_cache,
+)
 from server.api.openapi import build_openapi
 from server.api.prompts import PromptEncoder
 from server.engine import AsyncEngine, EngineConfig, EngineCore, EngineMetrics, LoadedModel, parse_buckets
@@ -72,6 +80,7 @@ def build_app(config: EngineConfig, settings: ServerSettings,
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/generate", generate, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"]),
         Route("/v1/engine/stats", engine_stats, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -82,6 +91,8 @@ def build_app(config: EngineConfig, settings: ServerSettings,
         middleware.insert(0, Middleware(
             CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"]))
+    if not config.disable_log_requests:  # outermost: every request gets its line
+        middleware.insert(0, Middleware(AccessLogMiddleware))
     app = Starlette(
         routes=routes, lifespan=lifespan, middleware=middleware,
         exception_handlers={HTTPException: http_exception_handler,

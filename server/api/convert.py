@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 from starlette.types import Receive
 
-from server.api.errors import APIError, service_unavailable
+from server.api.access_log import note_tokens
+from server.api.errors import APIError, bad_request, service_unavailable
 from server.api.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -30,13 +31,33 @@ from server.api.sse import (
 from server.engine import EngineCore, RequestOutput, RequestStream, SamplingParams, TokenLogprob
 
 
-def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,
-                    stop_token_ids: list[int] | None = None) -> SamplingParams:
+def logit_bias_of(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """JSON's string keys as token ids; a key that is not an integer is a 400."""
+    if raw is None:
+        return None
+    out = {}
+    for key, bias in raw.items():
+        try:
+            out[int(key)] = bias
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids (integers), got {key!r}",
+                              "logit_bias", code="invalid_value") from None
+    return out
+
+
+def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None, *,
+                    min_tokens: int | None = None, best_of: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=fields.temperature, top_p=fields.top_p,
         top_k=fields.top_k, min_p=fields.min_p, seed=fields.seed, stop=fields.stop_list(),
-        stop_token_ids=list(stop_token_ids or []), ignore_eos=fields.ignore_eos,
-        logprobs=logprobs,
+        stop_token_ids=list(fields.stop_token_ids), ignore_eos=fields.ignore_eos,
+        logprobs=logprobs, presence_penalty=fields.presence_penalty,
+        frequency_penalty=fields.frequency_penalty,
+        repetition_penalty=fields.repetition_penalty,
+        logit_bias=logit_bias_of(fields.logit_bias),
+        min_tokens=fields.min_tokens if min_tokens is None else min_tokens,
+        n=fields.n, best_of=best_of, prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -55,8 +76,11 @@ class Accumulated:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.token_ids.extend(out.new_token_ids)
         self.text += out.new_text
         self.logprobs.extend(out.new_logprobs)
@@ -97,10 +121,11 @@ async def collect(receive: Receive, stream: RequestStream, stopping: asyncio.Eve
 
 
 async def _accumulate(stream: RequestStream) -> list[Accumulated]:
-    results = [Accumulated() for _ in stream.request_ids]
+    results = [Accumulated() for _ in range(stream.num_choices)]
     async with stream:
         async for index, out in stream:
             results[index].add(out)
+    note_usage(stream, results)
     failed = [r.error for r in results if r.error]
     if failed:
         raise APIError(500, f"the request failed in the engine: {failed[0]}", "server_error",
@@ -128,23 +153,32 @@ async def delta_events(
     stream: RequestStream, results: list[Accumulated],
     chunk: Callable[[int, RequestOutput, int], BaseModel],
 ) -> AsyncIterator[str]:
-    """One event per output that carries something: `chunk(index, output, text offset before
-    it)`, or an error event; outputs are merged into `results` on the way."""
+    """One event per output: `chunk(index, output, text offset before it)`, or an error
+    event; outputs are merged into `results` on the way. A token whose text is held back (an
+    incomplete character, a possible stop string) still gets its chunk, with empty text, so
+    that a client counts one chunk per token and times the first token as it comes."""
     async for index, out in stream:
         acc = results[index]
         offset = len(acc.text)
         acc.add(out)
         if out.error:
             yield engine_error_event(out.error)
-        elif out.new_text or out.finished or out.new_logprobs:
+        elif out.new_token_ids or out.new_text or out.finished or out.new_logprobs:
             yield sse_event(chunk(index, out, offset))
-        # else: a token whose text is held back (an incomplete character or stop string)
+    note_usage(stream, results)
 
 
-def usage_of(results: list[Accumulated]) -> Usage:
-    prompt = sum(r.num_prompt_tokens for r in results)
+def note_usage(stream: RequestStream, results: list[Accumulated]) -> None:
+    """The request's token counts, for its access-log line."""
+    usage = usage_of(results, getattr(stream.group, "n", 1) or 1)
+    note_tokens(usage.prompt_tokens, usage.completion_tokens)
+
+
+def usage_of(results: list[Accumulated], n: int = 1) -> Usage:
+    """Prompt tokens once per prompt (its n choices share it), completion tokens of all."""
+    prompt = sum(r.num_prompt_tokens for i, r in enumerate(results) if i % n == 0)
     completion = sum(r.num_output_tokens for r in results)
-    cached = sum(r.num_cached_tokens for r in results)
+    cached = sum(r.num_cached_tokens for i, r in enumerate(results) if i % n == 0)
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
                  total_tokens=prompt + completion,
                  prompt_tokens_details={"cached_tokens": cached})
@@ -178,3 +212,27 @@ def chat_logprobs(core: EngineCore, lps: list[TokenLogprob], top_n: int) -> Chat
         content.append(ChatTokenLogprob(token=text, logprob=lp.logprob,
                                         bytes=list(text.encode()), top_logprobs=top))
     return ChatLogprobs(content=content)
+
+
+def with_prompt_logprobs(core: EngineCore, prompt: list[int],
+                         prompt_lps: list[TokenLogprob | None] | None,
+                         generated: CompletionLogprobs) -> CompletionLogprobs:
+    """echo with logprobs: the prompt's tokens first (the first has no logprob), as vLLM."""
+    out = CompletionLogprobs(top_logprobs=[] if generated.top_logprobs is not None else None)
+    offset = 0
+    entries = prompt_lps or [None] * len(prompt)
+    for token_id, lp in zip(prompt, entries, strict=False):
+        text = token_text(core, token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if out.top_logprobs is not None:
+            out.top_logprobs.append(None if lp is None else
+                                    {token_text(core, t): v for t, v in lp.top})
+    out.tokens += generated.tokens
+    out.token_logprobs += generated.token_logprobs
+    out.text_offset += generated.text_offset
+    if out.top_logprobs is not None and generated.top_logprobs is not None:
+        out.top_logprobs += generated.top_logprobs
+    return out

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.api.protocol import ErrorBody, ErrorResponse
+from server.api.protocol import UNIMPLEMENTED_FIELDS, ErrorBody, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,15 @@ def from_validation_error(err: ValidationError) -> APIError:
     param = ".".join(loc) or None
     same_field = [e for e in errors if e["loc"][: len(first["loc"]) - 1] == first["loc"][:-1]]
     leaf = loc[-1] if loc else ""
+    if first["type"] == "extra_forbidden":
+        what = "is not implemented by attnserve" if leaf in UNIMPLEMENTED_FIELDS \
+            else "is not a known parameter"
+        message = f"unsupported parameter {param}: it {what} (docs/operating.md lists the " \
+                  "request fields served)"
+        return bad_request(message, param, code="unsupported_parameter")
+    if first["type"] == "literal_error" and leaf == "type" and loc[:1] == ["response_format"]:
+        message = 'response_format: only {"type": "text"} is implemented'
+        return bad_request(message, "response_format", code="unsupported_parameter")
     if len(same_field) > 1 and leaf in _UNION_FIELD_HINTS:
         message = _UNION_FIELD_HINTS[leaf]
     elif first["type"] == "missing":

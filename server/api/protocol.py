@@ -7,9 +7,9 @@ live here so that the OpenAPI document states exactly what the server accepts.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 FinishReasonName = Literal["stop", "length", "abort"]
 MAX_STOP_STRINGS = 16
@@ -28,29 +28,29 @@ def json_int(**constraints: int) -> object:
     return Annotated[int, Field(**constraints), BeforeValidator(_integral_number)]
 
 
-def _only_one_choice(n: int) -> int:
-    if n != 1:
-        raise ValueError(
-            f"n={n} is not supported: this server returns exactly one choice per prompt; "
-            "send separate requests (or a list of prompts) for more"
-        )
-    return n
-
-
-OneChoice = Annotated[
-    json_int(),
-    AfterValidator(_only_one_choice),
-    Field(json_schema_extra={"minimum": 1, "maximum": 1}, description="must be 1"),
-]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[json_int(ge=0)], Field(min_length=1)]
 StopField = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
 class _Strict(BaseModel):
-    """Unknown fields are ignored (clients send extras), known ones are type-checked strictly."""
+    """Unknown fields are refused (a 400 naming them: no field is silently ignored), known
+    ones are type-checked strictly."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# OpenAI request fields attnserve knows of but does not implement: a 400 that says so.
+UNIMPLEMENTED_FIELDS = frozenset({
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix",
+    "audio", "modalities", "prediction", "reasoning_effort", "store", "metadata",
+    "service_tier", "web_search_options", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "structured_outputs",
+})
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"] = Field(description='only {"type": "text"} is implemented')
 
 
 class StreamOptions(_Strict):
@@ -64,7 +64,15 @@ class SamplingFields(_Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: json_int(ge=0, le=2**63 - 1) | None = None
     stop: StopField = None
+    stop_token_ids: list[json_int(ge=0)] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit, in [-100, 100]")
+    min_tokens: json_int(ge=0) = 0
+    n: json_int(ge=1) = 1
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -74,10 +82,10 @@ class SamplingFields(_Strict):
 
 class OpenAIFields(SamplingFields):
     model: str | None = Field(None, description="the served model name; omitted = the only one")
-    n: OneChoice = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> OpenAIFields:
@@ -98,7 +106,10 @@ class CompletionRequest(OpenAIFields):
     prompt: PromptField
     max_tokens: json_int(ge=1) = 16
     logprobs: json_int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
-    echo: Literal[False] = Field(False, description="echo is not supported")
+    echo: bool = Field(False, description="prepend the prompt to each choice's text")
+    best_of: json_int(ge=1) | None = Field(
+        None, description="candidates per prompt; the n with the highest cumulative logprob "
+                          "are returned (not with stream)")
 
     def prompt_list(self) -> list[str] | list[list[int]]:
         """The prompts as a list: texts or token-id lists."""
@@ -117,6 +128,7 @@ class TextContentPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
+    name: str | None = None
     content: str | Annotated[list[TextContentPart], Field(min_length=1)]
 
     def text(self) -> str:
@@ -148,9 +160,27 @@ class ChatCompletionRequest(OpenAIFields):
 
 
 class NativeSamplingParams(SamplingFields):
-    max_tokens: json_int(ge=1) = 16
-    stop_token_ids: list[json_int(ge=0)] = Field(default_factory=list, max_length=64)
+    """attnserve's names, and SGLang's where they differ (max_new_tokens, min_new_tokens)."""
+
+    max_tokens: json_int(ge=1) | None = None
+    max_new_tokens: json_int(ge=1) | None = Field(None, description="SGLang's max_tokens")
+    min_new_tokens: json_int(ge=0) | None = Field(None, description="SGLang's min_tokens")
     logprobs: json_int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+
+    @model_validator(mode="after")
+    def _one_length_name(self) -> NativeSamplingParams:
+        if self.max_tokens is not None and self.max_new_tokens is not None:
+            raise ValueError("give max_tokens or max_new_tokens, not both")
+        if self.min_new_tokens is not None and self.min_tokens:
+            raise ValueError("give min_tokens or min_new_tokens, not both")
+        return self
+
+    def length_limit(self) -> int:
+        limit = self.max_tokens if self.max_tokens is not None else self.max_new_tokens
+        return 16 if limit is None else limit
+
+    def min_length(self) -> int:
+        return self.min_new_tokens if self.min_new_tokens is not None else self.min_tokens
 
 
 class GenerateRequest(_Strict):
@@ -179,7 +209,7 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -274,6 +304,7 @@ class RequestTiming(BaseModel):
 
 class GenerateResponse(BaseModel):
     request_id: str
+    index: int = 0
     text: str
     output_ids: list[int]
     finish_reason: FinishReasonName | None
@@ -282,16 +313,22 @@ class GenerateResponse(BaseModel):
     cached_tokens: int
     logprobs: list[float] | None = None
     timing: RequestTiming
+    meta_info: dict[str, Any] = Field(description="SGLang's: id, prompt_tokens, "
+                                      "completion_tokens, cached_tokens, finish_reason")
 
 
 class GenerateChunk(BaseModel):
     request_id: str
-    text: str = Field(description="new text since the previous chunk")
+    index: int = 0
+    text: str = Field(description="the whole text so far (SGLang's convention)")
+    output_ids: list[int] = Field(description="every token id so far")
+    delta_text: str = Field(description="new text since the previous chunk")
     token_ids: list[int] = Field(description="new token ids since the previous chunk")
     finished: bool
     finish_reason: FinishReasonName | None = None
     completion_tokens: int
     timing: RequestTiming | None = Field(None, description="only in the last chunk")
+    meta_info: dict[str, Any] = Field(description="SGLang's, as in GenerateResponse")
 
 
 class ModelCard(BaseModel):
@@ -299,7 +336,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "attnserve"
+    root: str | None = None
+    parent: str | None = None
     max_model_len: int
+    permission: list[dict[str, object]] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -297,4 +297,4 @@ def test_models_health_metrics_openapi(shared_server: InProcessServer):
     assert {"CompletionRequest", "ChatCompletionRequest", "GenerateRequest",
             "ErrorResponse"} <= set(schemas)
     completion = schemas["CompletionRequest"]
-    assert completion["properties"]["n"]["maximum"] == 1 and "prompt" in completion["required"]
+    assert completion["properties"]["n"]["minimum"] == 1 and "prompt" in completion["required"]
