@@ -100,3 +100,57 @@ def test_openai_client(shared_server: InProcessServer):
     chunks = list(stream)
     assert chunks[-1].usage is not None
     assert sum(1 for c in chunks if c.choices) == chunks[-1].usage.completion_tokens
+
+
+def _vllm_bench_serve_like(base_url: str, prompt: str, output_len: int) -> dict:
+    """What `vllm bench serve` (openai-completions backend) does, from its documentation:
+    without --model it takes the first entry of GET /v1/models; it posts a streamed
+    completion with ignore_eos and include_usage, counts every chunk that carries a choice
+    as one token, and takes the output length from the usage chunk."""
+    models = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]
+    model = models[0]["id"]
+    assert models[0]["root"] and "max_model_len" in models[0]
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    tokens, usage, text = 0, None, ""
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk["choices"]:
+                tokens += 1
+                text += chunk["choices"][0]["text"]
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    assert usage is not None
+    return {"chunks": tokens, "output_len": usage["completion_tokens"], "text": text}
+
+
+def _sglang_bench_serving_like(base_url: str, prompt: str, output_len: int) -> dict:
+    """What `sglang.bench_serving --backend sglang` does, from its documentation: POST
+    /generate with `text` and `sampling_params` (max_new_tokens, ignore_eos), stream, each
+    `data:` event carrying the whole text so far and meta_info; ends at `data: [DONE]`."""
+    body = {"text": prompt, "stream": True,
+            "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True,
+                                "temperature": 0}}
+    events, last = 0, None
+    with httpx.stream("POST", f"{base_url}/generate", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            last = json.loads(line[len("data:"):].strip())
+            events += 1
+    assert last is not None
+    return {"events": events, "text": last["text"],
+            "output_len": last["meta_info"]["completion_tokens"]}
+
+
+def test_fakes_of_the_peer_benchmark_clients_run_unchanged(shared_server: InProcessServer):
+    vllm = _vllm_bench_serve_like(shared_server.base_url, PROMPT, 6)
+    assert vllm["chunks"] == vllm["output_len"] == 6
+    sglang = _sglang_bench_serving_like(shared_server.base_url, PROMPT, 6)
+    assert sglang["events"] == sglang["output_len"] == 6
+    assert sglang["text"] == vllm["text"]  # greedy: the same six tokens either way
