@@ -109,8 +109,7 @@ def run_once(engine: EngineCore, workload: Workload, mode: TimingMode) -> list[S
     engine.runner.set_attention_timing(mode)
     recorder = StepRecorder(engine)
     engine.observer = recorder
-    if engine.prefix_cache is not None:  # every run computes its prompts
-        engine.prefix_cache.clear()
+    engine.reset_prefix_cache()  # every run computes its prompts
     workload(engine)
     return recorder.steps
 
@@ -123,10 +122,11 @@ def _median_by_phase(steps: list[StepRecord]) -> dict[str, float]:
 def overhead(pairs: list[tuple[list[StepRecord], list[StepRecord]]]) -> dict[str, dict]:
     """Per phase: median over pairs of (timed median - untimed median), and as a fraction."""
     out: dict[str, dict] = {}
-    for phase in sorted({s.phase for pair in pairs for run in pair for s in run}):
+    medians = [(_median_by_phase(timed), _median_by_phase(plain)) for timed, plain in pairs]
+    for phase in sorted({p for pair in medians for run in pair for p in run}):
         diffs, bases = [], []
-        for timed, plain in pairs:
-            t, p = _median_by_phase(timed).get(phase), _median_by_phase(plain).get(phase)
+        for timed_medians, plain_medians in medians:
+            t, p = timed_medians.get(phase), plain_medians.get(phase)
             if t is not None and p is not None:
                 diffs.append(t - p)
                 bases.append(p)

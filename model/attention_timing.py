@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+HOLD_GPU_CYCLES = 100_000_000  # ~50-60 ms of GPU clock: longer than a step takes to launch
 TimingMode = Literal["one", "all", "off"]
 TIMING_MODES: tuple[TimingMode, ...] = ("one", "all", "off")
 
@@ -33,17 +34,25 @@ def default_timing_mode(device: torch.device) -> TimingMode:
 class LayerTimer:
     """A `LayerHook` that times the attention calls of `layer` (None: every layer) and
     reports their sum times `scale`. `external` events are recorded by a CUDA graph that is
-    captured while the hook is active, on every replay."""
+    captured while the hook is active, on every replay. With `hold_gpu`, `start_step` makes
+    the GPU wait until the host has queued the whole step, so each window holds the kernels
+    alone, not the host's launch gaps (the `all` reference on a GPU)."""
 
     def __init__(self, device: torch.device, layer: int | None, scale: float = 1.0,
-                 external: bool = False) -> None:
+                 external: bool = False, hold_gpu: bool = False) -> None:
         self.on_gpu = device.type == "cuda"
+        self.hold_gpu = hold_gpu and self.on_gpu
         self.layer = layer
         self.scale = scale
         self.external = external
         self.cpu_s = 0.0
         self._t0 = 0.0
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start_step(self) -> None:
+        """Before an eager step's forward pass."""
+        if self.hold_gpu:
+            torch.cuda._sleep(HOLD_GPU_CYCLES)
 
     def _event(self) -> torch.cuda.Event:
         return torch.cuda.Event(enable_timing=True, external=self.external)
@@ -82,6 +91,6 @@ def step_timer(mode: TimingMode, device: torch.device, num_layers: int,
     """The hook for one step (or one captured graph) in `mode`."""
     if mode == "off":
         return None
-    if mode == "all":
-        return LayerTimer(device, None, 1.0, external)
+    if mode == "all":  # the reference; eager only, never captured in a graph
+        return LayerTimer(device, None, 1.0, external, hold_gpu=True)
     return LayerTimer(device, num_layers // 2, float(num_layers), external)

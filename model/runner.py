@@ -20,8 +20,6 @@ from model.cuda_graphs import DecodeGraphs
 from model.sampler import Sampler, SamplerOutput, TokenHistory
 from scheduler.request import SamplingParams
 
-HOLD_GPU_CYCLES = 100_000_000  # ~50-60 ms of GPU clock: longer than a step takes to launch
-
 
 @dataclass
 class StepInput:
@@ -170,10 +168,8 @@ class ModelRunner:
         input_ids = input_ids.to(self.device, non_blocking=True)
         self.backend.plan(batch)
         timer = step_timer(self.attention_timing, self.device, self.num_layers)
-        if timer is not None and self.attention_timing == "all" and self.device.type == "cuda":
-            # the reference mode: the GPU waits until the host has queued the whole step, so
-            # each layer's window holds its kernels alone, not the host's launch gaps
-            torch.cuda._sleep(HOLD_GPU_CYCLES)
+        if timer is not None:
+            timer.start_step()
         with self.backend.layer_hook(timer):
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]

@@ -126,7 +126,7 @@ def fit_connection_cap(requested: int) -> int:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
-        except (ValueError, OSError):
+        except (ValueError, OSError):  # not allowed here: the cap is lowered below instead
             pass
     fitted = requested
     while fitted > 1 and needed(fitted) > soft:

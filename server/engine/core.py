@@ -27,7 +27,7 @@ from kvcache.layout import KVLayout
 from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_for_tokens
 from kvcache.radix import RadixPrefixCache
 from model.loader import LoadedModel, load_model, load_tokenizer
-from model.runner import ModelRunner, StepInput, StepOutput
+from model.runner import ModelRunner, StepOutput
 from model.sampler import make_generator
 from scheduler.plan import StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
@@ -252,7 +252,7 @@ class EngineCore:
         self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
         t0 = time.perf_counter()
         try:
-            result = self.runner.execute(self._step_input(plan))
+            result = self.runner.execute(build_step_input(plan, self.outputs.generator))
         except Exception as e:  # an internal error fails this step's requests, not the engine
             logger.exception("engine step failed; failing the requests in it")
             outputs = self._fail_step(plan, f"internal error: {e}")
@@ -265,9 +265,6 @@ class EngineCore:
             self.stats_logger.on_step(self.prefill_tokens_computed, self.generated_tokens,
                                       self.scheduler.stats)
         return outputs
-
-    def _step_input(self, plan: StepPlan) -> StepInput:
-        return build_step_input(plan, self.outputs.generator)
 
     def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:
         # which sequences were sampled must be read before update() advances the requests
