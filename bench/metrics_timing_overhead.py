@@ -15,6 +15,11 @@ CPU; model/attention_timing.py) and `off`, so that drift hits both alike; per pa
 difference of the median step times by phase; the median over pairs, as a fraction of
 the untimed median, is the overhead.
 
+Interleaved overhead: one run in which the mode flips on every step, so that each pair of
+neighbouring steps of a phase (one timed, one not, a token apart) sees the same machine;
+runs start with either mode, so the order cancels. On a noisy machine (the 2-core CPU) this
+resolves far less than whole-run pairs can.
+
 Agreement: the same workloads run with every layer timed eagerly (`all`), the reference.
 Two figures per phase: on the very same steps, the middle layer's time x the layer count
 against the sum over layers; and, matched by step index (the workloads are deterministic),
@@ -54,10 +59,12 @@ class StepRecord:
 
 @dataclass
 class StepRecorder(NullObserver):
-    """Collects every engine step; in `all` mode also each layer's attention time."""
+    """Collects every engine step; in `all` mode also each layer's attention time. With
+    `flip` (two modes), the runner's timing mode alternates between them after every step."""
 
     engine: EngineCore | None = None
     steps: list[StepRecord] = field(default_factory=list)
+    flip: tuple[TimingMode, TimingMode] | None = None
 
     def on_step(self, phase: str, num_tokens: int, step_s: float, attention_s: float | None
                 ) -> None:
@@ -67,6 +74,16 @@ class StepRecorder(NullObserver):
                 and runner.last_timer.on_gpu:
             layers = runner.last_timer.layer_times_s()
         self.steps.append(StepRecord(phase, step_s, attention_s, layers))
+        if self.flip is not None and runner is not None:
+            a, b = self.flip
+            _switch_mode(runner, b if runner.attention_timing == a else a)
+
+
+def _switch_mode(runner, mode: TimingMode) -> None:
+    """Between steps, without capturing: both modes' graphs exist after `run_once` in each."""
+    runner.attention_timing = mode
+    if runner.graphs is not None and mode != "all":
+        runner.graphs.timing = mode
 
 
 Workload = Callable[[EngineCore], None]
@@ -114,6 +131,36 @@ def run_once(engine: EngineCore, workload: Workload, mode: TimingMode) -> list[S
     return recorder.steps
 
 
+def run_interleaved(engine: EngineCore, workload: Workload, first: TimingMode,
+                    second: TimingMode) -> list[StepRecord]:
+    """One run whose timing mode flips on every step, starting with `first`; each record's
+    `attention_s` is None exactly on the untimed steps."""
+    _switch_mode(engine.runner, first)
+    recorder = StepRecorder(engine, flip=(first, second))
+    engine.observer = recorder
+    engine.reset_prefix_cache()
+    workload(engine)
+    return recorder.steps
+
+
+def interleaved_overhead(runs: list[list[StepRecord]]) -> dict[str, dict]:
+    """Per phase: over neighbouring steps of that phase of which one was timed, the median
+    of (timed - untimed) / untimed, and the interquartile range of those fractions."""
+    fractions: dict[str, list[float]] = {}
+    for steps in runs:
+        for a, b in zip(steps, steps[1:], strict=False):
+            if a.phase != b.phase or (a.attention_s is None) == (b.attention_s is None):
+                continue
+            timed, plain = (a, b) if a.attention_s is not None else (b, a)
+            fractions.setdefault(a.phase, []).append(timed.step_s / plain.step_s - 1)
+    out: dict[str, dict] = {}
+    for phase, f in sorted(fractions.items()):
+        q = statistics.quantiles(f, n=4) if len(f) >= 2 else [f[0]] * 3
+        out[phase] = {"pairs": len(f), "median_fraction": statistics.median(f),
+                      "q1_fraction": q[0], "q3_fraction": q[2]}
+    return out
+
+
 def _median_by_phase(steps: list[StepRecord]) -> dict[str, float]:
     phases = sorted({s.phase for s in steps})
     return {p: statistics.median(s.step_s for s in steps if s.phase == p) for p in phases}
@@ -157,22 +204,44 @@ def agreement(timed: list[StepRecord], eager_all: list[StepRecord], num_layers: 
         if matched:
             mean_timed = statistics.fmean(a.attention_s for a, _ in matched)  # type: ignore[misc]
             mean_all = statistics.fmean(b.attention_s for _, b in matched)  # type: ignore[misc]
+            ratios = [a.attention_s / b.attention_s for a, b in matched]  # type: ignore[operator]
             row.update(matched_steps=len(matched), mean_attention_ms_timed=mean_timed * 1e3,
                        mean_attention_ms_every_layer=mean_all * 1e3,
-                       ratio_timed_to_every_layer=mean_timed / mean_all)
+                       ratio_timed_to_every_layer=mean_timed / mean_all,
+                       median_step_ratio=statistics.median(ratios))
         out[phase] = row
     return out
 
 
+def slow_host(engine: EngineCore, delay_s: float) -> None:
+    """Make every attention call spend `delay_s` on the host before it launches its kernels,
+    inside the timed window: a host-bound machine on demand, for the launch-gap guard."""
+    backend = engine.backend
+    forward, forward_rope = backend.forward, backend.forward_rope
+
+    def delayed(fn):
+        def call(*args, **kwargs):
+            time.sleep(delay_s)
+            return fn(*args, **kwargs)
+        return call
+
+    backend.forward = delayed(forward)  # type: ignore[method-assign]
+    backend.forward_rope = delayed(forward_rope)  # type: ignore[method-assign]
+
+
 def measure(config: EngineConfig, batches: list[int], prompt_len: int, tokens: int, reps: int,
-            tokenizer_folder: str | None = None) -> dict[str, object]:
-    loaded = None
-    if tokenizer_folder is not None:
+            tokenizer_folder: str | None = None, loaded: LoadedModel | None = None,
+            host_delay_s: float = 0.0, launch_guard: bool = True) -> dict[str, object]:
+    if loaded is None and tokenizer_folder is not None:
         bare = load_model(config.model, config.resolved_dtype(), config.resolved_device(),
                           config.seed, with_tokenizer=False)
         loaded = LoadedModel(bare.model, bare.config, Tokenizer.from_pretrained(tokenizer_folder),
                              bare.source)
     engine = EngineCore(config, loaded=loaded)
+    if host_delay_s > 0:
+        slow_host(engine, host_delay_s)
+    if not launch_guard:
+        engine.runner.launch_guard = None
     on_mode = default_timing_mode(engine.device)
     num_layers = engine.loaded.config.num_layers
     workloads = {}
@@ -188,9 +257,18 @@ def measure(config: EngineConfig, batches: list[int], prompt_len: int, tokens: i
             order = (on_mode, "off") if rep % 2 == 0 else ("off", on_mode)
             runs = {mode: run_once(engine, workload, mode) for mode in order}
             pairs.append((runs[on_mode], runs["off"]))
+        interleaved = [run_interleaved(engine, workload, *order)
+                       for order in ((on_mode, "off"), ("off", on_mode))]
+        guard = engine.runner.launch_guard
+        holds_before = (guard.holds, guard.windows) if guard is not None else (0, 0)
+        timed_for_agreement = run_once(engine, workload, on_mode)
         eager_all = run_once(engine, workload, "all")
         results[name] = {"overhead": overhead(pairs),
-                         "agreement": agreement(pairs[-1][0], eager_all, num_layers)}
+                         "interleaved_overhead": interleaved_overhead(interleaved),
+                         "agreement": agreement(timed_for_agreement, eager_all, num_layers)}
+        if guard is not None:
+            results[name]["launch_gap_holds"] = {"held": guard.holds - holds_before[0],
+                                                 "eager_windows": guard.windows - holds_before[1]}
         logger.info("%s: %s", name, json.dumps(results[name]["overhead"]))
     engine.runner.set_attention_timing(on_mode)
     return {
@@ -199,6 +277,7 @@ def measure(config: EngineConfig, batches: list[int], prompt_len: int, tokens: i
         "backend": engine.backend.name, "layout": engine.layout.name,
         "page_size": engine.layout.page_size, "cuda_graphs": engine.runner.graphs is not None,
         "num_layers": num_layers, "timing_mode": on_mode, "reps": reps,
+        "host_delay_us_per_attention_call": host_delay_s * 1e6, "launch_guard": launch_guard,
         "hook_cost_us_per_step": hook_cost_us(engine.device, on_mode, num_layers),
         "prompt_len": prompt_len, "tokens": tokens, "workloads": results,
     }
@@ -216,6 +295,8 @@ def hook_cost_us(device: torch.device, mode: TimingMode, num_layers: int,
                 if timed:
                     timer.begin(layer)
                     timer.end(layer)
+            if device.type == "cuda":  # a step's events are read after its tokens are
+                torch.cuda.current_stream(device).synchronize()
             if timed:
                 timer.elapsed_s()
         return time.perf_counter() - t0
@@ -233,16 +314,22 @@ def device_name(device: torch.device) -> str:
 
 def table(result: dict) -> str:
     lines = [f"{'workload':<11} {'phase':<8} {'untimed ms':>10} {'overhead':>9} "
-             f"{'same-step err':>13} {'timed/every-layer':>17}"]
+             f"{'interleaved':>11} {'same-step err':>13} {'timed/every-layer':>17} "
+             f"{'median ratio':>12}"]
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for name, r in result["workloads"].items():
         for phase, o in r["overhead"].items():
             a = r["agreement"].get(phase, {})
-            same = a.get("same_step_max_abs_error")
-            ratio = a.get("ratio_timed_to_every_layer")
+            inter = r.get("interleaved_overhead", {}).get(phase, {})
             lines.append(f"{name:<11} {phase:<8} {o['median_step_ms_untimed']:>10.3f} "
                          f"{o['overhead_fraction']:>+9.2%} "
-                         f"{'-' if same is None else f'{same:.1%}':>13} "
-                         f"{'-' if ratio is None else f'{ratio:.3f}':>17}")
+                         f"{fmt(inter.get('median_fraction'), '+.2%'):>11} "
+                         f"{fmt(a.get('same_step_max_abs_error'), '.1%'):>13} "
+                         f"{fmt(a.get('ratio_timed_to_every_layer'), '.3f'):>17} "
+                         f"{fmt(a.get('median_step_ratio'), '.3f'):>12}")
     return "\n".join(lines)
 
 
@@ -262,6 +349,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024,
                    help="token budget per step (chunks the mixed workload's prompts)")
     p.add_argument("--reps", type=int, default=6, help="alternating pairs of runs")
+    p.add_argument("--host-delay-us", type=float, default=0.0,
+                   help="sleep this long on the host in every attention call (simulates a "
+                        "host-bound machine, to check the launch-gap guard)")
+    p.add_argument("--no-launch-guard", action="store_true",
+                   help="time eager one-layer windows without the launch-gap guard")
     p.add_argument("--json-out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -272,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.prompt_len + args.tokens + 8)
     result = measure(config, batches, args.prompt_len, args.tokens, args.reps,
-                     args.tokenizer_folder)
+                     args.tokenizer_folder, host_delay_s=args.host_delay_us * 1e-6,
+                     launch_guard=not args.no_launch_guard)
     text = json.dumps(result, indent=2)
     if args.json_out:
         with open(args.json_out, "w") as f:

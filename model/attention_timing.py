@@ -12,6 +12,8 @@ Modes (`ModelRunner.attention_timing`):
   until the host has queued the whole step, so that each window is the kernels' time and
   not the host's launch gaps (which made eager per-layer windows of a host-bound decode
   step 4-7x the kernels' time on the H100, docs/metrics.md).
+  `one` on an eager GPU step meets the same problem at its one window; a `LaunchGapGuard`
+  handles it there without holding the whole step (see its docstring).
 - `off`: nothing is measured (the baseline of the overhead benchmark).
 """
 
@@ -31,6 +33,46 @@ def default_timing_mode(device: torch.device) -> TimingMode:
     return "one" if device.type == "cuda" else "all"
 
 
+class LaunchGapGuard:
+    """Keeps the host's launch time out of an eager step's timed window on a GPU.
+
+    When the GPU has caught up with the host (a probe event recorded one layer before the
+    timed one has completed), the window's start event would fire at once and the window
+    would include the host's time to launch the kernels it brackets. Then a GPU sleep of
+    about that launch time is queued before the start event, so the host has queued the
+    kernels when the window opens. When the GPU is behind, nothing is added; when it has
+    caught up, the sleep spends GPU time that the host-bound step would idle anyway. The
+    launch time is the host time of the last timed window, kept from step to step."""
+
+    MARGIN = 1.5  # sleep this multiple of the last window's host time (GPU clocks vary)
+
+    def __init__(self, device: torch.device) -> None:
+        self.host_window_s = 200e-6  # until the first window is measured
+        self.holds = 0  # windows that were held (for the benchmark)
+        self.windows = 0
+        self._cycles_per_s = _sleep_cycles_per_second(device)
+
+    def hold(self) -> None:
+        self.holds += 1
+        torch.cuda._sleep(int(self.MARGIN * self.host_window_s * self._cycles_per_s) + 10_000)
+
+    def record_window(self, host_s: float) -> None:
+        self.windows += 1
+        self.host_window_s = host_s
+
+
+def _sleep_cycles_per_second(device: torch.device, cycles: int = 4_000_000) -> float:
+    """`torch.cuda._sleep` counts GPU clock cycles: its rate, measured once."""
+    with torch.cuda.device(device):
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        torch.cuda._sleep(cycles // 4)  # the clock ramps up
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / (start.elapsed_time(end) / 1000.0)
+
+
 class LayerTimer:
     """A `LayerHook` that times the attention calls of `layer` (None: every layer) and
     reports their sum times `scale`. `external` events are recorded by a CUDA graph that is
@@ -39,7 +81,8 @@ class LayerTimer:
     alone, not the host's launch gaps (the `all` reference on a GPU)."""
 
     def __init__(self, device: torch.device, layer: int | None, scale: float = 1.0,
-                 external: bool = False, hold_gpu: bool = False) -> None:
+                 external: bool = False, hold_gpu: bool = False,
+                 guard: LaunchGapGuard | None = None) -> None:
         self.on_gpu = device.type == "cuda"
         self.hold_gpu = hold_gpu and self.on_gpu
         self.layer = layer
@@ -48,6 +91,10 @@ class LayerTimer:
         self.cpu_s = 0.0
         self._t0 = 0.0
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        # eager one-layer windows only: a captured graph launches no kernels on replay
+        self.guard = guard if self.on_gpu and layer is not None and layer > 0 and not external \
+            else None
+        self._probe: torch.cuda.Event | None = None
 
     def start_step(self) -> None:
         """Before an eager step's forward pass."""
@@ -58,8 +105,15 @@ class LayerTimer:
         return torch.cuda.Event(enable_timing=True, external=self.external)
 
     def begin(self, layer: int) -> None:
+        if self.guard is not None and self.layer is not None and layer == self.layer - 1:
+            self._probe = torch.cuda.Event()
+            self._probe.record()
         if self.layer is not None and layer != self.layer:
             return
+        if self.guard is not None:
+            if self._probe is not None and self._probe.query():
+                self.guard.hold()
+            self._t0 = time.perf_counter()
         if self.on_gpu:
             start = self._event()
             start.record()
@@ -72,6 +126,8 @@ class LayerTimer:
             return
         if self.on_gpu:
             self.events[-1][1].record()
+            if self.guard is not None:
+                self.guard.record_window(time.perf_counter() - self._t0)
         else:
             self.cpu_s += time.perf_counter() - self._t0
 
@@ -87,10 +143,12 @@ class LayerTimer:
 
 
 def step_timer(mode: TimingMode, device: torch.device, num_layers: int,
-               external: bool = False) -> LayerTimer | None:
-    """The hook for one step (or one captured graph) in `mode`."""
+               external: bool = False, guard: LaunchGapGuard | None = None
+               ) -> LayerTimer | None:
+    """The hook for one step (or one captured graph) in `mode`; `guard` (eager `one` steps on
+    a GPU) keeps the host's launch gaps out of the window."""
     if mode == "off":
         return None
     if mode == "all":  # the reference; eager only, never captured in a graph
         return LayerTimer(device, None, 1.0, external, hold_gpu=True)
-    return LayerTimer(device, num_layers // 2, float(num_layers), external)
+    return LayerTimer(device, num_layers // 2, float(num_layers), external, guard=guard)

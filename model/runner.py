@@ -15,7 +15,13 @@ import torch
 
 from attention.base import AttentionBackend
 from attention.batch import ForwardBatch
-from model.attention_timing import LayerTimer, TimingMode, default_timing_mode, step_timer
+from model.attention_timing import (
+    LaunchGapGuard,
+    LayerTimer,
+    TimingMode,
+    default_timing_mode,
+    step_timer,
+)
 from model.cuda_graphs import DecodeGraphs
 from model.sampler import Sampler, SamplerOutput, TokenHistory
 from scheduler.request import SamplingParams
@@ -96,6 +102,7 @@ class ModelRunner:
         self.num_layers: int = model.config.num_layers
         self.attention_timing: TimingMode = default_timing_mode(device)
         self.last_timer: LayerTimer | None = None  # the last step's (for benchmarks)
+        self.launch_guard = LaunchGapGuard(device) if device.type == "cuda" else None
 
     def set_attention_timing(self, mode: TimingMode) -> None:
         """Switch how attention is timed (model/attention_timing.py); graphs for the new
@@ -167,7 +174,8 @@ class ModelRunner:
             input_ids = input_ids.pin_memory()
         input_ids = input_ids.to(self.device, non_blocking=True)
         self.backend.plan(batch)
-        timer = step_timer(self.attention_timing, self.device, self.num_layers)
+        timer = step_timer(self.attention_timing, self.device, self.num_layers,
+                           guard=self.launch_guard)
         if timer is not None:
             timer.start_step()
         with self.backend.layer_hook(timer):
