@@ -48,6 +48,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     # when it is not given here.
     g.add_argument("--log-level", default=argparse.SUPPRESS,
                    choices=["debug", "info", "warning", "error"], help="logging level")
+    g.add_argument("--replica-name", default=D.replica_name,
+                   help="this server's name behind a router: a constant `replica` label on "
+                        "every metric and in GET /server_info (default: no label)")
+    g.add_argument("--leave-pool-delay", type=float, default=D.leave_pool_delay,
+                   help="seconds after SIGTERM during which /health answers 503 (draining) "
+                        "while requests are still served, before the drain starts: time for "
+                        "a router's health check to take this worker out of its pool "
+                        "(default %(default)s)")
     g.add_argument("--latency-buckets", default=None,
                    help="comma-separated latency histogram buckets in seconds (default starts at "
                         "0.5 ms)")
