@@ -73,13 +73,15 @@ def _worker_flags_problem(flags: list[str]) -> str | None:
     return engine_problem(args)
 
 
-def _device_flag(flags: list[str]) -> str | None:
+def _flag_value(flags: list[str], name: str) -> str | None:
+    """The last value of `name` among serve flags (`--name V` or `--name=V`), or None."""
+    value = None
     for i, flag in enumerate(flags):
-        if flag == "--device" and i + 1 < len(flags):
-            return flags[i + 1]
-        if flag.startswith("--device="):
-            return flag.split("=", 1)[1]
-    return None
+        if flag == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif flag.startswith(name + "="):
+            value = flag.split("=", 1)[1]
+    return value
 
 
 def main(argv: list[str]) -> int:
@@ -106,6 +108,9 @@ def main(argv: list[str]) -> int:
     leave_delay = args.health_check_interval * args.health_failure_threshold + 2
     worker_command = [sys.executable, "-m", "server", "--log-level", args.log_level, "serve",
                       "--leave-pool-delay", str(leave_delay), *serve_flags]
+    # With an API key the router asks clients for the same key and passes it on to the
+    # workers, which check it.
+    api_key = _flag_value(serve_flags, "--api-key")
     settings = RouterSettings(
         command=router_command, host=args.host, port=args.port, policy=args.policy,
         metrics_port=args.router_metrics_port,
@@ -113,8 +118,8 @@ def main(argv: list[str]) -> int:
         health_failure_threshold=args.health_failure_threshold,
         # The router logs every request and workflow step at info: warn unless debugging.
         extra_args=["--log-level", "debug" if args.log_level == "debug" else "warn",
-                    *args.router_arg])
+                    *(["--api-key", api_key] if api_key else []), *args.router_arg])
     replicas = ReplicaSet(worker_command, args.replicas, settings, args.worker_url,
-                          gpu_assignment(args.replicas, _device_flag(serve_flags)),
+                          gpu_assignment(args.replicas, _flag_value(serve_flags, "--device")),
                           startup_timeout_s=args.startup_timeout)
     return replicas.run()
