@@ -16,8 +16,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
     g.add_argument("--port", type=int, default=8000, help="port to bind (0 = any free port)")
     g.add_argument("--api-key", default=D.api_key,
-                   help="require 'Authorization: Bearer KEY' on the API (/health, /metrics and "
-                        "/openapi.json stay open); must not be empty (default: no key)")
+                   help="require 'Authorization: Bearer KEY' on the API (/health, /metrics, "
+                        "/openapi.json, /server_info and /model_info stay open); must not be "
+                        "empty (default: no key)")
     g.add_argument("--allowed-origins", default=None,
                    help="comma-separated browser origins allowed to call the API cross-site "
                         "(CORS), or '*'; default: none (no CORS headers, browsers block "

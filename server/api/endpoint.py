@@ -36,8 +36,11 @@ from server.engine import (
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
-# Paths that stay reachable without the API key (probes, scrapers, API discovery).
-OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# Paths that stay reachable without the API key (probes, scrapers, API discovery, and the
+# worker description a router reads at registration: what /metrics' engine_config_info
+# already publishes).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/server_info", "/model_info",
+                        "/get_server_info", "/get_model_info"})
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
