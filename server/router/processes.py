@@ -61,9 +61,15 @@ class Child:
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def wait_listening(self, timeout: float) -> str:
+    def wait_listening(self, timeout: float, stop: threading.Event) -> str:
         """The URL the child printed (`attnserve serve --port 0` picks a free port)."""
-        if not self._listening.wait(timeout) or self.url is None:
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0.2):
+            if stop.is_set():
+                raise ChildFailed(f"stopped while {self.name} was starting")
+            if time.monotonic() > deadline:
+                break
+        if self.url is None:
             raise ChildFailed(f"{self.name} did not start listening (exit code "
                               f"{self.exit_code()})")
         return self.url
@@ -89,11 +95,15 @@ class ChildFailed(RuntimeError):
     pass
 
 
-def wait_http_ok(child: Child, url: str, timeout: float, what: str) -> None:
-    """Poll GET `url` until it answers 200; ChildFailed if the child exits or time runs out."""
+def wait_http_ok(child: Child, url: str, timeout: float, what: str,
+                 stop: threading.Event) -> None:
+    """Poll GET `url` until it answers 200; ChildFailed if the child exits, `stop` is set
+    (a signal during start-up) or time runs out."""
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=5.0) as client:
         while time.monotonic() < deadline:
+            if stop.is_set():
+                raise ChildFailed(f"stopped while {child.name} was starting")
             code = child.exit_code()
             if code is not None:
                 raise ChildFailed(f"{child.name} exited with status {code} before {what}")

@@ -99,15 +99,15 @@ class ReplicaSet:
             self.workers.append(child)
             child.start()
         for child in self.workers:
-            url = child.wait_listening(self.startup_timeout_s)
-            wait_http_ok(child, url + "/health", self.startup_timeout_s, "healthy")
+            url = child.wait_listening(self.startup_timeout_s, self._stop)
+            wait_http_ok(child, url + "/health", self.startup_timeout_s, "healthy", self._stop)
             logger.info("%s ready at %s (pid %d)", child.name, url, child.pid)
         urls = [c.url for c in self.workers if c.url] + self.external_urls
         metrics_port = self.router.metrics_port or _free_port()
         self.router_child = Child("router", self.router.argv(urls, metrics_port))
         self.router_child.start()
         wait_http_ok(self.router_child, self.url + "/readiness", self.startup_timeout_s,
-                     "ready")
+                     "ready", self._stop)
         print(f"attnserve router listening on {self.url} ({len(urls)} workers, policy "
               f"{self.router.policy}; router metrics on http://127.0.0.1:{metrics_port}/metrics)",
               flush=True)
@@ -122,9 +122,10 @@ class ReplicaSet:
         try:
             self.start()
         except ChildFailed as e:
-            logger.error("%s", e)
+            interrupted = self._stop.is_set()
+            (logger.info if interrupted else logger.error)("%s", e)
             self.stop()
-            return 1
+            return 0 if interrupted else 1
         status = self._watch()
         self.stop()
         return status

@@ -31,7 +31,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.router import cli as router_cli
 from tests.server.conftest import REPO_ROOT, wait_for
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -161,11 +160,6 @@ def router_workers(router_url: str) -> dict[str, bool]:
     """Worker URL -> healthy, as the router sees its pool."""
     data = httpx.get(router_url + "/workers", timeout=10).json()
     return {w["url"]: bool(w["is_healthy"]) for w in data["workers"]}
-
-
-def test_router_cli_refuses_flags_it_sets_and_bad_serve_flags() -> None:
-    assert router_cli.main(["--replica-name", "x", "--router-command", "true"]) == 2
-    assert router_cli.main(["--no-such-flag", "--router-command", "true"]) == 2
 
 
 def test_cache_aware_routing_beats_round_robin_on_shared_prefixes(
