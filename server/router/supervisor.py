@@ -101,7 +101,9 @@ class ReplicaSet:
         for child in self.workers:
             url = child.wait_listening(self.startup_timeout_s, self._stop)
             wait_http_ok(child, url + "/health", self.startup_timeout_s, "healthy", self._stop)
-            logger.info("%s ready at %s (pid %d)", child.name, url, child.pid)
+            gpu = child.env.get("CUDA_VISIBLE_DEVICES")
+            logger.info("%s ready at %s (pid %d%s)", child.name, url, child.pid,
+                        f", GPU {gpu}" if gpu is not None else "")
         urls = [c.url for c in self.workers if c.url] + self.external_urls
         metrics_port = self.router.metrics_port or _free_port()
         self.router_child = Child("router", self.router.argv(urls, metrics_port))

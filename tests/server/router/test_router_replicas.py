@@ -36,7 +36,7 @@ from tests.server.conftest import REPO_ROOT, wait_for
 MODEL = "SmolLM2-135M-Instruct"
 ROUTER_COMMAND = os.environ.get("ATTNSERVE_ROUTER_COMMAND")
 LISTENING = re.compile(r"attnserve router listening on (http://\S+)")
-READY = re.compile(r"(replica-\d+) ready at (http://\S+) \(pid (\d+)\)")
+READY = re.compile(r"(replica-\d+) ready at (http://\S+) \(pid (\d+)")
 NUM_GROUPS = 3
 PROMPTS_PER_GROUP = 3
 WORDS = ("river", "stone", "lantern", "orchard", "copper", "meadow", "harbor", "violet",
