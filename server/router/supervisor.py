@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from server.router.processes import Child, ChildFailed, wait_http_ok
 
 logger = logging.getLogger(__name__)
+ROUTER_GRACE_S = 25  # the router's own shutdown grace; stop() waits 5 s more, then kills it
 
 
 @dataclass
@@ -47,6 +48,8 @@ class RouterSettings:
             "--health-check-interval-secs", str(self.health_check_interval_s),
             "--health-failure-threshold", str(self.health_failure_threshold),
             "--health-success-threshold", "1",
+            # in-flight requests get this long at a stop, within ReplicaSet.stop's wait
+            "--shutdown-grace-period-secs", str(ROUTER_GRACE_S),
             *self.extra_args,
         ]
 
@@ -154,7 +157,7 @@ class ReplicaSet:
 
     def stop(self) -> None:
         if self.router_child is not None:
-            self.router_child.stop(timeout=30)
+            self.router_child.stop(timeout=ROUTER_GRACE_S + 5)
         threads = [threading.Thread(target=c.stop, args=(self.worker_stop_timeout_s,))
                    for c in self.workers]
         for t in threads:
