@@ -16,12 +16,19 @@ from typing import Any
 OUT = Path(__file__).with_name("grafana.json")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # The dashboard's variables filter every query; "All" means the regex .*
-SEL = 'model_name=~"$model_name",attention_backend=~"$attention_backend",kv_layout=~"$kv_layout"'
-# The engine labels that tell two servers apart: every query groups by them and every
-# legend shows them, so two configurations never merge into one line. A new engine label
-# (e.g. kv_cache_dtype) is one more entry here.
+# ($replica's "All" also matches a server without the label: =~".*" matches the empty value.)
+SEL = ('model_name=~"$model_name",attention_backend=~"$attention_backend",'
+       'kv_layout=~"$kv_layout",replica=~"$replica"')
+# The labels that tell two servers apart: every query groups by them and every legend shows
+# them, so two configurations (or two replicas behind a router, `--replica-name`) never
+# merge into one line. A new engine label (e.g. kv_cache_dtype) is one more entry here.
 SERIES_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size",
-                 "attention_variant")
+                 "attention_variant", "replica")
+# The pool of replicas as one: the same labels without `replica` (the "Replicas" panels).
+POOL_LABELS = tuple(label for label in SERIES_LABELS if label != "replica")
+POOL_BY = ", ".join(POOL_LABELS)
+POOL_LEGEND = " ".join(f"{'p' if name == 'page_size' else ''}{{{{{name}}}}}"
+                       for name in POOL_LABELS)
 _LEGEND_PREFIX = {"page_size": "p"}  # "p16" reads better than a bare 16
 BY = ", ".join(SERIES_LABELS)
 LEGEND = " ".join(f"{_LEGEND_PREFIX.get(name, '')}{{{{{name}}}}}" for name in SERIES_LABELS)
@@ -32,6 +39,9 @@ ATTENTION_SHARE_PANEL = "Attention share of step time"
 ATTENTION_MS_PANEL = "Attention time per step"
 NON_ATTENTION_MS_PANEL = "Non-attention time per step"
 STEP_SPLIT_PANELS = (ATTENTION_SHARE_PANEL, ATTENTION_MS_PANEL, NON_ATTENTION_MS_PANEL)
+# Panels that sum over the replicas (grouped by POOL_LABELS, not SERIES_LABELS).
+POOL_HIT_RATE_PANEL = "Replicas: prefix cache hit rate of the pool"
+POOL_PANELS = (POOL_HIT_RATE_PANEL,)
 
 
 @dataclass
@@ -93,6 +103,26 @@ def step_split_panels() -> list[Panel]:
     ]
 
 
+def replica_panels() -> list[Panel]:
+    """Replicas behind a router side by side (each one's series carry its `replica` label):
+    how the router spreads the requests, and what the pool's prefix cache gets from it."""
+    success = "attnserve_request_success_total"
+    hits, queries = "attnserve_prefix_cache_hits_total", "attnserve_prefix_cache_queries_total"
+    return [
+        Panel("Replicas: share of the requests", "Each replica's finished requests over all "
+              "replicas' (per second, over the window): how the router spreads the load.", [
+            Target(f"sum by ({BY}) (rate({success}{{{SEL}}}{RATE})) / ignoring(replica) "
+                   f"group_left sum by ({POOL_BY}) (rate({success}{{{SEL}}}{RATE}))", LEGEND),
+        ], "percentunit"),
+        Panel(POOL_HIT_RATE_PANEL, "Prompt tokens served from the prefix cache over prompt "
+              "tokens looked up, summed over the replicas: what cache-aware routing buys "
+              "(compare with each replica's own rate in 'Prefix cache hit rate').", [
+            Target(f"sum by ({POOL_BY}) (rate({hits}{{{SEL}}}{RATE})) / "
+                   f"sum by ({POOL_BY}) (rate({queries}{{{SEL}}}{RATE}))", POOL_LEGEND),
+        ], "percentunit"),
+    ]
+
+
 def panels() -> list[Panel]:
     return [
         Panel("Time to first token", "TTFT quantiles: arrival to first generated token.",
@@ -151,6 +181,7 @@ def panels() -> list[Panel]:
             mean("iteration_tokens", legend=f"{LEGEND} mean"),
             *quantiles("iteration_tokens", qs=(0.9,)),
         ], "short"),
+        *replica_panels(),
         Panel("Request time split", "Mean queue, prefill and decode time per finished request.", [
             mean("request_queue_time_seconds", legend=f"{LEGEND} queue"),
             mean("request_prefill_time_seconds", legend=f"{LEGEND} prefill"),
@@ -194,8 +225,8 @@ def dashboard() -> dict[str, Any]:
     return {
         "uid": "attnserve", "title": "attnserve: where end-to-end latency goes",
         "description": "Latency, throughput, KV cache and the engine step split into "
-                       "attention and the rest, by attention backend, KV layout, page size "
-                       "and variant (metrics: docs/metrics.md).",
+                       "attention and the rest, by attention backend, KV layout, page size, "
+                       "variant and replica (metrics: docs/metrics.md).",
         "tags": ["attnserve", "llm-serving"], "timezone": "browser", "editable": True,
         "schemaVersion": 39, "version": 1, "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},
@@ -204,6 +235,7 @@ def dashboard() -> dict[str, Any]:
             _variable("model_name", []),
             _variable("attention_backend", ["model_name"]),
             _variable("kv_layout", ["model_name", "attention_backend"]),
+            _variable("replica", ["model_name", "attention_backend", "kv_layout"]),
         ]},
         "panels": [_panel_json(i, p) for i, p in enumerate(panels())],
     }

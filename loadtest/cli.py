@@ -91,6 +91,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="shared-prefix: tokens of each group's shared prefix (default 2048)")
     w.add_argument("--question-len", type=int, default=128,
                    help="shared-prefix: tokens of each question after the prefix (default 128)")
+    w.add_argument("--text-prompts", action="store_true",
+                   help="send text prompts to /v1/completions and /generate as well (default: "
+                        "token ids there, exact lengths); a router that routes by request "
+                        "text, as SGLang's cache-aware one does, needs text")
     w.add_argument("--shared-prefix-order", choices=SHARED_PREFIX_ORDERS, default="random",
                    help="shared-prefix: 'random' shuffles all prompts with the seed, as SGLang's "
                         "generated-shared-prefix does; 'grouped' sends group after group "
@@ -174,10 +178,10 @@ def _traces(args: argparse.Namespace) -> tuple[Trace, Trace | None]:
         system_prompt_len=args.system_prompt_len, question_len=args.question_len,
         shared_prefix_order=args.shared_prefix_order, turns=args.turns, file=args.file,
         token_id_range=_token_id_range(args, tokenizer),
-        use_token_ids=args.endpoint != "chat")
+        use_token_ids=args.endpoint != "chat" and not args.text_prompts)
     trace = build_trace(opts, tokenizer)
-    if args.endpoint == "chat" and tokenizer is None:
-        trace.notes.append("chat prompts are words, not token ids: lengths are approximate "
+    if (args.endpoint == "chat" or args.text_prompts) and tokenizer is None:
+        trace.notes.append("text prompts are words, not token ids: lengths are approximate "
                            "(give --tokenizer for exact text lengths; the chat template adds more)")
     warmup = None
     if args.warmup > 0:

@@ -180,6 +180,23 @@ def step_split_markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replicas_markdown(runs: list[dict[str, Any]]) -> str:
+    """Behind a router: per run, each worker's share of the requests and its hit rate."""
+    rows = []
+    for run in runs:
+        for name, rep in sorted((_server_value(run, "replicas") or {}).items()):
+            rows.append([str(run.get("config_name", "-")), _fmt(run.get("request_rate")), name,
+                         _fmt(rep.get("requests"), 0), _fmt(rep.get("prompt_tokens"), 0),
+                         _fmt(rep.get("prefix_cache_hit_rate"), 3)])
+    if not rows:
+        return ""
+    header = ["config", "rate", "replica", "requests", "prompt tokens", "prefix hit"]
+    lines = ["", "Per replica, from each worker's own /metrics over the run:", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def configurations_markdown(runs: list[dict[str, Any]]) -> str:
     """Each configuration's server flags, once, under the table."""
     seen: dict[str, list[str]] = {}

@@ -29,6 +29,10 @@ CONFIG_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size",
 # Step phases: only prompt chunks, only decode tokens, or both in one step.
 PHASES = ("prefill", "decode", "mixed")
 LabelSet = tuple[tuple[str, str], ...]
+ROUTER_METRICS_PATH = "/engine_metrics"  # SGLang's router: its workers' metrics together
+# What tells the workers behind a router apart: attnserve's --replica-name label, else the
+# worker URL SGLang's router adds.
+REPLICA_LABELS = ("replica", "worker_addr")
 
 
 @dataclass
@@ -67,8 +71,13 @@ class MetricsSnapshot:
 
 
 async def scrape(client: httpx.AsyncClient, path: str = "/metrics") -> MetricsSnapshot | None:
+    """The server's metrics; behind SGLang's router (no /metrics on its API port) its
+    /engine_metrics, every worker's /metrics in one exposition, each sample labelled with the
+    worker's `worker_addr`: totals then sum over the workers."""
     try:
         response = await client.get(path, timeout=10.0)
+        if response.status_code == 404 and path == "/metrics":
+            return await scrape(client, ROUTER_METRICS_PATH)
         if response.status_code != 200:
             logger.info("GET %s answered %d; no server metrics", path, response.status_code)
             return None
@@ -188,4 +197,28 @@ def server_metrics_delta(
     out["kernel_builds"] = d("kernel_compiles_total")
     out["prompt_tokens"] = d("prompt_tokens_total")
     out["generation_tokens"] = d("generation_tokens_total")
+    out["replicas"] = per_replica(before, after)
+    return out
+
+
+def per_replica(before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, dict[str, Any]]:
+    """Behind a router: each worker's requests, tokens and prefix-cache hit rate over the
+    run, keyed by its `replica` label (else `worker_addr`); empty for a single server."""
+    for label in REPLICA_LABELS:
+        names = after.label_values(label)
+        if names:
+            break
+    else:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        def d(metric: str, name: str = name) -> float | None:
+            return _delta(before, after, PREFIX + metric, **{label: name})
+
+        queries, hits = d("prefix_cache_queries_total"), d("prefix_cache_hits_total")
+        out[name] = {"requests": d("request_success_total"),
+                     "prompt_tokens": d("prompt_tokens_total"),
+                     "generation_tokens": d("generation_tokens_total"),
+                     "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+                     "prefix_cache_hit_rate": _ratio(hits, queries)}
     return out

@@ -11,8 +11,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from loadtest.cache_plot import write_prefix_cache_plot
 from loadtest.plots import write_sweep_plots
-from loadtest.report import configurations_markdown, step_split_markdown, sweep_markdown
+from loadtest.report import (
+    configurations_markdown,
+    replicas_markdown,
+    step_split_markdown,
+    sweep_markdown,
+)
 from loadtest.runner import RunConfig, run_benchmark
 from loadtest.server_process import ServerProcess, ServerStartError
 from loadtest.workloads import Trace
@@ -193,7 +199,11 @@ def write_sweep_outputs(runs: list[dict[str, Any]], out_dir: Path,
     (all runs) and the PNG plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_sweep_plots(runs, out_dir, percentiles) if runs else []
-    text = sweep_markdown(runs) + step_split_markdown(runs) + configurations_markdown(runs)
+    cache_plot = write_prefix_cache_plot(runs, out_dir) if runs else None
+    if cache_plot is not None:
+        plots.append(cache_plot)
+    text = sweep_markdown(runs) + step_split_markdown(runs) + replicas_markdown(runs) \
+        + configurations_markdown(runs)
     if plots:
         text += "\nPlots: " + ", ".join(f"`{p.name}`" for p in plots) + "\n"
     if failures:

@@ -1,4 +1,4 @@
-"""The `attnserve` command: serve, generate, bench, loadtest."""
+"""The `attnserve` command: serve, generate, router, bench, loadtest."""
 
 from __future__ import annotations
 
@@ -197,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "attention: kernel benchmarks (GPU; see `bench attention --help`)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 
+    router = sub.add_parser("router", help="N workers behind SGLang's cache-aware router, one "
+                                           "URL (see `router --help`)")
+    router.add_argument("rest", nargs=argparse.REMAINDER,
+                        help="the router's flags, then `serve` flags for every worker")
+
     lt = sub.add_parser("loadtest", help="load generator and config sweeps (see `loadtest --help`)")
     lt.add_argument("rest", nargs=argparse.REMAINDER, help="the load generator's flags")
     return parser
@@ -208,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.cli import main as loadtest_main
 
         return loadtest_main(argv[1:])
+    if argv and argv[0] == "router":  # the router owns its flags; the rest go to the workers
+        from server.router.cli import main as router_main
+
+        return router_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
@@ -225,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.cli import main as loadtest_main
 
         return loadtest_main(args.rest)
+    if args.command == "router":
+        from server.router.cli import main as router_main
+
+        return router_main(args.rest)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -13,6 +13,7 @@ from bench.attention import prefill as prefill_bench
 from bench.attention import rope_store as rope_store_bench
 from loadtest.cli import build_parser as loadtest_parsers
 from server.cli import build_parser as server_parser
+from server.router.cli import build_parser as router_parser
 
 
 def _walk(parser: argparse.ArgumentParser, path: str):
@@ -25,6 +26,7 @@ def _walk(parser: argparse.ArgumentParser, path: str):
 
 def _parsers():
     yield from _walk(server_parser(), "attnserve")
+    yield "attnserve router", router_parser()
     run, sweep = loadtest_parsers()
     yield from _walk(run, "loadtest run")
     yield from _walk(sweep, "loadtest sweep")

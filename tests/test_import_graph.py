@@ -68,6 +68,9 @@ NEVER_LOADS: dict[str, frozenset[str]] = {
 # second. A rule applies once both sub-packages exist as folders of modules.
 SUBPACKAGE_RULES: tuple[tuple[str, str], ...] = (
     ("server.engine", "server.api"),  # server.api may import server.engine, never the reverse
+    # `attnserve router` starts workers as processes: neither side of a worker imports it
+    ("server.engine", "server.router"),
+    ("server.api", "server.router"),
 )
 
 

@@ -29,6 +29,7 @@ from server.api.native import (
 )
 from server.api.openapi import build_openapi
 from server.api.prompts import PromptEncoder
+from server.api.worker_info import model_info, server_info
 from server.engine import AsyncEngine, EngineConfig, EngineCore, EngineMetrics, LoadedModel, parse_buckets
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_connections=args.max_connections, header_timeout=args.header_timeout,
         body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout,
         allowed_origins=[o.strip() for o in origins.split(",") if o.strip()] if origins else [],
+        replica_name=getattr(args, "replica_name", None),
+        leave_pool_delay=getattr(args, "leave_pool_delay", 0.0),
     )
 
 
@@ -55,7 +58,8 @@ def build_app(config: EngineConfig, settings: ServerSettings,
     answers 503 ("starting") until the model is ready."""
     def build_core() -> EngineCore:  # on the engine thread
         core = EngineCore(config, loaded=loaded)
-        ctx.metrics = EngineMetrics.attach(core, settings.latency_buckets)
+        ctx.metrics = EngineMetrics.attach(core, settings.latency_buckets,
+                                           replica=settings.replica_name)
         ctx.prompts = PromptEncoder(core, ctx.pool)
         return core
 
@@ -81,6 +85,10 @@ def build_app(config: EngineConfig, settings: ServerSettings,
         Route("/generate", generate, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"]),
+        Route("/flush_cache", reset_prefix_cache, methods=["POST"]),  # SGLang's name
+        *[Route(path, handler, methods=["GET"]) for path, handler in (
+            ("/server_info", server_info), ("/get_server_info", server_info),
+            ("/model_info", model_info), ("/get_model_info", model_info))],
         Route("/v1/engine/stats", engine_stats, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

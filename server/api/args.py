@@ -16,8 +16,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
     g.add_argument("--port", type=int, default=8000, help="port to bind (0 = any free port)")
     g.add_argument("--api-key", default=D.api_key,
-                   help="require 'Authorization: Bearer KEY' on the API (/health, /metrics and "
-                        "/openapi.json stay open); must not be empty (default: no key)")
+                   help="require 'Authorization: Bearer KEY' on the API (/health, /metrics, "
+                        "/openapi.json, /server_info and /model_info stay open); must not be "
+                        "empty (default: no key)")
     g.add_argument("--allowed-origins", default=None,
                    help="comma-separated browser origins allowed to call the API cross-site "
                         "(CORS), or '*'; default: none (no CORS headers, browsers block "
@@ -48,6 +49,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     # when it is not given here.
     g.add_argument("--log-level", default=argparse.SUPPRESS,
                    choices=["debug", "info", "warning", "error"], help="logging level")
+    g.add_argument("--replica-name", default=D.replica_name,
+                   help="this server's name behind a router: a constant `replica` label on "
+                        "every metric and in GET /server_info (default: no label)")
+    g.add_argument("--leave-pool-delay", type=float, default=D.leave_pool_delay,
+                   help="seconds after SIGTERM during which /health answers 503 (draining) "
+                        "while requests are still served, before the drain starts: time for "
+                        "a router's health check to take this worker out of its pool "
+                        "(default %(default)s)")
     g.add_argument("--latency-buckets", default=None,
                    help="comma-separated latency histogram buckets in seconds (default starts at "
                         "0.5 ms)")

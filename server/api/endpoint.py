@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -35,8 +36,12 @@ from server.engine import (
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
-# Paths that stay reachable without the API key (probes, scrapers, API discovery).
-OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# Paths that stay reachable without the API key (probes, scrapers, API discovery, and the
+# worker description a router reads at registration: what /metrics' engine_config_info
+# already publishes).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/server_info", "/model_info",
+                        "/get_server_info", "/get_model_info"})
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass
@@ -53,6 +58,11 @@ class ServerSettings:
     body_timeout: float = 30.0
     keep_alive_timeout: float = 5.0
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
+    # Behind a router (docs/replicas.md): the `replica` label of every metric, and the
+    # seconds /health says "draining" after SIGTERM while requests are still served, so
+    # that the router's health check takes the worker out of its pool before it refuses any.
+    replica_name: str | None = None
+    leave_pool_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -65,6 +75,11 @@ class ServerSettings:
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if not self.leave_pool_delay >= 0:
+            raise ValueError("--leave-pool-delay must be 0 or more seconds")
+        if self.replica_name is not None and not _LABEL_VALUE.fullmatch(self.replica_name):
+            raise ValueError(f"--replica-name {self.replica_name!r}: use 1-64 letters, digits, "
+                             "'.', '_', ':' or '-' (it becomes a metric label value)")
 
 
 def _worker_pool() -> ThreadPoolExecutor:
@@ -84,6 +99,9 @@ class AppContext:
     pool: ThreadPoolExecutor = field(default_factory=_worker_pool)
     # Set by a second SIGTERM/SIGINT: every open response ends now (503 / an error event).
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by SIGTERM for --leave-pool-delay seconds before the drain: /health answers 503
+    # while requests are still taken.
+    leaving_pool: bool = False
 
     def count_failure(self, reason: str) -> None:
         if self.metrics is not None:

@@ -60,6 +60,7 @@ async def generate(request: Request, ctx: AppContext) -> Response:
     """Native generation (SGLang's /generate form, attnserve's fields alongside): token ids
     in or text in; token ids, timing and SGLang's meta_info out."""
     body = await ctx.read_body(request, GenerateRequest)
+    ctx.check_model(body.model)
     core, encoder = ctx.ready_prompts()
     prompt = (await encoder.encode_prompts([body.input_ids if body.input_ids is not None
                                             else body.text]))[0]  # type: ignore[list-item]
@@ -135,6 +136,11 @@ async def list_models(request: Request, ctx: AppContext) -> Response:
 async def health(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     healthy, state = ctx.engine.health()
+    if healthy and ctx.leaving_pool:
+        return error_response(503, "the server is leaving the pool: it still serves requests "
+                              "for a few seconds, then drains and stops",
+                              "service_unavailable_error", code="draining",
+                              headers={"Retry-After": str(ctx.settings.retry_after_s)})
     if healthy:
         return JSONResponse(HealthResponse(status="ok").model_dump())
     detail = f": {ctx.engine.failure}" if ctx.engine.failure else ""

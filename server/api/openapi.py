@@ -119,6 +119,23 @@ def build_openapi(version: str, with_auth: bool) -> dict[str, Any]:
                                   "content": json_content(HealthResponse)},
                           **errors("503")},
         }},
+        **{path: {"get": {
+            "summary": summary,
+            "responses": {"200": {"description": "a JSON object (docs/replicas.md)",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object"}}}},
+                          **errors("503")},
+        }} for path, summary in (
+            ("/server_info", "The worker as a router registers it: model, limits, replica"),
+            ("/model_info", "The served model as a router registers it"))},
+        "/flush_cache": {"post": {
+            "summary": "Empty the prefix cache (SGLang's name for /reset_prefix_cache)",
+            "responses": {"200": {"description": "success and the evicted pages",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object"}}}},
+                          **errors("401", "503")},
+            "security": security,
+        }},
         "/metrics": {"get": {
             "summary": "Prometheus metrics",
             "responses": {"200": {"description": "Prometheus text format",

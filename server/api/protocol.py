@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from server.api.sglang_fields import RouterChatFields, RouterCompletionFields, RouterGenerateFields
+
 FinishReasonName = Literal["stop", "length", "abort"]
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -102,7 +104,7 @@ PromptField = (
 )
 
 
-class CompletionRequest(OpenAIFields):
+class CompletionRequest(OpenAIFields, RouterCompletionFields):
     prompt: PromptField
     max_tokens: json_int(ge=1) = 16
     logprobs: json_int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
@@ -137,7 +139,7 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(OpenAIFields):
+class ChatCompletionRequest(OpenAIFields, RouterChatFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: json_int(ge=1) | None = Field(
         None, description="deprecated alias of max_completion_tokens"
@@ -183,7 +185,7 @@ class NativeSamplingParams(SamplingFields):
         return self.min_new_tokens if self.min_new_tokens is not None else self.min_tokens
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(_Strict, RouterGenerateFields):
     text: NonEmptyStr | None = Field(None, description="prompt text (no chat template applied)")
     input_ids: TokenIds | None = Field(None, description="prompt token ids")
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)

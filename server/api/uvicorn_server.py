@@ -1,6 +1,7 @@
 """Running the app on uvicorn: graceful drain on SIGTERM, and an in-thread server for tests.
 
-Drain: the first SIGTERM/SIGINT puts the engine in the draining state (new requests get
+Drain: the first SIGTERM/SIGINT (after --leave-pool-delay seconds during which only
+/health fails, when that is set) puts the engine in the draining state (new requests get
 503, /health 503) while the socket stays open, waits up to the shutdown timeout for the
 running requests, aborts the rest, then lets uvicorn close. A second signal stops at once:
 open streams end with an error event and `[DONE]`, waiting requests get a JSON 503, and
@@ -81,6 +82,14 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         engine = self.engine
+        delay = self.ctx.settings.leave_pool_delay
+        if delay > 0:
+            # /health fails first, requests are still served: a router's health check takes
+            # the worker out of its pool before the drain refuses anything.
+            logger.info("leaving the pool: /health answers 503 for %.1f s while requests are "
+                        "still served, then the drain starts", delay)
+            self.ctx.leaving_pool = True
+            await asyncio.sleep(delay)
         logger.info("draining: refusing new requests; %d in flight, waiting up to %.1f s",
                     engine.num_active, self.shutdown_timeout)
         engine.begin_drain()

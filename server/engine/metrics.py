@@ -3,7 +3,8 @@
 `EngineMetrics` implements the engine's observer hooks (server/engine/outputs.py EngineObserver),
 which the engine calls from its own thread, and renders the Prometheus text format for
 GET /metrics. Every series carries the labels model_name, attention_backend, kv_layout,
-page_size and attention_variant, so runs with different kernels and layouts can share one
+page_size and attention_variant (and replica, for a server started with --replica-name), so
+runs with different kernels and layouts, and the replicas behind a router, can share one
 Prometheus.
 
 Definitions (as vLLM): TTFT = first token - arrival; ITL = time between consecutive token
@@ -85,6 +86,7 @@ class EngineMetrics:
         attention_variant: str = "softmax",
         buckets: list[float] | None = None,
         registry: CollectorRegistry | None = None,
+        replica: str | None = None,
     ) -> None:
         latency = list(buckets) if buckets is not None else list(DEFAULT_LATENCY_BUCKETS)
         validate_buckets(latency)
@@ -94,6 +96,12 @@ class EngineMetrics:
             "kv_layout": kv_layout, "page_size": str(page_size),
             "attention_variant": attention_variant,
         }
+        # A constant `replica` label on every series when the server has a replica name
+        # (`--replica-name`), so replicas behind a router stay apart in one Prometheus.
+        self.label_names: tuple[str, ...] = ENGINE_LABELS
+        if replica:
+            self.label_values["replica"] = replica
+            self.label_names = (*ENGINE_LABELS, "replica")
         # Request ids are not unique forever and requests are dropped by the engine when
         # they end (or fail without reaching us), so the state is keyed weakly by object.
         self._progress: weakref.WeakKeyDictionary[Request, _RequestProgress] = (
@@ -104,28 +112,31 @@ class EngineMetrics:
         self._build(latency)
 
     @classmethod
-    def attach(cls, core: EngineCore, buckets: list[float] | None = None) -> Self:
+    def attach(cls, core: EngineCore, buckets: list[float] | None = None,
+               replica: str | None = None) -> Self:
         """Metrics labelled with what `core` resolved (backend, layout, page size, variant,
-        model name), its configuration published, attached as its observer before any step."""
+        model name) and the replica name if any, its configuration published, attached as
+        its observer before any step."""
         metrics = cls(core.model_name, core.backend.name, core.layout.name,
-                      core.layout.page_size, str(core.backend.config.variant), buckets=buckets)
+                      core.layout.page_size, str(core.backend.config.variant), buckets=buckets,
+                      replica=replica)
         metrics.set_info(core.effective_config(), core.config.as_dict())
         core.observer = metrics
         return metrics
 
     # ---- construction ---------------------------------------------------------------------
     def _histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Histogram:
-        metric = Histogram(PREFIX + name, doc, ENGINE_LABELS, registry=self.registry,
+        metric = Histogram(PREFIX + name, doc, self.label_names, registry=self.registry,
                            buckets=buckets)
         return metric.labels(**self.label_values)
 
     def _counter(self, name: str, doc: str) -> Counter:
-        return Counter(PREFIX + name, doc, ENGINE_LABELS, registry=self.registry).labels(
+        return Counter(PREFIX + name, doc, self.label_names, registry=self.registry).labels(
             **self.label_values
         )
 
     def _gauge(self, name: str, doc: str) -> Gauge:
-        return Gauge(PREFIX + name, doc, ENGINE_LABELS, registry=self.registry).labels(
+        return Gauge(PREFIX + name, doc, self.label_names, registry=self.registry).labels(
             **self.label_values
         )
 
@@ -153,7 +164,7 @@ class EngineMetrics:
         self.iteration_tokens = h("iteration_tokens",
                                   "Tokens computed per engine step (prefill chunks + decodes).",
                                   STEP_TOKEN_BUCKETS)
-        phase_labels = (*ENGINE_LABELS, "phase")
+        phase_labels = (*self.label_names, "phase")
         step = Histogram(PREFIX + "step_duration_seconds",
                          "Wall time of one engine step (schedule excluded), by phase.",
                          phase_labels, registry=self.registry, buckets=latency)
@@ -168,12 +179,12 @@ class EngineMetrics:
                                            "produced a first token.")
         self.generation_tokens = self._counter("generation_tokens", "Generated tokens.")
         success = Counter(PREFIX + "request_success", "Finished requests, by finish reason.",
-                          (*ENGINE_LABELS, "finished_reason"), registry=self.registry)
+                          (*self.label_names, "finished_reason"), registry=self.registry)
         self._success = success
         for reason in FinishReason:
             success.labels(**self.label_values, finished_reason=reason.value)
         failure = Counter(PREFIX + "request_failure", "Requests that failed inside the engine.",
-                          (*ENGINE_LABELS, "reason"), registry=self.registry)
+                          (*self.label_names, "reason"), registry=self.registry)
         self._failure = failure
         failure.labels(**self.label_values, reason="error")
         failure.labels(**self.label_values, reason="abort")
@@ -195,7 +206,7 @@ class EngineMetrics:
         # not "..._total": that suffix is for counters (promtool's lint)
         self.kv_pages = self._gauge("kv_cache_pages", "KV pages in the pool.")
         self._info = Info(PREFIX + "engine_config", "The engine's start-up configuration.",
-                          ENGINE_LABELS, registry=self.registry)
+                          self.label_names, registry=self.registry)
         self.set_info({})
 
     # ---- configuration --------------------------------------------------------------------

@@ -150,10 +150,12 @@ def test_server_still_serves_after_bad_inputs(server: InProcessServer):
     assert r1.json()["choices"][0]["text"] == r2.json()["text"]
     assert r1.json()["usage"]["completion_tokens"] == len(r2.json()["output_ids"]) == 4
     server.wait_idle()
-    # /health, /metrics and /openapi.json stay open without the key
-    for path in ("/health", "/metrics", "/openapi.json"):
+    # /health, /metrics, /openapi.json and the worker description stay open without the key
+    for path in ("/health", "/metrics", "/openapi.json", "/server_info", "/model_info",
+                 "/get_server_info", "/get_model_info"):
         assert httpx.get(f"{server.base_url}{path}").status_code == 200
     assert httpx.get(f"{server.base_url}/v1/models").status_code == 401
+    assert httpx.post(f"{server.base_url}/flush_cache").status_code == 401
 
 
 def test_internal_error_fails_only_that_request(server: InProcessServer,

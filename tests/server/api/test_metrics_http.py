@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.api.endpoint import ServerSettings
 from server.engine import EngineConfig
 from tests.server.conftest import inprocess_server, wait_for
 from tests.server.engine.test_metrics_dashboard_files import load_builder
@@ -213,7 +214,9 @@ def traffic() -> Iterator[TrafficRun]:
     config = EngineConfig(device="cpu", dtype="float32", kv_cache_tokens=2048, max_model_len=512,
                           max_num_batched_tokens=64)
     binary = prometheus_binary()
-    with inprocess_server(config) as server, tempfile.TemporaryDirectory() as tmp:
+    # A replica name, as behind a router: the dashboard's replica variable and panels see it.
+    settings = ServerSettings(replica_name="replica-0")
+    with inprocess_server(config, settings) as server, tempfile.TemporaryDirectory() as tmp:
         prometheus = None
         if binary is not None:
             prometheus = Prometheus(binary, server.base_url.removeprefix("http://"), Path(tmp))
@@ -279,7 +282,8 @@ def substitute(expr: str, labels: dict[str, str], rate_interval_s: int = 10 * SC
     out = (expr.replace("$__rate_interval", f"{rate_interval_s}s")
            .replace("$model_name", ".*")  # any name: it may hold regex characters
            .replace("$attention_backend", labels["attention_backend"])
-           .replace("$kv_layout", labels["kv_layout"]))
+           .replace("$kv_layout", labels["kv_layout"])
+           .replace("$replica", labels["replica"]))
     assert "$" not in out, out
     return out
 
@@ -308,7 +312,8 @@ def test_every_dashboard_query_returns_data_from_prometheus(traffic: TrafficRun)
             continue
         selector, label = variable["query"][len("label_values("):-1].rsplit(", ", 1)
         match = selector.replace('"$model_name"', '".*"').replace(
-            '"$attention_backend"', f'"{traffic.labels["attention_backend"]}"')
+            '"$attention_backend"', f'"{traffic.labels["attention_backend"]}"').replace(
+            '"$kv_layout"', f'"{traffic.labels["kv_layout"]}"')
         series = prometheus.api("series", **{"match[]": match, "start": traffic.start_unix - 60})
         assert traffic.labels[label] in {s[label] for s in series}, (variable["name"], series)
 

@@ -43,34 +43,44 @@ def test_committed_json_is_what_the_builder_writes() -> None:
 def test_dashboard_has_the_variables_and_panels_the_issue_asks_for() -> None:
     d = dashboard()
     names = [v["name"] for v in d["templating"]["list"]]
-    assert {"model_name", "attention_backend", "kv_layout"} <= set(names)
+    assert {"model_name", "attention_backend", "kv_layout", "replica"} <= set(names)
     titles = " | ".join(p["title"].lower() for p in d["panels"])
     for needed in ("first token", "inter-token", "per output token", "end-to-end", "throughput",
                    "running and waiting", "kv cache usage", "prefix cache hit", "preemptions",
                    "step duration by phase", "attention share", "attention time per step",
-                   "non-attention time per step", "tokens per step"):
+                   "non-attention time per step", "tokens per step", "share of the requests",
+                   "hit rate of the pool"):
         assert needed in titles, needed
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
     for p in d["panels"]:
         assert p["targets"], p["title"]
         for t in p["targets"]:
-            for var in ("$model_name", "$attention_backend", "$kv_layout"):
+            for var in ("$model_name", "$attention_backend", "$kv_layout", "$replica"):
                 assert var in t["expr"], (p["title"], var)
 
 
 def test_every_query_groups_and_every_legend_names_the_labels_that_tell_servers_apart() -> None:
+    """The pool panels sum over the replicas: grouped and labelled by all but `replica`.
+    Elsewhere a grouping without `replica` is only the pool total a replica's share is
+    divided by (`ignoring(replica) group_left`)."""
     builder = load_builder()
-    assert builder.SERIES_LABELS[:5] == ("model_name", "attention_backend", "kv_layout",
-                                         "page_size", "attention_variant")
+    assert builder.SERIES_LABELS == ("model_name", "attention_backend", "kv_layout",
+                                     "page_size", "attention_variant", "replica")
+    pool = set(builder.POOL_LABELS)
+    assert pool == set(builder.SERIES_LABELS) - {"replica"}
     for p in dashboard()["panels"]:
+        wanted = pool if p["title"] in builder.POOL_PANELS else set(builder.SERIES_LABELS)
         for t in p["targets"]:
             groupings = re.findall(r"\bby \(([^)]*)\)", t["expr"])
             assert groupings, (p["title"], t["expr"])
-            for grouping in groupings:
+            for position, grouping in enumerate(groupings):
                 names = {n.strip() for n in grouping.split(",")}
-                assert set(builder.SERIES_LABELS) <= names, (p["title"], grouping)
-            for label in builder.SERIES_LABELS:
+                divisor = position > 0 and "ignoring(replica) group_left" in t["expr"]
+                assert (pool if divisor else wanted) <= names, (p["title"], grouping)
+                assert ("replica" in names) == ("replica" in wanted and not divisor), (
+                    p["title"], grouping)
+            for label in wanted:
                 assert "{{" + label + "}}" in t["legendFormat"], (p["title"], label)
 
 
