@@ -40,6 +40,7 @@ _BUILTIN: dict[str, _LazyBackend] = {
 # Backends of the MLA latent cache (attention/mla/), chosen for an MLAConfig by the same names.
 _BUILTIN_LATENT: dict[str, _LazyBackend] = {
     "reference": _LazyBackend("attention.mla.reference:MLAReferenceBackend"),
+    "triton": _LazyBackend("attention.mla.triton_backend:MLATritonBackend", ("triton",)),
 }
 _BUILTIN_BY_KIND = {"kv": _BUILTIN, "latent": _BUILTIN_LATENT}
 _USER: dict[str, BackendFactory] = {}
