@@ -35,7 +35,7 @@ def _paged_rows(rows: list[torch.Tensor], page_size: int, gen: torch.Generator):
     need = [-(-r.shape[0] // page_size) for r in rows]
     num_pages = sum(need) + 3  # scratch page 0 and unowned pages stay NaN
     ids = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
-    cache = torch.full((num_pages, page_size, RANK + ROPE), float("nan"))
+    cache = torch.full((num_pages, page_size, rows[0].shape[1]), float("nan"))
     table = torch.zeros(len(rows), max(need) + 2, dtype=torch.int32)  # spare columns: page 0
     for b, r in enumerate(rows):
         pages = [ids.pop() for _ in range(need[b])]
@@ -45,7 +45,8 @@ def _paged_rows(rows: list[torch.Tensor], page_size: int, gen: torch.Generator):
     return cache, table
 
 
-def _reference(q: list[torch.Tensor], rows: list[torch.Tensor], scale: float) -> torch.Tensor:
+def _reference(q: list[torch.Tensor], rows: list[torch.Tensor], scale: float,
+               rank: int = RANK) -> torch.Tensor:
     """float64: q[b] [q_len, H, D] attends causally to rows[b] [L, D] (its last q_len rows
     are its own tokens); value = the first RANK columns."""
     outs = []
@@ -55,7 +56,7 @@ def _reference(q: list[torch.Tensor], rows: list[torch.Tensor], scale: float) ->
         for j in range(q_len):
             visible = kv[: L - q_len + j + 1]
             p = torch.softmax(qb[j] @ visible.T * scale, dim=-1)  # [H, n]
-            outs.append(p @ visible[:, :RANK])
+            outs.append(p @ visible[:, :rank])
     return torch.stack(outs)
 
 
@@ -81,11 +82,11 @@ def test_extend_over_a_paged_prefix_matches_float64(page_size, num_splits):
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     num_heads = 3  # rows of a block span tokens: 16 rows = 5 tokens and a head
     prefix_lens, q_lens = [0, 23, 40, 7], [9, 1, 17, 6]
-    rows = [torch.randn(p + n, RANK + ROPE, generator=gen) for p, n in zip(prefix_lens, q_lens)]
+    rows = [torch.randn(p + n, RANK + ROPE, generator=gen) for p, n in zip(prefix_lens, q_lens, strict=True)]
     q = [torch.randn(n, num_heads, RANK + ROPE, generator=gen) for n in q_lens]
     cache, table = _paged_rows(rows, page_size, gen)
     indptr = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    seq_lens = torch.tensor([p + n for p, n in zip(prefix_lens, q_lens)], dtype=torch.int32)
+    seq_lens = torch.tensor([p + n for p, n in zip(prefix_lens, q_lens, strict=True)], dtype=torch.int32)
     out = torch.full((sum(q_lens), num_heads, RANK), float("nan"))
     mla_attention(torch.cat(q), cache, RANK, indptr, seq_lens, table, out, 0.2, max(q_lens),
                   num_splits, SplitBuffers.empty(cache.device), SMALL)
@@ -95,20 +96,14 @@ def test_extend_over_a_paged_prefix_matches_float64(page_size, num_splits):
 def test_deepseek_widths_decode():
     """rank 512 + rope 64 and 16 heads (DeepSeek-V2-Lite's attention), two splits."""
     gen = torch.Generator().manual_seed(random.randrange(2**31))
-    global RANK, ROPE
-    saved = RANK, ROPE
-    RANK, ROPE = 512, 64
-    try:
-        rows = [torch.randn(n, 576, generator=gen) * 0.3 for n in (40, 9)]
-        q = [torch.randn(1, 16, 576, generator=gen) * 0.3 for _ in rows]
-        cache, table = _paged_rows(rows, 16, gen)
-        out = torch.full((2, 16, 512), float("nan"))
-        mla_attention(torch.cat(q), cache, 512, None, torch.tensor([40, 9], dtype=torch.int32),
-                      table, out, 192**-0.5, 1, 2, None, SMALL)
-        torch.testing.assert_close(out.double(), _reference(q, rows, 192**-0.5),
-                                   rtol=1e-5, atol=1e-5)
-    finally:
-        RANK, ROPE = saved
+    rows = [torch.randn(n, 576, generator=gen) * 0.3 for n in (40, 9)]
+    q = [torch.randn(1, 16, 576, generator=gen) * 0.3 for _ in rows]
+    cache, table = _paged_rows(rows, 16, gen)
+    out = torch.full((2, 16, 512), float("nan"))
+    mla_attention(torch.cat(q), cache, 512, None, torch.tensor([40, 9], dtype=torch.int32),
+                  table, out, 192**-0.5, 1, 2, None, SMALL)
+    torch.testing.assert_close(out.double(), _reference(q, rows, 192**-0.5, rank=512),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rotate_too", [True, False])
@@ -146,7 +141,7 @@ def test_triton_backend_matches_reference_on_a_mixed_step(page_size):
     spec = LatentSpec(RANK, ROPE)
     layout = spec.make_layout("nhd", page_size, "float32")
     q_lens, prefix_lens = [1, 1, 12, 5], [30, 7, 0, 19]
-    pages_each = [-(-(p + n) // page_size) for p, n in zip(prefix_lens, q_lens)]
+    pages_each = [-(-(p + n) // page_size) for p, n in zip(prefix_lens, q_lens, strict=True)]
     num_pages = sum(pages_each) + 2
     tables, nxt = [], 1
     for n in pages_each:
