@@ -4,19 +4,23 @@ and off, pages of 1 and 16 tokens, and under preemption."""
 
 from __future__ import annotations
 
-import functools
-import random
-import tempfile
-from pathlib import Path
+import os
 
-import pytest
-import torch
+os.environ["TRITON_INTERPRET"] = "1"  # the triton MLA backend on the CPU
 
-from kvcache.latent_pool import LatentPool
-from model.loader import embedded_tokenizer, load_model
-from scheduler.request import SamplingParams
-from server.engine import LLM, EngineConfig, EngineCore
-from tests.model.deepseek_tiny import VOCAB, save_tiny
+import functools  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kvcache.latent_pool import LatentPool  # noqa: E402
+from model.loader import embedded_tokenizer, load_model  # noqa: E402
+from scheduler.request import SamplingParams  # noqa: E402
+from server.engine import LLM, EngineConfig, EngineCore  # noqa: E402
+from tests.model.deepseek_tiny import VOCAB, save_tiny  # noqa: E402
 
 NEW_TOKENS = 12
 SEED = 20261206
@@ -87,6 +91,19 @@ def test_greedy_matches_transformers(variant: str, layout: str, page_size: int, 
     run_and_check(llm, variant)
     hits = llm.engine.stats()["prefix_cache_hit_tokens"]
     assert (hits > 0) == prefix_cache
+
+
+@pytest.mark.parametrize(("variant", "backends"), [
+    ("v3", {"attention_backend": "triton", "max_num_batched_tokens": 32}),
+    ("v2-lite", {"prefill_backend": "reference", "decode_backend": "triton",
+                 "kv_layout": "token", "page_size": 1}),
+])
+def test_triton_mla_backend_serves_the_same_tokens(variant: str, backends: dict) -> None:
+    """The Triton MLA kernels (fused rotary store, decode, extend; and as the decode half of
+    a hybrid) give transformers' greedy tokens too (under the interpreter)."""
+    llm = make_llm(variant, **backends)
+    assert llm.engine.backend.name in ("triton", "reference+triton")
+    run_and_check(llm, variant)
 
 
 def test_preemption_over_the_latent_pool() -> None:
