@@ -14,12 +14,15 @@ over its block; the block sizes then need one device-to-host copy per layer.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.deepseek_config import DeepseekConfig
 
+logger = logging.getLogger(__name__)
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -86,8 +89,11 @@ def expert_blocks(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     each expert's block [E] int32)."""
     flat = ids.flatten()
     order = flat.argsort(stable=True)
-    ends = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
-    return order, ends
+    # scatter_add, not bincount: bincount reads its input's max on the host, which a CUDA
+    # graph capture cannot do
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return order, counts.cumsum(0, dtype=torch.int32)
 
 
 def grouped_matmul(x: torch.Tensor, weights_t: torch.Tensor, ends: torch.Tensor,
@@ -95,6 +101,13 @@ def grouped_matmul(x: torch.Tensor, weights_t: torch.Tensor, ends: torch.Tensor,
     """Rows [ends[e-1], ends[e]) of x [N, K] times weights_t[e] [K, M] -> [N, M]."""
     if use_grouped_mm:
         return torch._grouped_mm(x, weights_t, offs=ends)
+    return per_expert_matmul(x, weights_t, ends)
+
+
+def per_expert_matmul(x: torch.Tensor, weights_t: torch.Tensor,
+                      ends: torch.Tensor) -> torch.Tensor:
+    """grouped_matmul without torch's grouped GEMM: one matmul per non-empty expert block
+    (the block ends are read on the host: one sync, no CUDA graph)."""
     out = x.new_empty(x.shape[0], weights_t.shape[-1])
     start = 0
     for e, end in enumerate(ends.tolist()):  # one matmul per expert, over its whole block
@@ -131,7 +144,15 @@ class RoutedExperts(nn.Module):
         token = order // k  # the token of each sorted (token, expert) pair
         xs = x[token]
         grouped = self._grouped_mm_for(x)
-        gate_up = grouped_matmul(xs, self.gate_up_proj.transpose(1, 2), ends, grouped)
+        try:
+            gate_up = grouped_matmul(xs, self.gate_up_proj.transpose(1, 2), ends, grouped)
+        except RuntimeError:  # a grouped GEMM this build refuses (layout, arch): serve anyway
+            if not grouped:
+                raise
+            logger.warning("torch._grouped_mm refused the expert weights; one matmul per "
+                           "expert from now on", exc_info=True)
+            self.use_grouped_mm = grouped = False
+            gate_up = grouped_matmul(xs, self.gate_up_proj.transpose(1, 2), ends, grouped)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         ys = grouped_matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends, grouped)
         acc = torch.promote_types(x.dtype, torch.float32)  # weighted sum in >= float32
