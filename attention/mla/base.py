@@ -56,10 +56,10 @@ class MLABackend(AttentionBackend):
     def __init__(self, config: MLAConfig, pool: LatentPool) -> None:
         if not isinstance(config, MLAConfig):
             raise TypeError(f"{type(self).__name__} needs an MLAConfig")
+        super().__init__(config, pool)  # type: ignore[arg-type]  # checks the layout
         if pool.layout.row_width != config.head_dim:
             raise ValueError(f"latent pool rows are {pool.layout.row_width} wide, the model's "
                              f"{config.head_dim}")
-        super().__init__(config, pool)  # type: ignore[arg-type]
 
     def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      rope: RopeInputs, layer: int) -> torch.Tensor:
