@@ -113,7 +113,7 @@ def _mla_attention_kernel(
         prow = ((q_start + tok) * NUM_HEADS + head).to(tl.int64) * max_splits + split
         tl.store(part_out_ptr + prow[:, None] * RANK + offs_c[None, :], result,
                  mask=row_ok[:, None])
-        stat = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))
+        stat = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(part_stat_ptr + prow, stat, mask=row_ok)
 
 

@@ -55,6 +55,8 @@ def build_parser(op: str) -> argparse.ArgumentParser:
     ap.add_argument("--nope-dim", type=int, default=128, help="qk_nope_head_dim")
     ap.add_argument("--v-dim", type=int, default=128, help="v_head_dim")
     ap.add_argument("--splits", type=int, default=None, help="force the decode KV splits")
+    ap.add_argument("--config", default=None,
+                    help="force the kernel launch: BLOCK_M,BLOCK_N,WARPS,STAGES (e.g. 16,32,4,2)")
     ap.add_argument("--no-peers", action="store_true", help="skip SDPA and FlashMLA")
     ap.add_argument("--json-out", default=None, help="write the run (device, rows) here")
     ap.add_argument("--seed", type=int, default=0)
@@ -142,6 +144,9 @@ def run_problem(args: argparse.Namespace, op: str, p: MLAProblem, ceilings: Devi
                 gen: torch.Generator, num_sms: int) -> list[BenchRow]:
     rows: list[BenchRow] = []
     config = MLAKernelConfig.for_device(p.num_heads, on_gpu=True)
+    if args.config:
+        m, n, warps, stages = (int(x) for x in args.config.split(","))
+        config = MLAKernelConfig(block_m=m, block_n=n, num_warps=warps, num_stages=stages)
     decode = p.shape.new_tokens == 1
     splits = 1
     if decode:
@@ -165,7 +170,8 @@ def run_problem(args: argparse.Namespace, op: str, p: MLAProblem, ceilings: Devi
         fn, out = triton_fn(p, cache, table, splits, config)
         us = time_graph_us(fn)
         extra: dict[str, Any] = {"splits": splits, "block_m": config.block_m,
-                                 "block_n": config.block_n}
+                                 "block_n": config.block_n, "num_warps": config.num_warps,
+                                 "num_stages": config.num_stages}
         if sdpa_us is not None and sdpa_out is not None:
             fn()
             got = p.project_out(out)

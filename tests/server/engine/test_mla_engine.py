@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kvcache.latent_pool import LatentPool  # noqa: E402
-from model.loader import embedded_tokenizer, load_model  # noqa: E402
+from model.loader import LoadedModel, embedded_tokenizer, load_model  # noqa: E402
 from scheduler.request import SamplingParams  # noqa: E402
 from server.engine import LLM, EngineConfig, EngineCore  # noqa: E402
 from tests.model.deepseek_tiny import VOCAB, save_tiny  # noqa: E402
@@ -56,15 +56,22 @@ def hf_greedy(variant: str) -> tuple[tuple[int, ...], ...]:
     return tuple(outs)
 
 
+@functools.cache
+def loaded_model(variant: str) -> LoadedModel:
+    """Loaded once per variant: every engine builds its own pool, the weights are shared."""
+    folder, _ = tiny(variant)
+    loaded = load_model(folder, torch.float32, torch.device("cpu"), with_tokenizer=False)
+    loaded.tokenizer = embedded_tokenizer()
+    return loaded
+
+
 def make_llm(variant: str, **overrides: object) -> LLM:
     folder, _ = tiny(variant)
     config = EngineConfig(model=folder, device="cpu", dtype="float32", kv_cache_tokens=2048)
     for k, v in overrides.items():
         setattr(config, k, v)
-    loaded = load_model(folder, torch.float32, torch.device("cpu"), with_tokenizer=False)
-    loaded.tokenizer = embedded_tokenizer()
     llm = LLM.__new__(LLM)
-    llm.engine = EngineCore(config, loaded=loaded)
+    llm.engine = EngineCore(config, loaded=loaded_model(variant))
     llm.tokenizer = llm.engine.tokenizer
     return llm
 
