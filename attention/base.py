@@ -33,6 +33,9 @@ class AttentionConfig:
     head_dim: int
     scale: float
     variant: Variant = Variant()
+    # the cache kind the backends for this config read (kvcache/cache_spec.py); the
+    # registry picks among the backends of that kind
+    cache_kind: ClassVar[str] = "kv"
 
     @property
     def group_size(self) -> int:

@@ -37,6 +37,12 @@ _BUILTIN: dict[str, _LazyBackend] = {
     "flex": _LazyBackend("attention.backends.flex:FlexBackend"),
     "triton": _LazyBackend("attention.backends.triton_backend:TritonBackend", ("triton",)),
 }
+# Backends of the MLA latent cache (attention/mla/), chosen for an MLAConfig by the same names.
+_BUILTIN_LATENT: dict[str, _LazyBackend] = {
+    "reference": _LazyBackend("attention.mla.reference:MLAReferenceBackend"),
+    "triton": _LazyBackend("attention.mla.triton_backend:MLATritonBackend", ("triton",)),
+}
+_BUILTIN_BY_KIND = {"kv": _BUILTIN, "latent": _BUILTIN_LATENT}
 _USER: dict[str, BackendFactory] = {}
 
 
@@ -45,22 +51,26 @@ def register_backend(name: str, factory: BackendFactory) -> None:
     _USER[name] = factory
 
 
-def backend_names() -> list[str]:
-    """Every backend that can be created here (built-ins whose packages are installed)."""
-    return sorted({n for n, b in _BUILTIN.items() if b.available()} | set(_USER))
+def backend_names(cache_kind: str = "kv") -> list[str]:
+    """Every backend that can be created here for a cache kind (built-ins whose packages are
+    installed; user backends serve the K/V cache)."""
+    builtin = _BUILTIN_BY_KIND[cache_kind]
+    user = set(_USER) if cache_kind == "kv" else set()
+    return sorted({n for n, b in builtin.items() if b.available()} | user)
 
 
-def backend_factory(name: str) -> BackendFactory:
-    if name in _USER:
+def backend_factory(name: str, cache_kind: str = "kv") -> BackendFactory:
+    if cache_kind == "kv" and name in _USER:
         return _USER[name]
-    lazy = _BUILTIN.get(name)
+    lazy = _BUILTIN_BY_KIND[cache_kind].get(name)
     if lazy is None or not lazy.available():
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {backend_names()}")
+        what = "attention backend" if cache_kind == "kv" else f"attention backend for a {cache_kind} cache"
+        raise ValueError(f"unknown {what} {name!r}; choose one of {backend_names(cache_kind)}")
     return lazy.load()
 
 
 def create_backend(name: str, config: AttentionConfig, pool: KVPool) -> AttentionBackend:
-    return backend_factory(name)(config, pool)
+    return backend_factory(name, config.cache_kind)(config, pool)
 
 
 def build_attention_backend(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvcache.cache_spec import CacheSpec, KVHeadsSpec
+
 # Architectures whose weights follow the Llama layout, with what distinguishes them.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": {},
@@ -58,6 +60,9 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def layer_cache_specs(self) -> list[CacheSpec]:
+        return [KVHeadsSpec(self.num_kv_heads, self.head_dim)] * self.num_layers
 
     def num_parameters(self) -> int:
         """Parameter count (tied embeddings counted once)."""

@@ -22,9 +22,8 @@ from typing import TypeVar
 import torch
 from tqdm import tqdm
 
-from model.config import ModelConfig
+from model.families import AnyConfig, AnyModel, config_from_hf_dict, model_class, weight_loader
 from model.gguf_weights import GGUFFile, embedded_smollm2_path
-from model.llama import CausalLM
 from model.presets import SYNTHETIC_PRESETS, init_synthetic_weights, synthetic_config
 from model.tokenizer import Tokenizer
 from model.weights import WeightLoader
@@ -37,8 +36,8 @@ EMBEDDED_NAMES = ("smollm2", "smollm2-135m-instruct")
 
 @dataclass
 class LoadedModel:
-    model: CausalLM
-    config: ModelConfig
+    model: AnyModel
+    config: AnyConfig
     tokenizer: Tokenizer | None
     source: str  # human-readable description of where the weights came from
     # seconds per part of the load ("weights_s", "tokenizer_s", ...) and "total_s"
@@ -67,14 +66,14 @@ class ModelSpecError(ValueError):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def empty_model(config: AnyConfig, dtype: torch.dtype, device: torch.device) -> AnyModel:
     """A model with uninitialised parameters on `device` (rotary cache computed).
 
     Built on `device` directly, not on the meta device: an operation on meta tensors imports
     torch._dynamo (1.5-2.5 s of a fresh process), and allocation without initialisation
     costs nothing on either device."""
     with torch.device(device), _no_param_init():
-        model = CausalLM(config, dtype=dtype)
+        model = model_class(config)(config, dtype=dtype)  # type: ignore[arg-type]
     model.rotary.reset_cache(config)  # inv_freq computed on the CPU, as the reference does
     return model.eval().requires_grad_(False)
 
@@ -117,7 +116,7 @@ def _load_gguf(
         gf = GGUFFile(path)
         config = gf.config()
         model = empty_model(config, dtype, device)
-        loader = WeightLoader(model)
+        loader = WeightLoader(model)  # type: ignore[arg-type]  # GGUF: Llama family only
         gf.load_into(loader)
         loader.check_complete()
         weights_s = time.perf_counter() - t0
@@ -156,10 +155,10 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def _load_hf_folder(
     folder: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool
 ) -> LoadedModel:
-    config = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
+    config = config_from_hf_dict(json.loads((folder / "config.json").read_text()))
     files, total = _safetensors_items(folder)
     model = empty_model(config, dtype, device)
-    loader = WeightLoader(model)
+    loader = weight_loader(model)
     for name, tensor in _progress(_iter_safetensors(files), total, f"loading {folder.name}"):
         loader.load(name, tensor)
     loader.check_complete()

@@ -7,9 +7,9 @@ import dataclasses
 import torch
 
 from model.config import ModelConfig
-from model.llama import CausalLM
+from model.deepseek_config import DeepseekConfig
 
-SYNTHETIC_PRESETS: dict[str, ModelConfig] = {
+SYNTHETIC_PRESETS: dict[str, ModelConfig | DeepseekConfig] = {
     "smollm2-135m": ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
         num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -38,10 +38,24 @@ SYNTHETIC_PRESETS: dict[str, ModelConfig] = {
         tie_word_embeddings=False, qk_norm=True, max_position_embeddings=40960,
         bos_token_id=151643, eos_token_ids=[151645, 151643], architecture="Qwen3ForCausalLM",
     ),
+    # DeepSeek-V2-Lite's config.json: MLA without q compression, 64 routed experts (6 per
+    # token) + 2 shared, the first layer dense, YaRN x40 over a 4k original context.
+    "deepseek-v2-lite": DeepseekConfig(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_layers=27,
+        num_heads=16, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, q_lora_rank=None, moe_intermediate_size=1408, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+        routed_scaling_factor=1.0, rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        max_position_embeddings=163840, bos_token_id=100000, eos_token_ids=[100001],
+        architecture="DeepseekV2ForCausalLM",
+    ),
 }
 
 
-def synthetic_config(name: str) -> ModelConfig:
+def synthetic_config(name: str) -> ModelConfig | DeepseekConfig:
     key = name.removeprefix("synthetic:").lower()
     if key not in SYNTHETIC_PRESETS:
         raise ValueError(
@@ -51,7 +65,7 @@ def synthetic_config(name: str) -> ModelConfig:
 
 
 @torch.no_grad()
-def init_synthetic_weights(model: CausalLM, seed: int, std: float | None = None) -> None:
+def init_synthetic_weights(model: torch.nn.Module, seed: int, std: float | None = None) -> None:
     """Seeded random weights, drawn on the model's device.
 
     By default the scaled initialisation that GPT-2-style models train from: norm weights 1,
@@ -77,6 +91,6 @@ def init_synthetic_weights(model: CausalLM, seed: int, std: float | None = None)
             param.normal_(0.0, 0.02, generator=gen)
         else:
             scale = param.shape[-1] ** -0.5
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 scale *= residual_scale
             param.normal_(0.0, scale, generator=gen)

@@ -4,6 +4,7 @@
     attnserve bench attention --op prefill [prefill flags]  (bench.attention.prefill)
     attnserve bench attention --op extend  [extend flags]   (bench.attention.prefill)
     attnserve bench attention --op rope_store [flags]       (bench.attention.rope_store)
+    attnserve bench attention --op mla-decode|mla-prefill   (bench.attention.mla)
 
 Everything after `--op OP` goes to that benchmark's own parser (`--help` lists its flags).
 The benchmark modules are imported only when chosen: they need a GPU and triton.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-OPS = ("decode", "prefill", "extend", "rope_store")
+OPS = ("decode", "prefill", "extend", "rope_store", "mla-decode", "mla-prefill")
 
 
 def main(argv: list[str]) -> int:
@@ -42,6 +43,10 @@ def main(argv: list[str]) -> int:
         from bench.attention.decode import main as decode_main
 
         return decode_main(rest)
+    if args.op in ("mla-decode", "mla-prefill"):
+        from bench.attention.mla import main as mla_main
+
+        return mla_main([*rest, "--op", args.op])
     if args.op == "rope_store":
         from bench.attention.rope_store import main as rope_store_main
 

@@ -18,14 +18,14 @@ import time
 import uuid
 from collections.abc import Callable
 
-from attention.base import AttentionConfig
 from attention.registry import build_attention_backend
 from attention.triton.compile_watch import KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
-from kvcache.layout import KVLayout
-from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_for_tokens
+from kvcache.cache_spec import bytes_per_token, pages_within_memory, uniform_spec
+from kvcache.pool import pages_for_tokens
 from kvcache.radix import RadixPrefixCache
+from model.families import attention_config_for
 from model.loader import LoadedModel, load_model, load_tokenizer
 from model.runner import ModelRunner, StepOutput
 from model.sampler import make_generator
@@ -63,15 +63,14 @@ class EngineCore:
         mc = self.loaded.config
         self.model_name = config.resolved_model_name()
         self.max_model_len = config.resolved_max_model_len(mc.max_position_embeddings)
-        self.layout = KVLayout.create(
-            config.kv_layout, config.page_size, mc.num_kv_heads, mc.head_dim, str(self.dtype)
-        )
+        # the layers' cache spec decides the pool (K/V heads or MLA latent rows)
+        self.cache_spec = uniform_spec(mc.layer_cache_specs())
+        self.layout = self.cache_spec.make_layout(config.kv_layout, config.page_size,
+                                                  str(self.dtype))
         num_pages = self._num_pages(mc.num_layers)
-        self.pool = KVPool(KVPoolConfig(self.layout, mc.num_layers, num_pages, self.dtype, self.device))
-        attn_config = AttentionConfig(
-            num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            scale=mc.head_dim**-0.5, variant=parse_variant(config.attention_variant),
-        )
+        self.pool = self.cache_spec.build_pool(self.layout, mc.num_layers, num_pages, self.dtype,
+                                               self.device)
+        attn_config = attention_config_for(mc, parse_variant(config.attention_variant))
         self.backend = build_attention_backend(
             attn_config, self.pool, config.resolved_backend(), config.prefill_backend,
             config.decode_backend,
@@ -125,9 +124,9 @@ class EngineCore:
         tokens = self.config.resolved_kv_cache_tokens()
         if tokens is not None:
             return pages_for_tokens(self.layout, tokens)
-        return pages_for_memory_fraction(
-            self.layout, num_layers, self.dtype, self.device, self.config.gpu_memory_utilization
-        )
+        page_bytes = bytes_per_token(self.cache_spec, num_layers, str(self.dtype)) \
+            * self.layout.page_size
+        return pages_within_memory(page_bytes, self.device, self.config.gpu_memory_utilization)
 
     def _setup_cuda_graphs(self, config: EngineConfig) -> None:
         if not config.cuda_graphs or self.device.type != "cuda":

@@ -125,3 +125,28 @@ def test_hybrid_forwards_graph_contract_to_its_decode_part() -> None:
     hybrid.plan(batch, graph_mode=True)
     assert hybrid.graph_key() == triton.graph_key() == triton.num_splits
     assert triton.graph_mode and triton.num_splits & (triton.num_splits - 1) == 0
+
+
+@pytest.mark.parametrize("name", backend_names("latent"))
+def test_every_latent_backend_declares_its_capabilities(name: str) -> None:
+    """The MLA backends keep the same contract, over a latent pool and an MLAConfig; a K/V
+    config or pool is refused."""
+    from attention.mla.base import MLABackend, MLAConfig
+    from kvcache.cache_spec import LatentSpec
+
+    cls = backend_factory(name, "latent")
+    assert isinstance(cls, type) and issubclass(cls, MLABackend)
+    assert isinstance(cls.__dict__.get("capabilities"), BackendCapabilities), name
+    if cls.capabilities.fused_rope_store:
+        assert cls.forward_rope is not MLABackend.forward_rope, name
+    if cls.capabilities.cuda_graphs:
+        assert cls.graph_key is not AttentionBackend.graph_key, name
+    spec = LatentSpec(32, 16)
+    pool = spec.build_pool(spec.make_layout("nhd", 4, "float32"), 1, 8, torch.float32,
+                           torch.device("cpu"))
+    config = MLAConfig.create(4, 32, 16, 0.2)
+    assert cls(config, pool).capabilities == cls.capabilities
+    with pytest.raises(TypeError, match="MLAConfig"):
+        cls(AttentionConfig(num_q_heads=4, num_kv_heads=1, head_dim=48, scale=0.2), pool)
+    with pytest.raises(ValueError, match="does not support KV layout"):
+        cls(config, _tiny_pool())  # type: ignore[arg-type]

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-from attention.backends.reference import ReferenceBackend
 from attention.batch import ForwardBatch
-from kvcache.layout import KVLayout
-from kvcache.pool import KVPool, KVPoolConfig
-from model.llama import CausalLM, attention_config
+from attention.registry import create_backend
+from kvcache.cache_spec import uniform_spec
+from model.families import attention_config_for
 
 
 def hf_model_from_gguf(path: Path) -> torch.nn.Module:
@@ -38,23 +37,20 @@ def hf_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 class PagedRunner:
-    """Runs our model step by step over a fresh KV pool with the reference backend."""
+    """Runs our model step by step over a fresh cache pool (the one its layers' cache spec
+    asks for: K/V or MLA latent rows) with the reference backend."""
 
-    def __init__(self, model: CausalLM, layout: str = "nhd", page_size: int = 16,
+    def __init__(self, model: torch.nn.Module, layout: str = "nhd", page_size: int = 16,
                  capacity_tokens: int = 160) -> None:
         cfg = model.config
         self.model = model
         self.page_size = 1 if layout == "token" else page_size
-        kv_layout = KVLayout.create(
-            layout, self.page_size, cfg.num_kv_heads, cfg.head_dim, str(model.dtype)
-        )
-        self.pool = KVPool(
-            KVPoolConfig(
-                kv_layout, cfg.num_layers, capacity_tokens // self.page_size + 8, model.dtype,
-                model.device,
-            )
-        )
-        self.backend = ReferenceBackend(attention_config(cfg), self.pool)
+        spec = uniform_spec(cfg.layer_cache_specs())
+        cache_layout = spec.make_layout(layout, self.page_size, str(model.dtype))
+        self.pool = spec.build_pool(cache_layout, cfg.num_layers,
+                                    capacity_tokens // self.page_size + 8, model.dtype,
+                                    model.device)
+        self.backend = create_backend("reference", attention_config_for(cfg), self.pool)
         self.next_page = 1  # page 0 is the scratch page
         self.pages: dict[int, list[int]] = {}
         self.cached: dict[int, int] = {}

@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 
+from model.config import ModelConfig
+from model.deepseek import DeepseekForCausalLM
 from model.llama import CausalLM
 from model.loader import empty_model, load_model
 from model.presets import SYNTHETIC_PRESETS, init_synthetic_weights, synthetic_config
@@ -24,7 +26,10 @@ PUBLISHED_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SYNTHETIC_PRESETS))
+LLAMA_PRESETS = sorted(n for n, c in SYNTHETIC_PRESETS.items() if isinstance(c, ModelConfig))
+
+
+@pytest.mark.parametrize("name", LLAMA_PRESETS)
 def test_preset_shapes_match_the_real_models(name):
     cfg = synthetic_config(f"synthetic:{name}")
     with torch.device("meta"):
@@ -36,6 +41,28 @@ def test_preset_shapes_match_the_real_models(name):
     assert (attn.qkv_proj.bias is not None) == (name == "qwen2.5-7b")
     assert (attn.q_norm is not None) == (name == "qwen3-8b")
     assert (model.lm_head is None) == cfg.tie_word_embeddings
+
+
+def test_deepseek_v2_lite_preset_has_the_real_shapes():
+    cfg = synthetic_config("deepseek-v2-lite")
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(cfg, dtype=torch.bfloat16)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == cfg.num_parameters()
+    assert round(count / 1e9, 1) == 15.7  # DeepSeek-V2-Lite: 15.7B parameters, as published
+    attn = model.layers[0].self_attn
+    assert attn.q_proj is not None and attn.q_a_proj is None  # no q compression
+    assert attn.q_proj.weight.shape == (16 * 192, 2048)
+    assert attn.kv_a_proj_with_mqa.weight.shape == (512 + 64, 2048)
+    assert attn.kv_b_proj.weight.shape == (16 * (128 + 128), 512)
+    assert not cfg.is_moe_layer(0) and all(cfg.is_moe_layer(i) for i in range(1, 27))
+    moe = model.layers[1].mlp
+    assert moe.experts.gate_up_proj.shape == (64, 2 * 1408, 2048)
+    assert moe.shared_experts.down_proj.weight.shape == (2048, 2 * 1408)
+    assert cfg.num_experts_per_tok == 6
+    # the latent cache: 576 values a token a layer, 1,152 bytes in bf16
+    (spec,) = set(cfg.layer_cache_specs())
+    assert spec.values_per_token() == 576
 
 
 def test_llama3_preset_rope_scaling_matches_transformers():

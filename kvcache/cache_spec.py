@@ -1,0 +1,128 @@
+"""What one layer keeps per token in the paged cache (DESIGN.md, "Attention kinds and their
+caches"): each model layer declares a `CacheSpec`, and the engine sizes and builds its pool
+from the specs, so no caller asks which attention kind a model has.
+
+Every paged kind shares the request's page ids (one block table for the model), so the
+allocator, the radix tree and preemption do not change with the kind. Pure Python at import
+time; the pools (torch) are imported when one is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from kvcache.layout import KVLayout
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvcache.latent_pool import LatentLayout, LatentPool
+    from kvcache.pool import KVPool
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def dtype_bytes(dtype_name: str) -> int:
+    key = dtype_name.removeprefix("torch.")
+    if key not in _DTYPE_BYTES:
+        raise ValueError(f"unsupported KV dtype {dtype_name!r}")
+    return _DTYPE_BYTES[key]
+
+
+class CacheSpec(Protocol):
+    """A layer's per-token cache: its kind, how its layout is made, what it costs."""
+
+    kind: str
+
+    def values_per_token(self) -> int:
+        """Cache elements one token takes in one layer."""
+        ...
+
+    def make_layout(self, layout_name: str, page_size: int, dtype_name: str) -> object: ...
+
+    def build_pool(self, layout: object, num_layers: int, num_pages: int,
+                   dtype: torch.dtype, device: torch.device) -> object: ...
+
+
+@dataclass(frozen=True)
+class KVHeadsSpec:
+    """Softmax GQA/MHA: K and V rows of `num_kv_heads x head_dim`, in a `KVLayout`."""
+
+    num_kv_heads: int
+    head_dim: int
+    kind: str = "kv"
+
+    def values_per_token(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def make_layout(self, layout_name: str, page_size: int, dtype_name: str) -> KVLayout:
+        return KVLayout.create(layout_name, page_size, self.num_kv_heads, self.head_dim,
+                               dtype_name)
+
+    def build_pool(self, layout: KVLayout, num_layers: int, num_pages: int,
+                   dtype: torch.dtype, device: torch.device) -> KVPool:
+        from kvcache.pool import KVPool, KVPoolConfig
+
+        return KVPool(KVPoolConfig(layout, num_layers, num_pages, dtype, device))
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """MLA: one row per token, the compressed KV latent (`kv_lora_rank`, RMS-normed) and the
+    decoupled rotary key (`rope_dim`, rotated), shared by every head of the layer."""
+
+    kv_lora_rank: int
+    rope_dim: int
+    kind: str = "latent"
+
+    @property
+    def row_width(self) -> int:
+        return self.kv_lora_rank + self.rope_dim
+
+    def values_per_token(self) -> int:
+        return self.row_width
+
+    def make_layout(self, layout_name: str, page_size: int, dtype_name: str) -> LatentLayout:
+        from kvcache.latent_pool import LatentLayout
+
+        return LatentLayout.create(layout_name, page_size, self.kv_lora_rank, self.rope_dim,
+                                   dtype_name)
+
+    def build_pool(self, layout: LatentLayout, num_layers: int, num_pages: int,
+                   dtype: torch.dtype, device: torch.device) -> LatentPool:
+        from kvcache.latent_pool import LatentPool
+
+        return LatentPool(layout, num_layers, num_pages, dtype, device)
+
+
+def uniform_spec(layer_specs: list[CacheSpec]) -> CacheSpec:
+    """The one spec every layer shares. A model that mixes kinds layer by layer needs a pool
+    per kind, which nothing builds yet: refused here rather than half-served."""
+    if not layer_specs:
+        raise ValueError("a model needs at least one layer")
+    first = layer_specs[0]
+    if any(spec != first for spec in layer_specs[1:]):
+        kinds = sorted({spec.kind for spec in layer_specs})
+        raise ValueError(f"layers with different cache specs ({kinds}) are not supported yet")
+    return first
+
+
+def bytes_per_token(spec: CacheSpec, num_layers: int, dtype_name: str) -> int:
+    """Cache bytes one token takes over all layers (MLA, bf16: 1,152 per layer)."""
+    return spec.values_per_token() * dtype_bytes(dtype_name) * num_layers
+
+
+def pages_within_memory(page_bytes: int, device: torch.device, fraction: float) -> int:
+    """Pages of `page_bytes` (all layers) that fit in `fraction` of the GPU's total memory,
+    after what is already used."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    budget = int(total * fraction) - used
+    if budget <= 0:
+        raise ValueError(
+            f"--gpu-memory-utilization {fraction} leaves no room for the KV cache "
+            f"({used / 2**30:.1f} GiB already in use of {total / 2**30:.1f} GiB)")
+    return max(2, budget // page_bytes)
