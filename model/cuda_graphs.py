@@ -116,6 +116,7 @@ class DecodeGraphs:
         self.timing: TimingMode = "off"  # "one" or "off" ("all" never replays a graph)
         self.last_timer: LayerTimer | None = None  # of the last replay
         self.last_timing: ReplayTiming | None = None  # the last replay's attention time
+        self._last_replayed: _Captured | None = None
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.max_model_len = max_model_len
         backend.prepare_cuda_graphs(self.max_batch, max_model_len)
@@ -190,7 +191,15 @@ class DecodeGraphs:
         self.last_timer = captured.timer
         timing = ReplayTiming(captured.timer) if captured.timer is not None else None
         captured.last_replay = self.last_timing = timing
+        self._last_replayed = captured
         return captured.hidden[:n]
+
+    def replay_last(self) -> None:
+        """Replay the last run's graph on the inputs it staged: the forward pass's device time
+        alone, for benchmarks (it stores the same K/V to the same slots again)."""
+        if self._last_replayed is None:
+            raise RuntimeError("no decode graph has run yet")
+        self._last_replayed.graph.replay()
 
     # ------------------------------------------------------------------ internals
 

@@ -254,14 +254,33 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, step: StepInput) -> PendingStep:
         """Queue one step on the device; returns without waiting for it."""
+        fwd = self._forward(step)
+        copies = HostCopies(self.device)
+        prompt_pieces = {}
+        if fwd.batch is not None:
+            prompt_pieces = {
+                want.seq: self._prompt_logprobs(fwd.hidden, fwd.batch.qo_indptr_host[want.seq],
+                                                want, copies)
+                for want in step.prompt_logprobs
+            }
+        return self._sample(fwd, step, prompt_pieces, copies)
+
+    @torch.inference_mode()
+    def forward_only(self, step: StepInput) -> tuple[torch.Tensor, bool]:
+        """The final hidden states of the step's sampled rows, nothing sampled, and whether a
+        CUDA graph computed them (`bench step` times the parts of a step with it)."""
+        fwd = self._forward(step)
+        return self._pick_rows(fwd.hidden, fwd.last_rows), fwd.batch is None
+
+    def _forward(self, step: StepInput) -> _Forward:
         if self._use_graph(step):
             hidden = self._decode_with_graph(step)
             if hidden is not None:
                 assert self.graphs is not None
                 timing = self.graphs.last_timing
-                return self._sample(hidden, list(step.sample_seqs), step, None,
-                                    timing.elapsed_s if timing is not None else _no_timing,
-                                    "decode", {})
+                return _Forward(hidden, list(step.sample_seqs), None,
+                                timing.elapsed_s if timing is not None else _no_timing,
+                                "decode", None)
         batch = ForwardBatch.build(
             step.q_lens, step.prefix_lens, step.page_tables, self.page_size, self.device,
             num_decodes=step.num_decodes,
@@ -275,14 +294,8 @@ class ModelRunner:
         with self.backend.layer_hook(timer):
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
-        copies = HostCopies(self.device)
-        prompt_pieces = {
-            want.seq: self._prompt_logprobs(hidden, batch.qo_indptr_host[want.seq], want, copies)
-            for want in step.prompt_logprobs
-        }
-        return self._sample(hidden, last_rows, step, timer,
-                            timer.elapsed_s if timer is not None else _no_timing,
-                            batch.phase, prompt_pieces, copies)
+        return _Forward(hidden, last_rows, timer,
+                        timer.elapsed_s if timer is not None else _no_timing, batch.phase, batch)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, first: int, want: PromptLogprobRequest,
                          to_host: HostCopies) -> list[tuple[torch.Tensor, ...]]:
@@ -302,21 +315,20 @@ class ModelRunner:
                 pieces.append((chosen,))
         return pieces
 
-    def _sample(self, hidden: torch.Tensor, last_rows: list[int], step: StepInput,
-                timer: LayerTimer | None, attention_s: Callable[[], float | None], phase: str,
+    def _pick_rows(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        first = rows[0] if rows else 0
+        if rows == list(range(first, first + len(rows))):
+            return hidden[first : first + len(rows)]  # e.g. every decode row
+        return hidden[_index_tensor(rows, self.device)]
+
+    def _sample(self, fwd: _Forward, step: StepInput,
                 prompt_pieces: dict[int, list[tuple[torch.Tensor, ...]]],
-                copies: HostCopies | None = None) -> PendingStep:
-        self.last_timer = timer
-        copies = copies or HostCopies(self.device)
+                copies: HostCopies) -> PendingStep:
+        self.last_timer = fwd.timer
         token_ids: torch.Tensor | None = None
         host_sampled: SamplerOutput | None = None
-        if last_rows:
-            first = last_rows[0]
-            if last_rows == list(range(first, first + len(last_rows))):
-                picked = hidden[first : first + len(last_rows)]  # e.g. every decode row
-            else:
-                picked = hidden[_index_tensor(last_rows, self.device)]
-            logits = self.model.compute_logits(picked)
+        if fwd.last_rows:
+            logits = self.model.compute_logits(self._pick_rows(fwd.hidden, fwd.last_rows))
             sampled = self.sampler(logits, step.sampling, step.generators,
                                    step.histories or None)
             token_ids = sampled.token_ids
@@ -329,8 +341,20 @@ class ModelRunner:
                                if sampled.top_token_ids is not None else None),
             )
         copies.record()
-        return PendingStep(token_ids, phase, copies, host_sampled, list(step.sampling),
-                           prompt_pieces, attention_s)
+        return PendingStep(token_ids, fwd.phase, copies, host_sampled, list(step.sampling),
+                           prompt_pieces, fwd.attention_s)
+
+
+@dataclass
+class _Forward:
+    """A step's forward pass as queued: its final hidden states and what sampling needs."""
+
+    hidden: torch.Tensor
+    last_rows: list[int]  # the rows of `hidden` that are sampled
+    timer: LayerTimer | None
+    attention_s: Callable[[], float | None]
+    phase: str
+    batch: ForwardBatch | None  # None: a CUDA graph ran the step
 
 
 def _no_timing() -> float | None:

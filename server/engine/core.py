@@ -135,6 +135,7 @@ class EngineCore:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
         self._inflight: _InFlight | None = None  # overlap scheduling: the step on the device
+        self._last_ready = 0.0  # perf_counter when the last step's tokens reached the host
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
         self.generated_tokens = 0  # sampled tokens, all steps
         self.stats_logger = StatsLogger() if config.log_stats else None
@@ -322,11 +323,15 @@ class EngineCore:
         except Exception as e:
             logger.exception("engine step failed; failing the requests in it")
             return self._fail_step(plan, f"internal error: {e}")
+        # The step's time starts at its launch or, when it was queued behind the previous
+        # step, when that one's tokens arrived: steps then tile the wall time, not overlap.
+        started = max(inflight.t0, self._last_ready)
+        self._last_ready = time.perf_counter()
         for i, rows in result.prompt_logprobs.items():
             seq = plan.seqs[i]
             self.outputs.add_prompt_logprobs(seq.request.request_id, seq.start + 1, rows)
         finished = self.scheduler.resolve(inflight.tokens, result.token_ids)
-        return self._emit_step(plan, inflight.sampled_seqs, result, finished, inflight.t0)
+        return self._emit_step(plan, inflight.sampled_seqs, result, finished, started)
 
     def _step_sequential(self) -> list[RequestOutput]:
         """The step without overlap (--no-overlap-schedule): launch, wait, apply."""
@@ -362,9 +367,7 @@ class EngineCore:
 
     def _emit_step(self, plan: StepPlan, sampled_seqs: list[ScheduledSeq], result: StepOutput,
                    finished: list[Request], t0: float) -> list[RequestOutput]:
-        """A step's metrics and outputs; stop strings end their requests in the scheduler.
-        `step_s` runs from the step's launch to its tokens on the host (with overlap, the
-        previous step's remaining device time included)."""
+        """A step's metrics and outputs; stop strings end their requests in the scheduler."""
         now = time.monotonic()
         step_s = time.perf_counter() - t0
         self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
