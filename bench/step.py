@@ -56,15 +56,15 @@ class StepRow:
     sample_ms: float
     host_ms: float
     floor_ms: float
-    weight_gb: float
-    kv_gb: float
+    weight_bytes: int  # read per step: weights (embedding table excepted)
+    kv_bytes: int  # read by the last timed step: every sequence's K/V
     step_over_floor: float
     forward_over_floor: float
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, iters: int = 20) -> float:
     """Median time of `fn()`: CUDA events around each call on a GPU, the clock on a CPU."""
-    for _ in range(3):
+    for _ in range(min(3, iters)):
         fn()
     times = []
     for _ in range(iters):
@@ -155,25 +155,26 @@ def decode_wall_ms(engine: EngineCore, recorder: LaunchRecorder, batch: int, con
     return wall_ms, last
 
 
-def step_parts_ms(engine: EngineCore, step: StepInput) -> tuple[float, str, float, float]:
+def step_parts_ms(engine: EngineCore, step: StepInput,
+                  iters: int) -> tuple[float, str, float, float]:
     """Device time of the forward pass, the LM head and sampling of one decode step."""
     runner, device = engine.runner, engine.device
     with torch.inference_mode():
         hidden, graph = runner.forward_only(step)
         if graph:
             assert runner.graphs is not None
-            forward_ms = median_ms(runner.graphs.replay_last, device)
+            forward_ms = median_ms(runner.graphs.replay_last, device, iters)
         else:
-            forward_ms = median_ms(lambda: runner.forward_only(step), device)
-        lm_head_ms = median_ms(lambda: runner.model.compute_logits(hidden), device)
+            forward_ms = median_ms(lambda: runner.forward_only(step), device, iters)
+        lm_head_ms = median_ms(lambda: runner.model.compute_logits(hidden), device, iters)
         logits = runner.model.compute_logits(hidden)
         sample_ms = median_ms(lambda: runner.sampler(logits, step.sampling, step.generators),
-                              device)
+                              device, iters)
     return forward_ms, "graph" if graph else "eager", lm_head_ms, sample_ms
 
 
 def measure(engine: EngineCore, batch: int, context: int, schedules: list[str], steps: int,
-            warmup: int, gbps: float, seed: int) -> list[StepRow]:
+            warmup: int, gbps: float, seed: int = 0, iters: int = 20) -> list[StepRow]:
     recorder = LaunchRecorder(engine)
     rows = []
     weights = weight_bytes(engine.model)
@@ -181,7 +182,7 @@ def measure(engine: EngineCore, batch: int, context: int, schedules: list[str], 
         engine.config.overlap_schedule = schedule == "overlap"  # read at every step
         wall_ms, last = decode_wall_ms(engine, recorder, batch, context, steps, warmup,
                                        random.Random(seed))
-        forward_ms, kind, lm_head_ms, sample_ms = step_parts_ms(engine, last)
+        forward_ms, kind, lm_head_ms, sample_ms = step_parts_ms(engine, last, iters)
         kv = kv_bytes(engine, last)
         floor_ms = 1e3 * (weights + kv) / (gbps * 1e9)
         rows.append(StepRow(
@@ -189,8 +190,8 @@ def measure(engine: EngineCore, batch: int, context: int, schedules: list[str], 
             forward_ms=round(forward_ms, 4), forward_kind=kind, lm_head_ms=round(lm_head_ms, 4),
             sample_ms=round(sample_ms, 4),
             host_ms=round(wall_ms - forward_ms - lm_head_ms - sample_ms, 4),
-            floor_ms=round(floor_ms, 4), weight_gb=round(weights / 1e9, 3),
-            kv_gb=round(kv / 1e9, 4), step_over_floor=round(wall_ms / floor_ms, 3),
+            floor_ms=round(floor_ms, 4), weight_bytes=weights, kv_bytes=kv,
+            step_over_floor=round(wall_ms / floor_ms, 3),
             forward_over_floor=round(forward_ms / floor_ms, 3),
         ))
         logger.info("%s", rows[-1])
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlap, sequential or both (same engine, alternating)")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per case")
     p.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
+    p.add_argument("--iters", type=int, default=20,
+                   help="timed calls of the forward, the LM head and sampling (medians)")
     p.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json-out", default=None, help="write the record here")
     add_engine_args(p)
@@ -270,7 +273,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for batch, context in cases:
         rows += measure(engine, batch, context, args.schedules, args.steps, args.warmup, gbps,
-                        args.bench_seed)
+                        args.bench_seed, args.iters)
     print(f"copy bandwidth {gbps:.0f} GB/s (read + write), {engine.model_name}, "
           f"{engine.backend.name} {engine.layout.name}/{engine.layout.page_size}, "
           f"{engine.dtype}, {engine.device}")
