@@ -27,7 +27,6 @@ import queue
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from attention.base import AttentionConfig
 from attention.registry import build_attention_backend
@@ -38,9 +37,9 @@ from kvcache.layout import KVLayout
 from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_for_tokens
 from kvcache.radix import RadixPrefixCache
 from model.loader import LoadedModel, load_model, load_tokenizer
-from model.runner import ModelRunner, PendingStep, StepOutput
+from model.runner import ModelRunner, StepOutput
 from model.sampler import make_generator
-from scheduler.plan import PendingTokens, ScheduledSeq, StepPlan
+from scheduler.plan import ScheduledSeq, StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from server.engine.choices import ChoiceGroup
@@ -48,27 +47,9 @@ from server.engine.config import EngineConfig
 from server.engine.output_processor import OutputProcessor, OutputSink
 from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
 from server.engine.stats_logger import StatsLogger
-from server.engine.step_input import PreviousSamples, build_step_input
+from server.engine.step_input import InFlightStep, build_step_input
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _InFlight:
-    """A launched step whose results have not been read (overlap scheduling)."""
-
-    plan: StepPlan
-    pending: PendingStep
-    sampled_seqs: list[ScheduledSeq]  # read before the scheduler advanced the requests
-    t0: float
-    values_needed_next: bool  # a sampled request has penalties: the next step needs values
-    tokens: PendingTokens = field(default_factory=PendingTokens)  # set by Scheduler.advance
-
-    def previous_samples(self) -> PreviousSamples | None:
-        if self.pending.token_ids is None:
-            return None
-        rows = {seq.request.request_id: k for k, seq in enumerate(self.sampled_seqs)}
-        return PreviousSamples(self.pending.token_ids, rows)
 
 
 class EngineCore:
@@ -134,7 +115,7 @@ class EngineCore:
         self.outputs = OutputProcessor(self.tokenizer)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
-        self._inflight: _InFlight | None = None  # overlap scheduling: the step on the device
+        self._inflight: InFlightStep | None = None  # overlap scheduling: the step on the device
         self._last_ready = 0.0  # perf_counter when the last step's tokens reached the host
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
         self.generated_tokens = 0  # sampled tokens, all steps
@@ -302,7 +283,7 @@ class EngineCore:
         self._report_gauges()
         return outputs
 
-    def _launch(self, plan: StepPlan) -> _InFlight:
+    def _launch(self, plan: StepPlan) -> InFlightStep:
         self.step_count += 1
         self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
         t0 = time.perf_counter()
@@ -310,7 +291,7 @@ class EngineCore:
         sampled = [seq for seq in plan.seqs if seq.needs_sample]
         pending = self.runner.launch(build_step_input(plan, self.outputs.generator, previous))
         penalties = any(seq.request.sampling.has_penalties for seq in sampled)
-        return _InFlight(plan, pending, sampled, t0, penalties)
+        return InFlightStep(plan, pending, sampled, t0, penalties)
 
     def _complete_inflight(self) -> list[RequestOutput]:
         """Wait for the step in flight and turn its tokens into outputs."""
@@ -335,13 +316,14 @@ class EngineCore:
 
     def _step_sequential(self) -> list[RequestOutput]:
         """The step without overlap (--no-overlap-schedule): launch, wait, apply."""
+        done = self._complete_inflight()  # one left by the overlapped schedule, if switched
         self._drain_inbox()
         plan = self.scheduler.schedule()
         if plan.preempted:
             self.observer.on_preemption(len(plan.preempted))
         if plan.is_empty:
             self._report_gauges()
-            return []
+            return done
         self.step_count += 1
         self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
         t0 = time.perf_counter()
@@ -351,10 +333,10 @@ class EngineCore:
             logger.exception("engine step failed; failing the requests in it")
             outputs = self._fail_step(plan, f"internal error: {e}")
             self._check_kernel_builds(time.perf_counter() - t0)
-            return outputs
+            return done + outputs
         outputs = self._process_result(plan, result, t0)
         self._report_gauges()
-        return outputs
+        return done + outputs
 
     def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:
         # which sequences were sampled must be read before update() advances the requests

@@ -1,17 +1,18 @@
 """One step's plan -> the runner's StepInput: the tokens, positions and page tables of every
 scheduled chunk, and what sampling needs of the sampled ones (parameters, generators, token
-histories for logits processing, prompt-logprob rows)."""
+histories for logits processing, prompt-logprob rows); and `InFlightStep`, a launched step
+whose tokens the next one may read on the device (overlap scheduling)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from model.runner import DeferredTokens, PromptLogprobRequest, StepInput
+from model.runner import DeferredTokens, PendingStep, PromptLogprobRequest, StepInput
 from model.sampler import TokenHistory
-from scheduler.plan import PLACEHOLDER_TOKEN, ScheduledSeq, StepPlan
+from scheduler.plan import PLACEHOLDER_TOKEN, PendingTokens, ScheduledSeq, StepPlan
 from scheduler.request import Request
 
 
@@ -22,6 +23,24 @@ class PreviousSamples:
 
     tokens: torch.Tensor
     row_of: dict[str, int]  # request id -> its row in `tokens`
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose results have not been read (overlap scheduling)."""
+
+    plan: StepPlan
+    pending: PendingStep
+    sampled_seqs: list[ScheduledSeq]  # read before the scheduler advanced the requests
+    t0: float
+    values_needed_next: bool  # a sampled request has penalties: the next step needs values
+    tokens: PendingTokens = field(default_factory=PendingTokens)  # set by Scheduler.advance
+
+    def previous_samples(self) -> PreviousSamples | None:
+        if self.pending.token_ids is None:
+            return None
+        rows = {seq.request.request_id: k for k, seq in enumerate(self.sampled_seqs)}
+        return PreviousSamples(self.pending.token_ids, rows)
 
 
 def build_step_input(plan: StepPlan, generator_of: Callable[[str], torch.Generator | None],
