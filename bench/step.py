@@ -23,6 +23,7 @@ The row:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -125,11 +126,12 @@ class LaunchRecorder:
 
 
 def decode_wall_ms(engine: EngineCore, recorder: LaunchRecorder, batch: int, context: int,
-                   steps: int, warmup: int, rng: random.Random) -> tuple[float, StepInput]:
+                   steps: int, warmup: int, rng: random.Random,
+                   sampling: SamplingParams) -> tuple[float, StepInput]:
     """Prefill `batch` prompts, then time `steps` engine steps that decode all of them."""
     vocab = engine.loaded.config.vocab_size
     lo, hi = min(1000, vocab // 4), min(30000, vocab)
-    params = SamplingParams(max_tokens=warmup + steps + 4, temperature=0.0, ignore_eos=True)
+    params = dataclasses.replace(sampling, max_tokens=warmup + steps + 4, ignore_eos=True)
     started: set[str] = set()
     rids = [engine.add_request([rng.randrange(lo, hi) for _ in range(context)], params,
                                sink=lambda out: started.add(out.request_id))
@@ -174,14 +176,16 @@ def step_parts_ms(engine: EngineCore, step: StepInput,
 
 
 def measure(engine: EngineCore, batch: int, context: int, schedules: list[str], steps: int,
-            warmup: int, gbps: float, seed: int = 0, iters: int = 20) -> list[StepRow]:
+            warmup: int, gbps: float, seed: int = 0, iters: int = 20,
+            sampling: SamplingParams | None = None) -> list[StepRow]:
+    sampling = sampling or SamplingParams(temperature=0.0)
     recorder = LaunchRecorder(engine)
     rows = []
     weights = weight_bytes(engine.model)
     for schedule in schedules:
         engine.config.overlap_schedule = schedule == "overlap"  # read at every step
         wall_ms, last = decode_wall_ms(engine, recorder, batch, context, steps, warmup,
-                                       random.Random(seed))
+                                       random.Random(seed), sampling)
         forward_ms, kind, lm_head_ms, sample_ms = step_parts_ms(engine, last, iters)
         kv = kv_bytes(engine, last)
         floor_ms = 1e3 * (weights + kv) / (gbps * 1e9)
@@ -242,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
     p.add_argument("--iters", type=int, default=20,
                    help="timed calls of the forward, the LM head and sampling (medians)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling of every request (default greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json-out", default=None, help="write the record here")
     add_engine_args(p)
@@ -268,12 +276,14 @@ def main(argv: list[str]) -> int:
             + 4 * config.page_size * most
     config.max_model_len = max(config.max_model_len or 0, longest) or None
     config.log_stats = False
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    sampling.validate()
     engine = EngineCore(config)
     gbps = copy_gbps(engine.device)
     rows = []
     for batch, context in cases:
         rows += measure(engine, batch, context, args.schedules, args.steps, args.warmup, gbps,
-                        args.bench_seed, args.iters)
+                        args.bench_seed, args.iters, sampling)
     print(f"copy bandwidth {gbps:.0f} GB/s (read + write), {engine.model_name}, "
           f"{engine.backend.name} {engine.layout.name}/{engine.layout.page_size}, "
           f"{engine.dtype}, {engine.device}")
@@ -285,6 +295,8 @@ def main(argv: list[str]) -> int:
             "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
             "torch": torch.__version__, "copy_gbps": round(gbps, 1),
             "config": engine.effective_config(), "steps": args.steps, "warmup": args.warmup,
+            "sampling": {"temperature": args.temperature, "top_p": args.top_p,
+                         "top_k": args.top_k},
             "rows": [asdict(r) for r in rows],
         }
         with open(args.json_out, "w") as f:

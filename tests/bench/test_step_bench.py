@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench.step import build_parser, cases_of, copy_gbps, format_table, measure, weight_bytes
+from scheduler.request import SamplingParams
 from tests.server.engine.test_overlap_schedule import make_engine
 
 
@@ -15,8 +16,9 @@ def test_step_rows_on_the_cpu() -> None:
     assert gbps > 0.1
     rows = []
     for batch, context in ((1, 8), (3, 20)):
+        sampling = SamplingParams(temperature=0.8, top_p=0.9) if batch > 1 else None
         rows += measure(engine, batch, context, ["overlap", "sequential"], steps=3, warmup=1,
-                        gbps=gbps, iters=2)
+                        gbps=gbps, iters=2, sampling=sampling)
         assert not engine.has_unfinished() and engine.scheduler.num_running == 0
     assert [(r.schedule, r.batch, r.context) for r in rows] == [
         ("overlap", 1, 8), ("sequential", 1, 8), ("overlap", 3, 20), ("sequential", 3, 20)]
