@@ -14,6 +14,7 @@ synchronisation. `execute` is the two in a row.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ class StepOutput:
     attention_s: float | None = None
     phase: str = "decode"
     prompt_logprobs: dict[int, list[LogprobRow]] = field(default_factory=dict)  # by seq index
+    device_s: float = 0.0  # the step's time on the device (HostCopies.step_s)
 
 
 def _logprob_rows(
@@ -113,11 +115,20 @@ def _prompt_logprob_rows(pieces: list[tuple[torch.Tensor, ...]]) -> list[Logprob
 
 class HostCopies:
     """Device tensors copied to pinned host memory without waiting, and the one event that
-    says they have all arrived (on a CPU the tensors are used as they are)."""
+    says they have all arrived (on a CPU the tensors are used as they are). It also times
+    the step: from its creation, at the start of the step's launch, to that event: on a GPU
+    the device's time from reaching the step to finishing it (host gaps within included),
+    on a CPU the launch's wall time."""
 
     def __init__(self, device: torch.device) -> None:
         self.on_gpu = device.type == "cuda"
         self._event: torch.cuda.Event | None = None
+        self._start: torch.cuda.Event | None = None
+        self._t0 = time.perf_counter()
+        self._cpu_s = 0.0
+        if self.on_gpu:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if not self.on_gpu:
@@ -128,12 +139,19 @@ class HostCopies:
     def record(self) -> None:
         """After the step's last copy was queued."""
         if self.on_gpu:
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event(enable_timing=True)
             self._event.record()
+        self._cpu_s = time.perf_counter() - self._t0
 
     def wait(self) -> None:
         if self._event is not None:
             self._event.synchronize()
+
+    def step_s(self) -> float:
+        """Call after `wait`."""
+        if self._start is not None and self._event is not None:
+            return self._start.elapsed_time(self._event) / 1e3
+        return self._cpu_s
 
 
 @dataclass
@@ -151,7 +169,8 @@ class PendingStep:
 
     def result(self) -> StepOutput:
         self._copies.wait()
-        out = StepOutput(token_ids=[], phase=self.phase, attention_s=self._attention_s())
+        out = StepOutput(token_ids=[], phase=self.phase, attention_s=self._attention_s(),
+                         device_s=self._copies.step_s())
         if self._host_sampled is not None:
             out.token_ids = self._host_sampled.token_ids.tolist()
             out.logprobs = _logprob_rows(self._host_sampled, self._sampling)
@@ -254,8 +273,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, step: StepInput) -> PendingStep:
         """Queue one step on the device; returns without waiting for it."""
+        copies = HostCopies(self.device)  # first: it times the step
         fwd = self._forward(step)
-        copies = HostCopies(self.device)
         prompt_pieces = {}
         if fwd.batch is not None:
             prompt_pieces = {

@@ -116,7 +116,6 @@ class EngineCore:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
         self._inflight: InFlightStep | None = None  # overlap scheduling: the step on the device
-        self._last_ready = 0.0  # perf_counter when the last step's tokens reached the host
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
         self.generated_tokens = 0  # sampled tokens, all steps
         self.stats_logger = StatsLogger() if config.log_stats else None
@@ -286,12 +285,11 @@ class EngineCore:
     def _launch(self, plan: StepPlan) -> InFlightStep:
         self.step_count += 1
         self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
-        t0 = time.perf_counter()
         previous = self._inflight.previous_samples() if self._inflight is not None else None
         sampled = [seq for seq in plan.seqs if seq.needs_sample]
         pending = self.runner.launch(build_step_input(plan, self.outputs.generator, previous))
         penalties = any(seq.request.sampling.has_penalties for seq in sampled)
-        return InFlightStep(plan, pending, sampled, t0, penalties)
+        return InFlightStep(plan, pending, sampled, penalties)
 
     def _complete_inflight(self) -> list[RequestOutput]:
         """Wait for the step in flight and turn its tokens into outputs."""
@@ -304,15 +302,12 @@ class EngineCore:
         except Exception as e:
             logger.exception("engine step failed; failing the requests in it")
             return self._fail_step(plan, f"internal error: {e}")
-        # The step's time starts at its launch or, when it was queued behind the previous
-        # step, when that one's tokens arrived: steps then tile the wall time, not overlap.
-        started = max(inflight.t0, self._last_ready)
-        self._last_ready = time.perf_counter()
         for i, rows in result.prompt_logprobs.items():
             seq = plan.seqs[i]
             self.outputs.add_prompt_logprobs(seq.request.request_id, seq.start + 1, rows)
         finished = self.scheduler.resolve(inflight.tokens, result.token_ids)
-        return self._emit_step(plan, inflight.sampled_seqs, result, finished, started)
+        # Its wall time overlaps the neighbours' steps: its device time is the step's time.
+        return self._emit_step(plan, inflight.sampled_seqs, result, finished, result.device_s)
 
     def _step_sequential(self) -> list[RequestOutput]:
         """The step without overlap (--no-overlap-schedule): launch, wait, apply."""
@@ -345,13 +340,12 @@ class EngineCore:
             seq = plan.seqs[i]
             self.outputs.add_prompt_logprobs(seq.request.request_id, seq.start + 1, rows)
         finished = self.scheduler.update(plan, result.token_ids)
-        return self._emit_step(plan, sampled_seqs, result, finished, t0)
+        return self._emit_step(plan, sampled_seqs, result, finished, time.perf_counter() - t0)
 
     def _emit_step(self, plan: StepPlan, sampled_seqs: list[ScheduledSeq], result: StepOutput,
-                   finished: list[Request], t0: float) -> list[RequestOutput]:
+                   finished: list[Request], step_s: float) -> list[RequestOutput]:
         """A step's metrics and outputs; stop strings end their requests in the scheduler."""
         now = time.monotonic()
-        step_s = time.perf_counter() - t0
         self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
         self._check_kernel_builds(step_s)
         outputs, stopped = self.outputs.process(

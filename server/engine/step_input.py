@@ -32,7 +32,6 @@ class InFlightStep:
     plan: StepPlan
     pending: PendingStep
     sampled_seqs: list[ScheduledSeq]  # read before the scheduler advanced the requests
-    t0: float
     values_needed_next: bool  # a sampled request has penalties: the next step needs values
     tokens: PendingTokens = field(default_factory=PendingTokens)  # set by Scheduler.advance
 
