@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,11 +49,34 @@ def decode_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+class ReplayTiming:
+    """The attention time of one replay. The graph's events are re-recorded by its next
+    replay, so before that replay `freeze` reads them (waiting, if need be, for this replay's
+    timed layer, which is done long before the replay's end in practice)."""
+
+    def __init__(self, timer: LayerTimer) -> None:
+        self.timer = timer
+        self.seconds: float | None = None
+
+    def freeze(self) -> None:
+        if self.seconds is None:
+            if self.timer.events:
+                self.timer.events[-1][1].synchronize()
+            self.seconds = self.timer.elapsed_s()
+
+    def elapsed_s(self) -> float | None:
+        """Call once the replay has completed (its tokens were read)."""
+        if self.seconds is None:
+            self.seconds = self.timer.elapsed_s()
+        return self.seconds
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # the graph's output: [bucket, hidden_size]
     timer: LayerTimer | None  # its attention events, recorded on every replay
+    last_replay: ReplayTiming | None = field(default=None)
 
 
 class DecodeGraphs:
@@ -92,6 +115,8 @@ class DecodeGraphs:
         self._failed: set[tuple[int, Hashable, bool]] = set()
         self.timing: TimingMode = "off"  # "one" or "off" ("all" never replays a graph)
         self.last_timer: LayerTimer | None = None  # of the last replay
+        self.last_timing: ReplayTiming | None = None  # the last replay's attention time
+        self._last_replayed: _Captured | None = None
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.max_model_len = max_model_len
         backend.prepare_cuda_graphs(self.max_batch, max_model_len)
@@ -130,15 +155,20 @@ class DecodeGraphs:
     def run(
         self, token_ids: list[int], positions: list[int], slots: list[int],
         seq_lens: list[int], page_tables: list[list[int]],
+        fill_inputs: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor | None:
         """Decode one token for each of len(token_ids) sequences; returns their final
         hidden states [n, hidden] (a view of the graph's output, valid until the next run),
-        or None when this step's graph cannot be captured (the caller runs it eagerly)."""
+        or None when this step's graph cannot be captured (the caller runs it eagerly).
+        `fill_inputs` may then change the staged input ids on the device (the previous
+        step's tokens, model/runner.py `DeferredTokens`)."""
         n = len(token_ids)
         bucket = self.bucket_for(n)
         if bucket is None:
             raise ValueError(f"batch of {n} exceeds the largest captured size {self.max_batch}")
         batch = self._stage(token_ids, positions, slots, seq_lens, page_tables, bucket)
+        if fill_inputs is not None:
+            fill_inputs(self.input_ids)
         self.backend.plan(batch, graph_mode=True)
         key = self._key(bucket)
         if key in self._failed:
@@ -155,9 +185,21 @@ class DecodeGraphs:
                 return None
             # capturing ran the step eagerly once; replaying it again is idempotent (the same
             # K/V is stored to the same slots) and gives the output tensor its values
+        if captured.last_replay is not None:
+            captured.last_replay.freeze()  # this replay re-records the events it reads
         captured.graph.replay()
         self.last_timer = captured.timer
+        timing = ReplayTiming(captured.timer) if captured.timer is not None else None
+        captured.last_replay = self.last_timing = timing
+        self._last_replayed = captured
         return captured.hidden[:n]
+
+    def replay_last(self) -> None:
+        """Replay the last run's graph on the inputs it staged: the forward pass's device time
+        alone, for benchmarks (it stores the same K/V to the same slots again)."""
+        if self._last_replayed is None:
+            raise RuntimeError("no decode graph has run yet")
+        self._last_replayed.graph.replay()
 
     # ------------------------------------------------------------------ internals
 

@@ -5,10 +5,17 @@ ForwardBatch, calls `backend.plan` once, runs the model (each layer calls
 `backend.forward`), computes logits only for the rows that are sampled, and samples on
 the device. Every step's attention time is measured through the backend's layer hook
 (model/attention_timing.py), CUDA-graph replays included.
+
+`launch` queues a step and returns at once: the sampled tokens stay on the device (the next
+step may take its inputs from them, `DeferredTokens`), and what the host needs of them is
+copied back asynchronously; `PendingStep.result` waits for that copy, the step's one host
+synchronisation. `execute` is the two in a row.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,8 +30,18 @@ from model.attention_timing import (
     step_timer,
 )
 from model.cuda_graphs import DecodeGraphs
-from model.sampler import Sampler, SamplerOutput, TokenHistory
+from model.sampler import Sampler, SamplerOutput, TokenHistory, to_device
 from scheduler.request import SamplingParams
+
+
+@dataclass
+class DeferredTokens:
+    """Input tokens that the previous step sampled and whose values are still on the device:
+    row `rows[i]` of this step's token_ids (a placeholder there) is `tokens[sources[i]]`."""
+
+    tokens: torch.Tensor  # the previous step's sampled tokens [num sampled] int64, on device
+    rows: list[int]
+    sources: list[int]
 
 
 @dataclass
@@ -42,6 +59,7 @@ class StepInput:
     histories: list[TokenHistory | None] = field(default_factory=list)
     # prompt logprobs wanted: (sequence index, top k, the tokens its first rows predict)
     prompt_logprobs: list[PromptLogprobRequest] = field(default_factory=list)
+    deferred: DeferredTokens | None = None
 
 
 @dataclass
@@ -64,11 +82,13 @@ class StepOutput:
     attention_s: float | None = None
     phase: str = "decode"
     prompt_logprobs: dict[int, list[LogprobRow]] = field(default_factory=dict)  # by seq index
+    device_s: float = 0.0  # the step's time on the device (HostCopies.step_s)
 
 
 def _logprob_rows(
     sampled: SamplerOutput, params: list[SamplingParams]
 ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per sampled row: None, or its logprob and top list (from host copies of `sampled`)."""
     if sampled.logprobs is None:
         return [None] * len(params)
     chosen = sampled.logprobs.tolist()
@@ -83,6 +103,101 @@ def _logprob_rows(
             if top_ids is not None and top_lp is not None else []
         rows.append((chosen[i], top))
     return rows
+
+
+def _prompt_logprob_rows(pieces: list[tuple[torch.Tensor, ...]]) -> list[LogprobRow]:
+    """(chosen, [top logprobs, top ids]) host tensors of a request's slices -> its rows."""
+    rows: list[LogprobRow] = []
+    for piece in pieces:
+        chosen = piece[0].tolist()
+        if len(piece) == 1:
+            rows.extend((c, []) for c in chosen)
+            continue
+        top_lp, top_ids = piece[1].tolist(), piece[2].tolist()
+        rows.extend((c, list(zip(i, v, strict=True)))
+                    for c, i, v in zip(chosen, top_ids, top_lp, strict=True))
+    return rows
+
+
+class HostCopies:
+    """Device tensors copied to pinned host memory without waiting, and the one event that
+    says they have all arrived (on a CPU the tensors are used as they are). It also times
+    the step: from its creation, at the start of the step's launch, to that event: on a GPU
+    the device's time from reaching the step to finishing it (host gaps within included),
+    on a CPU the launch's wall time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_gpu = device.type == "cuda"
+        self._event: torch.cuda.Event | None = None
+        self._start: torch.cuda.Event | None = None
+        self._t0 = time.perf_counter()
+        self._cpu_s = 0.0
+        if self.on_gpu:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.on_gpu:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    def record(self) -> None:
+        """After the step's last copy was queued."""
+        if self.on_gpu:
+            self._event = torch.cuda.Event(enable_timing=True)
+            self._event.record()
+        self._cpu_s = time.perf_counter() - self._t0
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def step_s(self) -> float:
+        """Call after `wait`."""
+        if self._start is not None and self._event is not None:
+            return self._start.elapsed_time(self._event) / 1e3
+        return self._cpu_s
+
+
+@dataclass
+class PendingStep:
+    """A launched step. `token_ids` (device) may feed the next step before `result`, which
+    waits for the host copies (the step's one synchronisation) and builds the StepOutput."""
+
+    token_ids: torch.Tensor | None  # [num sampled] int64 on the device; None: none sampled
+    phase: str
+    _copies: HostCopies
+    _host_sampled: SamplerOutput | None
+    _sampling: list[SamplingParams]
+    _prompt_pieces: dict[int, list[tuple[torch.Tensor, ...]]]
+    _attention_s: Callable[[], float | None]
+
+    def result(self) -> StepOutput:
+        self._copies.wait()
+        out = StepOutput(token_ids=[], phase=self.phase, attention_s=self._attention_s(),
+                         device_s=self._copies.step_s())
+        if self._host_sampled is not None:
+            out.token_ids = self._host_sampled.token_ids.tolist()
+            out.logprobs = _logprob_rows(self._host_sampled, self._sampling)
+        for seq, pieces in self._prompt_pieces.items():
+            out.prompt_logprobs[seq] = _prompt_logprob_rows(pieces)
+        return out
+
+
+def apply_deferred(input_ids: torch.Tensor, deferred: DeferredTokens | None) -> None:
+    """Write the previous step's sampled tokens into this step's placeholder rows, on the
+    device (the host never waits for their values)."""
+    if deferred is None or not deferred.rows:
+        return
+    dev = input_ids.device
+    rows = _index_tensor(deferred.rows, dev)
+    sources = _index_tensor(deferred.sources, dev)
+    input_ids.index_copy_(0, rows, deferred.tokens.index_select(0, sources))
+
+
+def _index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    return to_device(values, torch.int64, device)
 
 
 PROMPT_LOGPROB_ROWS = 256  # rows of prompt logits computed at a time
@@ -155,24 +270,49 @@ class ModelRunner:
         slots = [pages[p // ps] * ps + p % ps
                  for p, pages in zip(positions, step.page_tables, strict=True)]
         seq_lens = [p + 1 for p in positions]
-        return self.graphs.run(step.token_ids, positions, slots, seq_lens, step.page_tables)
+        return self.graphs.run(step.token_ids, positions, slots, seq_lens, step.page_tables,
+                               fill_inputs=lambda ids: apply_deferred(ids, step.deferred))
+
+    def execute(self, step: StepInput) -> StepOutput:
+        """Run one step and wait for its results."""
+        return self.launch(step).result()
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> StepOutput:
+    def launch(self, step: StepInput) -> PendingStep:
+        """Queue one step on the device; returns without waiting for it."""
+        copies = HostCopies(self.device)  # first: it times the step
+        fwd = self._forward(step)
+        prompt_pieces = {}
+        if fwd.batch is not None:
+            prompt_pieces = {
+                want.seq: self._prompt_logprobs(fwd.hidden, fwd.batch.qo_indptr_host[want.seq],
+                                                want, copies)
+                for want in step.prompt_logprobs
+            }
+        return self._sample(fwd, step, prompt_pieces, copies)
+
+    @torch.inference_mode()
+    def forward_only(self, step: StepInput) -> tuple[torch.Tensor, bool]:
+        """The final hidden states of the step's sampled rows, nothing sampled, and whether a
+        CUDA graph computed them (`bench step` times the parts of a step with it)."""
+        fwd = self._forward(step)
+        return self._pick_rows(fwd.hidden, fwd.last_rows), fwd.batch is None
+
+    def _forward(self, step: StepInput) -> _Forward:
         if self._use_graph(step):
             hidden = self._decode_with_graph(step)
             if hidden is not None:
                 assert self.graphs is not None
-                return self._sample(hidden, list(step.sample_seqs), step,
-                                    self.graphs.last_timer, "decode")
+                timing = self.graphs.last_timing
+                return _Forward(hidden, list(step.sample_seqs), None,
+                                timing.elapsed_s if timing is not None else _no_timing,
+                                "decode", None)
         batch = ForwardBatch.build(
             step.q_lens, step.prefix_lens, step.page_tables, self.page_size, self.device,
             num_decodes=step.num_decodes,
         )
-        input_ids = torch.tensor(step.token_ids, dtype=torch.int64)
-        if self.device.type == "cuda":
-            input_ids = input_ids.pin_memory()
-        input_ids = input_ids.to(self.device, non_blocking=True)
+        input_ids = _index_tensor(step.token_ids, self.device)
+        apply_deferred(input_ids, step.deferred)
         self.backend.plan(batch)
         timer = step_timer(self.attention_timing, self.device, self.num_layers,
                            guard=self.launch_guard)
@@ -181,55 +321,68 @@ class ModelRunner:
         with self.backend.layer_hook(timer):
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
-        out = self._sample(hidden, last_rows, step, timer, batch.phase)
-        for want in step.prompt_logprobs:
-            first = batch.qo_indptr_host[want.seq]
-            out.prompt_logprobs[want.seq] = self._prompt_logprobs(hidden, first, want)
-        return out
+        return _Forward(hidden, last_rows, timer,
+                        timer.elapsed_s if timer is not None else _no_timing, batch.phase, batch)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, first: int,
-                         want: PromptLogprobRequest) -> list[LogprobRow]:
+    def _prompt_logprobs(self, hidden: torch.Tensor, first: int, want: PromptLogprobRequest,
+                         to_host: HostCopies) -> list[tuple[torch.Tensor, ...]]:
         """The model's logprob of each next prompt token (and the top k) at the chunk's rows,
-        a slice of rows at a time: a [rows, vocab] float32 block is large."""
-        rows: list[LogprobRow] = []
+        a slice of rows at a time (a [rows, vocab] float32 block is large), as host copies."""
+        pieces: list[tuple[torch.Tensor, ...]] = []
         for j0 in range(0, len(want.targets), PROMPT_LOGPROB_ROWS):
             targets = want.targets[j0 : j0 + PROMPT_LOGPROB_ROWS]
             logp = self.model.compute_logits(
                 hidden[first + j0 : first + j0 + len(targets)]).log_softmax(dim=-1)
-            index = torch.tensor(targets, device=logp.device)[:, None]
-            chosen = logp.gather(1, index)[:, 0].tolist()
+            index = _index_tensor(targets, logp.device)[:, None]
+            chosen = to_host(logp.gather(1, index)[:, 0])
             if want.top_k > 0:
-                top_lp, top_ids = (t.tolist() for t in logp.topk(want.top_k, dim=-1))
-                rows.extend((c, list(zip(i, v, strict=True)))
-                            for c, i, v in zip(chosen, top_ids, top_lp, strict=True))
+                top_lp, top_ids = logp.topk(want.top_k, dim=-1)
+                pieces.append((chosen, to_host(top_lp), to_host(top_ids)))
             else:
-                rows.extend((c, []) for c in chosen)
-        return rows
+                pieces.append((chosen,))
+        return pieces
 
-    def _sample(self, hidden: torch.Tensor, last_rows: list[int], step: StepInput,
-                timer: LayerTimer | None, phase: str) -> StepOutput:
-        self.last_timer = timer
-        token_ids: list[int] = []
-        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
-        if last_rows:
-            first = last_rows[0]
-            if last_rows == list(range(first, first + len(last_rows))):
-                picked = hidden[first : first + len(last_rows)]  # e.g. every decode row
-            else:
-                rows = torch.tensor(last_rows, dtype=torch.int64)
-                if self.device.type == "cuda":  # a pageable copy would wait for the forward
-                    rows = rows.pin_memory()
-                picked = hidden[rows.to(self.device, non_blocking=True)]
-            logits = self.model.compute_logits(picked)
+    def _pick_rows(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        first = rows[0] if rows else 0
+        if rows == list(range(first, first + len(rows))):
+            return hidden[first : first + len(rows)]  # e.g. every decode row
+        return hidden[_index_tensor(rows, self.device)]
+
+    def _sample(self, fwd: _Forward, step: StepInput,
+                prompt_pieces: dict[int, list[tuple[torch.Tensor, ...]]],
+                copies: HostCopies) -> PendingStep:
+        self.last_timer = fwd.timer
+        token_ids: torch.Tensor | None = None
+        host_sampled: SamplerOutput | None = None
+        if fwd.last_rows:
+            logits = self.model.compute_logits(self._pick_rows(fwd.hidden, fwd.last_rows))
             sampled = self.sampler(logits, step.sampling, step.generators,
                                    step.histories or None)
-            token_ids = sampled.token_ids.tolist()
-            logprobs = _logprob_rows(sampled, step.sampling)
-        elif self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return StepOutput(
-            token_ids=token_ids,
-            logprobs=logprobs,
-            attention_s=timer.elapsed_s() if timer is not None else None,
-            phase=phase,
-        )
+            token_ids = sampled.token_ids
+            host_sampled = SamplerOutput(
+                token_ids=copies(sampled.token_ids),
+                logprobs=copies(sampled.logprobs) if sampled.logprobs is not None else None,
+                top_logprobs=(copies(sampled.top_logprobs)
+                              if sampled.top_logprobs is not None else None),
+                top_token_ids=(copies(sampled.top_token_ids)
+                               if sampled.top_token_ids is not None else None),
+            )
+        copies.record()
+        return PendingStep(token_ids, fwd.phase, copies, host_sampled, list(step.sampling),
+                           prompt_pieces, fwd.attention_s)
+
+
+@dataclass
+class _Forward:
+    """A step's forward pass as queued: its final hidden states and what sampling needs."""
+
+    hidden: torch.Tensor
+    last_rows: list[int]  # the rows of `hidden` that are sampled
+    timer: LayerTimer | None
+    attention_s: Callable[[], float | None]
+    phase: str
+    batch: ForwardBatch | None  # None: a CUDA graph ran the step
+
+
+def _no_timing() -> float | None:
+    return None

@@ -51,8 +51,21 @@ class SamplerOutput:
     top_token_ids: torch.Tensor | None = None  # [N, K] int64
 
 
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on `device` without waiting for the work queued there: through pinned
+    memory, non-blocking (`torch.tensor(values, device=cuda)` synchronises the stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return to_device(values, torch.float32, device)[:, None]
+
+
+def _indices(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return to_device(values, torch.int64, device)
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -65,7 +78,7 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     if any(k < V for k in top_ks) or any(tp < 1.0 for tp in top_ps):
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=dev)[None, :]
-        drop = rank >= torch.tensor(top_ks, device=dev)[:, None]
+        drop = rank >= _indices(top_ks, dev)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         if any(tp < 1.0 for tp in top_ps):
             sorted_probs = sorted_logits.softmax(dim=-1)
@@ -89,7 +102,8 @@ def _flat_index(lists: list[Sequence[int]], width: int, dev: torch.device) -> to
     tokens = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.int64)
     lengths = torch.tensor([len(x) for x in lists], dtype=torch.int64)
     rows = torch.repeat_interleave(torch.arange(len(lists), dtype=torch.int64) * width, lengths)
-    return (rows + tokens).to(dev, non_blocking=True)
+    flat = rows + tokens
+    return (flat.pin_memory() if dev.type == "cuda" else flat).to(dev, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
@@ -122,27 +136,27 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams],
     if not rows:
         return logits
     dev = logits.device
-    sub = logits[torch.tensor(rows, device=dev)]  # a copy
+    sub = logits[_indices(rows, dev)]  # a copy
     banned = [(k, t) for k, i in enumerate(rows) if (h := histories[i]) is not None
               for t in h.banned_token_ids]
     if banned:
         r, t = zip(*banned, strict=True)
-        sub[torch.tensor(r, device=dev), torch.tensor(t, device=dev)] = float("-inf")
+        sub[_indices(r, dev), _indices(t, dev)] = float("-inf")
     bias = [(k, t, b) for k, i in enumerate(rows) for t, b in (params[i].logit_bias or {}).items()]
     if bias:
         r, t, b = zip(*bias, strict=True)
-        sub.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
-                       torch.tensor(b, dtype=sub.dtype, device=dev), accumulate=True)
+        sub.index_put_((_indices(r, dev), _indices(t, dev)), to_device(b, sub.dtype, dev),
+                       accumulate=True)
     penalised = [k for k, i in enumerate(rows) if params[i].has_penalties]
     if penalised:
         hist = [histories[rows[k]] for k in penalised]
         if any(h is None for h in hist):
             raise ValueError("penalties need the token history of their rows")
-        index = torch.tensor(penalised, device=dev)
+        index = _indices(penalised, dev)
         sub[index] = apply_penalties(sub[index], [params[rows[k]] for k in penalised],
                                      hist)  # type: ignore[arg-type]
     out = logits.clone()
-    out[torch.tensor(rows, device=dev)] = sub
+    out[_indices(rows, dev)] = sub
     return out
 
 
@@ -179,7 +193,7 @@ class Sampler:
         unseeded = [i for i, p in enumerate(params) if not p.greedy and gens[i] is None]
         seeded = [i for i, p in enumerate(params) if not p.greedy and gens[i] is not None]
         if unseeded:
-            rows = torch.tensor(unseeded, device=dev)
+            rows = _indices(unseeded, dev)
             probs = filtered_probs(logits[rows], [params[i] for i in unseeded])
             tokens[rows] = _race(probs, self.generator)
         for i in seeded:

@@ -20,6 +20,9 @@ class SchedulerConfig:
     enable_prefix_cache: bool
     schedule_policy: str
     vocab_size: int | None = None  # prompt token ids must be below it; None: unchecked
+    # Prefill tokens one step may hold while decodes run in it (None: max_num_batched_tokens):
+    # bounds how long a prefill chunk stalls the running streams (docs/architecture.md)
+    max_prefill_tokens_with_decode: int | None = None
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -28,6 +31,9 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        cap = self.max_prefill_tokens_with_decode
+        if cap is not None and cap < 1:
+            raise ValueError("max_prefill_tokens_with_decode must be >= 1")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
         if self.schedule_policy not in SCHEDULE_POLICIES:

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 from scheduler.request import Request
 
+# An output token sampled by a step whose result is still on the device (overlap
+# scheduling): the request counts it, the next step reads its value on the device, and
+# `Scheduler.resolve` writes the value in before anything on the host reads it.
+PLACEHOLDER_TOKEN = -1
+
 
 @dataclass
 class ScheduledSeq:
@@ -43,3 +48,14 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+
+@dataclass
+class PendingTokens:
+    """A step applied by `Scheduler.advance` whose tokens are not known yet: one slot per
+    sampled sequence (its request and the index of its placeholder, or None when the request
+    had ended before the step's results were applied), and the requests that finished on
+    length alone."""
+
+    slots: list[tuple[Request, int] | None] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from kvcache.allocator import PageAllocator
 from kvcache.radix import MatchResult, RadixNode, RadixPrefixCache
 from scheduler.config import SchedulerConfig, SchedulerStats
-from scheduler.plan import ScheduledSeq, StepPlan
+from scheduler.plan import PLACEHOLDER_TOKEN, PendingTokens, ScheduledSeq, StepPlan
 from scheduler.policy import MIN_IN_FLIGHT_SHARE_TOKENS, admission_order, common_prefix_pages
 from scheduler.request import FinishReason, Request, RequestStatus, SamplingParams
 from scheduler.validation import check_request
@@ -75,6 +75,7 @@ class Scheduler:
         self.prefix_cache_queries_tokens = 0
         self.prefix_cache_hit_tokens = 0
         self.num_preemptions_total = 0
+        self._prefill_left = 0  # prefill tokens the step being scheduled may still take
 
     # -- public state ----------------------------------------------------------------------
 
@@ -150,6 +151,9 @@ class Scheduler:
         plan = StepPlan()
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
+        cap = self.config.max_prefill_tokens_with_decode
+        with_decodes = cap is not None and any(self._is_decode_ready(r) for r in self.running)
+        self._prefill_left = cap if with_decodes else self.config.max_num_batched_tokens
         budget = self._schedule_running(plan, decodes, prefills)
         # After a preemption the pool is tight: admitting now would only thrash.
         if not plan.preempted:
@@ -182,7 +186,7 @@ class Scheduler:
                 num_new = 1 if budget >= 1 else 0
             else:
                 remaining = req.num_tokens - req.num_computed_tokens
-                num_new = min(remaining, budget - pending_decodes)
+                num_new = min(remaining, budget - pending_decodes, self._prefill_left)
             if num_new <= 0:
                 i += 1
                 continue
@@ -199,6 +203,8 @@ class Scheduler:
             seq = ScheduledSeq(req, req.num_computed_tokens, num_new)
             (decodes if is_decode else prefills).append(seq)
             budget -= num_new
+            if not is_decode:
+                self._prefill_left -= num_new
             i += 1
         return budget
 
@@ -210,7 +216,7 @@ class Scheduler:
         if not self.waiting or budget <= 0 or len(self.running) >= cfg.max_num_seqs:
             return
         for req in admission_order(self.waiting, cfg.schedule_policy, cache):
-            if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
+            if min(budget, self._prefill_left) <= 0 or len(self.running) >= cfg.max_num_seqs:
                 return
             tokens = req.all_token_ids
             match: MatchResult | None = None
@@ -224,7 +230,7 @@ class Scheduler:
                 cache.lock(match.node)
             cached_pages = match.pages if match is not None else []
             num_cached = match.num_tokens if match is not None else 0
-            num_new = min(len(tokens) - num_cached, budget)
+            num_new = min(len(tokens) - num_cached, budget, self._prefill_left)
             need = _pages_for(num_cached + num_new, self.page_size) - len(cached_pages)
             if not self._make_free(need):
                 if cache is not None and match is not None:
@@ -248,6 +254,7 @@ class Scheduler:
             # as a plain decode.
             (decodes if seq.is_decode else prefills).append(seq)
             budget -= num_new
+            self._prefill_left -= num_new
 
     def _prefix_in_flight(self, tokens: list[int], num_cached: int) -> bool:
         """True if a request still prefilling will compute at least MIN_IN_FLIGHT_SHARE_TOKENS
@@ -274,46 +281,74 @@ class Scheduler:
 
         `sampled[i]` is the token for the i-th seq of `plan.seqs` that needs a sample.
         """
-        flags = [(seq.needs_sample, seq.is_decode) for seq in plan.seqs]
-        expected = sum(1 for needs_sample, _ in flags if needs_sample)
+        expected = sum(1 for seq in plan.seqs if seq.needs_sample)
         if len(sampled) != expected:
             raise ValueError(f"update got {len(sampled)} sampled tokens, expected {expected}")
-        finished: list[Request] = []
-        tokens = iter(sampled)
-        now = time.monotonic()
-        for seq, (needs_sample, is_decode) in zip(plan.seqs, flags, strict=True):
-            token = next(tokens) if needs_sample else None
+        return self.resolve(self.advance(plan), sampled)
+
+    def advance(self, plan: StepPlan) -> PendingTokens:
+        """The half of `update` that needs no token values, for a step whose tokens are still
+        on the device (overlap scheduling): the chunks count as computed, each sampled request
+        gets PLACEHOLDER_TOKEN as its next output token, and requests that reach max_tokens
+        or max_model_len finish now. `resolve` fills in the tokens."""
+        pending = PendingTokens()
+        for seq in plan.seqs:
+            needs_sample = seq.needs_sample  # read before the request advances
             req = seq.request
-            if req.status is not RequestStatus.RUNNING:
-                continue  # aborted or finished between schedule() and update()
-            req.num_computed_tokens = seq.start + seq.num_tokens
-            if not is_decode and self.prefix_cache is not None:
-                self._cache_prefix(req)
-            if token is None:
+            if req.status is not RequestStatus.RUNNING:  # aborted or finished since schedule()
+                if needs_sample:
+                    pending.slots.append(None)
                 continue
-            req.output_token_ids.append(token)
+            req.num_computed_tokens = seq.start + seq.num_tokens
+            if not seq.is_decode and self.prefix_cache is not None:
+                self._cache_prefix(req)
+            if not needs_sample:
+                continue
+            req.output_token_ids.append(PLACEHOLDER_TOKEN)
+            pending.slots.append((req, len(req.output_token_ids) - 1))
+            if self._length_reached(req):
+                self._finish(req, FinishReason.LENGTH)
+                pending.finished.append(req)
+        return pending
+
+    def resolve(self, pending: PendingTokens, sampled: list[int]) -> list[Request]:
+        """Put a step's sampled tokens in place of its placeholders and end the requests they
+        stop (EOS, stop ids); returns every request the step finished. A request may have
+        been preempted or finished since `advance`: its token is still recorded."""
+        if len(sampled) != len(pending.slots):
+            raise ValueError(f"resolve got {len(sampled)} tokens for {len(pending.slots)} samples")
+        finished = list(pending.finished)
+        on_length = {id(r) for r in pending.finished}
+        now = time.monotonic()
+        for slot, token in zip(pending.slots, sampled, strict=True):
+            if slot is None:
+                continue
+            req, index = slot
+            req.output_token_ids[index] = token
             if req.first_token_time is None:
                 req.first_token_time = now
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                self._finish(req, reason)
+            if not self._stops_on(req, token, index + 1):
+                continue
+            if id(req) in on_length:  # EOS on the last allowed token: a stop, as before
+                req.finish_reason = FinishReason.STOP
+            elif req.status in (RequestStatus.RUNNING, RequestStatus.WAITING):
+                self._finish(req, FinishReason.STOP)
                 finished.append(req)
         return finished
 
-    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+    @staticmethod
+    def _stops_on(req: Request, token: int, num_output: int) -> bool:
+        """Does `token`, the request's `num_output`-th, end it (EOS or a stop id)? Under
+        min_tokens the sampler never draws those (the engine bans them); should one come
+        anyway it does not end the request before min_tokens."""
         sp = req.sampling
-        # Under min_tokens the sampler never draws EOS or a stop id (the engine bans them);
-        # should one come anyway it does not end the request before min_tokens.
-        if len(req.output_token_ids) > sp.min_tokens:
-            if not sp.ignore_eos and token in req.eos_token_ids:
-                return FinishReason.STOP
-            if token in sp.stop_token_ids:
-                return FinishReason.STOP
-        if len(req.output_token_ids) >= sp.max_tokens:
-            return FinishReason.LENGTH
-        if req.num_tokens >= self.config.max_model_len:
-            return FinishReason.LENGTH
-        return None
+        if num_output <= sp.min_tokens:
+            return False
+        return (not sp.ignore_eos and token in req.eos_token_ids) or token in sp.stop_token_ids
+
+    def _length_reached(self, req: Request) -> bool:
+        return (len(req.output_token_ids) >= req.sampling.max_tokens
+                or req.num_tokens >= self.config.max_model_len)
 
     # -- pages -----------------------------------------------------------------------------
 

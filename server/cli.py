@@ -191,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     _add_sampling_args(gen)
 
-    bench = sub.add_parser("bench", help="offline benchmarks: throughput, prefix, attention")
-    bench.add_argument("what", choices=["throughput", "prefix", "attention"],
+    bench = sub.add_parser("bench",
+                           help="offline benchmarks: throughput, prefix, attention, step")
+    bench.add_argument("what", choices=["throughput", "prefix", "attention", "step"],
                        help="throughput: attnserve vs transformers; prefix: cache on vs off; "
-                            "attention: kernel benchmarks (GPU; see `bench attention --help`)")
+                            "attention: kernel benchmarks (GPU; see `bench attention --help`); "
+                            "step: a decode step's parts against its bandwidth floor")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 
     router = sub.add_parser("router", help="N workers behind SGLang's cache-aware router, one "

@@ -65,6 +65,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=D.max_num_seqs, help="most sequences in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=D.max_num_batched_tokens,
                    help="token budget of one step (prefill chunks + decodes)")
+    g.add_argument("--max-prefill-tokens-with-decode", type=_at_least_one,
+                   default=D.max_prefill_tokens_with_decode,
+                   help="most prefill tokens in a step that also decodes running requests: "
+                        "bounds how long a prefill chunk stalls their streams (default: "
+                        "--max-num-batched-tokens, no separate bound)")
+    g.add_argument("--no-overlap-schedule", dest="overlap_schedule", action="store_false",
+                   default=D.overlap_schedule,
+                   help="wait for each step's tokens before scheduling the next (default: the "
+                        "host schedules and stages step N+1 while the device runs step N)")
     g.add_argument("--max-model-len", type=int, default=D.max_model_len,
                    help="longest prompt + output (default: the model's, capped at "
                         f"{MAX_DEFAULT_MODEL_LEN})")
@@ -120,6 +129,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_tokens=args.kv_cache_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_cache=args.enable_prefix_cache,
+        max_prefill_tokens_with_decode=args.max_prefill_tokens_with_decode,
+        overlap_schedule=args.overlap_schedule,
         schedule_policy=args.schedule_policy, seed=args.seed,
         cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch,
         chat_template=args.chat_template, log_stats=not args.disable_log_stats,

@@ -35,6 +35,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: resolved_max_model_len()
+    # prefill tokens a step may hold while decodes run in it; None: max_num_batched_tokens
+    max_prefill_tokens_with_decode: int | None = None
+    # the host prepares step N+1 while the device runs step N (server/engine/core.py)
+    overlap_schedule: bool = True
     enable_prefix_cache: bool = True
     schedule_policy: str = "fcfs"
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU, backends that allow it)

@@ -6,6 +6,16 @@ server runs it on its own thread (server/engine/async_engine.py). Requests arriv
 (scheduler/validation.py, the one check), then queued and applied at the start of the next
 step, so the scheduler's state is only ever touched by the step thread. Detokenization,
 stop strings and building outputs live in server/engine/output_processor.py.
+
+Overlap scheduling (`EngineConfig.overlap_schedule`, on by default): a step is launched on
+the device and its results are read only during the next `step()`, after that step was
+launched, so the host's work (scheduling, input staging, detokenization, streaming) runs
+while the device computes. The scheduler applies a launched step at once with a placeholder
+for each sampled token (`Scheduler.advance`), the next step reads those tokens on the
+device, and `Scheduler.resolve` writes their values in when they arrive. A request that the
+late token ends (EOS, stop id, stop string) has already been scheduled once more: that step's
+work for it is dropped, never its text. A sampled request with penalties needs its tokens'
+values to build the next step, so the step after it waits for them first.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from model.families import attention_config_for
 from model.loader import LoadedModel, load_model, load_tokenizer
 from model.runner import ModelRunner, StepOutput
 from model.sampler import make_generator
-from scheduler.plan import StepPlan
+from scheduler.plan import ScheduledSeq, StepPlan
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from server.engine.choices import ChoiceGroup
@@ -37,7 +47,7 @@ from server.engine.config import EngineConfig
 from server.engine.output_processor import OutputProcessor, OutputSink
 from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
 from server.engine.stats_logger import StatsLogger
-from server.engine.step_input import build_step_input
+from server.engine.step_input import InFlightStep, build_step_input
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +98,7 @@ class EngineCore:
                 enable_prefix_cache=config.enable_prefix_cache,
                 schedule_policy=config.schedule_policy,
                 vocab_size=mc.vocab_size,
+                max_prefill_tokens_with_decode=config.max_prefill_tokens_with_decode,
             ),
             self.allocator,
             self.prefix_cache,
@@ -103,6 +114,7 @@ class EngineCore:
         self.outputs = OutputProcessor(self.tokenizer)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.step_count = 0
+        self._inflight: InFlightStep | None = None  # overlap scheduling: the step on the device
         self.prefill_tokens_computed = 0  # new tokens of non-decode sequences, all steps
         self.generated_tokens = 0  # sampled tokens, all steps
         self.stats_logger = StatsLogger() if config.log_stats else None
@@ -236,17 +248,76 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return bool(self.outputs) or not self._inbox.empty()
+        return bool(self.outputs) or not self._inbox.empty() or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration. Returns the outputs it produced (also sent to sinks)."""
+        """One engine iteration. Returns the outputs it produced (also sent to sinks): with
+        overlap scheduling, those of the step launched by the previous call."""
+        if self.config.overlap_schedule:
+            return self._step_overlapped()
+        return self._step_sequential()
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        self._drain_inbox()
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and self._inflight.values_needed_next:
+            outputs += self._complete_inflight()
+        plan = self.scheduler.schedule()
+        if plan.preempted:
+            self.observer.on_preemption(len(plan.preempted))
+        if plan.is_empty:
+            outputs += self._complete_inflight()
+            self._report_gauges()
+            return outputs
+        try:
+            launched = self._launch(plan)
+        except Exception as e:  # an internal error fails this step's requests, not the engine
+            logger.exception("engine step failed; failing the requests in it")
+            outputs += self._complete_inflight()
+            return outputs + self._fail_step(plan, f"internal error: {e}")
+        outputs += self._complete_inflight()  # the previous step, while this one runs
+        launched.tokens = self.scheduler.advance(plan)
+        self._inflight = launched
+        self._report_gauges()
+        return outputs
+
+    def _launch(self, plan: StepPlan) -> InFlightStep:
+        self.step_count += 1
+        self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
+        previous = self._inflight.previous_samples() if self._inflight is not None else None
+        sampled = [seq for seq in plan.seqs if seq.needs_sample]
+        pending = self.runner.launch(build_step_input(plan, self.outputs.generator, previous))
+        penalties = any(seq.request.sampling.has_penalties for seq in sampled)
+        return InFlightStep(plan, pending, sampled, penalties)
+
+    def _complete_inflight(self) -> list[RequestOutput]:
+        """Wait for the step in flight and turn its tokens into outputs."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        plan = inflight.plan
+        try:
+            result = inflight.pending.result()
+        except Exception as e:
+            logger.exception("engine step failed; failing the requests in it")
+            return self._fail_step(plan, f"internal error: {e}")
+        for i, rows in result.prompt_logprobs.items():
+            seq = plan.seqs[i]
+            self.outputs.add_prompt_logprobs(seq.request.request_id, seq.start + 1, rows)
+        finished = self.scheduler.resolve(inflight.tokens, result.token_ids)
+        # Its wall time overlaps the neighbours' steps: its device time is the step's time.
+        return self._emit_step(plan, inflight.sampled_seqs, result, finished, result.device_s)
+
+    def _step_sequential(self) -> list[RequestOutput]:
+        """The step without overlap (--no-overlap-schedule): launch, wait, apply."""
+        done = self._complete_inflight()  # one left by the overlapped schedule, if switched
         self._drain_inbox()
         plan = self.scheduler.schedule()
         if plan.preempted:
             self.observer.on_preemption(len(plan.preempted))
         if plan.is_empty:
             self._report_gauges()
-            return []
+            return done
         self.step_count += 1
         self.prefill_tokens_computed += sum(s.num_tokens for s in plan.seqs[plan.num_decodes :])
         t0 = time.perf_counter()
@@ -256,14 +327,10 @@ class EngineCore:
             logger.exception("engine step failed; failing the requests in it")
             outputs = self._fail_step(plan, f"internal error: {e}")
             self._check_kernel_builds(time.perf_counter() - t0)
-            return outputs
+            return done + outputs
         outputs = self._process_result(plan, result, t0)
         self._report_gauges()
-        self.generated_tokens += len(result.token_ids)
-        if self.stats_logger is not None:
-            self.stats_logger.on_step(self.prefill_tokens_computed, self.generated_tokens,
-                                      self.scheduler.stats)
-        return outputs
+        return done + outputs
 
     def _process_result(self, plan: StepPlan, result: StepOutput, t0: float) -> list[RequestOutput]:
         # which sequences were sampled must be read before update() advances the requests
@@ -272,8 +339,12 @@ class EngineCore:
             seq = plan.seqs[i]
             self.outputs.add_prompt_logprobs(seq.request.request_id, seq.start + 1, rows)
         finished = self.scheduler.update(plan, result.token_ids)
+        return self._emit_step(plan, sampled_seqs, result, finished, time.perf_counter() - t0)
+
+    def _emit_step(self, plan: StepPlan, sampled_seqs: list[ScheduledSeq], result: StepOutput,
+                   finished: list[Request], step_s: float) -> list[RequestOutput]:
+        """A step's metrics and outputs; stop strings end their requests in the scheduler."""
         now = time.monotonic()
-        step_s = time.perf_counter() - t0
         self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
         self._check_kernel_builds(step_s)
         outputs, stopped = self.outputs.process(
@@ -281,6 +352,10 @@ class EngineCore:
         )
         for request_id in stopped:
             self.scheduler.finish_request(request_id, FinishReason.STOP)
+        self.generated_tokens += len(result.token_ids)
+        if self.stats_logger is not None:
+            self.stats_logger.on_step(self.prefill_tokens_computed, self.generated_tokens,
+                                      self.scheduler.stats)
         return outputs
 
     def _fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:

@@ -1,28 +1,68 @@
 """One step's plan -> the runner's StepInput: the tokens, positions and page tables of every
 scheduled chunk, and what sampling needs of the sampled ones (parameters, generators, token
-histories for logits processing, prompt-logprob rows)."""
+histories for logits processing, prompt-logprob rows); and `InFlightStep`, a launched step
+whose tokens the next one may read on the device (overlap scheduling)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from model.runner import PromptLogprobRequest, StepInput
+from model.runner import DeferredTokens, PendingStep, PromptLogprobRequest, StepInput
 from model.sampler import TokenHistory
-from scheduler.plan import ScheduledSeq, StepPlan
+from scheduler.plan import PLACEHOLDER_TOKEN, PendingTokens, ScheduledSeq, StepPlan
 from scheduler.request import Request
 
 
-def build_step_input(plan: StepPlan,
-                     generator_of: Callable[[str], torch.Generator | None]) -> StepInput:
+@dataclass
+class PreviousSamples:
+    """The tokens the step still in flight sampled (overlap scheduling): on the device, and
+    which row of them is whose."""
+
+    tokens: torch.Tensor
+    row_of: dict[str, int]  # request id -> its row in `tokens`
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose results have not been read (overlap scheduling)."""
+
+    plan: StepPlan
+    pending: PendingStep
+    sampled_seqs: list[ScheduledSeq]  # read before the scheduler advanced the requests
+    values_needed_next: bool  # a sampled request has penalties: the next step needs values
+    tokens: PendingTokens = field(default_factory=PendingTokens)  # set by Scheduler.advance
+
+    def previous_samples(self) -> PreviousSamples | None:
+        if self.pending.token_ids is None:
+            return None
+        rows = {seq.request.request_id: k for k, seq in enumerate(self.sampled_seqs)}
+        return PreviousSamples(self.pending.token_ids, rows)
+
+
+def build_step_input(plan: StepPlan, generator_of: Callable[[str], torch.Generator | None],
+                     previous: PreviousSamples | None = None) -> StepInput:
+    """A request's last token may be a placeholder (the step in flight sampled it): its row
+    is read from `previous.tokens` on the device (`DeferredTokens`)."""
     token_ids: list[int] = []
     q_lens, prefix_lens, tables, sample_seqs, sampling, gens = [], [], [], [], [], []
     histories: list[TokenHistory | None] = []
     prompt_lps: list[PromptLogprobRequest] = []
+    deferred_rows: list[int] = []
+    deferred_sources: list[int] = []
     for i, seq in enumerate(plan.seqs):
         req = seq.request
-        token_ids.extend(req.all_token_ids[seq.start : seq.start + seq.num_tokens])
+        ids = req.all_token_ids[seq.start : seq.start + seq.num_tokens]
+        if ids and ids[-1] == PLACEHOLDER_TOKEN:
+            if previous is None or req.request_id not in previous.row_of:
+                raise RuntimeError(f"request {req.request_id}: a placeholder token with no "
+                                   "step in flight to take it from")
+            deferred_rows.append(len(token_ids) + len(ids) - 1)
+            deferred_sources.append(previous.row_of[req.request_id])
+            ids[-1] = 0  # the host's stand-in; the device writes the real token over it
+        token_ids.extend(ids)
         q_lens.append(seq.num_tokens)
         prefix_lens.append(seq.start)
         tables.append(req.pages)
@@ -39,6 +79,8 @@ def build_step_input(plan: StepPlan,
         num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
         generators=gens, histories=histories if any(histories) else [],
         prompt_logprobs=prompt_lps,
+        deferred=(DeferredTokens(previous.tokens, deferred_rows, deferred_sources)
+                  if previous is not None and deferred_rows else None),
     )
 
 

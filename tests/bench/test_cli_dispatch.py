@@ -18,7 +18,7 @@ def test_the_server_parser_offers_what_bench_dispatches() -> None:
 
 
 @pytest.mark.parametrize("what, flag", [("attention", "--op"), ("throughput", "--num-prompts"),
-                                        ("prefix", "--num-groups")])
+                                        ("prefix", "--num-groups"), ("step", "--context-lens")])
 def test_bench_subcommands_reach_their_parsers(
     what: str, flag: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

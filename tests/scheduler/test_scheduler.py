@@ -8,6 +8,7 @@ import pytest
 
 from kvcache.allocator import PageAllocator
 from kvcache.radix import RadixPrefixCache
+from scheduler.plan import PLACEHOLDER_TOKEN
 from scheduler.policy import MIN_IN_FLIGHT_SHARE_TOKENS
 from scheduler.request import FinishReason, Request, RequestStatus, SamplingParams
 from scheduler.scheduler import Scheduler
@@ -380,3 +381,52 @@ def test_prefix_cache_must_share_the_allocator() -> None:
         Scheduler(scheduler_config(page_size=4), alloc, RadixPrefixCache(alloc, 2))
     off = Scheduler(scheduler_config(page_size=4, enable_prefix_cache=False), alloc)
     assert off.prefix_cache is None
+
+
+def test_prefill_tokens_are_bounded_while_decodes_run() -> None:
+    rng = random.Random(31)
+    scheduler, runner = _scheduler(page_size=4, max_num_batched_tokens=64,
+                                   max_prefill_tokens_with_decode=8)
+    a = _request("a", _tokens(rng, 40), max_tokens=30)
+    scheduler.add_request(a)
+    plan, _ = _step(scheduler, runner)  # nothing decodes yet: the whole budget
+    assert [s.num_tokens for s in plan.seqs] == [40]
+    b, c = _request("b", _tokens(rng, 20)), _request("c", _tokens(rng, 5))
+    scheduler.add_request(b)
+    scheduler.add_request(c)
+    chunks = []
+    while b.num_computed_tokens < 20 or c.num_computed_tokens < 5:
+        plan, _ = _step(scheduler, runner)
+        assert plan.seqs[0].request is a and plan.num_decodes >= 1
+        chunks.append([(s.request.request_id, s.num_tokens) for s in plan.seqs[plan.num_decodes:]])
+    assert chunks == [[("b", 8)], [("b", 8)], [("b", 4), ("c", 4)], [("c", 1)]]
+    while scheduler.has_unfinished():
+        _step(scheduler, runner)
+    for req in (a, b, c):
+        assert req.output_token_ids == reference_output(req, 1024)
+
+
+def test_advance_then_resolve_is_update_and_eos_on_the_last_token_is_a_stop() -> None:
+    """Overlap scheduling applies a step before its tokens are known (advance: placeholders,
+    length limits), then resolves them; EOS sampled as the last allowed token still ends the
+    request with `stop`, as `update` decides it."""
+    rng = random.Random(32)
+    scheduler, runner = _scheduler(page_size=4)
+    req = _request("a", _tokens(rng, 6), max_tokens=2, ignore_eos=False)
+    other = _request("b", _tokens(rng, 6), max_tokens=3, ignore_eos=False)
+    scheduler.add_request(req)
+    scheduler.add_request(other)
+    plan = scheduler.schedule()
+    pending = scheduler.advance(plan)
+    assert req.output_token_ids == [PLACEHOLDER_TOKEN] and pending.finished == []
+    assert scheduler.resolve(pending, [5, 6]) == []
+    assert req.output_token_ids == [5] and other.output_token_ids == [6]
+    plan = scheduler.schedule()
+    pending = scheduler.advance(plan)
+    assert pending.finished == [req] and req.finish_reason is FinishReason.LENGTH
+    assert req.status is RequestStatus.FINISHED  # its pages are back already
+    finished = scheduler.resolve(pending, [EOS, EOS])
+    assert finished == [req, other]
+    assert req.finish_reason is FinishReason.STOP and other.finish_reason is FinishReason.STOP
+    assert req.output_token_ids == [5, EOS] and other.output_token_ids == [6, EOS]
+    assert not scheduler.has_unfinished()
