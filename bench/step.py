@@ -37,7 +37,7 @@ import torch
 
 from model.runner import PendingStep, StepInput
 from scheduler.request import SamplingParams
-from server.engine import EngineCore
+from server.engine import EngineConfig, EngineCore
 from server.engine.args import add_engine_args, engine_config_from_args
 
 logger = logging.getLogger(__name__)
@@ -125,13 +125,21 @@ class LaunchRecorder:
         return self._launch(step)
 
 
+def prefill_steps(batch: int, context: int, config: EngineConfig) -> int:
+    """At most how many steps prefilling `batch` prompts of `context` tokens takes."""
+    budget = config.max_num_batched_tokens or batch * context
+    return -(-batch * context // budget) + 2
+
+
 def decode_wall_ms(engine: EngineCore, recorder: LaunchRecorder, batch: int, context: int,
                    steps: int, warmup: int, rng: random.Random,
                    sampling: SamplingParams) -> tuple[float, StepInput]:
     """Prefill `batch` prompts, then time `steps` engine steps that decode all of them."""
     vocab = engine.loaded.config.vocab_size
     lo, hi = min(1000, vocab // 4), min(30000, vocab)
-    params = dataclasses.replace(sampling, max_tokens=warmup + steps + 4, ignore_eos=True)
+    # the first requests start decoding while the last ones are still prefilled in chunks
+    params = dataclasses.replace(sampling, ignore_eos=True, max_tokens=warmup + steps + 4
+                                 + prefill_steps(batch, context, engine.config))
     started: set[str] = set()
     rids = [engine.add_request([rng.randrange(lo, hi) for _ in range(context)], params,
                                sink=lambda out: started.add(out.request_id))
@@ -269,10 +277,12 @@ def main(argv: list[str]) -> int:
     cases = cases_of(args)
     config = engine_config_from_args(args)
     most = max(b for b, _ in cases)
-    longest = max(c for _, c in cases) + args.warmup + args.steps + 8
+    longest = max(c + args.warmup + args.steps + 8 + prefill_steps(b, c, config)
+                  for b, c in cases)
     config.max_num_seqs = max(config.max_num_seqs, most)
     if config.kv_cache_tokens is None:  # room for the largest case, not the whole card
-        config.kv_cache_tokens = max(b * (c + args.warmup + args.steps + 8) for b, c in cases) \
+        config.kv_cache_tokens = max(b * (c + args.warmup + args.steps + 8
+                                          + prefill_steps(b, c, config)) for b, c in cases) \
             + 4 * config.page_size * most
     config.max_model_len = max(config.max_model_len or 0, longest) or None
     config.log_stats = False

@@ -18,7 +18,8 @@ from tests.server.engine_fixtures import smollm2
 
 def _config(batch: int) -> EngineConfig:
     return EngineConfig(device="cpu", dtype="float32", max_num_seqs=batch,
-                        max_num_batched_tokens=32, max_model_len=64, kv_cache_tokens=1024)
+                        max_num_batched_tokens=32, max_model_len=64, kv_cache_tokens=1024,
+                        overlap_schedule=False)  # the bench flips modes between steps
 
 
 def test_interleaved_run_alternates_timed_and_untimed_steps() -> None:
