@@ -30,8 +30,15 @@ def _page_and_offset(layout: KVLayout, slots: torch.Tensor) -> tuple[torch.Tenso
     return slots // layout.page_size, slots % layout.page_size
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as their bytes: torch has no index/scatter kernels for float8 types."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def read_slots(cache: torch.Tensor, layout: KVLayout, slots: torch.Tensor) -> torch.Tensor:
     """Gather K (or V) at `slots` (any shape) -> [*slots.shape, kv_heads, head_dim]."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return read_slots(_bits(cache), layout, slots).view(cache.dtype)
     if layout.kernel_id == NHD_ID:
         return cache.view(-1, layout.num_kv_heads, layout.head_dim)[slots.long()]
     page, off = _page_and_offset(layout, slots)
@@ -45,7 +52,8 @@ def write_slots(
     cache: torch.Tensor, layout: KVLayout, slots: torch.Tensor, values: torch.Tensor
 ) -> None:
     """Scatter `values` [T, kv_heads, head_dim] into `slots` [T]."""
-    values = values.to(cache.dtype)
+    values = _bits(values.to(cache.dtype))
+    cache = _bits(cache)
     if layout.kernel_id == NHD_ID:
         row = layout.num_kv_heads * layout.head_dim
         cache.view(-1, row).index_copy_(0, slots.long(), values.reshape(-1, row))
