@@ -21,7 +21,7 @@ SEL = 'model_name=~"$model_name",attention_backend=~"$attention_backend",kv_layo
 # legend shows them, so two configurations never merge into one line. A new engine label
 # (e.g. kv_cache_dtype) is one more entry here.
 SERIES_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size",
-                 "attention_variant")
+                 "attention_variant", "kv_cache_dtype")
 _LEGEND_PREFIX = {"page_size": "p"}  # "p16" reads better than a bare 16
 BY = ", ".join(SERIES_LABELS)
 LEGEND = " ".join(f"{_LEGEND_PREFIX.get(name, '')}{{{{{name}}}}}" for name in SERIES_LABELS)

@@ -18,7 +18,8 @@ from kvcache.kv_dtype import KVCacheDtype, dequantize_rows, quantize_rows
 from kvcache.layout import HND_ID, NHD_ID, KVLayout
 
 __all__ = [  # SCRATCH_PAGE is the allocator's, re-exported for the pool's readers
-    "SCRATCH_PAGE", "KVPool", "KVPoolConfig", "bytes_per_page", "pages_for_memory_fraction",
+    "SCRATCH_PAGE", "KVPool", "KVPoolConfig", "bytes_per_page", "pages_for_memory",
+    "pages_for_memory_fraction",
     "pages_for_tokens", "read_scales", "read_slots", "write_scales", "write_slots",
 ]
 
@@ -182,6 +183,14 @@ def bytes_per_page(layout: KVLayout, num_layers: int, kv_dtype: KVCacheDtype) ->
 def pages_for_tokens(layout: KVLayout, num_tokens: int) -> int:
     """Pages needed to hold `num_tokens`, plus the scratch page."""
     return -(-num_tokens // layout.page_size) + 1
+
+
+def pages_for_memory(layout: KVLayout, num_layers: int, kv_dtype: KVCacheDtype,
+                     memory_bytes: int) -> int:
+    """Pages (the scratch page included) that fit in `memory_bytes`, at least 2."""
+    if memory_bytes <= 0:
+        raise ValueError(f"the KV cache needs some memory, got {memory_bytes} bytes")
+    return max(2, memory_bytes // bytes_per_page(layout, num_layers, kv_dtype))
 
 
 def pages_for_memory_fraction(

@@ -24,7 +24,15 @@ from attention.triton.compile_watch import KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
 from kvcache.layout import KVLayout
-from kvcache.pool import KVPool, KVPoolConfig, pages_for_memory_fraction, pages_for_tokens
+from kvcache.kv_dtype import KVCacheDtype
+from kvcache.pool import (
+    KVPool,
+    KVPoolConfig,
+    bytes_per_page,
+    pages_for_memory,
+    pages_for_memory_fraction,
+    pages_for_tokens,
+)
 from kvcache.radix import RadixPrefixCache
 from model.loader import LoadedModel, load_model, load_tokenizer
 from model.runner import ModelRunner, StepOutput
@@ -63,11 +71,14 @@ class EngineCore:
         mc = self.loaded.config
         self.model_name = config.resolved_model_name()
         self.max_model_len = config.resolved_max_model_len(mc.max_position_embeddings)
+        self.kv_dtype = config.resolved_kv_cache_dtype()
         self.layout = KVLayout.create(
-            config.kv_layout, config.page_size, mc.num_kv_heads, mc.head_dim, str(self.dtype)
+            config.kv_layout, config.page_size, mc.num_kv_heads, mc.head_dim,
+            self.kv_dtype.storage_name,
         )
         num_pages = self._num_pages(mc.num_layers)
-        self.pool = KVPool(KVPoolConfig(self.layout, mc.num_layers, num_pages, self.dtype, self.device))
+        self.pool = KVPool(KVPoolConfig(self.layout, mc.num_layers, num_pages, self.dtype,
+                                        self.device, self.kv_dtype))
         attn_config = AttentionConfig(
             num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             scale=mc.head_dim**-0.5, variant=parse_variant(config.attention_variant),
@@ -114,20 +125,28 @@ class EngineCore:
         self.serving_compiles = 0
         logger.info(
             "engine ready: model=%s backend=%s layout=%s page_size=%d dtype=%s device=%s "
-            "max_model_len=%d kv_tokens=%d kernel_instances=%d",
+            "max_model_len=%d kv_cache_dtype=%s kv_cache_scale=%s kv_tokens=%d "
+            "kernel_instances=%d",
             self.model_name, self.backend.name, self.layout.name, self.layout.page_size,
-            self.dtype, self.device, self.max_model_len, self.pool.num_tokens,
-            watch.total(),
+            self.dtype, self.device, self.max_model_len, self.kv_dtype.name,
+            self.kv_dtype.scale_mode or "none", self.pool.num_tokens, watch.total(),
         )
 
     # ---- set-up -------------------------------------------------------------------------
     def _num_pages(self, num_layers: int) -> int:
-        tokens = self.config.resolved_kv_cache_tokens()
-        if tokens is not None:
-            return pages_for_tokens(self.layout, tokens)
-        return pages_for_memory_fraction(
-            self.layout, num_layers, self.dtype, self.device, self.config.gpu_memory_utilization
-        )
+        size = self.config.kv_pool_size()
+        if size.tokens is not None:
+            return pages_for_tokens(self.layout, size.tokens)
+        if size.gpu_fraction is not None:
+            return pages_for_memory_fraction(self.layout, num_layers, self.kv_dtype, self.device,
+                                             size.gpu_fraction)
+        memory = size.memory_bytes
+        if size.model_dtype_tokens is not None:  # the pages these tokens take unquantized
+            full = KVCacheDtype(self.dtype)
+            memory = pages_for_tokens(self.layout, size.model_dtype_tokens) * bytes_per_page(
+                self.layout, num_layers, full)
+        assert memory is not None
+        return pages_for_memory(self.layout, num_layers, self.kv_dtype, memory)
 
     def _setup_cuda_graphs(self, config: EngineConfig) -> None:
         if not config.cuda_graphs or self.device.type != "cuda":
@@ -342,6 +361,8 @@ class EngineCore:
             device=str(self.device), attention_backend=self.backend.name,
             page_size=self.layout.page_size, max_model_len=self.max_model_len,
             kv_cache_tokens=self.pool.num_tokens, served_model_name=self.model_name,
+            kv_cache_dtype=self.kv_dtype.name, kv_cache_scale=self.kv_dtype.scale_mode or "none",
+            kv_cache_memory=self.pool.nbytes,
             cuda_graphs=graphs is not None,
             cuda_graph_max_batch=graphs.max_batch if graphs is not None else 0,
         )
@@ -352,4 +373,11 @@ class EngineCore:
 
     def stats(self) -> dict[str, object]:
         """The scheduler's stats and the number of requests the engine tracks."""
-        return {**dataclasses.asdict(self.scheduler.stats), "num_tracked": len(self.outputs)}
+        return {**dataclasses.asdict(self.scheduler.stats), "num_tracked": len(self.outputs),
+                **self.kv_cache_info()}
+
+    def kv_cache_info(self) -> dict[str, object]:
+        """What the KV cache stores and holds: dtype, scale mode, capacity in tokens, bytes."""
+        return {"kv_cache_dtype": self.kv_dtype.name,
+                "kv_cache_scale": self.kv_dtype.scale_mode or "none",
+                "kv_cache_tokens": self.pool.num_tokens, "kv_cache_bytes": self.pool.nbytes}

@@ -3,8 +3,8 @@
 `EngineMetrics` implements the engine's observer hooks (server/engine/outputs.py EngineObserver),
 which the engine calls from its own thread, and renders the Prometheus text format for
 GET /metrics. Every series carries the labels model_name, attention_backend, kv_layout,
-page_size and attention_variant, so runs with different kernels and layouts can share one
-Prometheus.
+page_size, attention_variant and kv_cache_dtype, so runs with different kernels, layouts and
+KV storage can share one Prometheus.
 
 Definitions (as vLLM): TTFT = first token - arrival; ITL = time between consecutive token
 outputs of a request; TPOT = (e2e - TTFT) / (generated tokens - 1); queue time = first
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from server.engine.core import EngineCore
 
 PREFIX = "attnserve_"
-ENGINE_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size", "attention_variant")
+ENGINE_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size", "attention_variant",
+                 "kv_cache_dtype")
 PHASES = ("prefill", "decode", "mixed")
 
 # Seconds. Starts at 0.5 ms: a small model's decode step takes a few milliseconds.
@@ -85,6 +86,7 @@ class EngineMetrics:
         attention_variant: str = "softmax",
         buckets: list[float] | None = None,
         registry: CollectorRegistry | None = None,
+        kv_cache_dtype: str = "float32",
     ) -> None:
         latency = list(buckets) if buckets is not None else list(DEFAULT_LATENCY_BUCKETS)
         validate_buckets(latency)
@@ -92,7 +94,7 @@ class EngineMetrics:
         self.label_values = {
             "model_name": model_name, "attention_backend": attention_backend,
             "kv_layout": kv_layout, "page_size": str(page_size),
-            "attention_variant": attention_variant,
+            "attention_variant": attention_variant, "kv_cache_dtype": kv_cache_dtype,
         }
         # Request ids are not unique forever and requests are dropped by the engine when
         # they end (or fail without reaching us), so the state is keyed weakly by object.
@@ -106,9 +108,11 @@ class EngineMetrics:
     @classmethod
     def attach(cls, core: EngineCore, buckets: list[float] | None = None) -> Self:
         """Metrics labelled with what `core` resolved (backend, layout, page size, variant,
-        model name), its configuration published, attached as its observer before any step."""
+        model name, KV cache dtype), its configuration published, attached as its observer
+        before any step."""
         metrics = cls(core.model_name, core.backend.name, core.layout.name,
-                      core.layout.page_size, str(core.backend.config.variant), buckets=buckets)
+                      core.layout.page_size, str(core.backend.config.variant), buckets=buckets,
+                      kv_cache_dtype=core.kv_dtype.name)
         metrics.set_info(core.effective_config(), core.config.as_dict())
         core.observer = metrics
         return metrics
