@@ -23,8 +23,8 @@ from attention.registry import build_attention_backend
 from attention.triton.compile_watch import KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
-from kvcache.layout import KVLayout
 from kvcache.kv_dtype import KVCacheDtype
+from kvcache.layout import KVLayout
 from kvcache.pool import (
     KVPool,
     KVPoolConfig,
