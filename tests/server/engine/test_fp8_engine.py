@@ -14,12 +14,14 @@ import logging
 import pytest
 import torch
 
+from loadtest.sweep import _args_from_mapping
 from scheduler.request import SamplingParams
 from server.cli import build_parser
 from server.engine.args import engine_config_from_args
 from server.engine.metrics import EngineMetrics
+from tests.server import engine_fixtures
 from tests.server.engine.test_prefix_engine import system_prompt_workload
-from tests.server.engine_fixtures import make_llm, test_prompts
+from tests.server.engine_fixtures import make_llm
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 FP8 = {"kv_cache_dtype": "fp8"}
@@ -41,6 +43,9 @@ def test_flags() -> None:
         _config("--kv-cache-tokens", "64", "--kv-cache-memory", "1000000")
     with pytest.raises(SystemExit):
         _config("--kv-cache-dtype", "int8")
+    # a loadtest sweep's configuration (a JSON mapping) becomes flags serve accepts
+    sweep_flags = _args_from_mapping({"kv_cache_dtype": "fp8", "kv_cache_scale": "per-tensor"})
+    assert _config(*sweep_flags).resolved_kv_cache_dtype().scale_mode == "per-tensor"
 
 
 def test_prefix_cache_on_and_off_give_the_same_tokens() -> None:
@@ -65,7 +70,7 @@ def test_preemption_frees_and_recomputes_pages_and_scales() -> None:
     differently in float32 and FP8 codes flip where full precision would not
     (docs/kernels.md, "FP8 KV cache"), so the test asks for the first tokens of every
     request and 75% of all tokens; stale or foreign scales would give neither."""
-    prompts = test_prompts()[:5]
+    prompts = engine_fixtures.test_prompts()[:5]  # (imported by name, pytest would collect it)
     params = SamplingParams(max_tokens=16, temperature=0.0)
     common = dict(kv_layout="hnd", page_size=16, max_num_batched_tokens=64,
                   enable_prefix_cache=False, **FP8)
