@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcache.kv_dtype import FP8_E4M3_MAX, PER_TENSOR, PER_TOKEN_HEAD, KVCacheDtype
-
 QUANT_NONE = 0
 QUANT_PER_TENSOR = 1
 QUANT_PER_TOKEN_HEAD = 2
@@ -32,16 +30,10 @@ def quant_mode(cache: torch.Tensor, scales: torch.Tensor | None) -> int:
     return QUANT_PER_TOKEN_HEAD if scales is not None else QUANT_PER_TENSOR
 
 
-def quant_mode_of(kv_dtype: KVCacheDtype) -> int:
-    if not kv_dtype.is_fp8:
-        return QUANT_NONE
-    return {PER_TENSOR: QUANT_PER_TENSOR, PER_TOKEN_HEAD: QUANT_PER_TOKEN_HEAD}[
-        kv_dtype.scale_mode or ""]
-
-
 @triton.jit
 def row_scale(amax):
-    """The scale of rows whose largest magnitude is `amax` (1.0 for all-zero rows)."""
+    """The scale of rows whose largest magnitude is `amax` (1.0 for all-zero rows); 448 is
+    kvcache.kv_dtype.FP8_E4M3_MAX, e4m3's largest finite value."""
     return tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)
 
 
@@ -61,13 +53,12 @@ def to_e4m3(y):
     return snapped.to(tl.float8e4nv)
 
 
-assert FP8_E4M3_MAX == 448.0  # the literal the jitted helpers use
-
 
 @triton.jit
 def encode(x, scale, KV_QUANT: tl.constexpr):
     """Rows `x` (float32) as stored: e4m3 codes of x / scale (per-token-head), of x
-    (per-tensor), or x itself (full precision; the caller casts it to the cache's type)."""
+    (per-tensor), or x itself (full precision; the caller casts it to the cache's type).
+    KV_QUANT is QUANT_NONE, QUANT_PER_TENSOR or QUANT_PER_TOKEN_HEAD (0, 1, 2)."""
     if KV_QUANT == 2:
         return to_e4m3(tl.math.div_rn(x, scale))
     elif KV_QUANT == 1:
