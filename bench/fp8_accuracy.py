@@ -61,10 +61,12 @@ def stdlib_docstrings(modules: tuple[str, ...] = STDLIB_MODULES) -> str:
 
 @dataclass
 class TeacherForced:
-    """Per-position results of one run: logprob of the actual token, the top-1 token."""
+    """Per-position results of one run: logprob of the actual token, the top-1 token, and
+    the top-1's logprob margin over the second."""
 
     logprobs: list[float]
     top1: list[int]
+    margins: list[float]
     seconds: float
 
     @property
@@ -73,21 +75,25 @@ class TeacherForced:
 
 
 def teacher_forced(tokens: list[int], kv_cache_dtype: str, kv_cache_scale: str,
-                   kv_layout: str = "nhd", enable_prefix_cache: bool = False) -> TeacherForced:
+                   kv_layout: str = "nhd") -> TeacherForced:
     config = EngineConfig(device="cpu", dtype="float32", kv_layout=kv_layout,
                           kv_cache_tokens=len(tokens) + 64, max_model_len=len(tokens) + 8,
                           kv_cache_dtype=kv_cache_dtype, kv_cache_scale=kv_cache_scale,
-                          enable_prefix_cache=enable_prefix_cache, log_stats=False)
+                          log_stats=False)
     llm = LLM(config)
     t0 = time.perf_counter()
     result = llm.generate([tokens], SamplingParams(max_tokens=1, temperature=0.0,
-                                                   prompt_logprobs=1))[0]
+                                                   prompt_logprobs=2))[0]
     seconds = time.perf_counter() - t0
     entries = result.prompt_logprobs or []
     scored = [e for e in entries[1:] if e is not None]
     if len(scored) != len(tokens) - 1:
         raise RuntimeError(f"{len(scored)} prompt logprobs for {len(tokens)} tokens")
-    return TeacherForced([e.logprob for e in scored], [e.top[0][0] for e in scored], seconds)
+    return TeacherForced([e.logprob for e in scored], [e.top[0][0] for e in scored],
+                         [e.top[0][1] - e.top[1][1] for e in scored], seconds)
+
+
+MARGIN_BUCKETS = (0.0, 0.1, 0.5, 1.0, 2.0)  # nats: the full-precision top-1 over the second
 
 
 def compare(tokens: list[int], kv_layout: str = "nhd") -> dict[str, dict[str, float]]:
@@ -97,13 +103,20 @@ def compare(tokens: list[int], kv_layout: str = "nhd") -> dict[str, dict[str, fl
     base = runs[CONFIGS[0][0]]
     rows = {}
     for name, run in runs.items():
-        agree = sum(a == b for a, b in zip(run.top1, base.top1, strict=True)) / len(base.top1)
+        same = [a == b for a, b in zip(run.top1, base.top1, strict=True)]
+        agree = sum(same) / len(same)
+        by_margin = {}  # agreement where the baseline's top-1 leads by at least m nats
+        for m in MARGIN_BUCKETS:
+            kept = [s for s, margin in zip(same, base.margins, strict=True) if margin >= m]
+            by_margin[f">={m}"] = {"positions": len(kept),
+                                   "top1_agreement": sum(kept) / max(1, len(kept))}
         rows[name] = {"perplexity": run.perplexity,
                       "perplexity_ratio": run.perplexity / base.perplexity,
                       "top1_agreement": agree,
                       "mean_abs_logprob_diff": sum(
                           abs(a - b) for a, b in zip(run.logprobs, base.logprobs, strict=True)
                       ) / len(base.logprobs),
+                      "top1_agreement_by_baseline_margin": by_margin,
                       "seconds": run.seconds}
     return rows
 
