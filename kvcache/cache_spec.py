@@ -17,6 +17,7 @@ from kvcache.layout import KVLayout
 if TYPE_CHECKING:
     import torch
 
+    from kvcache.kv_dtype import KVCacheDtype
     from kvcache.latent_pool import LatentLayout, LatentPool
     from kvcache.pool import KVPool
 
@@ -39,10 +40,15 @@ class CacheSpec(Protocol):
         """Cache elements one token takes in one layer."""
         ...
 
+    def stored_bytes_per_token(self, kv_dtype: KVCacheDtype) -> int:
+        """Bytes one token takes in one layer as stored in `kv_dtype` (scales included)."""
+        ...
+
     def make_layout(self, layout_name: str, page_size: int, dtype_name: str) -> object: ...
 
     def build_pool(self, layout: object, num_layers: int, num_pages: int,
-                   dtype: torch.dtype, device: torch.device) -> object: ...
+                   dtype: torch.dtype, device: torch.device, kv_dtype: KVCacheDtype
+                   ) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -56,15 +62,19 @@ class KVHeadsSpec:
     def values_per_token(self) -> int:
         return 2 * self.num_kv_heads * self.head_dim
 
+    def stored_bytes_per_token(self, kv_dtype: KVCacheDtype) -> int:
+        return kv_dtype.bytes_per_token(self.num_kv_heads, self.head_dim)
+
     def make_layout(self, layout_name: str, page_size: int, dtype_name: str) -> KVLayout:
         return KVLayout.create(layout_name, page_size, self.num_kv_heads, self.head_dim,
                                dtype_name)
 
     def build_pool(self, layout: KVLayout, num_layers: int, num_pages: int,
-                   dtype: torch.dtype, device: torch.device) -> KVPool:
+                   dtype: torch.dtype, device: torch.device, kv_dtype: KVCacheDtype
+                   ) -> KVPool:
         from kvcache.pool import KVPool, KVPoolConfig
 
-        return KVPool(KVPoolConfig(layout, num_layers, num_pages, dtype, device))
+        return KVPool(KVPoolConfig(layout, num_layers, num_pages, dtype, device, kv_dtype))
 
 
 @dataclass(frozen=True)
@@ -83,17 +93,30 @@ class LatentSpec:
     def values_per_token(self) -> int:
         return self.row_width
 
+    def stored_bytes_per_token(self, kv_dtype: KVCacheDtype) -> int:
+        _refuse_fp8_latent(kv_dtype.storage_name)
+        return self.row_width * kv_dtype.element_bytes
+
     def make_layout(self, layout_name: str, page_size: int, dtype_name: str) -> LatentLayout:
         from kvcache.latent_pool import LatentLayout
 
+        _refuse_fp8_latent(dtype_name)
         return LatentLayout.create(layout_name, page_size, self.kv_lora_rank, self.rope_dim,
                                    dtype_name)
 
     def build_pool(self, layout: LatentLayout, num_layers: int, num_pages: int,
-                   dtype: torch.dtype, device: torch.device) -> LatentPool:
+                   dtype: torch.dtype, device: torch.device, kv_dtype: KVCacheDtype
+                   ) -> LatentPool:
         from kvcache.latent_pool import LatentPool
 
+        _refuse_fp8_latent(kv_dtype.storage_name)
         return LatentPool(layout, num_layers, num_pages, dtype, device)
+
+
+def _refuse_fp8_latent(dtype_name: str) -> None:
+    if "float8" in dtype_name:
+        raise ValueError("--kv-cache-dtype fp8 is not supported for an MLA latent cache yet; "
+                         "use --kv-cache-dtype auto")
 
 
 def uniform_spec(layer_specs: list[CacheSpec]) -> CacheSpec:
@@ -111,6 +134,13 @@ def uniform_spec(layer_specs: list[CacheSpec]) -> CacheSpec:
 def bytes_per_token(spec: CacheSpec, num_layers: int, dtype_name: str) -> int:
     """Cache bytes one token takes over all layers (MLA, bf16: 1,152 per layer)."""
     return spec.values_per_token() * dtype_bytes(dtype_name) * num_layers
+
+
+def pages_within_bytes(page_bytes: int, memory_bytes: int) -> int:
+    """Pages of `page_bytes` (all layers) in `memory_bytes`, the scratch page included."""
+    if memory_bytes <= 0:
+        raise ValueError(f"the KV cache needs some memory, got {memory_bytes} bytes")
+    return max(2, memory_bytes // page_bytes)
 
 
 def pages_within_memory(page_bytes: int, device: torch.device, fraction: float) -> int:

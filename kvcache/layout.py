@@ -36,7 +36,7 @@ _KINDS = (
 LAYOUT_KINDS = {kind.name: kind for kind in _KINDS}
 LAYOUT_NAMES = tuple(LAYOUT_KINDS)
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1}
 
 
 def _kind(name: str) -> LayoutKind:
@@ -113,6 +113,16 @@ class KVLayout:
         if self.kernel_id == HND_ID:
             return (num_pages, H, P, D)
         return (num_pages, H, P // self.x, D, self.x)
+
+    def scale_shape(self, num_pages: int) -> tuple[int, int, int]:
+        """One layer's per-(token, KV head) scales of an FP8 cache: [pages, kv_heads,
+        page_size] in every layout, so a head's scales of a page are contiguous."""
+        return (num_pages, self.num_kv_heads, self.page_size)
+
+    def scale_strides(self) -> tuple[int, int]:
+        """(page, head) element strides of the scales (the offset in the page has stride 1):
+        the scale of slot s, head h is at (s // P) * s_page + h * s_head + s % P."""
+        return (self.num_kv_heads * self.page_size, self.page_size)
 
     def element_offset(self, page: int, offset: int, head: int, dim: int) -> int:
         """Flat element index of (page, offset-in-page, kv head, dim) in one layer's tensor."""

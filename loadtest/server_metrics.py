@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 logger = logging.getLogger(__name__)
 
 PREFIX = "attnserve_"
-# The engine labels that tell two servers apart (a new one, e.g. kv_cache_dtype, is one
-# more entry); each run records the values its server exported.
+# The engine labels that tell two servers apart (a new one is one more entry); each run
+# records the values its server exported.
 CONFIG_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size",
-                 "attention_variant")
+                 "attention_variant", "kv_cache_dtype")
 # Step phases: only prompt chunks, only decode tokens, or both in one step.
 PHASES = ("prefill", "decode", "mixed")
 LabelSet = tuple[tuple[str, str], ...]

@@ -27,7 +27,7 @@ from attention.base import AttentionConfig, BackendCapabilities
 from attention.batch import ForwardBatch
 from attention.variants import alibi_slopes, variants_of_peer
 from kvcache.layout import LAYOUT_NAMES
-from kvcache.pool import KVPool, read_slots
+from kvcache.pool import KVPool
 
 ScoreMod = Callable[..., torch.Tensor]
 _compiled_flex: Callable[..., torch.Tensor] | None = None
@@ -99,14 +99,14 @@ def _score_mod(config: AttentionConfig, q_pos: torch.Tensor, slopes: torch.Tenso
 
 
 def flex_group(
-    group: _FlexGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    pool: KVPool, config: AttentionConfig,
+    group: _FlexGroup, q: torch.Tensor, pool: KVPool, layer: int, config: AttentionConfig,
 ) -> torch.Tensor:
-    """Attention of one group -> [B, Lq, Hq, D] (padding rows are zeros)."""
+    """Attention of one group -> [B, Lq, Hq, D] (padding rows are zeros); FP8 pages are
+    dequantized into q's dtype as they are gathered."""
     B, Lq = group.q_rows.shape
     qg = q[group.q_rows].transpose(1, 2)  # [B, Hq, Lq, D]
-    keys = read_slots(k_cache, pool.layout, group.kv_slots).transpose(1, 2)  # [B, Hkv, Lk, D]
-    vals = read_slots(v_cache, pool.layout, group.kv_slots).transpose(1, 2)
+    keys, vals = pool.gather(layer, group.kv_slots, q.dtype)
+    keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # [B, Hkv, Lk, D]
     with warnings.catch_warnings():  # eager (CPU) use warns that it is unfused, every call
         warnings.filterwarnings("ignore", message=".*flex_attention.*")
         out = _flex_for(q.device)(
@@ -131,7 +131,7 @@ class FlexBackend(ReferenceBackend):
 
     def warm_up(self) -> None:
         if self.device.type == "cuda":
-            self._compile_shape_classes(self.device, self.pool.k_caches[0].dtype)
+            self._compile_shape_classes(self.device, self.pool.config.dtype)
 
     def _compile_shape_classes(self, device: torch.device, dtype: torch.dtype) -> None:
         """Compile Flex, in inference mode as the steps run, for the shape classes a step can
@@ -187,7 +187,6 @@ class FlexBackend(ReferenceBackend):
         out = torch.empty_like(q)
         for g in self.flex_groups:
             start, n = g.token_offset, g.num_tokens
-            o = flex_group(g, q[start : start + n], self.pool.k_caches[layer],
-                           self.pool.v_caches[layer], self.pool, self.config)
+            o = flex_group(g, q[start : start + n], self.pool, layer, self.config)
             out[start : start + n] = o[g.q_valid]
         return out

@@ -2,6 +2,7 @@
 
 Batched, not a per-request loop: each phase group (decodes, prefill chunks) is gathered into
 one padded [B, L, H, D] block through the block table and attended with batched matmuls.
+FP8 pages are dequantized as they are gathered (`KVPool.gather`), then attended.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from attention.batch import ForwardBatch
 from attention.batch_slices import split_phases
 from attention.variants import BUILTIN_VARIANTS, apply_variant_torch
 from kvcache.layout import LAYOUT_NAMES
-from kvcache.pool import KVPool, read_slots
+from kvcache.pool import KVPool
 
 
 @dataclass
@@ -67,19 +68,17 @@ def plan_group(batch: ForwardBatch, token_offset: int) -> _GroupPlan:
 def attend_group(
     plan: _GroupPlan,
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
     pool: KVPool,
+    layer: int,
     config: AttentionConfig,
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Attention for one group -> [B, Lq, Hq, D] in compute_dtype."""
+    """Attention for one group over `layer`'s pages -> [B, Lq, Hq, D] in compute_dtype."""
     B, Lq = plan.q_rows.shape
     Hq, Hkv, D = config.num_q_heads, config.num_kv_heads, config.head_dim
     G = Hq // Hkv
     qg = q[plan.q_rows].to(compute_dtype)  # [B, Lq, Hq, D]
-    keys = read_slots(k_cache, pool.layout, plan.kv_slots).to(compute_dtype)  # [B, Lk, Hkv, D]
-    vals = read_slots(v_cache, pool.layout, plan.kv_slots).to(compute_dtype)
+    keys, vals = pool.gather(layer, plan.kv_slots, compute_dtype)  # [B, Lk, Hkv, D] each
     Lk = keys.shape[1]
     # GQA: the G query heads of a KV head become extra query rows of one matmul.
     qg = qg.view(B, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lq, D)
@@ -117,9 +116,6 @@ class ReferenceBackend(AttentionBackend):
         for g in self.groups:
             T = g.num_tokens
             qs = q[g.token_offset : g.token_offset + T]
-            o = attend_group(
-                g, qs, self.pool.k_caches[layer], self.pool.v_caches[layer],
-                self.pool, self.config, compute_dtype,
-            )
+            o = attend_group(g, qs, self.pool, layer, self.config, compute_dtype)
             out[g.token_offset : g.token_offset + T] = o[g.q_valid].to(q.dtype)
         return out

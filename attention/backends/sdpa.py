@@ -1,5 +1,6 @@
-"""torch SDPA as a peer backend: gather the paged K/V into a padded block, then
-`scaled_dot_product_attention` with a boolean (or ALiBi float) mask."""
+"""torch SDPA as a peer backend: gather the paged K/V into a padded block (FP8 pages
+dequantized into q's dtype on the way), then `scaled_dot_product_attention` with a boolean
+(or ALiBi float) mask."""
 
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ from attention.backends.reference import ReferenceBackend, _GroupPlan
 from attention.base import AttentionConfig, BackendCapabilities
 from attention.variants import alibi_slopes, variants_of_peer
 from kvcache.layout import LAYOUT_NAMES
-from kvcache.pool import KVPool, read_slots
+from kvcache.pool import KVPool
 
 
 def sdpa_group(
-    plan: _GroupPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    pool: KVPool, config: AttentionConfig,
+    plan: _GroupPlan, q: torch.Tensor, pool: KVPool, layer: int, config: AttentionConfig,
 ) -> torch.Tensor:
     B, Lq = plan.q_rows.shape
     Hq, D = config.num_q_heads, config.head_dim
     qg = q[plan.q_rows].transpose(1, 2)  # [B, Hq, Lq, D]
-    keys = read_slots(k_cache, pool.layout, plan.kv_slots).transpose(1, 2)  # [B, Hkv, Lk, D]
-    vals = read_slots(v_cache, pool.layout, plan.kv_slots).transpose(1, 2)
+    keys, vals = pool.gather(layer, plan.kv_slots, q.dtype)
+    keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # [B, Hkv, Lk, D]
     mask: torch.Tensor = plan.visible  # [B, 1, Lq, Lk]
     variant = config.variant
     if variant.window is not None:
@@ -48,8 +48,7 @@ class SDPABackend(ReferenceBackend):
         self.pool.store(layer, k, v, self.batch.slot_mapping)
         out = torch.empty_like(q)
         for g in self.groups:
-            o = sdpa_group(g, q[g.token_offset : g.token_offset + g.num_tokens],
-                           self.pool.k_caches[layer], self.pool.v_caches[layer],
-                           self.pool, self.config)
+            o = sdpa_group(g, q[g.token_offset : g.token_offset + g.num_tokens], self.pool,
+                           layer, self.config)
             out[g.token_offset : g.token_offset + g.num_tokens] = o[g.q_valid]
         return out

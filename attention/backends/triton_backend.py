@@ -5,7 +5,8 @@ Decode sequences (the first `batch.num_decodes`) go to `attention.triton.decode`
 prefill part goes to `attention.triton.extend.extend_attention` when that module imports,
 else to the reference backend's batched torch path. `plan` decides the number of KV splits
 from host lists only; `forward` never syncs the device, and the split-KV scratch is grown
-in `plan`, never allocated per layer.
+in `plan`, never allocated per layer. FP8 pages are quantized by the store kernel and
+dequantized in the attention kernels' registers (their scales passed beside the pages).
 """
 
 from __future__ import annotations
@@ -81,15 +82,17 @@ class TritonBackend(AttentionBackend):
         if self.device.type != "cuda":
             return
         pool = self.pool
-        dtype = pool.k_caches[0].dtype
+        dtype, pages = pool.config.dtype, dict(cache_dtype=pool.kv_dtype.dtype,
+                                               with_scales=pool.kv_dtype.has_scales)
         try:
             warmup_decode(pool.layout, self.config.num_q_heads, self.variant, self.device, dtype,
-                          self.decode_config, self.decode_config.max_splits, self.split_buffers)
+                          self.decode_config, self.decode_config.max_splits, self.split_buffers,
+                          **pages)
             if self.extend is not None:
                 from attention.triton.extend import warmup_extend
 
                 warmup_extend(pool.layout, self.config.num_q_heads, self.config.variant,
-                              self.device, dtype)
+                              self.device, dtype, **pages)
         except Exception:  # a failed warm-up only costs compile time later, never a step
             logger.warning("kernel warm-up failed; kernels compile on first use", exc_info=True)
 
@@ -145,7 +148,7 @@ class TritonBackend(AttentionBackend):
     ) -> torch.Tensor:
         assert self.batch is not None, "plan() must run before forward()"
         store_kv(k, v, self.batch.slot_mapping, self.pool.k_caches[layer],
-                 self.pool.v_caches[layer], self.pool.layout)
+                 self.pool.v_caches[layer], self.pool.layout, *self.pool.scales(layer))
         return self._attend(q, layer)
 
     def forward_rope(
@@ -153,13 +156,16 @@ class TritonBackend(AttentionBackend):
     ) -> torch.Tensor:
         """One kernel rotates q and k, stores rotated k and v; then attend."""
         assert self.batch is not None, "plan() must run before forward_rope()"
+        k_scales, v_scales = self.pool.scales(layer)
         q_rot = rope_store(q, k, v, rope.positions, rope.cos_sin_cache, self.batch.slot_mapping,
-                           self.pool.k_caches[layer], self.pool.v_caches[layer], self.pool.layout)
+                           self.pool.k_caches[layer], self.pool.v_caches[layer], self.pool.layout,
+                           k_scale=k_scales, v_scale=v_scales)
         return self._attend(q_rot, layer)
 
     def _attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
         out = torch.empty_like(q)
         k_cache, v_cache = self.pool.k_caches[layer], self.pool.v_caches[layer]
+        k_scales, v_scales = self.pool.scales(layer)
         scale = self.config.scale
         dec = self._decode
         if dec is not None:
@@ -167,7 +173,7 @@ class TritonBackend(AttentionBackend):
             decode_attention(
                 q[:n], k_cache, v_cache, self.pool.layout, dec.block_table, dec.seq_lens,
                 out[:n], scale, self.variant, self.slopes, self.num_splits,
-                self.split_buffers, self.decode_config,
+                self.split_buffers, self.decode_config, k_scales, v_scales,
             )
         pre = self._prefill
         if pre is not None:
@@ -176,13 +182,12 @@ class TritonBackend(AttentionBackend):
                 self.extend(
                     q[t0:], k_cache, v_cache, self.pool.layout, pre.qo_indptr, pre.prefix_lens,
                     pre.seq_lens, pre.block_table, out[t0:], scale, self.config.variant,
-                    pre.max_q_len, self.slopes,
+                    pre.max_q_len, self.slopes, k_scales, v_scales,
                 )
             else:
                 group = self._prefill_group
                 assert group is not None
                 compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-                o = attend_group(group, q[t0:], k_cache, v_cache, self.pool, self.config,
-                                 compute)
+                o = attend_group(group, q[t0:], self.pool, layer, self.config, compute)
                 out[t0:] = o[group.q_valid].to(q.dtype)
         return out

@@ -17,6 +17,12 @@ host, so the launches can be captured in a CUDA graph.
 
 On sm_80+ `decode_attention` hands hnd_x to `decode_hndx` (Gluon), which loads the 16-byte
 runs straight into mma registers; the merge kernel here serves both.
+
+FP8 caches (e4m3 codes) are dequantized in registers: codes convert exactly to q's dtype
+for the dots, and a per-(token, head) scale, when the cache keeps them, multiplies its
+key's score column (K) and its key's weight column before P.V (V): the same products as
+dequantizing the tiles, for BLOCK_N multiplies a tile instead of BLOCK_N x head_dim.
+FP8 calls never go to the Gluon kernel (its operand layouts are for 2-byte elements).
 """
 
 from __future__ import annotations
@@ -113,23 +119,35 @@ def _kv_tile(
     return result
 
 
+@triton.jit
+def _scale_tile(scales, table_row, kv_head, start_n, hi, s_scale_page, s_scale_head,
+                PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scales [BLOCK_N] of tokens [start_n, start_n + BLOCK_N) of one KV head ([pages,
+    kv_heads, page_size] float32); 0 at or past `hi`."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < hi
+    page = tl.load(table_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+    return tl.load(scales + page * s_scale_page + kv_head * s_scale_head + offs_n % PAGE_SIZE,
+                   mask=mask_n, other=0.0)
+
+
 # The block-table width changes from step to step: specialising on it would compile new
 # instances mid-serving. The split count stays specialised (docs/kernels.md, "Launch
 # choices"); warmup_decode compiles its three classes (1, a multiple of 16, other).
 @triton.jit(do_not_specialize=["max_splits", "stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache, v_cache, block_table, seq_lens, slopes_ptr,
-    out_ptr, part_out_ptr, part_stat_ptr,
+    out_ptr, part_out_ptr, part_stat_ptr, k_scales, v_scales,
     scale, param, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
-    s_page, s_off, s_head, s_xblk,
+    s_page, s_off, s_head, s_xblk, s_scale_page, s_scale_head,
     max_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, X: tl.constexpr, LAYOUT_X: tl.constexpr, X_MODE: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
-    NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+    NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr, KV_SCALES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -149,6 +167,7 @@ def _decode_kernel(
         q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + q_head[:, None] * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)
+    compute_ty = q_ptr.dtype.element_ty  # FP8 codes convert to it exactly
     if HAS_SLOPES:
         slope = tl.load(slopes_ptr + q_head, mask=mask_g, other=0.0)[:, None]
     else:
@@ -165,7 +184,10 @@ def _decode_kernel(
                        PAGE_SIZE, X, LAYOUT_X, X_MODE, HEAD_DIM, BLOCK_D, BLOCK_N, True)
         v = _kv_tile(v_cache, table_row, kv_head, start_n, hi, s_page, s_off, s_head, s_xblk,
                      PAGE_SIZE, X, LAYOUT_X, X_MODE, HEAD_DIM, BLOCK_D, BLOCK_N, False)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+        s = tl.dot(q, k_t.to(compute_ty), input_precision=DOT_PRECISION) * scale
+        if KV_SCALES:
+            s = s * _scale_tile(k_scales, table_row, kv_head, start_n, hi, s_scale_page,
+                                s_scale_head, PAGE_SIZE, BLOCK_N)[None, :]
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s = LOGITS_FN(s, q_pos, offs_n[None, :], slope, param)
         s = tl.where(offs_n[None, :] < hi, s, float("-inf"))
@@ -181,7 +203,10 @@ def _decode_kernel(
             visible = s != float("-inf")
             p = tl.where(visible, WEIGHT_FN(s, q_pos, offs_n[None, :], slope, param), 0.0)
             l_i += tl.sum(visible.to(tl.float32), 1)  # visible-key count
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if KV_SCALES:
+            p = p * _scale_tile(v_scales, table_row, kv_head, start_n, hi, s_scale_page,
+                                s_scale_head, PAGE_SIZE, BLOCK_N)[None, :]
+        acc = tl.dot(p.to(compute_ty), v.to(compute_ty), acc, input_precision=DOT_PRECISION)
 
     if USE_SOFTMAX:
         result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -331,6 +356,17 @@ class SplitBuffers:
             self.part_stat = torch.empty(rows, dtype=torch.float32, device=dev)
 
 
+_NO_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def no_scales(device: torch.device) -> torch.Tensor:
+    """A float32 stand-in for the scale pointers of a launch without scales (never read):
+    always the same type, so it adds no kernel instance."""
+    if device not in _NO_SCALES:
+        _NO_SCALES[device] = torch.ones(1, device=device)
+    return _NO_SCALES[device]
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
@@ -349,12 +385,16 @@ def decode_attention(
     num_splits: int,
     buffers: SplitBuffers | None = None,
     config: DecodeConfig | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[b] = attention of q[b] [Hq, D] over the first seq_lens[b] tokens of sequence b.
 
     q, out: [B, Hq, D] (last dim contiguous); block_table [B, max_pages] int32; the query's
     position is seq_lens[b] - 1. `buffers` must hold B x Hq x num_splits partial rows when
-    num_splits > 1 (`SplitBuffers.ensure`); pass the same object every step.
+    num_splits > 1 (`SplitBuffers.ensure`); pass the same object every step. FP8 caches
+    (float8_e4m3fn) take their `k_scales`/`v_scales` ([pages, kv_heads, page_size] float32),
+    or none for a scale of 1.0.
     """
     B, Hq, D = q.shape
     if B == 0:
@@ -372,6 +412,10 @@ def decode_attention(
     part_out = out if direct else buffers.part_out
     part_stat = out if direct else buffers.part_stat
     slopes_arg = slopes if (variant.needs_slopes and slopes is not None) else q
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("give both K and V scales or neither")
+    if k_scales is not None and k_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError("scales go with an FP8 (float8_e4m3fn) cache only")
     if config.gluon_hndx and decode_hndx.supports(q, k_cache, layout):
         decode_hndx.launch(q, k_cache, v_cache, layout, block_table, seq_lens, out, scale,
                            variant, slopes_arg, num_splits, part_out, part_stat)
@@ -379,7 +423,8 @@ def decode_attention(
         if config.gluon_hndx:  # a call the Gluon kernel does not take (dtype, group size)
             config = default_decode_config(layout, D, q.is_cuda, allow_gluon=False)
         _launch_triton(q, k_cache, v_cache, layout, block_table, seq_lens, slopes_arg, out,
-                       part_out, part_stat, scale, variant, num_splits, config)
+                       part_out, part_stat, scale, variant, num_splits, config,
+                       k_scales, v_scales)
     if not direct:
         _merge_kernel[(B, Hq)](
             part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
@@ -395,6 +440,7 @@ def _launch_triton(
     block_table: torch.Tensor, seq_lens: torch.Tensor, slopes_arg: torch.Tensor,
     out: torch.Tensor, part_out: torch.Tensor, part_stat: torch.Tensor, scale: float,
     variant: TritonVariant, num_splits: int, config: DecodeConfig,
+    k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
 ) -> None:
     B, Hq, D = q.shape
     Hkv = layout.num_kv_heads
@@ -404,51 +450,73 @@ def _launch_triton(
     if layout.kernel_id == HNDX_ID:
         block_n = max(block_n, layout.x)
     s_page, s_off, s_head, s_dim, s_xblk = layout.strides()
+    s_scale_page, s_scale_head = layout.scale_strides()
     direct = num_splits == 1
+    with_scales = k_scales is not None
     _decode_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, slopes_arg,
         out, part_out, part_stat,
+        k_scales if with_scales else no_scales(q.device),
+        v_scales if with_scales else no_scales(q.device),
         scale, variant.param, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        s_page, s_off, s_head, s_xblk,
+        s_page, s_off, s_head, s_xblk, s_scale_page, s_scale_head,
         num_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.kernel_id == HNDX_ID,
         X_MODE=config.x_mode, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
+        KV_SCALES=with_scales,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **variant.kernel_args(),
     )
 
 
+@dataclass
+class WarmupInputs:
+    """Zero K/V caches of a few pages (and their scales) and one zero query token: the
+    smallest launch of a kernel instance, for warm-up."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k_scales: torch.Tensor | None
+    v_scales: torch.Tensor | None
+
+
 def warmup_inputs(
-    layout: KVLayout, num_q_heads: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero K/V caches of a few pages and one zero query token: the smallest launch of a
-    kernel instance, for warm-up."""
-    k_cache = torch.zeros(layout.cache_shape(2 if layout.page_size > 1 else 8), dtype=dtype,
+    layout: KVLayout, num_q_heads: int, dtype: torch.dtype, device: torch.device,
+    cache_dtype: torch.dtype | None = None, with_scales: bool = False,
+) -> WarmupInputs:
+    """`dtype` is q's; `cache_dtype` the pages' (default: q's), with scales when asked."""
+    num_pages = 2 if layout.page_size > 1 else 8
+    k_cache = torch.zeros(layout.cache_shape(num_pages), dtype=cache_dtype or dtype,
                           device=device)
     q = torch.zeros(1, num_q_heads, layout.head_dim, dtype=dtype, device=device)
-    return k_cache, torch.zeros_like(k_cache), q
+    scales = [torch.ones(layout.scale_shape(num_pages), device=device) if with_scales else None
+              for _ in range(2)]
+    return WarmupInputs(q, k_cache, torch.zeros_like(k_cache), scales[0], scales[1])
 
 
 def warmup_decode(
     layout: KVLayout, num_q_heads: int, variant: TritonVariant, device: torch.device,
     dtype: torch.dtype, config: DecodeConfig, max_splits: int, buffers: SplitBuffers,
+    cache_dtype: torch.dtype | None = None, with_scales: bool = False,
 ) -> None:
     """Compile every kernel instance a serving step may launch, on a tiny batch, so that no
     step waits on Triton: split counts 1, 2, 4, ... up to `max_splits` cover the decode
     kernel's three split classes (1 with direct output, multiples of 16, others) and one
     merge instance per power-of-two bound on the split count."""
     D = layout.head_dim
-    k_cache, v_cache, q = warmup_inputs(layout, num_q_heads, dtype, device)
+    w = warmup_inputs(layout, num_q_heads, dtype, device, cache_dtype, with_scales)
     ints = {"device": device, "dtype": torch.int32}
     table, seq_lens = torch.zeros(1, 1, **ints), torch.ones(1, **ints)
     slopes = torch.zeros(num_q_heads, dtype=torch.float32, device=device)
     splits = 1
     while True:
-        decode_attention(q, k_cache, v_cache, layout, table, seq_lens, torch.empty_like(q),
-                         D**-0.5, variant, slopes, splits, buffers, config)
+        decode_attention(w.q, w.k_cache, w.v_cache, layout, table, seq_lens,
+                         torch.empty_like(w.q), D**-0.5, variant, slopes, splits, buffers, config,
+                         w.k_scales, w.v_scales)
         if splits >= max_splits:
             break
         splits = min(2 * splits, max_splits)

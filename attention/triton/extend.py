@@ -25,6 +25,11 @@ any head dim (padded to a power of two) and every variant (the transform is a co
 jitted function from attention/triton/variants.py: one kernel instance per variant). The
 KV loop of a query block is split in two: keys every query row of the block may see (no
 mask computed, no bounds checks) and the diagonal tiles that need the causal mask.
+
+FP8 pages (float8_e4m3fn codes, `k_scales`/`v_scales` [pages, kv_heads, page_size] float32
+or none for a scale of 1.0) are dequantized in registers as in decode.py: the codes convert
+exactly to q's dtype, a key's scale multiplies its score column and its weight column
+before P.V. The Gluon sm90 kernel takes one dtype throughout, so FP8 calls run here.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.triton.decode import warmup_inputs
+from attention.triton.decode import no_scales, warmup_inputs
 from attention.triton.extend_config import ExtendConfig, extend_config
 from attention.triton.variants import identity, triton_variant
 from attention.variants import Variant, alibi_slopes
@@ -132,10 +137,38 @@ def _load_kv(
 
 
 @triton.jit
+def _load_scales(
+    start, seq_len, bt_row, k_scales, v_scales, kv_head,
+    MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr,
+):
+    """The FP8 scales [BLOCK_N] of keys start..start+BLOCK_N of one KV head (K and V);
+    [pages, kv_heads, page_size] float32, so a tile's scales are contiguous in its page."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if PAGE_PER_TILE:
+        page = tl.load(bt_row + start // PAGE_SIZE).to(tl.int64)
+        offs = page * (NUM_KV_HEADS * PAGE_SIZE) + kv_head * PAGE_SIZE + (
+            (start % PAGE_SIZE) + tl.arange(0, BLOCK_N))
+    else:
+        if MASKED:
+            pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < seq_len, other=0)
+        else:
+            pages = tl.load(bt_row + offs_n // PAGE_SIZE)
+        offs = pages.to(tl.int64) * (NUM_KV_HEADS * PAGE_SIZE) + kv_head * PAGE_SIZE + (
+            offs_n % PAGE_SIZE)
+    if MASKED:  # past seq_len: 0, which zeroes those keys' weights (and their stale V)
+        valid = offs_n < seq_len
+        return (tl.load(k_scales + offs, mask=valid, other=0.0),
+                tl.load(v_scales + offs, mask=valid, other=0.0))
+    return tl.load(k_scales + offs), tl.load(v_scales + offs)
+
+
+@triton.jit
 def _update(
-    acc, l_i, m_i, qk, v, start, q_pos, slope, qk_scale, scale, param,
+    acc, l_i, m_i, qk, v, v_scale, start, q_pos, slope, qk_scale, scale, param,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, LOGITS_FN: tl.constexpr,
     WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr, LOGITS_IS_IDENTITY: tl.constexpr,
+    KV_SCALES: tl.constexpr,
 ):
     """Fold one tile's scores qk = q.K^T and values into the running (acc, l_i, m_i)."""
     k_pos = (start + tl.arange(0, BLOCK_N))[None, :]
@@ -164,8 +197,33 @@ def _update(
         p = WEIGHT_FN(s, q_pos, k_pos, slope, param)
         if MASKED:
             p = tl.where(k_pos <= q_pos, p, 0.0)
+    if KV_SCALES:  # FP8: each key's V scale on its weight column (l_i took the weights)
+        p = p * v_scale[None, :]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _tile(
+    q, start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, k_scales, v_scales, kv_head,
+    offs_d, d_mask,
+    MASKED: tl.constexpr, LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, X: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_PER_TILE: tl.constexpr, PAD_D: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_DIAG: tl.constexpr, KV_SCALES: tl.constexpr,
+):
+    """Scores q.K^T [BLOCK_M, BLOCK_N] of one tile (K scales applied), its V in q's dtype
+    and its V scales (1.0 without scales)."""
+    k_t, v = _load_kv(start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head, offs_d,
+                      d_mask, MASKED, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N,
+                      PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
+    qk = tl.dot(q, k_t.to(q.dtype))
+    v_scale = 1.0
+    if KV_SCALES:
+        k_scale, v_scale = _load_scales(start, seq_len, bt_row, k_scales, v_scales, kv_head,
+                                        MASKED, PAGE_SIZE, NUM_KV_HEADS, BLOCK_N, PAGE_PER_TILE)
+        qk = qk * k_scale[None, :]
+    return qk, v.to(q.dtype), v_scale
 
 
 # The per-sequence arrays of a mixed step's prefill part are slices that start after the
@@ -175,7 +233,7 @@ def _update(
                                "prefix_lens_ptr", "seq_lens_ptr", "block_table_ptr"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr, qo_indptr_ptr, prefix_lens_ptr, seq_lens_ptr,
-    block_table_ptr, slopes_ptr,
+    block_table_ptr, slopes_ptr, k_scales, v_scales,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, param, window,
     LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, X: tl.constexpr, GROUP: tl.constexpr,
@@ -183,7 +241,7 @@ def _extend_kernel(
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
     LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr, USE_TMA: tl.constexpr,
-    TMA_DIAG: tl.constexpr,
+    TMA_DIAG: tl.constexpr, KV_SCALES: tl.constexpr,
 ):
     # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
     # the last (longest, for causal) query blocks start first for a balanced tail.
@@ -230,19 +288,21 @@ def _extend_kernel(
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     qk_scale = scale * 1.4426950408889634
     for start in tl.range(lo, full_end, BLOCK_N):
-        k_t, v = _load_kv(start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head,
-                          offs_d, d_mask, False, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X,
-                          BLOCK_N, PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
-        acc, l_i, m_i = _update(acc, l_i, m_i, tl.dot(q, k_t), v, start, q_pos, slope,
+        qk, v, v_scale = _tile(q, start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
+                               k_scales, v_scales, kv_head, offs_d, d_mask, False, LAYOUT,
+                               PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE,
+                               PAD_D, USE_TMA, TMA_DIAG, KV_SCALES)
+        acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, v_scale, start, q_pos, slope,
                                 qk_scale, scale, param, False, BLOCK_N, LOGITS_FN, WEIGHT_FN,
-                                USE_SOFTMAX, LOGITS_IS_IDENTITY)
+                                USE_SOFTMAX, LOGITS_IS_IDENTITY, KV_SCALES)
     for start in tl.range(diag_start, hi, BLOCK_N):
-        k_t, v = _load_kv(start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc, kv_head, offs_d,
-                          d_mask, True, LAYOUT, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N,
-                          PAGE_PER_TILE, PAD_D, USE_TMA, TMA_DIAG)
-        acc, l_i, m_i = _update(acc, l_i, m_i, tl.dot(q, k_t), v, start, q_pos, slope, qk_scale,
+        qk, v, v_scale = _tile(q, start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
+                               k_scales, v_scales, kv_head, offs_d, d_mask, True, LAYOUT,
+                               PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM, X, BLOCK_N, PAGE_PER_TILE,
+                               PAD_D, USE_TMA, TMA_DIAG, KV_SCALES)
+        acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, v_scale, start, q_pos, slope, qk_scale,
                                 scale, param, True, BLOCK_N, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX,
-                                LOGITS_IS_IDENTITY)
+                                LOGITS_IS_IDENTITY, KV_SCALES)
 
     if USE_SOFTMAX:
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -295,17 +355,18 @@ def default_config(head_dim: int, device: torch.device, layout_name: str = "nhd"
 
 def warmup_extend(
     layout: KVLayout, num_q_heads: int, variant: Variant, device: torch.device,
-    dtype: torch.dtype,
+    dtype: torch.dtype, cache_dtype: torch.dtype | None = None, with_scales: bool = False,
 ) -> None:
     """Compile the table config of this layout/head dim/variant on a tiny batch, so that no
-    serving step waits on Triton compilation."""
+    serving step waits on Triton compilation (`dtype` q's, `cache_dtype` the pages')."""
     D = layout.head_dim
-    k_cache, v_cache, q = warmup_inputs(layout, num_q_heads, dtype, device)
+    w = warmup_inputs(layout, num_q_heads, dtype, device, cache_dtype, with_scales)
     ints = {"device": device, "dtype": torch.int32}
     extend_attention_with_config(
-        q, k_cache, v_cache, layout, torch.tensor([0, 1], **ints),
+        w.q, w.k_cache, w.v_cache, layout, torch.tensor([0, 1], **ints),
         torch.tensor([0], **ints), torch.tensor([1], **ints), torch.ones(1, 1, **ints),
-        torch.empty_like(q), D**-0.5, variant, 1, None, default_config(D, device, layout.name),
+        torch.empty_like(w.q), D**-0.5, variant, 1, None, default_config(D, device, layout.name),
+        w.k_scales, w.v_scales,
     )
 
 
@@ -314,12 +375,13 @@ def extend_attention(
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, out: torch.Tensor, scale: float, variant: Variant,
     max_q_len: int, alibi_slopes: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over cached prefix + themselves (module docstring)."""
     config = default_config(q.shape[-1], q.device, layout.name)
     return extend_attention_with_config(
         q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens, block_table, out,
-        scale, variant, max_q_len, alibi_slopes, config,
+        scale, variant, max_q_len, alibi_slopes, config, k_scales, v_scales,
     )
 
 
@@ -352,6 +414,7 @@ def extend_attention_with_config(
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, out: torch.Tensor, scale: float, variant: Variant,
     max_q_len: int, alibi_slopes: torch.Tensor | None, config: ExtendConfig,
+    k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`extend_attention` with explicit block sizes (for the benchmark's sweep)."""
     T, Hq, D = q.shape
@@ -364,6 +427,10 @@ def extend_attention_with_config(
         raise ValueError("q and out need a contiguous last (head_dim) dimension")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the K/V caches must be contiguous tensors in their layout")
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("give both K and V scales or neither")
+    if k_scales is not None and k_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError("scales go with an FP8 (float8_e4m3fn) cache only")
     B = seq_lens.shape[0]
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
@@ -383,14 +450,18 @@ def extend_attention_with_config(
     # sliding_window masks keys with q_pos - k_pos >= window; whole tiles below are skipped
     window = variant.window
     block_d = max(16, triton.next_power_of_2(D))
+    # FP8 pages take pointer loads (the bulk-copy path is untried with 1-byte tiles)
     use_tma = (config.tma and layout.kernel_id in (NHD_ID, HND_ID)
-               and page_size % config.block_n == 0 and block_d == D)
+               and page_size % config.block_n == 0 and block_d == D
+               and k_cache.dtype != torch.float8_e4m3fn)
     k_desc, v_desc = _tma_descriptors(k_cache, v_cache, layout, config.block_n) if use_tma else (
         None, None)
     grid = (Hq, triton.cdiv(max_q_len, config.block_m), B)
     _extend_kernel[grid](
         q, k_cache, v_cache, k_desc, v_desc, out, qo_indptr, prefix_lens, seq_lens,
         block_table, slopes,
+        k_scales if k_scales is not None else no_scales(q.device),
+        v_scales if v_scales is not None else no_scales(q.device),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         float(scale), tv.param, window or 0,
         LAYOUT=layout.kernel_id, PAGE_SIZE=page_size, NUM_KV_HEADS=Hkv,
@@ -399,7 +470,7 @@ def extend_attention_with_config(
         PAGE_PER_TILE=page_size % config.block_n == 0 and not config.per_row_pages,
         LOGITS_IS_IDENTITY=tv.logits is identity,
         WINDOW_SKIP=window is not None, USE_TMA=use_tma,
-        TMA_DIAG=config.tma_diag,
+        TMA_DIAG=config.tma_diag, KV_SCALES=k_scales is not None,
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

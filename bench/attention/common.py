@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from kvcache.kv_dtype import KVCacheDtype, dequantize_rows, quantize_rows
 from kvcache.layout import KVLayout
-from kvcache.pool import SCRATCH_PAGE, write_slots
+from kvcache.pool import SCRATCH_PAGE, write_scales, write_slots
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class BenchRow:
     tflops: float
     roofline_fraction: float
     extra: dict[str, Any] = field(default_factory=dict)
+    kv_cache_dtype: str = "auto"  # the pages' storage: auto (q's dtype) or fp8_e4m3
 
 
 def make_row(
@@ -126,6 +128,7 @@ def make_row(
     flops: float,
     ceilings: DeviceCeilings,
     extra: dict[str, Any] | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> BenchRow:
     """A row whose roofline fraction is floor time / measured time, where the floor is the
     larger of bytes / copy bandwidth and flops / matmul rate."""
@@ -136,6 +139,7 @@ def make_row(
         batch=batch, context=context, new_tokens=new_tokens, time_us=round(time_us, 2),
         gbps=round(nbytes / seconds / 1e9, 1), tflops=round(flops / seconds / 1e12, 2),
         roofline_fraction=round(floor / seconds, 4), extra=extra or {},
+        kv_cache_dtype=kv_cache_dtype,
     )
 
 
@@ -162,12 +166,13 @@ def write_json(path: str, record: dict[str, Any]) -> None:
 
 def format_table(rows: list[BenchRow], baseline: dict[tuple, float] | None = None) -> str:
     """A fixed-width table of rows (for the CLI's output)."""
-    head = (f"{'op':7} {'backend':11} {'layout':10} {'P':>3} {'variant':14} {'batch':>5} "
+    head = (f"{'op':7} {'backend':11} {'layout':10} {'P':>3} {'kv':8} {'variant':14} {'batch':>5} "
             f"{'ctx':>6} {'new':>5} {'time_us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'roof':>6}")
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r.op:7} {r.backend:11} {r.layout:10} {r.page_size:>3} {r.variant:14} "
+            f"{r.op:7} {r.backend:11} {r.layout:10} {r.page_size:>3} {r.kv_cache_dtype:8} "
+            f"{r.variant:14} "
             f"{r.batch:>5} {r.context:>6} {r.new_tokens:>5} {r.time_us:>9.1f} {r.gbps:>7.0f} "
             f"{r.tflops:>8.1f} {r.roofline_fraction:>6.3f}"
             + "".join(f" {k}={v}" for k, v in r.extra.items())
@@ -187,6 +192,25 @@ class PagedKV:
     v_cache: torch.Tensor
     block_table: torch.Tensor  # [B, pages_per_seq] int32, shuffled page ids (never page 0)
     seq_lens: torch.Tensor  # [B] int32
+    # FP8 pages: per-(token, head) scales [pages, kv_heads, page_size] (None: scale 1.0)
+    k_scales: torch.Tensor | None = None
+    v_scales: torch.Tensor | None = None
+
+    @property
+    def kv_dtype_name(self) -> str:
+        return "fp8_e4m3" if self.k_cache.dtype == torch.float8_e4m3fn else "auto"
+
+    @property
+    def scales(self) -> dict[str, torch.Tensor | None]:
+        """The kernels' scale arguments."""
+        return {"k_scales": self.k_scales, "v_scales": self.v_scales}
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token's K and V as stored: codes or elements, and scales."""
+        row = self.layout.head_dim * self.k_cache.element_size()
+        if self.k_scales is not None:
+            row += self.k_scales.element_size()
+        return 2 * self.layout.num_kv_heads * row
 
 
 def build_paged_kv(
@@ -197,11 +221,15 @@ def build_paged_kv(
     page_size: int,
     generator: torch.Generator | None = None,
     spare_pages: int = 0,
+    kv_dtype: KVCacheDtype | None = None,
 ) -> PagedKV:
     """Scatter contiguous K/V [B, L, Hkv, D] (sequence b holds seq_lens[b] <= L tokens) into
-    a fresh paged cache of `layout_name`, pages in shuffled order; page 0 stays scratch."""
+    a fresh paged cache of `layout_name`, pages in shuffled order; page 0 stays scratch.
+    With an FP8 `kv_dtype` the rows are quantized as the store kernel does (and their
+    scales kept beside the pages)."""
     B, L, H, D = k.shape
-    layout = KVLayout.create(layout_name, page_size, H, D, str(k.dtype))
+    kv_dtype = kv_dtype or KVCacheDtype(k.dtype)
+    layout = KVLayout.create(layout_name, page_size, H, D, kv_dtype.storage_name)
     P = layout.page_size
     pages_per_seq = -(-L // P)
     num_pages = B * pages_per_seq + 1 + spare_pages
@@ -211,16 +239,42 @@ def build_paged_kv(
     block_table = perm[: B * pages_per_seq].view(B, pages_per_seq).to(torch.int32)
     assert not bool((block_table == SCRATCH_PAGE).any())
     shape = layout.cache_shape(num_pages)
-    k_cache = torch.zeros(shape, dtype=k.dtype, device=device)
-    v_cache = torch.zeros(shape, dtype=v.dtype, device=device)
+    k_cache = torch.zeros(shape, dtype=kv_dtype.dtype, device=device)
+    v_cache = torch.zeros(shape, dtype=kv_dtype.dtype, device=device)
+    scales = [torch.ones(layout.scale_shape(num_pages), device=device)
+              if kv_dtype.has_scales else None for _ in range(2)]
     for b in range(B):
         n = seq_lens[b]
         pos = torch.arange(n, device=device)
         slots = block_table[b, pos // P].long() * P + pos % P
-        write_slots(k_cache, layout, slots, k[b, :n])
-        write_slots(v_cache, layout, slots, v[b, :n])
+        for cache, scale, rows in ((k_cache, scales[0], k[b, :n]), (v_cache, scales[1], v[b, :n])):
+            if not kv_dtype.is_fp8:
+                write_slots(cache, layout, slots, rows)
+                continue
+            assert kv_dtype.scale_mode is not None
+            codes, row_scales = quantize_rows(rows, kv_dtype.scale_mode)
+            write_slots(cache, layout, slots, codes)
+            if scale is not None and row_scales is not None:
+                write_scales(scale, layout, slots, row_scales)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    return PagedKV(layout, k_cache, v_cache, block_table, lens)
+    return PagedKV(layout, k_cache, v_cache, block_table, lens, scales[0], scales[1])
+
+
+def dequantized(rows: torch.Tensor, kv_dtype: KVCacheDtype) -> torch.Tensor:
+    """What an FP8 cache gives back for `rows` [..., D] (rows themselves when not FP8), in
+    float32: the input of a reference that measures only the kernel's error."""
+    if not kv_dtype.is_fp8:
+        return rows
+    assert kv_dtype.scale_mode is not None
+    codes, scales = quantize_rows(rows, kv_dtype.scale_mode)
+    return dequantize_rows(codes, scales, torch.float32)
+
+
+def parse_kv_cache_dtypes(text: str, scale_mode: str,
+                          model_dtype: torch.dtype) -> list[KVCacheDtype]:
+    """--kv-cache-dtype: a comma list of auto/fp8/fp8_e4m3, each resolved."""
+    return [KVCacheDtype.from_flags(name, scale_mode, model_dtype)
+            for name in text.split(",") if name]
 
 
 def time_graph_us(fn: Callable[[], Any], calls_per_graph: int = 10, replays: int = 15) -> float:

@@ -2,9 +2,12 @@
 
 For each (batch, context) shape it draws random bf16 q/K/V, measures torch SDPA (flash
 backend) and FlexAttention on the contiguous K/V, then the Triton kernel on paged K/V of
-the same content in every requested layout and page size. Bytes counted: K/V read once, q
-read, out written. Roofline fraction: those bytes over the copy bandwidth measured in the
-same run, divided by the measured time.
+the same content in every requested layout and page size, and with `--kv-cache-dtype
+auto,fp8` on bf16 and FP8 pages in the same run (FP8 rows carry `vs_bf16`, the bf16
+kernel's time over theirs, same layout and page size). Bytes counted: K/V as stored, read
+once (FP8: one byte a code plus the float32 per-(token, head) scales), q read, out
+written. Roofline fraction: those bytes over the copy bandwidth measured in the same run,
+divided by the measured time.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from attention.variants import Variant, alibi_slopes, apply_variant_torch, parse
 from bench.attention.common import (
     BenchRow,
     DeviceCeilings,
+    PagedKV,
     build_paged_kv,
+    dequantized,
     device_record,
     format_table,
     make_row,
     measure_ceilings,
+    parse_kv_cache_dtypes,
     time_graph_us,
     write_json,
 )
@@ -69,6 +75,11 @@ class DecodeProblem:
         e = self.q.element_size()
         kv = 2 * self.shape.batch * self.shape.context * self.num_kv_heads * self.head_dim * e
         return kv + 2 * self.q.numel() * e
+
+    def paged_nbytes(self, paged: PagedKV) -> int:
+        """Bytes a kernel on `paged` moves: K/V as stored (codes and scales), q and out."""
+        kv = self.shape.batch * self.shape.context * paged.kv_bytes_per_token()
+        return kv + 2 * self.q.numel() * self.q.element_size()
 
     @property
     def flops(self) -> int:
@@ -155,7 +166,7 @@ def triton_run(p: DecodeProblem, paged: Any, variant: Variant, num_sms: int,
     def fn() -> torch.Tensor:
         return decode_attention(p.q, paged.k_cache, paged.v_cache, paged.layout,
                                 paged.block_table, paged.seq_lens, out, p.scale, tv, slopes,
-                                splits, buffers, cfg)
+                                splits, buffers, cfg, **paged.scales)
 
     return TritonRun(fn, out, splits)
 
@@ -173,6 +184,22 @@ def reference_out(p: DecodeProblem, variant: Variant) -> torch.Tensor:
     w = apply_variant_torch(variant, scores * p.scale, q_pos, k_pos, visible)
     out = torch.matmul(w.view(B, p.num_kv_heads, G, L), p.v.float().permute(0, 2, 1, 3))
     return out.view(B, Hq, D)
+
+
+def _cells(args: argparse.Namespace, kv_dtypes: list[Any]) -> list[tuple[str, int, Any]]:
+    """(layout, page size, KV cache dtype) of every paged run, bf16 before FP8 for each."""
+    return [(layout, page_size, kv_dtype) for layout in args.layouts.split(",")
+            for page_size in ([1] if layout == "token" else
+                              [int(x) for x in args.page_sizes.split(",")])
+            for kv_dtype in kv_dtypes]
+
+
+def _dequantized_problem(p: DecodeProblem, kv_dtype: Any) -> DecodeProblem:
+    """`p` with K/V as an FP8 cache of `kv_dtype` gives them back (p itself when not FP8)."""
+    if not kv_dtype.is_fp8:
+        return p
+    return DecodeProblem(p.shape, p.num_q_heads, p.num_kv_heads, p.head_dim, p.q,
+                         dequantized(p.k, kv_dtype), dequantized(p.v, kv_dtype))
 
 
 def config_label(c: DecodeConfig) -> str:
@@ -218,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="BLOCK_N,WARPS,STAGES[,X_MODE] launch override for every layout")
     ap.add_argument("--layout-config", action="append", default=[],
                     help="LAYOUT=BLOCK_N,WARPS,STAGES[,X_MODE]: override for one layout")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="comma list of page storages timed in the same run: auto (the "
+                         "bf16 pages), fp8 / fp8_e4m3 (default auto)")
+    ap.add_argument("--kv-cache-scale", default="per-token-head",
+                    choices=["per-token-head", "per-tensor"],
+                    help="FP8 scales (default per-token-head)")
     ap.add_argument("--json-out", default=None, help="write the run (device, peers, rows) here")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random q/K/V")
     ap.add_argument("--device", default="cuda", help="torch device (default cuda)")
@@ -260,44 +293,52 @@ def run_shape(args: argparse.Namespace, shape: Shape, ceilings: DeviceCeilings,
     variants = [parse_variant(v) for v in args.variants.split(",") if v]
     variant_shapes = {Shape.parse(s) for s in args.variant_shapes.split(",") if s}
     variant_layouts = set(args.variant_layouts.split(","))
-    refs: dict[str, torch.Tensor] = {}
-    softmax_us: dict[tuple[str, int], float] = {}
-    for layout in args.layouts.split(","):
-        for page_size in ([1] if layout == "token" else
-                          [int(x) for x in args.page_sizes.split(",")]):
-            paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, page_size,
-                                   generator=gen)
-            text = per_layout.get(layout, args.config)
-            config = (DecodeConfig(*(int(x) for x in text.split(","))) if text else
-                      default_decode_config(paged.layout, p.head_dim, device.type == "cuda"))
-            for variant in variants:
-                if variant.name != "softmax" and (
-                    layout not in variant_layouts
-                    or (variant_shapes and shape not in variant_shapes)
-                ):
-                    continue
-                run = triton_run(p, paged, variant, num_sms, config, args.splits)
-                us = time_graph_us(run.fn)
-                extra: dict[str, Any] = {"splits": run.splits, "config": config_label(config)}
-                if sdpa_us is not None:
-                    extra["vs_sdpa"] = round(sdpa_us / us, 3)
-                if variant.name == "softmax":
-                    softmax_us[(layout, page_size)] = us
-                elif (layout, page_size) in softmax_us:
-                    extra["vs_softmax"] = round(us / softmax_us[(layout, page_size)], 3)
-                if args.check:
-                    run.out.fill_(float("nan"))
-                    run.fn()
-                    key = str(variant)
-                    if key not in refs:
-                        refs[key] = reference_out(p, variant)
-                    err = rel_err(run.out, refs[key])
-                    extra["rel_err"] = float(f"{err:.2e}")
-                    if not err < 1e-2:
-                        failures.append(f"{shape} {layout} P={page_size} {variant}: err {err}")
-                rows.append(make_row(backend="triton", layout=layout, page_size=page_size,
-                                     variant=str(variant), time_us=us, extra=extra, **common))
-            del paged
+    refs: dict[tuple[str, str], torch.Tensor] = {}
+    softmax_us: dict[tuple[str, int, str], float] = {}
+    bf16_us: dict[tuple[str, int, str], float] = {}
+    kv_dtypes = parse_kv_cache_dtypes(args.kv_cache_dtype, args.kv_cache_scale, p.q.dtype)
+    for layout, page_size, kv_dtype in _cells(args, kv_dtypes):
+        paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, page_size,
+                               generator=gen, kv_dtype=kv_dtype)
+        kv_name = paged.kv_dtype_name
+        nbytes = p.paged_nbytes(paged)
+        text = per_layout.get(layout, args.config)
+        config = (DecodeConfig(*(int(x) for x in text.split(","))) if text else
+                  default_decode_config(paged.layout, p.head_dim, device.type == "cuda"))
+        for variant in variants:
+            if variant.name != "softmax" and (
+                layout not in variant_layouts
+                or (variant_shapes and shape not in variant_shapes)
+            ):
+                continue
+            run = triton_run(p, paged, variant, num_sms, config, args.splits)
+            us = time_graph_us(run.fn)
+            extra: dict[str, Any] = {"splits": run.splits, "config": config_label(config)}
+            if sdpa_us is not None:
+                extra["vs_sdpa"] = round(sdpa_us / us, 3)
+            key = (layout, page_size, str(variant))
+            if not kv_dtype.is_fp8:
+                bf16_us[key] = us
+            elif key in bf16_us:
+                extra["vs_bf16"] = round(bf16_us[key] / us, 3)
+            if variant.name == "softmax":
+                softmax_us[(layout, page_size, kv_name)] = us
+            elif (layout, page_size, kv_name) in softmax_us:
+                extra["vs_softmax"] = round(us / softmax_us[(layout, page_size, kv_name)], 3)
+            if args.check:
+                run.out.fill_(float("nan"))
+                run.fn()
+                ref_key = (str(variant), kv_name)
+                if ref_key not in refs:  # FP8: the reference reads the dequantized K/V
+                    refs[ref_key] = reference_out(_dequantized_problem(p, kv_dtype), variant)
+                err = rel_err(run.out, refs[ref_key])
+                extra["rel_err"] = float(f"{err:.2e}")
+                if not err < 1e-2:
+                    failures.append(f"{shape} {layout} P={page_size} {variant}: err {err}")
+            rows.append(make_row(backend="triton", layout=layout, page_size=page_size,
+                                 variant=str(variant), time_us=us, extra=extra,
+                                 kv_cache_dtype=kv_name, **dict(common, nbytes=nbytes)))
+        del paged
     torch.cuda.empty_cache()
     return rows
 

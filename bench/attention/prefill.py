@@ -7,6 +7,10 @@ subset of heads (relative error < 1e-2, every output element written), and compa
 torch SDPA-flash, cuDNN attention and FlexAttention on contiguous K/V of the same content,
 all in the same run, next to the measured bf16 matmul rate and copy bandwidth. Causal
 FLOPs count the visible (query, key) pairs: half the square for a prefill.
+With `--kv-cache-dtype auto,fp8` every layout is timed on bf16 and on FP8 pages (quantized
+as the store kernel does; checked against the reference on the dequantized K/V) in the
+same run; FP8 rows carry `vs_bf16`, the bf16 kernel's time over theirs. FP8 calls run the
+portable Triton kernel (the Gluon sm90 kernel takes one dtype throughout).
 
 Rows go to a JSON file in the format of bench/attention/common.py (peers are rows with
 their own `backend` and layout "contiguous"); the JSON is rewritten after every case so a
@@ -31,9 +35,11 @@ from bench.attention.common import (
     DeviceCeilings,
     PagedKV,
     build_paged_kv,
+    dequantized,
     device_record,
     make_row,
     measure_ceilings,
+    parse_kv_cache_dtypes,
     time_cuda_us,
     write_json,
 )
@@ -80,8 +86,11 @@ class Case:
             pairs = n * n / 2  # the convention: half the full square
         return 4.0 * head_dim * num_q_heads * self.batch * pairs
 
-    def nbytes(self, hq: int, hkv: int, d: int) -> float:
-        return 2.0 * self.batch * d * (2 * self.new_tokens * hq + 2 * self.context * hkv)
+    def nbytes(self, hq: int, hkv: int, d: int, kv_bytes_per_token: int | None = None) -> float:
+        """q read and out written (2-byte elements), K/V read once: 2-byte elements, or
+        `kv_bytes_per_token` as stored (FP8 codes and scales)."""
+        kv = 2 * 2 * hkv * d if kv_bytes_per_token is None else kv_bytes_per_token
+        return self.batch * (2.0 * 2 * self.new_tokens * hq * d + self.context * kv)
 
     def label(self) -> str:
         if self.op == "prefill":
@@ -120,6 +129,7 @@ def paged_launcher(
         return extend_attention_with_config(
             q, paged.k_cache, paged.v_cache, paged.layout, qo_indptr, prefix_lens,
             paged.seq_lens, paged.block_table, out, d**-0.5, variant, Lq, None, cfg,
+            **paged.scales,
         )
 
     return launch, out
@@ -147,8 +157,13 @@ def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[Be
     dev = q4.device
     variant = Variant("softmax")
     rows = []
-    for layout_name, page_size in layout_specs:
-        paged = build_paged_kv(k4, v4, [case.context] * B, layout_name, page_size, gen)
+    kv_dtypes = parse_kv_cache_dtypes(args.kv_cache_dtype, args.kv_cache_scale, q4.dtype)
+    for (layout_name, page_size), kv_dtype in [(spec, kv) for spec in layout_specs
+                                               for kv in kv_dtypes]:
+        paged = build_paged_kv(k4, v4, [case.context] * B, layout_name, page_size, gen,
+                               kv_dtype=kv_dtype)
+        # the reference reads what the pages give back (FP8: dequantized)
+        k_ref, v_ref = dequantized(k4, kv_dtype), dequantized(v4, kv_dtype)
         launch, out = paged_launcher(case, q4, paged, variant)
         q = q4.reshape(B * Lq, hq, d)
         default = default_config(d, dev, layout_name)
@@ -162,7 +177,7 @@ def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[Be
             except Exception as exc:  # a config may not fit shared memory on this device
                 logger.warning("config %s failed on %s: %s", cfg, layout_name, exc)
                 continue
-            errors[cfg] = launch_error(launch, out, cfg, q4, k4, v4)
+            errors[cfg] = launch_error(launch, out, cfg, q4, k_ref, v_ref)
         if not timings:
             continue
         checked = {c: t for c, t in timings.items() if errors[c] < TOL}
@@ -181,10 +196,10 @@ def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[Be
             rows.append(make_row(
                 op=case.op, backend="triton", layout=layout_name, page_size=page_size,
                 variant="softmax", batch=B, context=case.context, new_tokens=Lq,
-                time_us=timings[cfg], nbytes=case.nbytes(hq, hkv, d), flops=flops,
-                ceilings=ceilings, extra=extra,
+                time_us=timings[cfg], nbytes=case.nbytes(hq, hkv, d, paged.kv_bytes_per_token()),
+                flops=flops, ceilings=ceilings, extra=extra, kv_cache_dtype=paged.kv_dtype_name,
             ))
-        del paged, out
+        del paged, out, k_ref, v_ref
     return rows
 
 
@@ -214,10 +229,18 @@ def _peer_rows(case, args, ceilings, q4, k4, v4) -> list[BenchRow]:
 
 
 def _add_ratios(rows: list[BenchRow]) -> None:
-    """Each triton row gets its speed-up over every peer of the same case."""
+    """Each triton row gets its speed-up over every peer of the same case; an FP8 row also
+    `vs_bf16`, the bf16 pages' time (same layout, page size and default-ness) over its."""
     for r in rows:
         if r.backend != "triton":
             continue
+        if r.kv_cache_dtype != "auto":
+            for b in rows:
+                if (b.backend == "triton" and b.kv_cache_dtype == "auto"
+                        and (b.op, b.batch, b.context, b.new_tokens, b.layout, b.page_size)
+                        == (r.op, r.batch, r.context, r.new_tokens, r.layout, r.page_size)
+                        and b.extra.get("default") == r.extra.get("default")):
+                    r.extra["vs_bf16"] = round(b.time_us / r.time_us, 3)
         for p in rows:
             same = (p.op, p.batch, p.context, p.new_tokens) == (r.op, r.batch, r.context,
                                                                  r.new_tokens)
@@ -236,7 +259,8 @@ def _add_ratios(rows: list[BenchRow]) -> None:
 def summary_table(rows: list[BenchRow], ceilings: DeviceCeilings) -> str:
     lines = [f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s, "
              f"copy {ceilings.copy_gbps:.0f} GB/s",
-             f"{'case':26} {'backend':10} {'layout':10} {'TFLOP/s':>8} {'x flash':>8} "
+             f"{'case':26} {'backend':10} {'layout':10} {'kv':8} {'TFLOP/s':>8} {'x bf16':>7} "
+             f"{'x flash':>8} "
              f"{'x cudnn':>8} {'x flex':>7} {'kernel':12} {'err':>8} target"]
     for r in rows:
         if r.backend == "triton" and not r.extra.get("default") and r.extra.get("config"):
@@ -246,7 +270,8 @@ def summary_table(rows: list[BenchRow], ceilings: DeviceCeilings) -> str:
         case = Case(r.op, r.batch, r.new_tokens, r.context - r.new_tokens).label()
         e = r.extra
         lines.append(
-            f"{case:26} {r.backend:10} {r.layout:10} {r.tflops:>8.1f} "
+            f"{case:26} {r.backend:10} {r.layout:10} {r.kv_cache_dtype:8} {r.tflops:>8.1f} "
+            f"{e.get('vs_bf16', ''):>7} "
             f"{e.get('vs_sdpa_flash', ''):>8} {e.get('vs_cudnn', ''):>8} {e.get('vs_flex', ''):>7} "
             f"{e.get('kernel', e.get('config', '')) + (' ' + label if label else ''):12} "
             f"{e.get('rel_err', ''):>8} "
@@ -273,6 +298,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the variant and head-dim-64 checks")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                         help="q/K/V dtype (default bfloat16)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="comma list of page storages timed in the same run: auto (pages "
+                             "in --dtype), fp8 / fp8_e4m3 (default auto)")
+    parser.add_argument("--kv-cache-scale", default="per-token-head",
+                        choices=["per-token-head", "per-tensor"],
+                        help="FP8 scales (default per-token-head)")
     parser.add_argument("--iters", type=int, default=30, help="timed repetitions per case")
     parser.add_argument("--out", "--json-out", dest="out", default="prefill.json",
                         help="JSON output path (default prefill.json)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from kvcache.kv_dtype import KV_CACHE_DTYPES, KV_CACHE_SCALES
 from server.engine.config import (
     DEFAULT_CPU_KV_TOKENS,
     EMBEDDED_MODEL_NAME,
@@ -60,6 +61,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-tokens", type=int, default=D.kv_cache_tokens,
                    help=f"KV pool size in tokens (CPU default {DEFAULT_CPU_KV_TOKENS}; GPU default: "
                         "--gpu-memory-utilization)")
+    g.add_argument("--kv-cache-memory", type=_at_least_one, default=D.kv_cache_memory,
+                   help="KV pool size in bytes (instead of --kv-cache-tokens or "
+                        "--gpu-memory-utilization); the tokens it holds follow from the bytes "
+                        "per token of --kv-cache-dtype")
+    g.add_argument("--kv-cache-dtype", default=D.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+                   help="K/V storage: auto = the model's dtype; fp8 (= fp8_e4m3): e4m3 codes, "
+                        "about half the bytes per token (vLLM's spelling)")
+    g.add_argument("--kv-cache-scale", default=D.kv_cache_scale, choices=list(KV_CACHE_SCALES),
+                   help="FP8 scales: per-token-head = one float32 scale per (token, KV head) "
+                        "row, computed when it is stored; per-tensor = a fixed scale of 1.0 "
+                        "(vLLM's uncalibrated default)")
     g.add_argument("--gpu-memory-utilization", type=float, default=D.gpu_memory_utilization,
                    help="fraction of GPU memory for weights + KV cache")
     g.add_argument("--max-num-seqs", type=int, default=D.max_num_seqs, help="most sequences in one step")
@@ -115,6 +127,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig of parsed flags; ValueError (a one-line message) for a combination
     the engine cannot honour."""
+    if args.kv_cache_tokens is not None and args.kv_cache_memory is not None:
+        raise ValueError("--kv-cache-tokens and --kv-cache-memory both size the KV pool: "
+                         "give one of them")
     if not args.enable_chunked_prefill:
         raise ValueError("--no-enable-chunked-prefill: attnserve always chunks prefill; to run "
                          "a prompt in one step, raise --max-num-batched-tokens to at least "
@@ -127,6 +142,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_variant=args.attention_variant, kv_layout=args.kv_layout,
         page_size=1 if args.kv_layout == "token" else args.page_size,
         kv_cache_tokens=args.kv_cache_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_scale=args.kv_cache_scale,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_cache=args.enable_prefix_cache,
         max_prefill_tokens_with_decode=args.max_prefill_tokens_with_decode,

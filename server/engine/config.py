@@ -11,10 +11,23 @@ from pathlib import Path
 
 import torch
 
+from kvcache.kv_dtype import KVCacheDtype
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_CPU_KV_TOKENS = 16384  # KV pool on CPU; on a GPU, gpu_memory_utilization sizes it
 MAX_DEFAULT_MODEL_LEN = 8192  # the default max_model_len: the model's own, capped at this
 MAX_DEFAULT_CUDA_GRAPH_BATCH = 256  # the default cuda_graph_max_batch: max_num_seqs, capped
+
+
+@dataclass(frozen=True)
+class KVPoolSize:
+    """One way of sizing the KV pool (exactly one field set): a token count, bytes, the bytes
+    of a token count in the model's full-precision dtype, or a fraction of GPU memory."""
+
+    tokens: int | None = None
+    memory_bytes: int | None = None
+    model_dtype_tokens: int | None = None
+    gpu_fraction: float | None = None
 
 
 @dataclass
@@ -31,6 +44,9 @@ class EngineConfig:
     kv_layout: str = "nhd"
     page_size: int = 16
     kv_cache_tokens: int | None = None  # default: resolved_kv_cache_tokens()
+    kv_cache_memory: int | None = None  # bytes for the KV pool, instead of a token count
+    kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8 or fp8_e4m3 (the same)
+    kv_cache_scale: str = "per-token-head"  # FP8 scales: per-token-head or per-tensor (1.0)
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -84,12 +100,22 @@ class EngineConfig:
         default = min(model_max_positions, MAX_DEFAULT_MODEL_LEN)
         return min(self.max_model_len or default, model_max_positions)
 
-    def resolved_kv_cache_tokens(self) -> int | None:
-        """The KV pool's size in tokens; None on a GPU without a set size: the pool then takes
-        gpu_memory_utilization of the device's memory."""
+    def resolved_kv_cache_dtype(self) -> KVCacheDtype:
+        """How K/V rows are stored (ValueError for an unknown --kv-cache-dtype/-scale)."""
+        return KVCacheDtype.from_flags(self.kv_cache_dtype, self.kv_cache_scale,
+                                       self.resolved_dtype())
+
+    def kv_pool_size(self) -> KVPoolSize:
+        """How the KV pool is sized: --kv-cache-tokens tokens; else --kv-cache-memory bytes;
+        else on CPU the bytes DEFAULT_CPU_KV_TOKENS tokens take in the model's dtype (so an
+        FP8 cache holds about twice the tokens); else gpu_memory_utilization of the GPU."""
         if self.kv_cache_tokens is not None:
-            return self.kv_cache_tokens
-        return None if self.resolved_device().type == "cuda" else DEFAULT_CPU_KV_TOKENS
+            return KVPoolSize(tokens=self.kv_cache_tokens)
+        if self.kv_cache_memory is not None:
+            return KVPoolSize(memory_bytes=self.kv_cache_memory)
+        if self.resolved_device().type != "cuda":
+            return KVPoolSize(model_dtype_tokens=DEFAULT_CPU_KV_TOKENS)
+        return KVPoolSize(gpu_fraction=self.gpu_memory_utilization)
 
     def resolved_cuda_graph_max_batch(self) -> int:
         """The largest decode batch captured in a graph; never above max_num_seqs."""

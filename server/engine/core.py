@@ -32,7 +32,8 @@ from attention.registry import build_attention_backend
 from attention.triton.compile_watch import KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
-from kvcache.cache_spec import bytes_per_token, pages_within_memory, uniform_spec
+from kvcache.cache_spec import pages_within_bytes, pages_within_memory, uniform_spec
+from kvcache.kv_dtype import KVCacheDtype
 from kvcache.pool import pages_for_tokens
 from kvcache.radix import RadixPrefixCache
 from model.families import attention_config_for
@@ -73,13 +74,15 @@ class EngineCore:
         mc = self.loaded.config
         self.model_name = config.resolved_model_name()
         self.max_model_len = config.resolved_max_model_len(mc.max_position_embeddings)
-        # the layers' cache spec decides the pool (K/V heads or MLA latent rows)
+        # the layers' cache spec decides the pool (K/V heads or MLA latent rows), the KV
+        # cache dtype how its rows are stored
+        self.kv_dtype = config.resolved_kv_cache_dtype()
         self.cache_spec = uniform_spec(mc.layer_cache_specs())
         self.layout = self.cache_spec.make_layout(config.kv_layout, config.page_size,
-                                                  str(self.dtype))
+                                                  self.kv_dtype.storage_name)
         num_pages = self._num_pages(mc.num_layers)
         self.pool = self.cache_spec.build_pool(self.layout, mc.num_layers, num_pages, self.dtype,
-                                               self.device)
+                                               self.device, self.kv_dtype)
         attn_config = attention_config_for(mc, parse_variant(config.attention_variant))
         self.backend = build_attention_backend(
             attn_config, self.pool, config.resolved_backend(), config.prefill_backend,
@@ -125,20 +128,31 @@ class EngineCore:
         self.serving_compiles = 0
         logger.info(
             "engine ready: model=%s backend=%s layout=%s page_size=%d dtype=%s device=%s "
-            "max_model_len=%d kv_tokens=%d kernel_instances=%d",
+            "max_model_len=%d kv_cache_dtype=%s kv_cache_scale=%s kv_tokens=%d "
+            "kernel_instances=%d",
             self.model_name, self.backend.name, self.layout.name, self.layout.page_size,
-            self.dtype, self.device, self.max_model_len, self.pool.num_tokens,
-            watch.total(),
+            self.dtype, self.device, self.max_model_len, self.kv_dtype.name,
+            self.kv_dtype.scale_mode or "none", self.pool.num_tokens, watch.total(),
         )
 
     # ---- set-up -------------------------------------------------------------------------
     def _num_pages(self, num_layers: int) -> int:
-        tokens = self.config.resolved_kv_cache_tokens()
-        if tokens is not None:
-            return pages_for_tokens(self.layout, tokens)
-        page_bytes = bytes_per_token(self.cache_spec, num_layers, str(self.dtype)) \
-            * self.layout.page_size
-        return pages_within_memory(page_bytes, self.device, self.config.gpu_memory_utilization)
+        size = self.config.kv_pool_size()
+        if size.tokens is not None:
+            return pages_for_tokens(self.layout, size.tokens)
+
+        def page_bytes(kv_dtype: KVCacheDtype) -> int:
+            return (self.cache_spec.stored_bytes_per_token(kv_dtype) * num_layers
+                    * self.layout.page_size)
+
+        if size.gpu_fraction is not None:
+            return pages_within_memory(page_bytes(self.kv_dtype), self.device, size.gpu_fraction)
+        memory = size.memory_bytes
+        if size.model_dtype_tokens is not None:  # the pages these tokens take unquantized
+            memory = pages_for_tokens(self.layout, size.model_dtype_tokens) \
+                * page_bytes(KVCacheDtype(self.dtype))
+        assert memory is not None
+        return pages_within_bytes(page_bytes(self.kv_dtype), memory)
 
     def _setup_cuda_graphs(self, config: EngineConfig) -> None:
         if not config.cuda_graphs or self.device.type != "cuda":
@@ -416,6 +430,8 @@ class EngineCore:
             device=str(self.device), attention_backend=self.backend.name,
             page_size=self.layout.page_size, max_model_len=self.max_model_len,
             kv_cache_tokens=self.pool.num_tokens, served_model_name=self.model_name,
+            kv_cache_dtype=self.kv_dtype.name, kv_cache_scale=self.kv_dtype.scale_mode or "none",
+            kv_cache_memory=self.pool.nbytes,
             cuda_graphs=graphs is not None,
             cuda_graph_max_batch=graphs.max_batch if graphs is not None else 0,
         )
@@ -426,4 +442,11 @@ class EngineCore:
 
     def stats(self) -> dict[str, object]:
         """The scheduler's stats and the number of requests the engine tracks."""
-        return {**dataclasses.asdict(self.scheduler.stats), "num_tracked": len(self.outputs)}
+        return {**dataclasses.asdict(self.scheduler.stats), "num_tracked": len(self.outputs),
+                **self.kv_cache_info()}
+
+    def kv_cache_info(self) -> dict[str, object]:
+        """What the KV cache stores and holds: dtype, scale mode, capacity in tokens, bytes."""
+        return {"kv_cache_dtype": self.kv_dtype.name,
+                "kv_cache_scale": self.kv_dtype.scale_mode or "none",
+                "kv_cache_tokens": self.pool.num_tokens, "kv_cache_bytes": self.pool.nbytes}

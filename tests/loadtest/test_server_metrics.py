@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, gener
 from loadtest.server_metrics import MetricsSnapshot, server_metrics_delta
 
 LABELS = {"model_name": "m", "attention_backend": "triton", "kv_layout": "hnd",
-          "page_size": "16", "attention_variant": "softcap:30"}
+          "page_size": "16", "attention_variant": "softcap:30", "kv_cache_dtype": "fp8_e4m3"}
 PHASES = ("prefill", "decode", "mixed")
 
 
@@ -103,6 +103,7 @@ def test_deltas_over_the_run() -> None:
     assert out["kernel_builds"] == 3
     assert out["server_config"]["kv_layout"] == ["hnd"]
     assert out["server_config"]["attention_variant"] == ["softcap:30"]
+    assert out["server_config"]["kv_cache_dtype"] == ["fp8_e4m3"]
     assert out["engine_config"]["max_num_seqs"] == "8"
 
 

@@ -20,7 +20,7 @@ from server.engine.metrics import (
 )
 
 LABELS = {"model_name": "tiny", "attention_backend": "reference", "kv_layout": "hnd",
-          "page_size": "8", "attention_variant": "softcap(30)"}
+          "page_size": "8", "attention_variant": "softcap(30)", "kv_cache_dtype": "fp8_e4m3"}
 
 
 def parse_exposition(body: bytes) -> list[tuple[str, dict[str, str], float]]:
@@ -39,7 +39,8 @@ def sample(samples: list[tuple[str, dict[str, str], float]], name: str, **labels
 
 
 def make_metrics(**kw: object) -> EngineMetrics:
-    return EngineMetrics("tiny", "reference", "hnd", 8, "softcap(30)", **kw)  # type: ignore[arg-type]
+    return EngineMetrics("tiny", "reference", "hnd", 8, "softcap(30)",  # type: ignore[arg-type]
+                         kv_cache_dtype="fp8_e4m3", **kw)
 
 
 @dataclass
