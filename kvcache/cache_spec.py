@@ -47,8 +47,10 @@ class CacheSpec(Protocol):
     def make_layout(self, layout_name: str, page_size: int, dtype_name: str) -> object: ...
 
     def build_pool(self, layout: object, num_layers: int, num_pages: int,
-                   dtype: torch.dtype, device: torch.device, kv_dtype: KVCacheDtype
-                   ) -> object: ...
+                   dtype: torch.dtype, device: torch.device,
+                   kv_dtype: KVCacheDtype | None = None) -> object:
+        """`kv_dtype` None: rows stored in `dtype`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ class KVHeadsSpec:
                                dtype_name)
 
     def build_pool(self, layout: KVLayout, num_layers: int, num_pages: int,
-                   dtype: torch.dtype, device: torch.device, kv_dtype: KVCacheDtype
-                   ) -> KVPool:
+                   dtype: torch.dtype, device: torch.device,
+                   kv_dtype: KVCacheDtype | None = None) -> KVPool:
         from kvcache.pool import KVPool, KVPoolConfig
 
         return KVPool(KVPoolConfig(layout, num_layers, num_pages, dtype, device, kv_dtype))
@@ -105,11 +107,12 @@ class LatentSpec:
                                    dtype_name)
 
     def build_pool(self, layout: LatentLayout, num_layers: int, num_pages: int,
-                   dtype: torch.dtype, device: torch.device, kv_dtype: KVCacheDtype
-                   ) -> LatentPool:
+                   dtype: torch.dtype, device: torch.device,
+                   kv_dtype: KVCacheDtype | None = None) -> LatentPool:
         from kvcache.latent_pool import LatentPool
 
-        _refuse_fp8_latent(kv_dtype.storage_name)
+        if kv_dtype is not None:
+            _refuse_fp8_latent(kv_dtype.storage_name)
         return LatentPool(layout, num_layers, num_pages, dtype, device)
 
 
