@@ -33,6 +33,7 @@ class _LazyBackend:
 
 _BUILTIN: dict[str, _LazyBackend] = {
     "reference": _LazyBackend("attention.backends.reference:ReferenceBackend"),
+    "paged": _LazyBackend("attention.backends.paged:PagedBackend"),
     "sdpa": _LazyBackend("attention.backends.sdpa:SDPABackend"),
     "flex": _LazyBackend("attention.backends.flex:FlexBackend"),
     "triton": _LazyBackend("attention.backends.triton_backend:TritonBackend", ("triton",)),

@@ -1,0 +1,294 @@
+"""The CPU default: attention that reads long cached contexts in the pool, where they lie.
+
+The reference backend gathers every sequence's whole context into a padded [B, L, H, D] block
+on every layer of every step, and pads the queries of a phase group to its longest chunk:
+decodes over a long cached prefix spend their time copying it, and a batch mixing a fresh
+1,000-token prompt with 64-token extends computes 1,000 x 1,000 scores for each of them.
+
+Here each sequence's keys are split, once per step in `plan`, into
+- *runs*: consecutive pages holding at least `min_inplace_keys` cached keys (positions below
+  the sequence's prefix length). In the token and nhd layouts such a run is one slice of the
+  pool's [slots, kv_heads, head_dim] view, so its scores and values are matmuls over a view,
+  with no copy. Sequences whose run starts on the same page with the same length (prompts
+  sharing a cached system prompt) attend it in one matmul, their queries stacked.
+- the *tail*: every other key (the new tokens, short runs, a partly filled page), gathered
+  like the reference does, in buckets of sequences with similar query and tail lengths so
+  padding stays within `MAX_PADDING_WASTE` of the real work.
+Each part yields a partial result (running max, normaliser, weighted values) per query row,
+and the parts are merged as split-KV kernels merge theirs (online softmax); pointwise
+variants (sigmoid, silu) simply add up.
+
+The reference backend stays the oracle; tests compare this one with the float64 oracle for
+every layout and variant it supports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attention.base import AttentionBackend, AttentionConfig, BackendCapabilities
+from attention.batch import ForwardBatch
+from attention.variants import BUILTIN_VARIANTS, alibi_slopes
+from kvcache.pool import KVPool, read_slots
+
+# A run shorter than this is cheaper to gather with the tail than to attend as its own matmul.
+MIN_INPLACE_KEYS = 64
+# A tail bucket's padded size (sequences x longest queries x longest tail) may exceed the sum
+# of its sequences' own sizes by this factor, plus SMALL_BUCKET_ELEMENTS (decodes batch freely).
+MAX_PADDING_WASTE = 1.5
+SMALL_BUCKET_ELEMENTS = 1 << 16
+# Stands in for -inf as the running max of a row that has seen no visible key yet: exp of a
+# difference of two such values is 1, never NaN, and its weights are all 0 anyway.
+NO_MAX = -1e30
+
+
+@dataclass
+class _Run:
+    """Keys [slot_start, slot_start + num_keys) at positions pos_start.., read in place, and
+    the query rows (of every sequence that has this run) that attend them."""
+
+    slot_start: int
+    num_keys: int
+    rows: torch.Tensor  # [R] int64
+    q_pos: torch.Tensor  # [1, 1, R, 1, 1]
+    k_pos: torch.Tensor  # [1, 1, 1, 1, num_keys]
+
+
+@dataclass
+class _TailBucket:
+    """Padded gathered keys for a few sequences (the reference's scheme, on the tail only)."""
+
+    q_rows: torch.Tensor  # [b, Lq] query row of each padded query (clamped)
+    valid_flat: torch.Tensor  # [n] index into the flattened [b * Lq] of the real queries
+    rows: torch.Tensor  # [n] their rows in the step's q
+    kv_slots: torch.Tensor  # [b, Lk]
+    q_pos: torch.Tensor  # [b, 1, Lq, 1, 1]
+    k_pos: torch.Tensor  # [b, 1, 1, 1, Lk]
+    visible: torch.Tensor  # [b, 1, Lq, 1, Lk] causal & padding
+
+
+@dataclass
+class _SeqKeys:
+    row_start: int
+    q_len: int
+    prefix_len: int
+    tail_pos: list[int]  # positions of the keys not in a run
+    tail_slots: list[int]  # and their slots
+
+
+def _split_keys(pages: list[int], page_size: int, prefix_len: int, seq_len: int,
+                min_run: int) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """(runs as (slot_start, num_keys, pos_start), tail positions) of one sequence: maximal
+    runs of consecutive page ids, cut at the prefix length (new keys are always tail)."""
+    runs: list[tuple[int, int, int]] = []
+    tail: list[int] = []
+    num_pages = -(-seq_len // page_size)
+    first = 0
+    while first < num_pages:
+        last = first
+        while last + 1 < num_pages and pages[last + 1] == pages[last] + 1:
+            last += 1
+        start, end = first * page_size, min((last + 1) * page_size, seq_len)
+        cached_end = min(end, prefix_len)
+        if cached_end - start >= min_run:
+            runs.append((pages[first] * page_size, cached_end - start, start))
+            tail.extend(range(cached_end, end))
+        else:
+            tail.extend(range(start, end))
+        first = last + 1
+    return runs, tail
+
+
+def _buckets(seqs: list[_SeqKeys]) -> list[list[_SeqKeys]]:
+    """Sequences grouped so that each group's padded size stays near its real size."""
+    order = sorted(seqs, key=lambda s: (s.q_len, len(s.tail_pos)))  # decodes first
+    groups: list[list[_SeqKeys]] = []
+    real = max_q = max_k = 0
+    for s in order:
+        if groups:
+            q, k = max(max_q, s.q_len), max(max_k, len(s.tail_pos))
+            new_real = real + s.q_len * len(s.tail_pos)
+            if (len(groups[-1]) + 1) * q * k <= MAX_PADDING_WASTE * new_real + SMALL_BUCKET_ELEMENTS:
+                groups[-1].append(s)
+                real, max_q, max_k = new_real, q, k
+                continue
+        groups.append([s])
+        real, max_q, max_k = s.q_len * len(s.tail_pos), s.q_len, len(s.tail_pos)
+    return groups
+
+
+def _plan_tail(group: list[_SeqKeys], device: torch.device) -> _TailBucket:
+    b = len(group)
+    Lq = max(s.q_len for s in group)
+    Lk = max(len(s.tail_pos) for s in group)
+    q_rows, q_pos, q_valid, k_pos, k_slots, k_valid = [], [], [], [], [], []
+    valid_flat: list[int] = []
+    rows: list[int] = []
+    for j, s in enumerate(group):
+        q_rows.append([s.row_start + min(i, s.q_len - 1) for i in range(Lq)])
+        q_pos.append([s.prefix_len + i for i in range(Lq)])
+        q_valid.append([i < s.q_len for i in range(Lq)])
+        pad = Lk - len(s.tail_pos)
+        # padding keys repeat the first tail key (a written one): finite, masked to weight 0
+        k_pos.append(s.tail_pos + [s.tail_pos[0]] * pad)
+        k_slots.append(s.tail_slots + [s.tail_slots[0]] * pad)
+        k_valid.append([True] * len(s.tail_pos) + [False] * pad)
+        valid_flat.extend(range(j * Lq, j * Lq + s.q_len))
+        rows.extend(range(s.row_start, s.row_start + s.q_len))
+
+    def t(data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=device)
+
+    qp, kp = t(q_pos), t(k_pos)
+    visible = (kp[:, None, :] <= qp[:, :, None]) & t(k_valid, torch.bool)[:, None, :] \
+        & t(q_valid, torch.bool)[:, :, None]
+    return _TailBucket(
+        q_rows=t(q_rows), valid_flat=t(valid_flat), rows=t(rows), kv_slots=t(k_slots),
+        q_pos=qp.view(b, 1, Lq, 1, 1), k_pos=kp.view(b, 1, 1, 1, Lk),
+        visible=visible.view(b, 1, Lq, 1, Lk),
+    )
+
+
+class PagedBackend(AttentionBackend):
+    name = "paged"
+    capabilities = BackendCapabilities(fused_rope_store=False, cuda_graphs=False)
+    # runs are slices of the [slots, kv_heads, head_dim] view: the key-major layouts
+    supported_layouts = frozenset({"token", "nhd"})
+    supported_variants = frozenset(BUILTIN_VARIANTS)
+
+    def __init__(self, config: AttentionConfig, pool: KVPool,
+                 min_inplace_keys: int = MIN_INPLACE_KEYS) -> None:
+        super().__init__(config, pool)
+        self.min_inplace_keys = min_inplace_keys
+        self.runs: list[_Run] = []
+        self.tails: list[_TailBucket] = []
+        self._slopes: torch.Tensor | None = None
+        if config.variant.needs_slopes:  # head h = kv_head * G + g
+            self._slopes = alibi_slopes(config.num_q_heads).view(
+                1, config.num_kv_heads, 1, config.group_size, 1)
+
+    # ------------------------------------------------------------------ once per step
+
+    def plan(self, batch: ForwardBatch, graph_mode: bool = False) -> None:
+        super().plan(batch, graph_mode)
+        dev = batch.block_table.device
+        P = batch.page_size
+        tables = batch.block_table.tolist()
+        indptr = batch.qo_indptr_host
+        run_rows: dict[tuple[int, int, int], list[int]] = {}  # (slot, keys, pos) -> rows
+        run_qpos: dict[tuple[int, int, int], list[int]] = {}
+        seqs: list[_SeqKeys] = []
+        for i, seq_len in enumerate(batch.seq_lens_host):
+            q_len = indptr[i + 1] - indptr[i]
+            prefix = seq_len - q_len
+            pages = tables[i]
+            seq_runs, tail = _split_keys(pages, P, prefix, seq_len, self.min_inplace_keys)
+            for key in seq_runs:
+                run_rows.setdefault(key, []).extend(range(indptr[i], indptr[i + 1]))
+                run_qpos.setdefault(key, []).extend(range(prefix, seq_len))
+            slots = [pages[p // P] * P + p % P for p in tail]
+            seqs.append(_SeqKeys(indptr[i], q_len, prefix, tail, slots))
+        self.runs = [
+            _Run(slot, n, torch.tensor(rows, dtype=torch.int64, device=dev),
+                 torch.tensor(run_qpos[(slot, n, pos)], device=dev).view(1, 1, -1, 1, 1),
+                 torch.arange(pos, pos + n, device=dev).view(1, 1, 1, 1, n))
+            for (slot, n, pos), rows in run_rows.items()
+        ]
+        self.tails = [_plan_tail(group, dev) for group in _buckets(seqs)]
+
+    # ------------------------------------------------------------------ once per layer
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        assert self.batch is not None, "plan() must run before forward()"
+        self.pool.store(layer, k, v, self.batch.slot_mapping)
+        cfg = self.config
+        T, Hq, D = q.shape
+        Hkv = cfg.num_kv_heads
+        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        k_cache, v_cache = self.pool.k_caches[layer], self.pool.v_caches[layer]
+        # accumulators per query row and head: running max, normaliser (softmax) or visible
+        # key count (pointwise), weighted values
+        row_max = torch.full((T, Hq), NO_MAX, dtype=cd)
+        row_sum = torch.zeros((T, Hq), dtype=cd)
+        acc = torch.zeros((T, Hq, D), dtype=cd)
+        layout = self.pool.layout
+        for tb in self.tails:  # every row is in exactly one tail bucket: plain writes
+            b, Lq = tb.q_rows.shape
+            qg = q[tb.q_rows].to(cd).view(b, Lq, Hkv, -1, D).permute(0, 2, 1, 3, 4)
+            keys = read_slots(k_cache, layout, tb.kv_slots).to(cd).permute(0, 2, 3, 1)
+            vals = read_slots(v_cache, layout, tb.kv_slots).to(cd).transpose(1, 2)
+            m, s, o = self._partial(qg.reshape(b, Hkv, -1, D), keys, vals, Lq,
+                                    tb.q_pos, tb.k_pos, tb.visible)
+            row_max[tb.rows] = m.reshape(b * Lq, Hq)[tb.valid_flat]
+            row_sum[tb.rows] = s.reshape(b * Lq, Hq)[tb.valid_flat]
+            acc[tb.rows] = o.reshape(b * Lq, Hq, D)[tb.valid_flat]
+        flat_k = k_cache.view(-1, Hkv, D)
+        flat_v = v_cache.view(-1, Hkv, D)
+        for run in self.runs:
+            R = run.rows.shape[0]
+            qg = q[run.rows].to(cd).view(R, Hkv, -1, D).transpose(0, 1).reshape(1, Hkv, -1, D)
+            # views of the pool: [Hkv, D, n] and [Hkv, n, D], no copy (float32/64 pools)
+            keys = flat_k[run.slot_start : run.slot_start + run.num_keys].to(cd).permute(1, 2, 0)
+            vals = flat_v[run.slot_start : run.slot_start + run.num_keys].to(cd).transpose(0, 1)
+            m, s, o = self._partial(qg, keys[None], vals[None], R, run.q_pos, run.k_pos, None)
+            self._merge(row_max, row_sum, acc, run.rows, m.reshape(R, Hq), s.reshape(R, Hq),
+                        o.reshape(R, Hq, D))
+        if self.config.variant.uses_softmax or self.config.variant.normalize_by_visible:
+            acc = acc / row_sum.clamp(min=1e-30 if self.config.variant.uses_softmax else 1.0)[..., None]
+        return acc.to(q.dtype)
+
+    def _partial(self, qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, Lq: int,
+                 q_pos: torch.Tensor, k_pos: torch.Tensor, visible: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qg [b, Hkv, Lq*G, D] (rows in (query, group) order), keys [b, Hkv, D, Lk], vals
+        [b, Hkv, Lk, D] -> (max, sum, weighted values) as [b, Lq, Hkv, G(, D)]: softmax
+        variants give exp(s - max) weights and their sum; pointwise ones their weights and
+        the count of visible keys."""
+        variant = self.config.variant
+        b, Hkv = qg.shape[0], qg.shape[1]
+        scores = torch.matmul(qg, keys) * self.config.scale
+        scores = scores.view(b, Hkv, Lq, -1, scores.shape[-1])  # [b, Hkv, Lq, G, Lk]
+        if variant.softcap is not None:
+            scores = variant.softcap * torch.tanh(scores / variant.softcap)
+        if self._slopes is not None:
+            scores = scores + self._slopes.to(scores.dtype) * (k_pos - q_pos).to(scores.dtype)
+        if variant.window is not None:
+            in_window = (q_pos - k_pos) < variant.window
+            visible = in_window if visible is None else visible & in_window
+        if variant.uses_softmax:
+            if visible is not None:
+                scores = scores.masked_fill(~visible, float("-inf"))
+            m = scores.amax(dim=-1).clamp(min=NO_MAX)
+            w = torch.exp(scores - m[..., None])
+            s = w.sum(dim=-1)
+        else:
+            fn = variant.spec.weight  # type: ignore[union-attr]
+            w = fn(scores)
+            if visible is not None:
+                w = w.masked_fill(~visible, 0.0)
+                count = visible.sum(dim=-1, dtype=scores.dtype)
+            else:
+                count = torch.full((), scores.shape[-1], dtype=scores.dtype)
+            m = torch.zeros((), dtype=scores.dtype).expand(w.shape[:-1])
+            s = count.expand(w.shape[:-1])
+        G = w.shape[3]
+        o = torch.matmul(w.view(b, Hkv, Lq * G, -1), vals).view(b, Hkv, Lq, G, -1)
+        # [b, Lq, Hkv, G(, D)]: rows then heads, as q is laid out
+        return (m.permute(0, 2, 1, 3), s.permute(0, 2, 1, 3), o.permute(0, 2, 1, 3, 4))
+
+    def _merge(self, row_max: torch.Tensor, row_sum: torch.Tensor, acc: torch.Tensor,
+               rows: torch.Tensor, m: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> None:
+        """Fold one partial result for `rows` into the accumulators (online softmax)."""
+        if not self.config.variant.uses_softmax:
+            row_sum.index_add_(0, rows, s)
+            acc.index_add_(0, rows, o)
+            return
+        old_max = row_max[rows]
+        new_max = torch.maximum(old_max, m)
+        keep, add = torch.exp(old_max - new_max), torch.exp(m - new_max)
+        row_max[rows] = new_max
+        row_sum[rows] = row_sum[rows] * keep + s * add
+        acc[rows] = acc[rows] * keep[..., None] + o * add[..., None]
+
