@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from attention.base import AttentionBackend, AttentionConfig, BackendCapabilities
 from attention.batch import ForwardBatch
@@ -67,6 +68,10 @@ class _TailBucket:
     q_pos: torch.Tensor  # [b, 1, Lq, 1, 1]
     k_pos: torch.Tensor  # [b, 1, 1, 1, Lk]
     visible: torch.Tensor  # [b, 1, Lq, 1, Lk] causal & padding
+    # no row of it attends a run: its result is final, and torch SDPA's fused kernel can
+    # compute it without materialising the scores (`causal`: one fresh prompt, is_causal)
+    final: bool = False
+    causal: bool = False
 
 
 @dataclass
@@ -76,6 +81,7 @@ class _SeqKeys:
     prefix_len: int
     tail_pos: list[int]  # positions of the keys not in a run
     tail_slots: list[int]  # and their slots
+    has_runs: bool = False
 
 
 def _split_keys(pages: list[int], page_size: int, prefix_len: int, seq_len: int,
@@ -103,14 +109,16 @@ def _split_keys(pages: list[int], page_size: int, prefix_len: int, seq_len: int,
 
 def _buckets(seqs: list[_SeqKeys]) -> list[list[_SeqKeys]]:
     """Sequences grouped so that each group's padded size stays near its real size."""
-    order = sorted(seqs, key=lambda s: (s.q_len, len(s.tail_pos)))  # decodes first
+    order = sorted(seqs, key=lambda s: (s.has_runs, s.q_len, len(s.tail_pos)))  # decodes first
     groups: list[list[_SeqKeys]] = []
     real = max_q = max_k = 0
     for s in order:
         if groups:
             q, k = max(max_q, s.q_len), max(max_k, len(s.tail_pos))
             new_real = real + s.q_len * len(s.tail_pos)
-            if (len(groups[-1]) + 1) * q * k <= MAX_PADDING_WASTE * new_real + SMALL_BUCKET_ELEMENTS:
+            padded = (len(groups[-1]) + 1) * q * k
+            if groups[-1][0].has_runs == s.has_runs \
+                    and padded <= MAX_PADDING_WASTE * new_real + SMALL_BUCKET_ELEMENTS:
                 groups[-1].append(s)
                 real, max_q, max_k = new_real, q, k
                 continue
@@ -148,6 +156,8 @@ def _plan_tail(group: list[_SeqKeys], device: torch.device) -> _TailBucket:
         q_rows=t(q_rows), valid_flat=t(valid_flat), rows=t(rows), kv_slots=t(k_slots),
         q_pos=qp.view(b, 1, Lq, 1, 1), k_pos=kp.view(b, 1, 1, 1, Lk),
         visible=visible.view(b, 1, Lq, 1, Lk),
+        final=not any(s.has_runs for s in group),
+        causal=b == 1 and group[0].prefix_len == 0 and group[0].tail_pos == list(range(Lq)),
     )
 
 
@@ -165,6 +175,8 @@ class PagedBackend(AttentionBackend):
         self.runs: list[_Run] = []
         self.tails: list[_TailBucket] = []
         self._slopes: torch.Tensor | None = None
+        # variants SDPA expresses (a boolean or additive mask on softmax)
+        self._fused_ok = config.variant.name in ("softmax", "sliding_window", "alibi")
         if config.variant.needs_slopes:  # head h = kv_head * G + g
             self._slopes = alibi_slopes(config.num_q_heads).view(
                 1, config.num_kv_heads, 1, config.group_size, 1)
@@ -189,7 +201,7 @@ class PagedBackend(AttentionBackend):
                 run_rows.setdefault(key, []).extend(range(indptr[i], indptr[i + 1]))
                 run_qpos.setdefault(key, []).extend(range(prefix, seq_len))
             slots = [pages[p // P] * P + p % P for p in tail]
-            seqs.append(_SeqKeys(indptr[i], q_len, prefix, tail, slots))
+            seqs.append(_SeqKeys(indptr[i], q_len, prefix, tail, slots, bool(seq_runs)))
         self.runs = [
             _Run(slot, n, torch.tensor(rows, dtype=torch.int64, device=dev),
                  torch.tensor(run_qpos[(slot, n, pos)], device=dev).view(1, 1, -1, 1, 1),
@@ -216,6 +228,10 @@ class PagedBackend(AttentionBackend):
         layout = self.pool.layout
         for tb in self.tails:  # every row is in exactly one tail bucket: plain writes
             b, Lq = tb.q_rows.shape
+            if tb.final and self._fused_ok:
+                acc[tb.rows] = self._fused_tail(tb, q, k_cache, v_cache, cd)
+                row_sum[tb.rows] = 1.0
+                continue
             qg = q[tb.q_rows].to(cd).view(b, Lq, Hkv, -1, D).permute(0, 2, 1, 3, 4)
             keys = read_slots(k_cache, layout, tb.kv_slots).to(cd).permute(0, 2, 3, 1)
             vals = read_slots(v_cache, layout, tb.kv_slots).to(cd).transpose(1, 2)
@@ -238,6 +254,32 @@ class PagedBackend(AttentionBackend):
         if self.config.variant.uses_softmax or self.config.variant.normalize_by_visible:
             acc = acc / row_sum.clamp(min=1e-30 if self.config.variant.uses_softmax else 1.0)[..., None]
         return acc.to(q.dtype)
+
+    def _fused_tail(self, tb: _TailBucket, q: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+        """A final bucket through torch SDPA -> [rows, Hq, D]."""
+        b, Lq = tb.q_rows.shape
+        Hq, D = self.config.num_q_heads, self.config.head_dim
+        layout = self.pool.layout
+        qg = q[tb.q_rows].to(cd).transpose(1, 2)  # [b, Hq, Lq, D]
+        keys = read_slots(k_cache, layout, tb.kv_slots).to(cd).transpose(1, 2)
+        vals = read_slots(v_cache, layout, tb.kv_slots).to(cd).transpose(1, 2)
+        variant = self.config.variant
+        mask: torch.Tensor | None = None
+        if not tb.causal or variant.name != "softmax":
+            q_pos, k_pos = tb.q_pos[:, :, :, 0], tb.k_pos[:, :, :, 0]  # [b, 1, Lq|1, 1|Lk]
+            visible = tb.visible[:, :, :, 0]
+            if variant.window is not None:
+                visible = visible & ((q_pos - k_pos) < variant.window)
+            mask = visible
+            if self._slopes is not None:
+                slopes = self._slopes.reshape(1, Hq, 1, 1).to(cd)
+                mask = (slopes * (k_pos - q_pos).to(cd)).masked_fill(~visible, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            qg, keys, vals, attn_mask=mask, is_causal=mask is None, scale=self.config.scale,
+            enable_gqa=True)
+        # padding queries see no key and come back NaN; valid_flat drops them
+        return out.transpose(1, 2).reshape(b * Lq, Hq, D)[tb.valid_flat]
 
     def _partial(self, qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, Lq: int,
                  q_pos: torch.Tensor, k_pos: torch.Tensor, visible: torch.Tensor | None,
