@@ -64,6 +64,19 @@ def create_backend(name: str, config: AttentionConfig, pool: KVPool) -> Attentio
     return backend_factory(name)(config, pool)
 
 
+# The layouts the paged backend reads in place (its `supported_layouts`; a test keeps the two
+# equal without importing the backend here).
+PAGED_LAYOUTS = frozenset({"token", "nhd"})
+
+
+def default_backend(device_type: str, kv_layout: str) -> str:
+    """What `--attention-backend auto` means: triton on a GPU; on a CPU the paged backend,
+    which reads long cached contexts in place, where it supports the layout, else reference."""
+    if device_type == "cuda":
+        return "triton"
+    return "paged" if kv_layout in PAGED_LAYOUTS else "reference"
+
+
 def build_attention_backend(
     config: AttentionConfig,
     pool: KVPool,

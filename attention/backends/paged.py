@@ -290,26 +290,28 @@ class PagedBackend(AttentionBackend):
         the count of visible keys."""
         variant = self.config.variant
         b, Hkv = qg.shape[0], qg.shape[1]
-        scores = torch.matmul(qg, keys) * self.config.scale
+        # in-place where the operands are this step's own: the scores are the one buffer
+        # of keys' size that the arithmetic needs
+        scores = torch.matmul(qg * self.config.scale, keys)
         scores = scores.view(b, Hkv, Lq, -1, scores.shape[-1])  # [b, Hkv, Lq, G, Lk]
         if variant.softcap is not None:
-            scores = variant.softcap * torch.tanh(scores / variant.softcap)
+            scores = scores.div_(variant.softcap).tanh_().mul_(variant.softcap)
         if self._slopes is not None:
-            scores = scores + self._slopes.to(scores.dtype) * (k_pos - q_pos).to(scores.dtype)
+            scores += self._slopes.to(scores.dtype) * (k_pos - q_pos).to(scores.dtype)
         if variant.window is not None:
             in_window = (q_pos - k_pos) < variant.window
             visible = in_window if visible is None else visible & in_window
         if variant.uses_softmax:
             if visible is not None:
-                scores = scores.masked_fill(~visible, float("-inf"))
+                scores.masked_fill_(~visible, float("-inf"))
             m = scores.amax(dim=-1).clamp(min=NO_MAX)
-            w = torch.exp(scores - m[..., None])
+            w = scores.sub_(m[..., None]).exp_()
             s = w.sum(dim=-1)
         else:
             fn = variant.spec.weight  # type: ignore[union-attr]
             w = fn(scores)
             if visible is not None:
-                w = w.masked_fill(~visible, 0.0)
+                w.masked_fill_(~visible, 0.0)
                 count = visible.sum(dim=-1, dtype=scores.dtype)
             else:
                 count = torch.full((), scores.shape[-1], dtype=scores.dtype)

@@ -127,3 +127,12 @@ def test_tail_buckets_keep_padding_near_the_real_work() -> None:
     sizes = sorted(len(g) for g in groups)
     # the 32 decodes batch together, so do the two short extends; the long chunk stays alone
     assert sizes == [1, 2, 32]
+
+
+def test_the_cpu_default_is_paged_where_it_reads_the_layout() -> None:
+    from attention.registry import PAGED_LAYOUTS, default_backend
+
+    assert PAGED_LAYOUTS == PagedBackend.supported_layouts
+    assert default_backend("cpu", "nhd") == "paged"
+    assert default_backend("cpu", "hnd") == "reference"
+    assert default_backend("cuda", "nhd") == "triton"
