@@ -6,14 +6,16 @@ decodes over a long cached prefix spend their time copying it, and a batch mixin
 1,000-token prompt with 64-token extends computes 1,000 x 1,000 scores for each of them.
 
 Here each sequence's keys are split, once per step in `plan`, into
-- *runs*: consecutive pages holding at least `min_inplace_keys` cached keys (positions below
-  the sequence's prefix length). In the token and nhd layouts such a run is one slice of the
-  pool's [slots, kv_heads, head_dim] view, so its scores and values are matmuls over a view,
-  with no copy. Sequences whose run starts on the same page with the same length (prompts
-  sharing a cached system prompt) attend it in one matmul, their queries stacked.
-- the *tail*: every other key (the new tokens, short runs, a partly filled page), gathered
+- *runs*: consecutive pages of cached keys (positions below the sequence's prefix length)
+  whose keys times the sequences sharing them reach `min_inplace_keys`. In the token and
+  nhd layouts such a run is one slice of the pool's [slots, kv_heads, head_dim] view, so
+  its scores and values are matmuls over a view, with no copy. Sequences whose run starts
+  on the same page with the same length (prompts sharing a cached system prompt) attend it
+  in one matmul, their queries stacked.
+- the *tail*: every other key (the new tokens, short runs), gathered
   like the reference does, in buckets of sequences with similar query and tail lengths so
-  padding stays within `MAX_PADDING_WASTE` of the real work.
+  padding stays within `MAX_PADDING_WASTE` of the real work; a bucket that attends no run
+goes through torch SDPA's fused kernel.
 Each part yields a partial result (running max, normaliser, weighted values) per query row,
 and the parts are merged as split-KV kernels merge theirs (online softmax); pointwise
 variants (sigmoid, silu) simply add up.
@@ -34,8 +36,10 @@ from attention.batch import ForwardBatch
 from attention.variants import BUILTIN_VARIANTS, alibi_slopes
 from kvcache.pool import KVPool, read_slots
 
-# A run shorter than this is cheaper to gather with the tail than to attend as its own matmul.
-MIN_INPLACE_KEYS = 64
+# A run is attended in place when its keys times the sequences sharing it reach this; below,
+# gathering it with the tail (one batched op for all sequences) costs less than the dozen
+# small ops of a run of its own.
+MIN_INPLACE_KEYS = 256
 # A tail bucket's padded size (sequences x longest queries x longest tail) may exceed the sum
 # of its sequences' own sizes by this factor, plus SMALL_BUCKET_ELEMENTS (decodes batch freely).
 MAX_PADDING_WASTE = 1.5
@@ -84,12 +88,13 @@ class _SeqKeys:
     has_runs: bool = False
 
 
-def _split_keys(pages: list[int], page_size: int, prefix_len: int, seq_len: int,
-                min_run: int) -> tuple[list[tuple[int, int, int]], list[int]]:
-    """(runs as (slot_start, num_keys, pos_start), tail positions) of one sequence: maximal
-    runs of consecutive page ids, cut at the prefix length (new keys are always tail)."""
+def _split_keys(pages: list[int], page_size: int, prefix_len: int,
+                seq_len: int) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """(runs as (slot_start, num_keys, pos_start), positions of the other keys) of one
+    sequence: maximal runs of consecutive page ids, cut at the prefix length (the new keys,
+    written this step, are never part of a run)."""
     runs: list[tuple[int, int, int]] = []
-    tail: list[int] = []
+    rest: list[int] = []
     num_pages = -(-seq_len // page_size)
     first = 0
     while first < num_pages:
@@ -98,13 +103,11 @@ def _split_keys(pages: list[int], page_size: int, prefix_len: int, seq_len: int,
             last += 1
         start, end = first * page_size, min((last + 1) * page_size, seq_len)
         cached_end = min(end, prefix_len)
-        if cached_end - start >= min_run:
+        if cached_end > start:
             runs.append((pages[first] * page_size, cached_end - start, start))
-            tail.extend(range(cached_end, end))
-        else:
-            tail.extend(range(start, end))
+        rest.extend(range(max(cached_end, start), end))
         first = last + 1
-    return runs, tail
+    return runs, rest
 
 
 def _buckets(seqs: list[_SeqKeys]) -> list[list[_SeqKeys]]:
@@ -189,19 +192,33 @@ class PagedBackend(AttentionBackend):
         P = batch.page_size
         tables = batch.block_table.tolist()
         indptr = batch.qo_indptr_host
+        split = []
+        sharers: dict[tuple[int, int, int], int] = {}  # run -> sequences that have it
+        for i, seq_len in enumerate(batch.seq_lens_host):
+            prefix = seq_len - (indptr[i + 1] - indptr[i])
+            seq_runs, rest = _split_keys(tables[i], P, prefix, seq_len)
+            split.append((seq_runs, rest))
+            for key in seq_runs:
+                sharers[key] = sharers.get(key, 0) + 1
         run_rows: dict[tuple[int, int, int], list[int]] = {}  # (slot, keys, pos) -> rows
         run_qpos: dict[tuple[int, int, int], list[int]] = {}
         seqs: list[_SeqKeys] = []
-        for i, seq_len in enumerate(batch.seq_lens_host):
+        for i, (seq_runs, tail) in enumerate(split):
+            seq_len = batch.seq_lens_host[i]
             q_len = indptr[i + 1] - indptr[i]
             prefix = seq_len - q_len
-            pages = tables[i]
-            seq_runs, tail = _split_keys(pages, P, prefix, seq_len, self.min_inplace_keys)
+            inplace = False
             for key in seq_runs:
+                # a run read by few queries is cheaper gathered than attended on its own
+                if key[1] * sharers[key] < self.min_inplace_keys:
+                    tail = list(range(key[2], key[2] + key[1])) + tail
+                    continue
+                inplace = True
                 run_rows.setdefault(key, []).extend(range(indptr[i], indptr[i + 1]))
                 run_qpos.setdefault(key, []).extend(range(prefix, seq_len))
+            pages = tables[i]
             slots = [pages[p // P] * P + p % P for p in tail]
-            seqs.append(_SeqKeys(indptr[i], q_len, prefix, tail, slots, bool(seq_runs)))
+            seqs.append(_SeqKeys(indptr[i], q_len, prefix, tail, slots, inplace))
         self.runs = [
             _Run(slot, n, torch.tensor(rows, dtype=torch.int64, device=dev),
                  torch.tensor(run_qpos[(slot, n, pos)], device=dev).view(1, 1, -1, 1, 1),

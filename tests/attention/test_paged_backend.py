@@ -110,13 +110,24 @@ def test_paged_backend_on_shuffled_pages(layout: str, page_size: int) -> None:
 
 
 def test_split_keys_cuts_runs_at_page_breaks_and_the_prefix() -> None:
-    # pages 5,6,7 then 9: keys 0..11 in place (page size 4), 12..13 tail (its own page
-    # is too short a run), 14..15 are new tokens in the last page
-    runs, tail = _split_keys([5, 6, 7, 9], 4, prefix_len=14, seq_len=16, min_run=4)
-    assert runs == [(20, 12, 0)]
-    assert tail == [12, 13, 14, 15]
-    runs, tail = _split_keys([5, 6, 7, 8], 4, prefix_len=14, seq_len=16, min_run=4)
-    assert runs == [(20, 14, 0)] and tail == [14, 15]
+    # pages 5,6,7 then 9 (page size 4): keys 0..11 are one run, 12..13 another (page 9),
+    # 14..15 are new tokens in the last page
+    runs, rest = _split_keys([5, 6, 7, 9], 4, prefix_len=14, seq_len=16)
+    assert runs == [(20, 12, 0), (36, 2, 12)]
+    assert rest == [14, 15]
+    runs, rest = _split_keys([5, 6, 7, 8], 4, prefix_len=14, seq_len=16)
+    assert runs == [(20, 14, 0)] and rest == [14, 15]
+
+
+def test_short_private_runs_are_gathered_and_shared_ones_read_in_place() -> None:
+    layout = KVLayout.create("nhd", 4, 1, 8, "float32")
+    pool = KVPool(KVPoolConfig(layout, 1, 40, torch.float32, torch.device("cpu")))
+    backend = PagedBackend(AttentionConfig(2, 1, 8, 0.3), pool, min_inplace_keys=16)
+    # seq 0 and 1 share pages 1-3 (12 keys, x2 sharers >= 16); seq 2's 12 keys are its own
+    tables = [[1, 2, 3, 10], [1, 2, 3, 20], [30, 31, 32, 33]]
+    backend.plan(ForwardBatch.build([1, 1, 1], [12, 12, 12], tables, 4, torch.device("cpu")))
+    assert [(r.slot_start, r.num_keys, r.rows.tolist()) for r in backend.runs] == [(4, 12, [0, 1])]
+    assert sorted(tb.kv_slots.shape[1] for tb in backend.tails) == [1, 13]
 
 
 def test_tail_buckets_keep_padding_near_the_real_work() -> None:
