@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from attention.base import AttentionBackend, AttentionConfig, BackendCapabilities
 from attention.batch import ForwardBatch
 from attention.variants import BUILTIN_VARIANTS, alibi_slopes
-from kvcache.pool import KVPool, read_slots
+from kvcache.pool import KVPool
 
 # A run is attended in place when its keys times the sequences sharing it reach this; below,
 # gathering it with the tail (one batched op for all sequences) costs less than the dozen
@@ -69,9 +69,9 @@ class _TailBucket:
     valid_flat: torch.Tensor  # [n] index into the flattened [b * Lq] of the real queries
     rows: torch.Tensor  # [n] their rows in the step's q
     kv_slots: torch.Tensor  # [b, Lk]
-    q_pos: torch.Tensor  # [b, 1, Lq, 1, 1]
-    k_pos: torch.Tensor  # [b, 1, 1, 1, Lk]
-    visible: torch.Tensor  # [b, 1, Lq, 1, Lk] causal & padding
+    q_pos: torch.Tensor  # [1, b, Lq, 1, 1]  (dims: kv head, sequence, query, group, key)
+    k_pos: torch.Tensor  # [1, b, 1, 1, Lk]
+    visible: torch.Tensor  # [1, b, Lq, 1, Lk] causal & padding
     # no row of it attends a run: its result is final, and torch SDPA's fused kernel can
     # compute it without materialising the scores (`causal`: one fresh prompt, is_causal)
     final: bool = False
@@ -157,11 +157,16 @@ def _plan_tail(group: list[_SeqKeys], device: torch.device) -> _TailBucket:
         & t(q_valid, torch.bool)[:, :, None]
     return _TailBucket(
         q_rows=t(q_rows), valid_flat=t(valid_flat), rows=t(rows), kv_slots=t(k_slots),
-        q_pos=qp.view(b, 1, Lq, 1, 1), k_pos=kp.view(b, 1, 1, 1, Lk),
-        visible=visible.view(b, 1, Lq, 1, Lk),
+        q_pos=qp.view(1, b, Lq, 1, 1), k_pos=kp.view(1, b, 1, 1, Lk),
+        visible=visible.view(1, b, Lq, 1, Lk),
         final=not any(s.has_runs for s in group),
         causal=b == 1 and group[0].prefix_len == 0 and group[0].tail_pos == list(range(Lq)),
     )
+
+
+def _rows_first(t: torch.Tensor) -> torch.Tensor:
+    """[Hkv, b, Lq, G(, D)] -> [b, Lq, Hkv, G(, D)]: rows then heads, as q is laid out."""
+    return t.permute(1, 2, 0, *range(3, t.dim()))
 
 
 class PagedBackend(AttentionBackend):
@@ -182,7 +187,7 @@ class PagedBackend(AttentionBackend):
         self._fused_ok = config.variant.name in ("softmax", "sliding_window", "alibi")
         if config.variant.needs_slopes:  # head h = kv_head * G + g
             self._slopes = alibi_slopes(config.num_q_heads).view(
-                1, config.num_kv_heads, 1, config.group_size, 1)
+                config.num_kv_heads, 1, 1, config.group_size, 1)
 
     # ------------------------------------------------------------------ once per step
 
@@ -239,53 +244,71 @@ class PagedBackend(AttentionBackend):
         k_cache, v_cache = self.pool.k_caches[layer], self.pool.v_caches[layer]
         # accumulators per query row and head: running max, normaliser (softmax) or visible
         # key count (pointwise), weighted values
-        row_max = torch.full((T, Hq), NO_MAX, dtype=cd)
-        row_sum = torch.zeros((T, Hq), dtype=cd)
-        acc = torch.zeros((T, Hq, D), dtype=cd)
-        layout = self.pool.layout
+        row_max = torch.full((T, Hq), NO_MAX, dtype=cd, device=q.device)
+        row_sum = torch.zeros((T, Hq), dtype=cd, device=q.device)
+        acc = torch.zeros((T, Hq, D), dtype=cd, device=q.device)
+        G = cfg.group_size
+        flat_k, flat_v = k_cache.view(-1, Hkv, D), v_cache.view(-1, Hkv, D)
+        scale = cfg.scale
         for tb in self.tails:  # every row is in exactly one tail bucket: plain writes
             b, Lq = tb.q_rows.shape
-            if tb.final and self._fused_ok:
-                acc[tb.rows] = self._fused_tail(tb, q, k_cache, v_cache, cd)
+            Lk = tb.kv_slots.shape[1]
+            # one row gather per bucket (index_select: several times faster than indexing)
+            keys = flat_k.index_select(0, tb.kv_slots.view(-1)).to(cd).view(b, Lk, Hkv, D)
+            vals = flat_v.index_select(0, tb.kv_slots.view(-1)).to(cd).view(b, Lk, Hkv, D)
+            if tb.final and self._fused_ok and Lq > 1:
+                acc[tb.rows] = self._fused_tail(tb, q, keys, vals, cd)
                 row_sum[tb.rows] = 1.0
                 continue
-            qg = q[tb.q_rows].to(cd).view(b, Lq, Hkv, -1, D).permute(0, 2, 1, 3, 4)
-            keys = read_slots(k_cache, layout, tb.kv_slots).to(cd).permute(0, 2, 3, 1)
-            vals = read_slots(v_cache, layout, tb.kv_slots).to(cd).transpose(1, 2)
-            m, s, o = self._partial(qg.reshape(b, Hkv, -1, D), keys, vals, Lq,
-                                    tb.q_pos, tb.k_pos, tb.visible)
-            row_max[tb.rows] = m.reshape(b * Lq, Hq)[tb.valid_flat]
-            row_sum[tb.rows] = s.reshape(b * Lq, Hq)[tb.valid_flat]
-            acc[tb.rows] = o.reshape(b * Lq, Hq, D)[tb.valid_flat]
-        flat_k = k_cache.view(-1, Hkv, D)
-        flat_v = v_cache.view(-1, Hkv, D)
+            qg = (q[tb.q_rows].to(cd) * scale).view(b, Lq, Hkv, G, D)
+            # per kv head: a bmm over the sequences, reading the gathered block through
+            # strides (a [Hkv, b] batch would need another copy of it)
+            scores = torch.empty((Hkv, b, Lq * G, Lk), dtype=cd, device=q.device)
+            for h in range(Hkv):
+                torch.bmm(qg[:, :, h].reshape(b, Lq * G, D), keys[:, :, h].transpose(1, 2),
+                          out=scores[h])
+            m, s, w = self._weights(scores.view(Hkv, b, Lq, G, Lk), tb.q_pos, tb.k_pos,
+                                    tb.visible)
+            o = torch.empty((Hkv, b, Lq * G, D), dtype=cd, device=q.device)
+            for h in range(Hkv):
+                torch.bmm(w[h].view(b, Lq * G, Lk), vals[:, :, h], out=o[h])
+            row_max[tb.rows] = _rows_first(m).reshape(b * Lq, Hq)[tb.valid_flat]
+            row_sum[tb.rows] = _rows_first(s).reshape(b * Lq, Hq)[tb.valid_flat]
+            acc[tb.rows] = _rows_first(o.view(Hkv, b, Lq, G, D)).reshape(b * Lq, Hq, D)[
+                tb.valid_flat]
+        # head-major views of the pool, [Hkv, slots, D]: a run is a slice of them
+        k_heads, v_heads = flat_k.transpose(0, 1), flat_v.transpose(0, 1)
         for run in self.runs:
             R = run.rows.shape[0]
-            qg = q[run.rows].to(cd).view(R, Hkv, -1, D).transpose(0, 1).reshape(1, Hkv, -1, D)
-            # views of the pool: [Hkv, D, n] and [Hkv, n, D], no copy (float32/64 pools)
-            keys = flat_k[run.slot_start : run.slot_start + run.num_keys].to(cd).permute(1, 2, 0)
-            vals = flat_v[run.slot_start : run.slot_start + run.num_keys].to(cd).transpose(0, 1)
-            m, s, o = self._partial(qg, keys[None], vals[None], R, run.q_pos, run.k_pos, None)
-            self._merge(row_max, row_sum, acc, run.rows, m.reshape(R, Hq), s.reshape(R, Hq),
-                        o.reshape(R, Hq, D))
+            qg = (q[run.rows].to(cd) * scale).view(R, Hkv, G, D).transpose(0, 1)
+            # slices of the pool's views: [Hkv, D, n] and [Hkv, n, D], no copy (float32/64
+            # pools; another dtype is converted, which copies)
+            end = run.slot_start + run.num_keys
+            keys_t = k_heads[:, run.slot_start : end].to(cd).transpose(1, 2)
+            vals = v_heads[:, run.slot_start : end].to(cd)
+            scores = torch.matmul(qg.reshape(Hkv, R * G, D), keys_t)
+            m, s, w = self._weights(scores.view(Hkv, 1, R, G, -1), run.q_pos, run.k_pos, None)
+            o = torch.matmul(w.view(Hkv, R * G, -1), vals).view(Hkv, 1, R, G, D)
+            self._merge(row_max, row_sum, acc, run.rows, _rows_first(m).reshape(R, Hq),
+                        _rows_first(s).reshape(R, Hq), _rows_first(o).reshape(R, Hq, D))
         if self.config.variant.uses_softmax or self.config.variant.normalize_by_visible:
             acc = acc / row_sum.clamp(min=1e-30 if self.config.variant.uses_softmax else 1.0)[..., None]
         return acc.to(q.dtype)
 
-    def _fused_tail(self, tb: _TailBucket, q: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
-        """A final bucket through torch SDPA -> [rows, Hq, D]."""
+    def _fused_tail(self, tb: _TailBucket, q: torch.Tensor, keys: torch.Tensor,
+                    vals: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+        """A final bucket of prefill chunks (keys, vals [b, Lk, Hkv, D] gathered) through
+        torch SDPA's fused kernel, which never materialises the [Lq, Lk] scores ->
+        [rows, Hq, D]."""
         b, Lq = tb.q_rows.shape
+        Lk = tb.kv_slots.shape[1]
         Hq, D = self.config.num_q_heads, self.config.head_dim
-        layout = self.pool.layout
         qg = q[tb.q_rows].to(cd).transpose(1, 2)  # [b, Hq, Lq, D]
-        keys = read_slots(k_cache, layout, tb.kv_slots).to(cd).transpose(1, 2)
-        vals = read_slots(v_cache, layout, tb.kv_slots).to(cd).transpose(1, 2)
         variant = self.config.variant
         mask: torch.Tensor | None = None
         if not tb.causal or variant.name != "softmax":
-            q_pos, k_pos = tb.q_pos[:, :, :, 0], tb.k_pos[:, :, :, 0]  # [b, 1, Lq|1, 1|Lk]
-            visible = tb.visible[:, :, :, 0]
+            q_pos, k_pos = tb.q_pos.view(b, 1, Lq, 1), tb.k_pos.view(b, 1, 1, Lk)
+            visible = tb.visible.view(b, 1, Lq, Lk)
             if variant.window is not None:
                 visible = visible & ((q_pos - k_pos) < variant.window)
             mask = visible
@@ -293,24 +316,19 @@ class PagedBackend(AttentionBackend):
                 slopes = self._slopes.reshape(1, Hq, 1, 1).to(cd)
                 mask = (slopes * (k_pos - q_pos).to(cd)).masked_fill(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(
-            qg, keys, vals, attn_mask=mask, is_causal=mask is None, scale=self.config.scale,
-            enable_gqa=True)
+            qg, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None, scale=self.config.scale, enable_gqa=True)
         # padding queries see no key and come back NaN; valid_flat drops them
         return out.transpose(1, 2).reshape(b * Lq, Hq, D)[tb.valid_flat]
 
-    def _partial(self, qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, Lq: int,
-                 q_pos: torch.Tensor, k_pos: torch.Tensor, visible: torch.Tensor | None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """qg [b, Hkv, Lq*G, D] (rows in (query, group) order), keys [b, Hkv, D, Lk], vals
-        [b, Hkv, Lk, D] -> (max, sum, weighted values) as [b, Lq, Hkv, G(, D)]: softmax
-        variants give exp(s - max) weights and their sum; pointwise ones their weights and
-        the count of visible keys."""
+    def _weights(self, scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                 visible: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scaled scores [Hkv, b, Lq, G, Lk] (transformed in place: they are this step's
+        own, and the one buffer of the keys' size the arithmetic needs) -> (max, sum,
+        weights): softmax variants give exp(s - max) and its sum over the keys; pointwise
+        ones their weights and the count of visible keys. Positions and `visible`
+        broadcast as [1, b, Lq, 1, Lk]."""
         variant = self.config.variant
-        b, Hkv = qg.shape[0], qg.shape[1]
-        # in-place where the operands are this step's own: the scores are the one buffer
-        # of keys' size that the arithmetic needs
-        scores = torch.matmul(qg * self.config.scale, keys)
-        scores = scores.view(b, Hkv, Lq, -1, scores.shape[-1])  # [b, Hkv, Lq, G, Lk]
         if variant.softcap is not None:
             scores = scores.div_(variant.softcap).tanh_().mul_(variant.softcap)
         if self._slopes is not None:
@@ -323,21 +341,16 @@ class PagedBackend(AttentionBackend):
                 scores.masked_fill_(~visible, float("-inf"))
             m = scores.amax(dim=-1).clamp(min=NO_MAX)
             w = scores.sub_(m[..., None]).exp_()
-            s = w.sum(dim=-1)
+            return m, w.sum(dim=-1), w
+        fn = variant.spec.weight  # type: ignore[union-attr]
+        w = fn(scores)
+        if visible is not None:
+            w.masked_fill_(~visible, 0.0)
+            count = visible.sum(dim=-1, dtype=scores.dtype)
         else:
-            fn = variant.spec.weight  # type: ignore[union-attr]
-            w = fn(scores)
-            if visible is not None:
-                w.masked_fill_(~visible, 0.0)
-                count = visible.sum(dim=-1, dtype=scores.dtype)
-            else:
-                count = torch.full((), scores.shape[-1], dtype=scores.dtype)
-            m = torch.zeros((), dtype=scores.dtype).expand(w.shape[:-1])
-            s = count.expand(w.shape[:-1])
-        G = w.shape[3]
-        o = torch.matmul(w.view(b, Hkv, Lq * G, -1), vals).view(b, Hkv, Lq, G, -1)
-        # [b, Lq, Hkv, G(, D)]: rows then heads, as q is laid out
-        return (m.permute(0, 2, 1, 3), s.permute(0, 2, 1, 3), o.permute(0, 2, 1, 3, 4))
+            count = torch.full((), scores.shape[-1], dtype=scores.dtype)
+        shape = w.shape[:-1]
+        return torch.zeros((), dtype=scores.dtype).expand(shape), count.expand(shape), w
 
     def _merge(self, row_max: torch.Tensor, row_sum: torch.Tensor, acc: torch.Tensor,
                rows: torch.Tensor, m: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> None:

@@ -147,3 +147,17 @@ def test_the_cpu_default_is_paged_where_it_reads_the_layout() -> None:
     assert default_backend("cpu", "nhd") == "paged"
     assert default_backend("cpu", "hnd") == "reference"
     assert default_backend("cuda", "nhd") == "triton"
+
+
+@pytest.mark.parametrize(("variant", "param"), [("softmax", 0.0), ("alibi", 0.0)])
+def test_a_lone_fresh_prompt_takes_the_causal_kernel(variant: str, param: float) -> None:
+    layout = KVLayout.create("nhd", 4, 2, 16, "float32")
+    pool = KVPool(KVPoolConfig(layout, 1, 8, torch.float32, torch.device("cpu")))
+    for t in pool.k_caches + pool.v_caches:
+        t.fill_(float("nan"))
+    q, k, v = torch.randn(11, 6, 16), torch.randn(11, 2, 16), torch.randn(11, 2, 16)
+    backend = PagedBackend(AttentionConfig(6, 2, 16, 0.25, Variant(variant, param)), pool)
+    backend.plan(ForwardBatch.build([11], [0], [[5, 2, 7]], 4, torch.device("cpu")))
+    assert [tb.causal for tb in backend.tails] == [True]
+    want = oracle_attention(q, k, v, 0, 0.25, variant, param)
+    assert torch.allclose(backend.forward(q, k, v, 0).double(), want, atol=1e-5)
