@@ -101,6 +101,7 @@ def _throughput(argv: list[str]) -> int:
               "output_len": args.output_len, "range_ratio": args.range_ratio,
               "attention_backend": llm.engine.backend.name,
               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
               "load_avg_1m": [load_before, os.getloadavg()[0]]}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -160,6 +160,7 @@ def main(argv: list[str]) -> int:
     result = {
         "cache_off": asdict(off), "cache_on": asdict(on), "cache_on_speedup": ratios,
         "attention_backend": backend, "torch_threads": torch.get_num_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(), "workload": {
             "num_groups": args.num_groups, "prompts_per_group": args.prompts_per_group,
             "system_prompt_len": args.system_prompt_len, "question_len": args.question_len,
