@@ -256,7 +256,7 @@ class PagedBackend(AttentionBackend):
             # one row gather per bucket (index_select: several times faster than indexing)
             keys = flat_k.index_select(0, tb.kv_slots.view(-1)).to(cd).view(b, Lk, Hkv, D)
             vals = flat_v.index_select(0, tb.kv_slots.view(-1)).to(cd).view(b, Lk, Hkv, D)
-            if tb.final and self._fused_ok and Lq > 1:
+            if tb.final and self._fused_ok:
                 acc[tb.rows] = self._fused_tail(tb, q, keys, vals, cd)
                 row_sum[tb.rows] = 1.0
                 continue
@@ -297,27 +297,35 @@ class PagedBackend(AttentionBackend):
 
     def _fused_tail(self, tb: _TailBucket, q: torch.Tensor, keys: torch.Tensor,
                     vals: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
-        """A final bucket of prefill chunks (keys, vals [b, Lk, Hkv, D] gathered) through
-        torch SDPA's fused kernel, which never materialises the [Lq, Lk] scores ->
-        [rows, Hq, D]."""
+        """A final bucket (keys, vals [b, Lk, Hkv, D] gathered) through torch SDPA's fused
+        kernel, which never materialises the scores -> [rows, Hq, D]. Decodes fold the GQA
+        group into the query rows (SDPA's own GQA path would copy K and V per group)."""
         b, Lq = tb.q_rows.shape
         Lk = tb.kv_slots.shape[1]
-        Hq, D = self.config.num_q_heads, self.config.head_dim
-        qg = q[tb.q_rows].to(cd).transpose(1, 2)  # [b, Hq, Lq, D]
-        variant = self.config.variant
+        cfg = self.config
+        Hq, Hkv, D = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+        decode = Lq == 1
+        if decode:
+            qg = q[tb.q_rows[:, 0]].to(cd).view(b, Hkv, -1, D)  # [b, Hkv, G, D]
+        else:
+            qg = q[tb.q_rows].to(cd).transpose(1, 2)  # [b, Hq, Lq, D]
+        variant = cfg.variant
         mask: torch.Tensor | None = None
-        if not tb.causal or variant.name != "softmax":
+        if decode or not tb.causal or variant.name != "softmax":
             q_pos, k_pos = tb.q_pos.view(b, 1, Lq, 1), tb.k_pos.view(b, 1, 1, Lk)
             visible = tb.visible.view(b, 1, Lq, Lk)
             if variant.window is not None:
                 visible = visible & ((q_pos - k_pos) < variant.window)
             mask = visible
             if self._slopes is not None:
-                slopes = self._slopes.reshape(1, Hq, 1, 1).to(cd)
+                heads = (1, Hkv, cfg.group_size, 1) if decode else (1, Hq, 1, 1)
+                slopes = self._slopes.reshape(heads).to(cd)
                 mask = (slopes * (k_pos - q_pos).to(cd)).masked_fill(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(
             qg, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask,
-            is_causal=mask is None, scale=self.config.scale, enable_gqa=True)
+            is_causal=mask is None, scale=cfg.scale, enable_gqa=not decode)
+        if decode:
+            return out.reshape(b, Hq, D)
         # padding queries see no key and come back NaN; valid_flat drops them
         return out.transpose(1, 2).reshape(b * Lq, Hq, D)[tb.valid_flat]
 

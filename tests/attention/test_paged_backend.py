@@ -161,3 +161,33 @@ def test_a_lone_fresh_prompt_takes_the_causal_kernel(variant: str, param: float)
     assert [tb.causal for tb in backend.tails] == [True]
     want = oracle_attention(q, k, v, 0, 0.25, variant, param)
     assert torch.allclose(backend.forward(q, k, v, 0).double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(("variant", "param"), [("softmax", 0.0), ("sliding_window", 5.0),
+                                                ("alibi", 0.0), ("silu", 0.0)])
+def test_a_decode_bucket_without_runs_folds_the_group_into_rows(variant: str, param: float) -> None:
+    """Decodes over short private contexts: one gathered bucket, through SDPA with the GQA
+    group as query rows where the variant allows (else the explicit path)."""
+    hkv, group, d, P = 2, 3, 16, 4
+    hq = hkv * group
+    layout = KVLayout.create("nhd", P, hkv, d, "float32")
+    prefix_lens = [3, 10, 17]
+    pool = KVPool(KVPoolConfig(layout, 1, 16, torch.float32, torch.device("cpu")))
+    for t in pool.k_caches + pool.v_caches:
+        t.fill_(float("nan"))
+    tables = [[9, 2], [4, 11, 6], [1, 13, 8, 15, 3]]
+    ks = [torch.randn(p + 1, hkv, d) for p in prefix_lens]
+    vs = [torch.randn(p + 1, hkv, d) for p in prefix_lens]
+    for table, p, k, v in zip(tables, prefix_lens, ks, vs, strict=True):
+        slots = torch.tensor([table[i // P] * P + i % P for i in range(p)], dtype=torch.long)
+        write_slots(pool.k_caches[0], layout, slots, k[:p])
+        write_slots(pool.v_caches[0], layout, slots, v[:p])
+    cfg = AttentionConfig(hq, hkv, d, d**-0.5, Variant(variant, param))
+    backend = PagedBackend(cfg, pool)
+    backend.plan(ForwardBatch.build([1, 1, 1], prefix_lens, tables, P, torch.device("cpu")))
+    assert not backend.runs and [tb.final for tb in backend.tails] == [True]
+    q = torch.randn(3, hq, d)
+    out = backend.forward(q, torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs]), 0)
+    for i, p in enumerate(prefix_lens):
+        want = oracle_attention(q[i : i + 1], ks[i], vs[i], p, d**-0.5, variant, param)
+        assert torch.allclose(out[i : i + 1].double(), want, atol=1e-5), i
