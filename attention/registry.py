@@ -33,6 +33,7 @@ class _LazyBackend:
 
 _BUILTIN: dict[str, _LazyBackend] = {
     "reference": _LazyBackend("attention.backends.reference:ReferenceBackend"),
+    "paged": _LazyBackend("attention.backends.paged:PagedBackend"),
     "sdpa": _LazyBackend("attention.backends.sdpa:SDPABackend"),
     "flex": _LazyBackend("attention.backends.flex:FlexBackend"),
     "triton": _LazyBackend("attention.backends.triton_backend:TritonBackend", ("triton",)),
@@ -71,6 +72,19 @@ def backend_factory(name: str, cache_kind: str = "kv") -> BackendFactory:
 
 def create_backend(name: str, config: AttentionConfig, pool: KVPool) -> AttentionBackend:
     return backend_factory(name, config.cache_kind)(config, pool)
+
+
+# The layouts the paged backend reads in place (its `supported_layouts`; a test keeps the two
+# equal without importing the backend here).
+PAGED_LAYOUTS = frozenset({"token", "nhd"})
+
+
+def default_backend(device_type: str, kv_layout: str) -> str:
+    """What `--attention-backend auto` means: triton on a GPU; on a CPU the paged backend,
+    which reads long cached contexts in place, where it supports the layout, else reference."""
+    if device_type == "cuda":
+        return "triton"
+    return "paged" if kv_layout in PAGED_LAYOUTS else "reference"
 
 
 def build_attention_backend(

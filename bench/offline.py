@@ -1,15 +1,18 @@
-"""Offline benchmarks: `bench throughput` (attnserve vs transformers) and `bench prefix`
-(the same shared-prefix workload with the prefix cache on and off)."""
+"""Offline benchmarks: `bench throughput` (attnserve vs transformers); `bench prefix` (the
+same shared-prefix workload with the prefix cache on and off) lives in bench/prefix.py."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from scheduler.request import SamplingParams
 from server.engine import LLM
@@ -34,7 +37,6 @@ def transformers_throughput(
 ) -> float:
     """transformers' batched `generate`: left-padded batches, each running to its longest output.
     Only the requested output tokens count."""
-    import torch
 
     total, t0 = 0, time.perf_counter()
     with torch.inference_mode():
@@ -64,6 +66,7 @@ def _throughput(argv: list[str]) -> int:
                         "drifts by 10-20%% between runs on a shared machine)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: attnserve_tok_s, transformers_tok_s, ratio")
+    p.add_argument("--json-out", default=None, help="also write that JSON object to this file")
     add_engine_args(p)
     args = p.parse_args(argv)
     rng = random.Random(args.bench_seed)
@@ -82,6 +85,7 @@ def _throughput(argv: list[str]) -> int:
         transformers_throughput(hf, prompts[:2], [2, 2], 2)  # warm-up
     ours_runs: list[float] = []
     theirs_runs: list[float] = []
+    load_before = os.getloadavg()[0]
     for _ in range(max(1, args.repeats)):
         t0 = time.perf_counter()
         llm.generate(prompts, params, progress=not args.json)
@@ -94,7 +98,13 @@ def _throughput(argv: list[str]) -> int:
               "ratio": ours / theirs if theirs else None,
               "attnserve_runs": ours_runs, "transformers_runs": theirs_runs,
               "num_prompts": args.num_prompts, "input_len": args.input_len,
-              "output_len": args.output_len, "range_ratio": args.range_ratio}
+              "output_len": args.output_len, "range_ratio": args.range_ratio,
+              "attention_backend": llm.engine.backend.name,
+              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+              "load_avg_1m": [load_before, os.getloadavg()[0]]}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
     else:
@@ -102,75 +112,7 @@ def _throughput(argv: list[str]) -> int:
         if theirs:
             print(f"transformers: {theirs:8.1f} output tok/s")
             print(f"ratio:        {ours / theirs:8.2f}x")
-    return 0
-
-
-@dataclass
-class PrefixRun:
-    prefill_tokens_computed: int
-    mean_ttft_s: float
-    throughput_tok_s: float
-
-
-def shared_prefix_prompts(rng: random.Random, groups: int, per_group: int, system_len: int,
-                          question_len: int) -> list[list[int]]:
-    prompts = []
-    for _ in range(groups):
-        system = [rng.randrange(1000, 30000) for _ in range(system_len)]
-        for _ in range(per_group):
-            prompts.append(system + [rng.randrange(1000, 30000) for _ in range(question_len)])
-    return prompts
-
-
-def run_prefix_workload(llm: LLM, prompts: list[list[int]], output_len: int) -> PrefixRun:
-    before = llm.engine.prefill_tokens_computed
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    t0 = time.perf_counter()
-    results = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - t0
-    ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
-    return PrefixRun(
-        prefill_tokens_computed=llm.engine.prefill_tokens_computed - before,
-        mean_ttft_s=sum(ttfts) / len(ttfts),
-        throughput_tok_s=len(prompts) * output_len / elapsed,
-    )
-
-
-def _prefix(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="attnserve bench prefix",
-                                description="shared-prefix workload with the prefix cache on and off")
-    p.add_argument("--num-groups", type=int, default=4, help="groups with their own system prompt")
-    p.add_argument("--prompts-per-group", type=int, default=8, help="prompts sharing each one")
-    p.add_argument("--system-prompt-len", type=int, default=1024, help="shared prefix tokens")
-    p.add_argument("--question-len", type=int, default=64, help="unique tokens per prompt")
-    p.add_argument("--output-len", type=int, default=16, help="tokens generated per prompt")
-    p.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object with cache_on and cache_off")
-    add_engine_args(p)
-    args = p.parse_args(argv)
-    prompts = shared_prefix_prompts(random.Random(args.bench_seed), args.num_groups,
-                                    args.prompts_per_group, args.system_prompt_len, args.question_len)
-    runs: dict[str, PrefixRun] = {}
-    loaded = None
-    for label, enabled in (("cache_off", False), ("cache_on", True)):
-        config = engine_config_from_args(args)
-        config.enable_prefix_cache = enabled
-        llm = LLM.__new__(LLM)
-        from server.engine import EngineCore
-
-        llm.engine = EngineCore(config, loaded=loaded)
-        llm.tokenizer = llm.engine.tokenizer
-        loaded = llm.engine.loaded
-        # warm-up on tokens no prompt uses, so it adds no prefix hits
-        llm.generate([[500 + i for i in range(32)]], SamplingParams(max_tokens=2))
-        runs[label] = run_prefix_workload(llm, prompts, args.output_len)
-    if args.json:
-        print(json.dumps({k: vars(v) for k, v in runs.items()}))
-    else:
-        for k, v in runs.items():
-            print(f"{k:9s} prefill tokens {v.prefill_tokens_computed:7d}  mean TTFT "
-                  f"{v.mean_ttft_s * 1000:8.1f} ms  throughput {v.throughput_tok_s:7.1f} tok/s")
+        print(f"load average (1 min) {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     return 0
 
 
@@ -178,5 +120,7 @@ def main(what: str, argv: list[str]) -> int:
     if what == "throughput":
         return _throughput(argv)
     if what == "prefix":
-        return _prefix(argv)
+        from bench.prefix import main as prefix_main
+
+        return prefix_main(argv)
     raise SystemExit(f"unknown benchmark {what!r}")

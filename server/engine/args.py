@@ -44,8 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights and KV dtype; auto = float32 on CPU, bfloat16 on GPU")
     g.add_argument("--device", default=D.device, help="cpu, cuda, cuda:N or auto (GPU when present)")
     g.add_argument("--attention-backend", default=D.attention_backend,
-                   help="attention backend: reference, sdpa, flex, triton (auto = triton on GPU, "
-                        "reference on CPU)")
+                   help="attention backend: reference, paged, sdpa, flex, triton (auto = triton on GPU, "
+                        "paged on CPU for the token and nhd layouts, else reference)")
     g.add_argument("--prefill-backend", default=D.prefill_backend,
                    help="backend for prefill/extend sequences (default: --attention-backend)")
     g.add_argument("--decode-backend", default=D.decode_backend,

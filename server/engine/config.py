@@ -37,7 +37,7 @@ class EngineConfig:
     served_model_name: str | None = None
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     device: str = "auto"
-    attention_backend: str = "auto"  # auto: triton on GPU, reference on CPU
+    attention_backend: str = "auto"  # auto: triton on GPU, paged on CPU (registry.default_backend)
     prefill_backend: str | None = None
     decode_backend: str | None = None
     attention_variant: str = "softmax"
@@ -82,7 +82,9 @@ class EngineConfig:
 
     def resolved_backend(self) -> str:
         if self.attention_backend == "auto":
-            return "triton" if self.resolved_device().type == "cuda" else "reference"
+            from attention.registry import default_backend
+
+            return default_backend(self.resolved_device().type, self.kv_layout)
         return self.attention_backend
 
     def resolved_model_name(self) -> str:
