@@ -79,12 +79,15 @@ def create_backend(name: str, config: AttentionConfig, pool: KVPool) -> Attentio
 PAGED_LAYOUTS = frozenset({"token", "nhd"})
 
 
-def default_backend(device_type: str, kv_layout: str) -> str:
+def default_backend(device_type: str, kv_layout: str, cache_kind: str = "kv",
+                    fp8: bool = False) -> str:
     """What `--attention-backend auto` means: triton on a GPU; on a CPU the paged backend,
-    which reads long cached contexts in place, where it supports the layout, else reference."""
+    which reads long cached contexts in place, where it serves the cache (full-precision K/V
+    rows in a key-major layout), else reference."""
     if device_type == "cuda":
         return "triton"
-    return "paged" if kv_layout in PAGED_LAYOUTS else "reference"
+    paged = cache_kind == "kv" and not fp8 and kv_layout in PAGED_LAYOUTS
+    return "paged" if paged else "reference"
 
 
 def build_attention_backend(

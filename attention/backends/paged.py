@@ -179,6 +179,9 @@ class PagedBackend(AttentionBackend):
     def __init__(self, config: AttentionConfig, pool: KVPool,
                  min_inplace_keys: int = MIN_INPLACE_KEYS) -> None:
         super().__init__(config, pool)
+        if pool.config.storage.is_fp8:
+            raise ValueError("the paged backend reads full-precision K/V rows in place; "
+                             "FP8 pages need --attention-backend reference (or triton)")
         self.min_inplace_keys = min_inplace_keys
         self.runs: list[_Run] = []
         self.tails: list[_TailBucket] = []

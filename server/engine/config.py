@@ -80,11 +80,14 @@ class EngineConfig:
             raise ValueError(f"unsupported --dtype {self.dtype!r}; use float32 or bfloat16")
         return table[self.dtype]
 
-    def resolved_backend(self) -> str:
+    def resolved_backend(self, cache_kind: str = "kv") -> str:
+        """`--attention-backend`, with `auto` resolved for the device, the layers' cache kind
+        (K/V heads or an MLA latent) and the KV cache dtype."""
         if self.attention_backend == "auto":
             from attention.registry import default_backend
 
-            return default_backend(self.resolved_device().type, self.kv_layout)
+            return default_backend(self.resolved_device().type, self.kv_layout, cache_kind,
+                                   self.resolved_kv_cache_dtype().is_fp8)
         return self.attention_backend
 
     def resolved_model_name(self) -> str:

@@ -85,7 +85,7 @@ class EngineCore:
                                                self.device, self.kv_dtype)
         attn_config = attention_config_for(mc, parse_variant(config.attention_variant))
         self.backend = build_attention_backend(
-            attn_config, self.pool, config.resolved_backend(), config.prefill_backend,
+            attn_config, self.pool, config.resolved_backend(self.cache_spec.kind), config.prefill_backend,
             config.decode_backend,
         )
         self.allocator = PageAllocator(num_pages)

@@ -191,3 +191,11 @@ def test_a_decode_bucket_without_runs_folds_the_group_into_rows(variant: str, pa
     for i, p in enumerate(prefix_lens):
         want = oracle_attention(q[i : i + 1], ks[i], vs[i], p, d**-0.5, variant, param)
         assert torch.allclose(out[i : i + 1].double(), want, atol=1e-5), i
+
+
+def test_auto_backend_on_the_cpu_serves_the_cache_it_is_given() -> None:
+    from attention.registry import default_backend
+
+    assert default_backend("cpu", "nhd", "kv", fp8=True) == "reference"
+    assert default_backend("cpu", "nhd", "latent") == "reference"
+    assert default_backend("cpu", "token", "kv", fp8=False) == "paged"
