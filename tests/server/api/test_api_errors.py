@@ -162,16 +162,16 @@ def test_internal_error_fails_only_that_request(server: InProcessServer,
                                                 monkeypatch: pytest.MonkeyPatch):
     """A step that raises inside the engine: that request gets 500, the next one works."""
     core = server.thread.ctx.engine.core
-    real_execute = core.runner.execute
+    real_launch = core.runner.launch  # both schedules launch every step through it
     calls = {"n": 0}
 
     def failing_once(step):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected kernel failure")
-        return real_execute(step)
+        return real_launch(step)
 
-    monkeypatch.setattr(core.runner, "execute", failing_once)
+    monkeypatch.setattr(core.runner, "launch", failing_once)
     body = {"prompt": "Hello there", "max_tokens": 3, "temperature": 0}
     r = httpx.post(f"{server.base_url}{COMPLETIONS}", json=body, headers=server.headers,
                    timeout=60)
