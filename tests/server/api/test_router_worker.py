@@ -104,7 +104,8 @@ def test_server_and_model_info(shared_server: InProcessServer) -> None:
     info = httpx.get(shared_server.base_url + "/server_info", timeout=30).json()
     assert info["dp_size"] == 1 and info["page_size"] == 16
     assert info["max_total_num_tokens"] == 4096 and info["replica_name"] is None
-    assert info["engine_config"]["attention_backend"] == "reference"
+    core = shared_server.thread.ctx.engine.core
+    assert info["engine_config"]["attention_backend"] == core.backend.name
 
 
 def test_flush_cache_empties_the_prefix_cache(shared_server: InProcessServer) -> None:
