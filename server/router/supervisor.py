@@ -48,6 +48,9 @@ class RouterSettings:
             "--health-check-interval-secs", str(self.health_check_interval_s),
             "--health-failure-threshold", str(self.health_failure_threshold),
             "--health-success-threshold", "1",
+            # a request routed to a worker that just died is retried until the health
+            # checks (interval x threshold) have taken that worker out of the pool
+            "--retry-max-retries", "8", "--retry-max-backoff-ms", "1000",
             # in-flight requests get this long at a stop, within ReplicaSet.stop's wait
             "--shutdown-grace-period-secs", str(ROUTER_GRACE_S),
             *self.extra_args,
