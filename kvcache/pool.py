@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.allocator import SCRATCH_PAGE
+from kvcache.cache_spec import pages_within_bytes
 from kvcache.kv_dtype import KVCacheDtype, dequantize_rows, quantize_rows
 from kvcache.layout import HND_ID, NHD_ID, KVLayout
 
 __all__ = [  # SCRATCH_PAGE is the allocator's, re-exported for the pool's readers
     "SCRATCH_PAGE", "KVPool", "KVPoolConfig", "bytes_per_page", "pages_for_memory",
-    "pages_for_memory_fraction",
     "pages_for_tokens", "read_scales", "read_slots", "write_scales", "write_slots",
 ]
 
@@ -188,22 +188,4 @@ def pages_for_tokens(layout: KVLayout, num_tokens: int) -> int:
 def pages_for_memory(layout: KVLayout, num_layers: int, kv_dtype: KVCacheDtype,
                      memory_bytes: int) -> int:
     """Pages (the scratch page included) that fit in `memory_bytes`, at least 2."""
-    if memory_bytes <= 0:
-        raise ValueError(f"the KV cache needs some memory, got {memory_bytes} bytes")
-    return max(2, memory_bytes // bytes_per_page(layout, num_layers, kv_dtype))
-
-
-def pages_for_memory_fraction(
-    layout: KVLayout, num_layers: int, kv_dtype: KVCacheDtype, device: torch.device,
-    fraction: float,
-) -> int:
-    """Pages that fit in `fraction` of the GPU's total memory, after what is already used."""
-    free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    budget = int(total * fraction) - used
-    if budget <= 0:
-        raise ValueError(
-            f"--gpu-memory-utilization {fraction} leaves no room for the KV cache "
-            f"({used / 2**30:.1f} GiB already in use of {total / 2**30:.1f} GiB)"
-        )
-    return max(2, budget // bytes_per_page(layout, num_layers, kv_dtype))
+    return pages_within_bytes(bytes_per_page(layout, num_layers, kv_dtype), memory_bytes)

@@ -28,7 +28,7 @@ from attention.base import AttentionBackend, RopeInputs
 from attention.mla.base import MLAConfig
 from attention.rotary import RotaryTables, apply_rotary, rotary_tables
 from model.deepseek_config import DeepseekConfig, yarn_mscale
-from model.llama import RMSNorm
+from model.llama import CausalLM, RMSNorm
 from model.moe import DenseMLP, MoE
 
 # DeepSeek's q_a / kv_a norms use their class default, not config.rms_norm_eps.
@@ -177,39 +177,16 @@ class DeepseekDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DeepseekForCausalLM(nn.Module):
-    """The same interface as `model.llama.CausalLM`: `forward` -> final-normed hidden states,
-    `compute_logits` -> float32."""
+class DeepseekForCausalLM(CausalLM):
+    """`model.llama.CausalLM` with DeepSeek's decoder layers (MLA + MoE) and its rotary
+    (YaRN): the same `forward` and `compute_logits`."""
 
     def __init__(self, config: DeepseekConfig, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, i, dtype) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.lm_head: nn.Linear | None = None
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        self.rotary = MLARotary(config)
+        super().__init__(config, dtype)  # type: ignore[arg-type]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+    def make_layer(self, config: DeepseekConfig, index: int,  # type: ignore[override]
+                   dtype: torch.dtype) -> nn.Module:
+        return DeepseekDecoderLayer(config, index, dtype)
 
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        cache = self.rotary.cos_sin_cache
-        rope = self.rotary.lookup(positions)
-        for layer in self.layers:
-            hidden = layer(hidden, positions, rope, cache, attn)
-        return self.norm(hidden)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+    def make_rotary(self, config: DeepseekConfig) -> MLARotary:  # type: ignore[override]
+        return MLARotary(config)

@@ -199,13 +199,20 @@ class CausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype) for i in range(config.num_layers)
+            self.make_layer(config, i, dtype) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head: nn.Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        self.rotary = RotaryEmbedding(config)
+        self.rotary = self.make_rotary(config)
+
+    # A family with other layers or another rotary (model/deepseek.py) overrides these two.
+    def make_layer(self, config: ModelConfig, index: int, dtype: torch.dtype) -> nn.Module:
+        return DecoderLayer(config, index, dtype)
+
+    def make_rotary(self, config: ModelConfig) -> RotaryEmbedding:
+        return RotaryEmbedding(config)
 
     @property
     def dtype(self) -> torch.dtype:

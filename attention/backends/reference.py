@@ -89,6 +89,18 @@ def attend_group(
     return out.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B, Lq, Hq, D)
 
 
+def plan_phase_groups(batch: ForwardBatch) -> list[_GroupPlan]:
+    """The padded plans of a batch's decode part and prefill part (each if present): the two
+    attend apart, so a decode row is never padded to a prompt chunk's length."""
+    groups = []
+    decode, prefill = split_phases(batch)
+    if decode is not None:
+        groups.append(plan_group(decode, 0))
+    if prefill is not None:
+        groups.append(plan_group(prefill, batch.qo_indptr_host[batch.num_decodes]))
+    return groups
+
+
 class ReferenceBackend(AttentionBackend):
     name = "reference"
     capabilities = BackendCapabilities(fused_rope_store=False, cuda_graphs=False)
@@ -101,12 +113,7 @@ class ReferenceBackend(AttentionBackend):
 
     def plan(self, batch: ForwardBatch, graph_mode: bool = False) -> None:
         super().plan(batch, graph_mode)
-        self.groups = []
-        decode, prefill = split_phases(batch)
-        if decode is not None:
-            self.groups.append(plan_group(decode, 0))
-        if prefill is not None:
-            self.groups.append(plan_group(prefill, batch.qo_indptr_host[batch.num_decodes]))
+        self.groups = plan_phase_groups(batch)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         assert self.batch is not None, "plan() must run before forward()"

@@ -26,6 +26,8 @@ from attention.triton.decode import (
     SplitBuffers,
     decode_attention,
     default_decode_config,
+    graph_context_lengths,
+    graph_num_splits,
     warmup_decode,
 )
 from attention.triton.rope_store import rope_store, store_kv
@@ -118,21 +120,14 @@ class TritonBackend(AttentionBackend):
             num_seqs, self.config.num_kv_heads, max_seq_len, self.num_sms,
             min_tokens_per_split=self.min_tokens_per_split,
         )
-        if graph_mode:  # powers of two: fewer distinct split counts to capture
-            splits = 1 << (splits - 1).bit_length()
-        return splits
+        return graph_num_splits(splits) if graph_mode else splits
 
     def graph_key(self) -> Hashable:
         return self.num_splits
 
     def cuda_graph_context_lengths(self, max_model_len: int) -> list[int]:
-        # The split count grows with ceil(length / unit) and is rounded up to a power of
-        # two in graph mode, so lengths unit * 2^k step through every count it can take.
         unit = max(self.decode_config.block_n, self.min_tokens_per_split)
-        lengths = [1]
-        while lengths[-1] < max_model_len:
-            lengths.append(min(max_model_len, unit * (1 << (len(lengths) - 1))))
-        return lengths
+        return graph_context_lengths(unit, max_model_len)
 
     def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         # splits never decrease with the context length, so max_model_len is the worst case

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.triton.decode import SplitBuffers, _merge_kernel
+from attention.triton.decode import SplitBuffers, merge_splits, split_targets
 
 LOG2E = 1.4426950408889634
 
@@ -178,12 +178,7 @@ def mla_attention(
         config = MLAKernelConfig.for_device(H, q.is_cuda)
     page_size = cache.shape[1]
     direct = num_splits == 1
-    if not direct:
-        if buffers is None:
-            buffers = SplitBuffers.empty(q.device)
-        buffers.ensure(T, H, num_splits, kv_lora_rank)
-    part_out = out if direct else buffers.part_out
-    part_stat = out if direct else buffers.part_stat
+    part_out, part_stat = split_targets(out, buffers, num_splits, kv_lora_rank)
     row_blocks = triton.cdiv(max_q_len * H, config.block_m)
     decode = qo_indptr is None
     if decode and (T != B or max_q_len != 1):
@@ -199,10 +194,5 @@ def mla_attention(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if not direct:
-        _merge_kernel[(T, H)](
-            part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=kv_lora_rank, BLOCK_D=kv_lora_rank,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            USE_SOFTMAX=True, NORMALIZE_BY_VISIBLE=False, num_warps=4,
-        )
+        merge_splits(part_out, part_stat, out, num_splits, kv_lora_rank, kv_lora_rank)
     return out

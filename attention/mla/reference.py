@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from attention.backends.reference import _GroupPlan, plan_group
+from attention.backends.reference import _GroupPlan, plan_phase_groups
 from attention.base import BackendCapabilities
 from attention.batch import ForwardBatch
-from attention.batch_slices import split_phases
 from attention.mla.base import MLABackend, MLAConfig
 from kvcache.latent_pool import LatentPool
 
@@ -42,12 +41,7 @@ class MLAReferenceBackend(MLABackend):
 
     def plan(self, batch: ForwardBatch, graph_mode: bool = False) -> None:
         super().plan(batch, graph_mode)
-        self.groups = []
-        decode, prefill = split_phases(batch)
-        if decode is not None:
-            self.groups.append(plan_group(decode, 0))
-        if prefill is not None:
-            self.groups.append(plan_group(prefill, batch.qo_indptr_host[batch.num_decodes]))
+        self.groups = plan_phase_groups(batch)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 layer: int) -> torch.Tensor:

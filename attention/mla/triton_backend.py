@@ -19,7 +19,7 @@ from attention.batch_slices import split_phases
 from attention.mla.base import MLABackend, MLAConfig
 from attention.mla.kernels import MLAKernelConfig, choose_num_splits, mla_attention
 from attention.mla.rope_store import mla_rope_store
-from attention.triton.decode import SplitBuffers
+from attention.triton.decode import SplitBuffers, graph_context_lengths, graph_num_splits
 from kvcache.latent_pool import LatentPool
 
 
@@ -82,19 +82,14 @@ class MLATritonBackend(MLABackend):
     def _splits(self, num_seqs: int, max_seq_len: int, graph_mode: bool) -> int:
         splits = choose_num_splits(num_seqs, self.config.num_q_heads, max_seq_len, self.num_sms,
                                    self.kernel_config, self.min_tokens_per_split)
-        if graph_mode:
-            splits = 1 << (splits - 1).bit_length()
-        return splits
+        return graph_num_splits(splits) if graph_mode else splits
 
     def graph_key(self) -> Hashable:
         return self.num_splits
 
     def cuda_graph_context_lengths(self, max_model_len: int) -> list[int]:
         unit = max(self.kernel_config.block_n, self.min_tokens_per_split)
-        lengths = [1]
-        while lengths[-1] < max_model_len:
-            lengths.append(min(max_model_len, unit * (1 << (len(lengths) - 1))))
-        return lengths
+        return graph_context_lengths(unit, max_model_len)
 
     def prepare_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         rows = max(b * self._splits(b, max_model_len, True) for b in range(1, max_batch + 1))

@@ -331,6 +331,47 @@ def choose_num_splits(
     return max(1, min(want, longest, max_splits))
 
 
+def split_targets(out: torch.Tensor, buffers: SplitBuffers | None, num_splits: int,
+                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a split-KV kernel writes its rows of `out` [rows, heads, ...]: `out` itself
+    with one split, else `buffers`' partial rows and statistics (grown as needed)."""
+    if num_splits == 1:
+        return out, out
+    if buffers is None:
+        buffers = SplitBuffers.empty(out.device)
+    buffers.ensure(out.shape[0], out.shape[1], num_splits, width)
+    return buffers.part_out, buffers.part_stat
+
+
+def merge_splits(part_out: torch.Tensor, part_stat: torch.Tensor, out: torch.Tensor,
+                 num_splits: int, head_dim: int, block_d: int, uses_softmax: bool = True,
+                 normalize_by_visible: bool = False, num_warps: int = 4) -> None:
+    """Combine the partial rows of `split_targets` into `out` (log-sum-exp merge)."""
+    _merge_kernel[(out.shape[0], out.shape[1])](
+        part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        USE_SOFTMAX=uses_softmax, NORMALIZE_BY_VISIBLE=normalize_by_visible,
+        num_warps=num_warps,
+    )
+
+
+def graph_num_splits(splits: int) -> int:
+    """A split count as CUDA graphs capture it: rounded up to a power of two, so fewer
+    distinct counts need a graph."""
+    return 1 << (splits - 1).bit_length()
+
+
+def graph_context_lengths(unit: int, max_model_len: int) -> list[int]:
+    """Context lengths that step through every split count a graph can take: the count
+    grows with ceil(length / unit) and `graph_num_splits` rounds it to a power of two, so
+    lengths unit x 2^k reach each one."""
+    lengths = [1]
+    while lengths[-1] < max_model_len:
+        lengths.append(min(max_model_len, unit * (1 << (len(lengths) - 1))))
+    return lengths
+
+
 @dataclass
 class SplitBuffers:
     """Scratch for split-KV partial results, allocated once and grown, never per call."""
@@ -404,13 +445,7 @@ def decode_attention(
         config = default_decode_config(layout, D, q.is_cuda)
     if variant.needs_slopes and slopes is None:
         raise ValueError(f"variant {variant.name!r} needs per-head slopes")
-    direct = num_splits == 1
-    if not direct:
-        if buffers is None:
-            buffers = SplitBuffers.empty(q.device)
-        buffers.ensure(B, Hq, num_splits, block_d)
-    part_out = out if direct else buffers.part_out
-    part_stat = out if direct else buffers.part_stat
+    part_out, part_stat = split_targets(out, buffers, num_splits, block_d)
     slopes_arg = slopes if (variant.needs_slopes and slopes is not None) else q
     if (k_scales is None) != (v_scales is None):
         raise ValueError("give both K and V scales or neither")
@@ -425,13 +460,9 @@ def decode_attention(
         _launch_triton(q, k_cache, v_cache, layout, block_table, seq_lens, slopes_arg, out,
                        part_out, part_stat, scale, variant, num_splits, config,
                        k_scales, v_scales)
-    if not direct:
-        _merge_kernel[(B, Hq)](
-            part_out, part_stat, out, num_splits, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            USE_SOFTMAX=variant.uses_softmax, NORMALIZE_BY_VISIBLE=variant.normalize_by_visible,
-            num_warps=4 if D >= 128 else 2,
-        )
+    if num_splits > 1:
+        merge_splits(part_out, part_stat, out, num_splits, D, block_d, variant.uses_softmax,
+                     variant.normalize_by_visible, num_warps=4 if D >= 128 else 2)
     return out
 
 
