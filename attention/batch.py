@@ -19,6 +19,9 @@ class ForwardBatch:
       block_table [B, max_pages]: page ids (page size 1: the request-to-token table);
                                   unused entries point at the scratch page 0
       slot_mapping [T] int64: where each new token's K/V is stored
+      state_slots [B]: hybrid models only, each sequence's linear-attention state slot
+      snapshot_slots [B, S]: hybrid models only, where each sequence's state snapshots go
+                             (kvcache/state_pool.py; -1: none)
     Host copies (python lists) are kept for planning, so `plan` never syncs the device.
     """
 
@@ -32,6 +35,8 @@ class ForwardBatch:
     seq_lens_host: list[int]
     num_decodes: int  # the first `num_decodes` sequences have exactly one new token
     page_size: int
+    state_slots: torch.Tensor | None = None
+    snapshot_slots: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -53,6 +58,11 @@ class ForwardBatch:
         return "prefill" if self.num_decodes == 0 else "mixed"
 
     @property
+    def prefix_lens_host(self) -> list[int]:
+        p = self.qo_indptr_host
+        return [n - (p[i + 1] - p[i]) for i, n in enumerate(self.seq_lens_host)]
+
+    @property
     def max_q_len(self) -> int:
         p = self.qo_indptr_host
         return max((p[i + 1] - p[i] for i in range(self.num_seqs)), default=0)
@@ -70,6 +80,8 @@ class ForwardBatch:
         page_size: int,
         device: torch.device,
         num_decodes: int | None = None,
+        state_slots: list[int] | None = None,
+        snapshot_slots: list[list[int]] | None = None,
     ) -> ForwardBatch:
         """Build from host lists in one pinned buffer copy per tensor."""
         if num_decodes is None:
@@ -109,4 +121,15 @@ class ForwardBatch:
             seq_lens_host=seq_lens,
             num_decodes=num_decodes,
             page_size=page_size,
+            state_slots=to_dev(state_slots, torch.int32) if state_slots is not None else None,
+            snapshot_slots=_snapshot_table(snapshot_slots, to_dev),
         )
+
+
+def _snapshot_table(rows: list[list[int]] | None, to_dev) -> torch.Tensor | None:  # noqa: ANN001
+    """[B, widest row] int32, padded with -1; None when no row has a snapshot."""
+    if rows is None or not any(rows):
+        return None
+    width = max(len(r) for r in rows)
+    table = [r + [-1] * (width - len(r)) for r in rows]
+    return to_dev(table, torch.int32).view(len(rows), width)

@@ -122,6 +122,62 @@ def _refuse_fp8_latent(dtype_name: str) -> None:
                          "use --kv-cache-dtype auto")
 
 
+@dataclass(frozen=True)
+class LinearStateSpec:
+    """Linear (lightning) attention: nothing per token; each request carries one float32
+    state per head, `head_dim x head_dim` (the decayed sum of k^T v), in a state slot
+    (kvcache/state_pool.py) instead of pages."""
+
+    num_heads: int
+    head_dim: int
+    kind: str = "linear_state"
+
+    def values_per_token(self) -> int:
+        return 0
+
+    def stored_bytes_per_token(self, kv_dtype: KVCacheDtype) -> int:
+        return 0
+
+    def state_bytes(self) -> int:
+        """Bytes one request's state takes in one layer (float32)."""
+        return self.num_heads * self.head_dim * self.head_dim * 4
+
+
+@dataclass(frozen=True)
+class LayerCaches:
+    """How a model's layers split between the paged cache and the state slots: the paged
+    spec and the layers that use it (a layer's index in the pool is its position in
+    `paged_layers`), and the linear-state spec and its layers (likewise in the state pool)."""
+
+    paged: CacheSpec
+    paged_layers: list[int]
+    state: LinearStateSpec | None
+    state_layers: list[int]
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.state is not None
+
+
+def split_layer_specs(layer_specs: list[CacheSpec]) -> LayerCaches:
+    """Group the layers by cache: one paged kind for every paged layer (`uniform_spec`) and
+    at most one linear-state spec."""
+    paged_layers = [i for i, s in enumerate(layer_specs) if not isinstance(s, LinearStateSpec)]
+    state_layers = [i for i, s in enumerate(layer_specs) if isinstance(s, LinearStateSpec)]
+    if not paged_layers:
+        raise ValueError("a model with linear attention only (no softmax layer) is not "
+                         "supported: the engine needs one paged cache")
+    paged = uniform_spec([layer_specs[i] for i in paged_layers])
+    state = None
+    if state_layers:
+        state = layer_specs[state_layers[0]]
+        assert isinstance(state, LinearStateSpec)
+        if any(layer_specs[i] != state for i in state_layers):
+            raise ValueError("linear-attention layers with different state shapes are not "
+                             "supported")
+    return LayerCaches(paged, paged_layers, state, state_layers)
+
+
 def uniform_spec(layer_specs: list[CacheSpec]) -> CacheSpec:
     """The one spec every layer shares. A model that mixes kinds layer by layer needs a pool
     per kind, which nothing builds yet: refused here rather than half-served."""

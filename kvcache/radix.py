@@ -11,6 +11,11 @@ use a cached prefix `lock` the node where their prefix ends, which pins that nod
 ancestors; `evict` only trims unlocked leaves, least-recently-used first. Evictable leaves
 sit in a heap keyed by last use that is kept up to date lazily (an entry is checked when
 popped), so an eviction costs O(log n) per leaf instead of a walk over the whole tree.
+Hybrid models (linear-attention layers) also keep state snapshots in the tree: a node may
+hold the state slot (kvcache/state_slots.py) of the recurrent state after the tokens up to
+its end. Such a prefix is only usable up to a snapshot, so `match_state` returns the
+deepest snapshot on the matched path; a snapshot goes with its node's pages when they are
+evicted, and `evict_snapshots` frees slots the same LRU way.
 Pure Python.
 """
 
@@ -22,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.allocator import PageAllocator
+from kvcache.state_slots import StateSlotAllocator
 
 
 @dataclass(eq=False)
@@ -32,6 +38,7 @@ class RadixNode:
     children: dict[tuple[int, ...], RadixNode] = field(default_factory=dict)
     lock_ref: int = 0  # locks on this node or on any descendant
     last_access: int = 0
+    snapshot: int | None = None  # hybrid models: state slot after this node's last token
 
     @property
     def is_root(self) -> bool:
@@ -45,14 +52,18 @@ class MatchResult:
     pages: list[int]
     num_tokens: int
     node: RadixNode
+    snapshot: int | None = None  # match_state: the state slot to restore (None: zeros)
 
 
 class RadixPrefixCache:
-    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+    def __init__(self, allocator: PageAllocator, page_size: int,
+                 state_slots: StateSlotAllocator | None = None) -> None:
         if page_size < 1:
             raise ValueError("page_size must be >= 1")
         self.allocator = allocator
         self.page_size = page_size
+        self.state_slots = state_slots
+        self._num_snapshots = 0
         self.root = RadixNode(key=[], pages=[], parent=None)
         self._clock = itertools.count(1)
         self._num_cached_pages = 0
@@ -67,6 +78,10 @@ class RadixPrefixCache:
     @property
     def num_cached_pages(self) -> int:
         return self._num_cached_pages
+
+    @property
+    def num_snapshots(self) -> int:
+        return self._num_snapshots
 
     @property
     def num_evictable_pages(self) -> int:
@@ -114,6 +129,16 @@ class RadixPrefixCache:
             node = child
         return pos
 
+    def match_state(self, token_ids: Sequence[int]) -> MatchResult:
+        """`match`, cut back to the deepest node on the path that holds a state snapshot:
+        a hybrid model can resume only where its recurrent state is known."""
+        found = self.match(token_ids)
+        node, depth = found.node, found.num_tokens
+        while not node.is_root and node.snapshot is None:
+            depth -= len(node.key)
+            node = node.parent  # type: ignore[assignment]
+        return MatchResult(found.pages[: depth // self.page_size], depth, node, node.snapshot)
+
     def insert(self, token_ids: Sequence[int], pages: Sequence[int]) -> MatchResult:
         """Cache the whole pages of `token_ids`, stored in `pages` (position order).
 
@@ -153,6 +178,41 @@ class RadixPrefixCache:
         self._push_if_evictable(node)
         return MatchResult(tree_pages, num_pages * ps, node)
 
+    def add_snapshots(self, token_ids: Sequence[int], snapshots: dict[int, int]) -> None:
+        """Give the tree the state slots in `snapshots` (token count -> slot): each is the
+        state after `token_ids[:count]`, a prefix already inserted. A position the tree
+        already has a snapshot for, or no longer holds (evicted meanwhile), frees the slot."""
+        assert self.state_slots is not None, "a cache without state slots holds no snapshots"
+        for count, slot in sorted(snapshots.items()):
+            node = self._node_ending_at(token_ids, count)
+            if node is None or node.snapshot is not None:
+                self.state_slots.free(slot)
+                continue
+            node.snapshot = slot
+            self._num_snapshots += 1
+
+    def _node_ending_at(self, token_ids: Sequence[int], count: int) -> RadixNode | None:
+        """The node whose edge ends after token_ids[:count] (an edge is split there if
+        needed), or None if the tree does not hold that whole prefix."""
+        ps = self.page_size
+        if count <= 0 or count % ps:
+            return None
+        node, pos = self.root, 0
+        while pos < count:
+            child = node.children.get(tuple(token_ids[pos : pos + ps]))
+            if child is None:
+                return None
+            k = self._common_pages(child.key, token_ids, pos, (count - pos) // ps)
+            if k == 0:
+                return None
+            if k < len(child.pages):
+                if pos + k * ps < count:
+                    return None  # the tree's edge diverges before `count`
+                child = self._split(child, k)
+            pos += k * ps
+            node = child
+        return node
+
     # -- locking ---------------------------------------------------------------------------
 
     def lock(self, node: RadixNode) -> None:
@@ -188,6 +248,7 @@ class RadixPrefixCache:
             if access != leaf.last_access or not self._is_evictable_leaf(leaf):
                 continue  # stale entry
             first = tuple(leaf.key[:ps])
+            self._drop_snapshot(leaf)  # it was the state after the leaf's last page
             take = min(len(leaf.pages), num_pages - released)
             dropped = leaf.pages[len(leaf.pages) - take :]
             del leaf.pages[len(leaf.pages) - take :]
@@ -204,6 +265,27 @@ class RadixPrefixCache:
             leaf.parent = None
             self._push_if_evictable(parent)
         return released
+
+    def evict_snapshots(self, num_slots: int) -> int:
+        """Free at least `num_slots` state slots if possible, by evicting whole unlocked
+        leaves (pages and snapshot) least recently used first. Returns slots freed."""
+        freed = 0
+        while freed < num_slots and self._lru:
+            access, _, leaf = self._lru[0]
+            if access != leaf.last_access or not self._is_evictable_leaf(leaf):
+                heapq.heappop(self._lru)
+                continue
+            had = leaf.snapshot is not None
+            self.evict(len(leaf.pages))  # this leaf is the least recently used: it goes
+            freed += had
+        return freed
+
+    def _drop_snapshot(self, node: RadixNode) -> None:
+        if node.snapshot is not None:
+            assert self.state_slots is not None
+            self.state_slots.free(node.snapshot)
+            node.snapshot = None
+            self._num_snapshots -= 1
 
     def clear(self) -> int:
         """Drop every unlocked page. Returns pages released."""
@@ -306,6 +388,12 @@ class RadixPrefixCache:
             cached += len(node.pages)
             if node.lock_ref > 0:
                 locked += len(node.pages)
+        snapshots = [n.snapshot for n in self.nodes() if n.snapshot is not None]
+        assert len(snapshots) == len(set(snapshots)) == self._num_snapshots, \
+            "snapshot counter is off, or a slot is held twice"
+        if snapshots:
+            assert self.state_slots is not None
+            assert all(self.state_slots.is_used(s) for s in snapshots), "a snapshot slot is free"
         assert cached == self._num_cached_pages, "cached-page counter is off"
         assert locked == self._num_locked_pages, "locked-page counter is off"
         queued = {id(n) for access, _, n in self._lru if access == n.last_access}

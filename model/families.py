@@ -14,9 +14,12 @@ from model.deepseek import DeepseekForCausalLM, mla_attention_config
 from model.deepseek_config import DEEPSEEK_ARCHITECTURES, DeepseekConfig
 from model.deepseek_weights import DeepseekWeightLoader
 from model.llama import CausalLM, attention_config
+from model.minimax import MiniMaxForCausalLM
+from model.minimax_config import MINIMAX_ARCHITECTURES, MiniMaxConfig
+from model.minimax_weights import MiniMaxWeightLoader
 from model.weights import WeightLoader
 
-AnyConfig = ModelConfig | DeepseekConfig
+AnyConfig = ModelConfig | DeepseekConfig  # MiniMaxConfig is a ModelConfig
 AnyModel = CausalLM | DeepseekForCausalLM
 
 
@@ -24,16 +27,23 @@ def config_from_hf_dict(d: dict[str, Any]) -> AnyConfig:
     archs = d.get("architectures") or []
     if archs and archs[0] in DEEPSEEK_ARCHITECTURES:
         return DeepseekConfig.from_hf_dict(d)
+    if archs and archs[0] in MINIMAX_ARCHITECTURES:
+        return MiniMaxConfig.from_hf_dict(d)
     return ModelConfig.from_hf_dict(d)
 
 
 def model_class(config: AnyConfig) -> type[AnyModel]:
-    return DeepseekForCausalLM if isinstance(config, DeepseekConfig) else CausalLM
+    if isinstance(config, DeepseekConfig):
+        return DeepseekForCausalLM
+    return MiniMaxForCausalLM if isinstance(config, MiniMaxConfig) else CausalLM
 
 
-def weight_loader(model: torch.nn.Module) -> WeightLoader | DeepseekWeightLoader:
+def weight_loader(model: torch.nn.Module
+                  ) -> WeightLoader | DeepseekWeightLoader | MiniMaxWeightLoader:
     if isinstance(model, DeepseekForCausalLM):
         return DeepseekWeightLoader(model)
+    if isinstance(model, MiniMaxForCausalLM):
+        return MiniMaxWeightLoader(model)
     assert isinstance(model, CausalLM)
     return WeightLoader(model)
 

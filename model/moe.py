@@ -15,15 +15,34 @@ over its block; the block sizes then need one device-to-host copy per layer.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.deepseek_config import DeepseekConfig
-
 logger = logging.getLogger(__name__)
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class MoEConfig(Protocol):
+    """What the router and the experts read of a family's config (DeepSeek, MiniMax)."""
+
+    hidden_size: int
+    num_experts_per_tok: int
+    scoring_func: str
+    topk_method: str
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    n_shared_experts: int
+    n_group: int
+    topk_group: int
+
+    @property
+    def n_routed_experts(self) -> int: ...
+
+    @property
+    def moe_intermediate_size(self) -> int: ...
 
 
 class DenseMLP(nn.Module):
@@ -44,7 +63,7 @@ class Router(nn.Module):
     """Chooses `num_experts_per_tok` experts per token; float32 throughout, as the checkpoints'
     reference code (the gate weight stays float32 whatever the model's dtype)."""
 
-    def __init__(self, config: DeepseekConfig) -> None:
+    def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
         E = config.n_routed_experts
@@ -120,7 +139,7 @@ def per_expert_matmul(x: torch.Tensor, weights_t: torch.Tensor,
 class RoutedExperts(nn.Module):
     """Every routed expert's SwiGLU weights stacked: gate|up [E, 2I, H], down [E, H, I]."""
 
-    def __init__(self, config: DeepseekConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: MoEConfig, dtype: torch.dtype) -> None:
         super().__init__()
         E, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts = E
@@ -162,7 +181,7 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: DeepseekConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: MoEConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.gate = Router(config)
         self.experts = RoutedExperts(config, dtype)

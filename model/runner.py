@@ -29,6 +29,7 @@ from model.attention_timing import (
     default_timing_mode,
     step_timer,
 )
+from kvcache.state_pool import StatePool
 from model.cuda_graphs import DecodeGraphs
 from model.sampler import Sampler, SamplerOutput, TokenHistory, to_device
 from scheduler.request import SamplingParams
@@ -60,6 +61,12 @@ class StepInput:
     # prompt logprobs wanted: (sequence index, top k, the tokens its first rows predict)
     prompt_logprobs: list[PromptLogprobRequest] = field(default_factory=list)
     deferred: DeferredTokens | None = None
+    # hybrid models (linear-attention layers): each sequence's state slot; before the step,
+    # slot dst := slot src (a prefix snapshot) or zeros (src -1) for each (dst, src); the
+    # slots each sequence's state snapshots go to (kvcache/state_pool.py)
+    state_slots: list[int] = field(default_factory=list)
+    state_resets: list[tuple[int, int]] = field(default_factory=list)
+    snapshot_slots: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -218,6 +225,7 @@ class ModelRunner:
         self.attention_timing: TimingMode = default_timing_mode(device)
         self.last_timer: LayerTimer | None = None  # the last step's (for benchmarks)
         self.launch_guard = LaunchGapGuard(device) if device.type == "cuda" else None
+        self.state_pool: StatePool | None = None  # hybrid models: linear-attention states
 
     def set_attention_timing(self, mode: TimingMode) -> None:
         """Switch how attention is timed (model/attention_timing.py); graphs for the new
@@ -307,9 +315,15 @@ class ModelRunner:
                 return _Forward(hidden, list(step.sample_seqs), None,
                                 timing.elapsed_s if timing is not None else _no_timing,
                                 "decode", None)
+        state_slots = None
+        if self.state_pool is not None:
+            self._reset_states(step.state_resets)
+            # warm-up steps carry no slots: they use the scratch slot
+            state_slots = step.state_slots or [0] * len(step.q_lens)
         batch = ForwardBatch.build(
             step.q_lens, step.prefix_lens, step.page_tables, self.page_size, self.device,
-            num_decodes=step.num_decodes,
+            num_decodes=step.num_decodes, state_slots=state_slots,
+            snapshot_slots=step.snapshot_slots or None,
         )
         input_ids = _index_tensor(step.token_ids, self.device)
         apply_deferred(input_ids, step.deferred)
@@ -323,6 +337,14 @@ class ModelRunner:
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
         return _Forward(hidden, last_rows, timer,
                         timer.elapsed_s if timer is not None else _no_timing, batch.phase, batch)
+
+    def _reset_states(self, resets: list[tuple[int, int]]) -> None:
+        if not resets:
+            return
+        assert self.state_pool is not None
+        dst = _index_tensor([d for d, _ in resets], self.device)
+        src = _index_tensor([s for _, s in resets], self.device)
+        self.state_pool.reset(dst, src)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, first: int, want: PromptLogprobRequest,
                          to_host: HostCopies) -> list[tuple[torch.Tensor, ...]]:

@@ -23,6 +23,9 @@ class SchedulerConfig:
     # Prefill tokens one step may hold while decodes run in it (None: max_num_batched_tokens):
     # bounds how long a prefill chunk stalls the running streams (docs/architecture.md)
     max_prefill_tokens_with_decode: int | None = None
+    # hybrid models with the prefix cache: keep the recurrent state every this many tokens
+    # (a multiple of the page size); 0: no snapshots
+    state_snapshot_interval: int = 0
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -34,6 +37,10 @@ class SchedulerConfig:
         cap = self.max_prefill_tokens_with_decode
         if cap is not None and cap < 1:
             raise ValueError("max_prefill_tokens_with_decode must be >= 1")
+        n = self.state_snapshot_interval
+        if n < 0 or n % self.page_size:
+            raise ValueError(f"state_snapshot_interval ({n}) must be a multiple of the page "
+                             f"size ({self.page_size})")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -59,3 +66,7 @@ class SchedulerStats:
     num_preemptions_total: int
     num_running: int
     num_waiting: int
+    # hybrid models (0 otherwise): state slots, those held by the prefix cache's snapshots
+    num_state_slots_total: int = 0
+    num_state_slots_free: int = 0
+    num_state_snapshots: int = 0

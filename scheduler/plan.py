@@ -24,6 +24,11 @@ class ScheduledSeq:
     request: Request
     start: int
     num_tokens: int
+    # hybrid models: where the request's state slot starts from when it is (re)admitted in
+    # this step (a prefix snapshot's slot, or -1: zeros; None: it carries on), and the slots
+    # for the state snapshots at the snapshot points this chunk crosses (-1: not kept)
+    state_source: int | None = None
+    snapshot_slots: list[int] = field(default_factory=list)
 
     @property
     def needs_sample(self) -> bool:

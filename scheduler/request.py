@@ -158,6 +158,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V is in `pages`
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (last admission)
     num_preemptions: int = 0
+    state_slot: int | None = None  # hybrid models: its linear-attention state slot
     # timestamps (time.monotonic) for metrics
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -14,6 +14,12 @@ Invariants kept between calls:
   page a running request uses;
 - `request.pages` is in position order and covers `num_computed_tokens` tokens; while a
   request runs it only grows (preemption empties it).
+Hybrid models (linear-attention layers, `state_slots` given): a running request also holds
+one state slot, taken at admission with its pages and freed with them; admission waits when
+no slot can be freed. With the prefix cache, each prefill chunk also takes a slot for every
+snapshot point (a multiple of `state_snapshot_interval`) it crosses, and the tree keeps
+those snapshots; a new request resumes from the deepest snapshot its prompt matches
+(`RadixPrefixCache.match_state`), restored into its own slot before the step.
 Pure Python: no torch.
 """
 
@@ -26,6 +32,7 @@ from collections.abc import Sequence
 
 from kvcache.allocator import PageAllocator
 from kvcache.radix import MatchResult, RadixNode, RadixPrefixCache
+from kvcache.state_slots import StateSlotAllocator
 from scheduler.config import SchedulerConfig, SchedulerStats
 from scheduler.plan import PLACEHOLDER_TOKEN, PendingTokens, ScheduledSeq, StepPlan
 from scheduler.policy import MIN_IN_FLIGHT_SHARE_TOKENS, admission_order, common_prefix_pages
@@ -54,16 +61,23 @@ class Scheduler:
         config: SchedulerConfig,
         allocator: PageAllocator,
         prefix_cache: RadixPrefixCache | None = None,
+        state_slots: StateSlotAllocator | None = None,
     ) -> None:
         self.config = config
         self.page_size = config.page_size
         self.allocator = allocator
+        self.state_slots = state_slots
         self.prefix_cache: RadixPrefixCache | None = None
         if config.enable_prefix_cache:
             if prefix_cache is None:
-                prefix_cache = RadixPrefixCache(allocator, config.page_size)
+                prefix_cache = RadixPrefixCache(allocator, config.page_size, state_slots)
             if prefix_cache.allocator is not allocator:
                 raise ValueError("the prefix cache must use the scheduler's allocator")
+            if prefix_cache.state_slots is not state_slots:
+                raise ValueError("the prefix cache must use the scheduler's state slots")
+            if state_slots is not None and config.state_snapshot_interval <= 0:
+                raise ValueError("a hybrid model's prefix cache needs state snapshots "
+                                 "(state_snapshot_interval > 0)")
             if prefix_cache.page_size != config.page_size:
                 raise ValueError("the prefix cache's page size differs from the scheduler's")
             self.prefix_cache = prefix_cache
@@ -76,6 +90,11 @@ class Scheduler:
         self.prefix_cache_hit_tokens = 0
         self.num_preemptions_total = 0
         self._prefill_left = 0  # prefill tokens the step being scheduled may still take
+        # hybrid models: snapshot slots a scheduled chunk writes, by request id and token
+        # count, until the tree takes them (`_cache_prefix`)
+        self._pending_snapshots: dict[str, dict[int, int]] = {}
+        self.snapshot_every = config.state_snapshot_interval \
+            if state_slots is not None and self.prefix_cache is not None else 0
 
     # -- public state ----------------------------------------------------------------------
 
@@ -107,6 +126,9 @@ class Scheduler:
             num_preemptions_total=self.num_preemptions_total,
             num_running=len(self.running),
             num_waiting=len(self.waiting),
+            num_state_slots_total=self.state_slots.num_total if self.state_slots else 0,
+            num_state_slots_free=self.state_slots.num_free if self.state_slots else 0,
+            num_state_snapshots=cache.num_snapshots if cache is not None else 0,
         )
 
     # -- submission and cancellation -------------------------------------------------------
@@ -201,6 +223,8 @@ class Scheduler:
                         return budget  # it was the last running request
                 req.pages.extend(self.allocator.alloc(need))
             seq = ScheduledSeq(req, req.num_computed_tokens, num_new)
+            if not is_decode:
+                self._take_snapshot_slots(seq)
             (decodes if is_decode else prefills).append(seq)
             budget -= num_new
             if not is_decode:
@@ -224,7 +248,8 @@ class Scheduler:
             if cache is not None and req.sampling.prompt_logprobs is None:
                 # The last token is always computed: its logits are needed, and so it never
                 # writes into a page that the tree shares.
-                match = cache.match(tokens[:-1])
+                match = cache.match_state(tokens[:-1]) if self.state_slots is not None \
+                    else cache.match(tokens[:-1])
                 if self._prefix_in_flight(tokens, match.num_tokens):
                     continue
                 cache.lock(match.node)
@@ -232,7 +257,7 @@ class Scheduler:
             num_cached = match.num_tokens if match is not None else 0
             num_new = min(len(tokens) - num_cached, budget, self._prefill_left)
             need = _pages_for(num_cached + num_new, self.page_size) - len(cached_pages)
-            if not self._make_free(need):
+            if not self._make_free(need) or not self._make_free_slot():
                 if cache is not None and match is not None:
                     cache.unlock(match.node)
                 return  # head-of-line: later requests wait too, so large ones do not starve
@@ -250,6 +275,11 @@ class Scheduler:
                 self.prefix_cache_hit_tokens += num_cached
             self.running.append(req)
             seq = ScheduledSeq(req, num_cached, num_new)
+            if self.state_slots is not None:
+                req.state_slot = self.state_slots.alloc()
+                snapshot = match.snapshot if match is not None else None
+                seq.state_source = -1 if snapshot is None else snapshot
+                self._take_snapshot_slots(seq)
             # A preempted request whose cache hit covers all but its last token re-enters
             # as a plain decode.
             (decodes if seq.is_decode else prefills).append(seq)
@@ -363,6 +393,29 @@ class Scheduler:
             self.prefix_cache.evict(short)
         return self.allocator.num_free >= num_pages
 
+    def _make_free_slot(self) -> bool:
+        """Hybrid models: make one state slot free (evicting snapshots), if possible."""
+        slots = self.state_slots
+        if slots is None:
+            return True
+        if slots.num_free == 0 and self.prefix_cache is not None:
+            self.prefix_cache.evict_snapshots(1)
+        return slots.num_free > 0
+
+    def _take_snapshot_slots(self, seq: ScheduledSeq) -> None:
+        """A slot for each snapshot point the chunk crosses (-1 where none can be freed)."""
+        every = self.snapshot_every
+        if every <= 0 or self.state_slots is None:
+            return
+        first = seq.start // every + 1
+        last = (seq.start + seq.num_tokens) // every
+        pending = self._pending_snapshots.setdefault(seq.request.request_id, {})
+        for j in range(first, last + 1):
+            slot = self.state_slots.alloc() if self._make_free_slot() else -1
+            seq.snapshot_slots.append(slot)
+            if slot >= 0:
+                pending[j * every] = slot
+
     def _cache_prefix(self, req: Request) -> None:
         """Put the request's computed whole pages into the tree and lock them for it.
 
@@ -374,9 +427,26 @@ class Scheduler:
         cache = self.prefix_cache
         assert cache is not None
         num_pages = req.num_computed_tokens // self.page_size
-        if num_pages <= self._cached_pages.get(req.request_id, 0):
-            return
         tokens = req.all_token_ids[: num_pages * self.page_size]
+        if num_pages > self._cached_pages.get(req.request_id, 0):
+            self._insert_pages(req, tokens, num_pages)
+        self._hand_over_snapshots(req, tokens)
+
+    def _hand_over_snapshots(self, req: Request, tokens: list[int]) -> None:
+        """The tree takes the request's computed snapshots (those within `tokens`)."""
+        pending = self._pending_snapshots.get(req.request_id)
+        if not pending:
+            return
+        done = {n: slot for n, slot in pending.items() if n <= len(tokens)}
+        for n in done:
+            del pending[n]
+        if done:
+            assert self.prefix_cache is not None
+            self.prefix_cache.add_snapshots(tokens, done)
+
+    def _insert_pages(self, req: Request, tokens: list[int], num_pages: int) -> None:
+        cache = self.prefix_cache
+        assert cache is not None
         result = cache.insert(tokens, req.pages[:num_pages])
         cache.lock(result.node)
         old = self._locked_node.get(req.request_id)
@@ -395,6 +465,14 @@ class Scheduler:
         self._cached_pages.pop(req.request_id, None)
         self.allocator.decref(req.pages)
         req.pages = []
+        # snapshots past what was computed (a chunk still in flight, or never run)
+        for slot in self._pending_snapshots.pop(req.request_id, {}).values():
+            assert self.state_slots is not None
+            self.state_slots.free(slot)
+        if req.state_slot is not None:
+            assert self.state_slots is not None
+            self.state_slots.free(req.state_slot)
+            req.state_slot = None
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.running.remove(req)

@@ -74,6 +74,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(vLLM's uncalibrated default)")
     g.add_argument("--gpu-memory-utilization", type=float, default=D.gpu_memory_utilization,
                    help="fraction of GPU memory for weights + KV cache")
+    g.add_argument("--linear-attention-backend", default=D.linear_attention_backend,
+                   choices=["auto", "reference", "triton"],
+                   help="hybrid models (MiniMax): kernels of the linear-attention layers "
+                        "(auto: triton on a GPU, the torch reference on CPU)")
+    g.add_argument("--state-slots", type=_at_least_one, default=D.state_slots,
+                   help="hybrid models: float32 recurrent-state slots, one per running request "
+                        "plus the prefix cache's snapshots (default: 2 x --max-num-seqs)")
+    g.add_argument("--state-snapshot-interval", type=int, default=D.state_snapshot_interval,
+                   help="hybrid models with the prefix cache: keep the recurrent state every "
+                        "this many prompt tokens, so a prompt that extends a cached prefix "
+                        "resumes there (a multiple of 64 and of --page-size)")
     g.add_argument("--max-num-seqs", type=int, default=D.max_num_seqs, help="most sequences in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=D.max_num_batched_tokens,
                    help="token budget of one step (prefill chunks + decodes)")
@@ -144,6 +155,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_tokens=args.kv_cache_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_scale=args.kv_cache_scale,
+        linear_attention_backend=args.linear_attention_backend, state_slots=args.state_slots,
+        state_snapshot_interval=args.state_snapshot_interval,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_cache=args.enable_prefix_cache,
         max_prefill_tokens_with_decode=args.max_prefill_tokens_with_decode,

@@ -48,6 +48,12 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8 or fp8_e4m3 (the same)
     kv_cache_scale: str = "per-token-head"  # FP8 scales: per-token-head or per-tensor (1.0)
     gpu_memory_utilization: float = 0.85
+    # hybrid models (linear-attention layers): the linear layers' kernels (auto: triton on
+    # GPU, reference on CPU), the state slots shared by running requests and prefix-cache
+    # snapshots (default: twice max_num_seqs), and the snapshot interval in tokens
+    linear_attention_backend: str = "auto"
+    state_slots: int | None = None
+    state_snapshot_interval: int = 256
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: resolved_max_model_len()
@@ -89,6 +95,20 @@ class EngineConfig:
             return default_backend(self.resolved_device().type, self.kv_layout, cache_kind,
                                    self.resolved_kv_cache_dtype().is_fp8)
         return self.attention_backend
+
+    def resolved_linear_backend(self) -> str:
+        if self.linear_attention_backend == "auto":
+            from attention.backends.lightning import default_linear_impl
+
+            return default_linear_impl(self.resolved_device().type)
+        return self.linear_attention_backend
+
+    def resolved_state_slots(self) -> int:
+        """State slots for running requests and snapshots (the scratch slot not counted)."""
+        slots = self.state_slots if self.state_slots is not None else 2 * self.max_num_seqs
+        if slots < 1:
+            raise ValueError(f"--state-slots must be >= 1, got {slots}")
+        return slots
 
     def resolved_model_name(self) -> str:
         """The name the API reports: the embedded model's, or the spec's last path component."""

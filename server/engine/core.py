@@ -28,14 +28,17 @@ import time
 import uuid
 from collections.abc import Callable
 
+from attention.backends.lightning import HybridStateBackend, LightningBackend
 from attention.registry import build_attention_backend
 from attention.triton.compile_watch import KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
-from kvcache.cache_spec import pages_within_bytes, pages_within_memory, uniform_spec
+from kvcache.cache_spec import pages_within_bytes, pages_within_memory, split_layer_specs
 from kvcache.kv_dtype import KVCacheDtype
 from kvcache.pool import pages_for_tokens
 from kvcache.radix import RadixPrefixCache
+from kvcache.state_pool import StatePool
+from kvcache.state_slots import StateSlotAllocator
 from model.families import attention_config_for
 from model.loader import LoadedModel, load_model, load_tokenizer
 from model.runner import ModelRunner, StepOutput
@@ -77,20 +80,37 @@ class EngineCore:
         # the layers' cache spec decides the pool (K/V heads or MLA latent rows), the KV
         # cache dtype how its rows are stored
         self.kv_dtype = config.resolved_kv_cache_dtype()
-        self.cache_spec = uniform_spec(mc.layer_cache_specs())
+        caches = split_layer_specs(mc.layer_cache_specs())
+        self.cache_spec = caches.paged
         self.layout = self.cache_spec.make_layout(config.kv_layout, config.page_size,
                                                   self.kv_dtype.storage_name)
-        num_pages = self._num_pages(mc.num_layers)
-        self.pool = self.cache_spec.build_pool(self.layout, mc.num_layers, num_pages, self.dtype,
+        # hybrid models: the linear layers' state slots, allocated before the KV pages are
+        # sized from what memory is left
+        self.state_pool: StatePool | None = None
+        self.state_slots: StateSlotAllocator | None = None
+        if caches.state is not None:
+            self.state_pool = StatePool(caches.state, len(caches.state_layers),
+                                        config.resolved_state_slots() + 1, self.device)
+            self.state_slots = StateSlotAllocator(self.state_pool.num_slots)
+        num_paged = len(caches.paged_layers)
+        num_pages = self._num_pages(num_paged)
+        self.pool = self.cache_spec.build_pool(self.layout, num_paged, num_pages, self.dtype,
                                                self.device, self.kv_dtype)
         attn_config = attention_config_for(mc, parse_variant(config.attention_variant))
         self.backend = build_attention_backend(
             attn_config, self.pool, config.resolved_backend(self.cache_spec.kind), config.prefill_backend,
             config.decode_backend,
         )
+        snapshot_every = config.state_snapshot_interval if config.enable_prefix_cache else 0
+        if self.state_pool is not None:
+            linear = LightningBackend(config.resolved_linear_backend(), self.state_pool,
+                                      snapshot_every)
+            self.backend = HybridStateBackend(self.backend, linear, caches.paged_layers,
+                                              caches.state_layers)
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = (
-            RadixPrefixCache(self.allocator, self.layout.page_size) if config.enable_prefix_cache else None
+            RadixPrefixCache(self.allocator, self.layout.page_size, self.state_slots)
+            if config.enable_prefix_cache else None
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -102,11 +122,14 @@ class EngineCore:
                 schedule_policy=config.schedule_policy,
                 vocab_size=mc.vocab_size,
                 max_prefill_tokens_with_decode=config.max_prefill_tokens_with_decode,
+                state_snapshot_interval=snapshot_every if self.state_slots is not None else 0,
             ),
             self.allocator,
             self.prefix_cache,
+            self.state_slots,
         )
         self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        self.runner.state_pool = self.state_pool
         self.runner.sampler.generator = make_generator(config.seed, self.device)  # --seed
         if self.device.type == "cuda":
             try:

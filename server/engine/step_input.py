@@ -52,8 +52,16 @@ def build_step_input(plan: StepPlan, generator_of: Callable[[str], torch.Generat
     prompt_lps: list[PromptLogprobRequest] = []
     deferred_rows: list[int] = []
     deferred_sources: list[int] = []
+    state_slots: list[int] = []
+    state_resets: list[tuple[int, int]] = []
+    snapshots: list[list[int]] = []
     for i, seq in enumerate(plan.seqs):
         req = seq.request
+        if req.state_slot is not None:  # a hybrid model's request
+            state_slots.append(req.state_slot)
+            if seq.state_source is not None:
+                state_resets.append((req.state_slot, seq.state_source))
+            snapshots.append(seq.snapshot_slots)
         ids = req.all_token_ids[seq.start : seq.start + seq.num_tokens]
         if ids and ids[-1] == PLACEHOLDER_TOKEN:
             if previous is None or req.request_id not in previous.row_of:
@@ -79,6 +87,8 @@ def build_step_input(plan: StepPlan, generator_of: Callable[[str], torch.Generat
         num_decodes=plan.num_decodes, sample_seqs=sample_seqs, sampling=sampling,
         generators=gens, histories=histories if any(histories) else [],
         prompt_logprobs=prompt_lps,
+        state_slots=state_slots, state_resets=state_resets,
+        snapshot_slots=snapshots if any(snapshots) else [],
         deferred=(DeferredTokens(previous.tokens, deferred_rows, deferred_sources)
                   if previous is not None and deferred_rows else None),
     )
