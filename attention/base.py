@@ -104,6 +104,12 @@ class AttentionBackend(ABC):
         self.graph_mode = False
         self._layer_hook: LayerHook | None = None
 
+    @property
+    def layer_kinds(self) -> dict[int, str] | None:
+        """Model layer -> its attention kind, for a backend that serves a model mixing kinds
+        (attention/backends/lightning.py); None: every layer is this backend's one kind."""
+        return None
+
     # ------------------------------------------------------------------ once at start
 
     def warm_up(self) -> None:

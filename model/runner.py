@@ -22,6 +22,7 @@ import torch
 
 from attention.base import AttentionBackend
 from attention.batch import ForwardBatch
+from kvcache.state_pool import StatePool
 from model.attention_timing import (
     LaunchGapGuard,
     LayerTimer,
@@ -29,7 +30,6 @@ from model.attention_timing import (
     default_timing_mode,
     step_timer,
 )
-from kvcache.state_pool import StatePool
 from model.cuda_graphs import DecodeGraphs
 from model.sampler import Sampler, SamplerOutput, TokenHistory, to_device
 from scheduler.request import SamplingParams
@@ -87,6 +87,8 @@ class StepOutput:
     # per sampled row: None, or (chosen token's logprob, [(token, logprob), ...] top list)
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
     attention_s: float | None = None
+    # hybrid models: attention_s split by attention kind (softmax, linear)
+    attention_by_kind: dict[str, float] | None = None
     phase: str = "decode"
     prompt_logprobs: dict[int, list[LogprobRow]] = field(default_factory=dict)  # by seq index
     device_s: float = 0.0  # the step's time on the device (HostCopies.step_s)
@@ -179,11 +181,15 @@ class PendingStep:
     _sampling: list[SamplingParams]
     _prompt_pieces: dict[int, list[tuple[torch.Tensor, ...]]]
     _attention_s: Callable[[], float | None]
+    _timer: LayerTimer | None = None
+    _split_kinds: bool = False
 
     def result(self) -> StepOutput:
         self._copies.wait()
         out = StepOutput(token_ids=[], phase=self.phase, attention_s=self._attention_s(),
                          device_s=self._copies.step_s())
+        if self._split_kinds and self._timer is not None:
+            out.attention_by_kind = self._timer.elapsed_by_kind()
         if self._host_sampled is not None:
             out.token_ids = self._host_sampled.token_ids.tolist()
             out.logprobs = _logprob_rows(self._host_sampled, self._sampling)
@@ -226,6 +232,10 @@ class ModelRunner:
         self.last_timer: LayerTimer | None = None  # the last step's (for benchmarks)
         self.launch_guard = LaunchGapGuard(device) if device.type == "cuda" else None
         self.state_pool: StatePool | None = None  # hybrid models: linear-attention states
+        kinds = backend.layer_kinds
+        # each layer's attention kind, when the model mixes them (timing splits by it)
+        self.layer_kinds: list[str] | None = \
+            [kinds[i] for i in range(self.num_layers)] if kinds else None
 
     def set_attention_timing(self, mode: TimingMode) -> None:
         """Switch how attention is timed (model/attention_timing.py); graphs for the new
@@ -329,7 +339,7 @@ class ModelRunner:
         apply_deferred(input_ids, step.deferred)
         self.backend.plan(batch)
         timer = step_timer(self.attention_timing, self.device, self.num_layers,
-                           guard=self.launch_guard)
+                           guard=self.launch_guard, kinds=self.layer_kinds)
         if timer is not None:
             timer.start_step()
         with self.backend.layer_hook(timer):
@@ -391,7 +401,8 @@ class ModelRunner:
             )
         copies.record()
         return PendingStep(token_ids, fwd.phase, copies, host_sampled, list(step.sampling),
-                           prompt_pieces, fwd.attention_s)
+                           prompt_pieces, fwd.attention_s, fwd.timer,
+                           self.layer_kinds is not None)
 
 
 @dataclass

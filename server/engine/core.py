@@ -383,6 +383,8 @@ class EngineCore:
         """A step's metrics and outputs; stop strings end their requests in the scheduler."""
         now = time.monotonic()
         self.observer.on_step(result.phase, plan.num_tokens, step_s, result.attention_s)
+        if result.attention_by_kind:
+            self.observer.on_attention_kinds(result.phase, result.attention_by_kind)
         self._check_kernel_builds(step_s)
         outputs, stopped = self.outputs.process(
             sampled_seqs, result.token_ids, result.logprobs, finished, now, self.observer

@@ -174,6 +174,12 @@ class EngineMetrics:
                               "Time inside the attention backend during one step, by phase.",
                               phase_labels, registry=self.registry, buckets=latency)
         self._step, self._attention = step, attention
+        # hybrid models only (softmax and linear layers); the sum is attention_duration
+        self._attention_kind = Histogram(
+            PREFIX + "attention_kind_duration_seconds",
+            "Time inside the attention backend during one step of a hybrid model, by phase "
+            "and attention kind (softmax, linear).", (*phase_labels, "attention_kind"),
+            registry=self.registry, buckets=latency)
         for p in PHASES:  # present from the start, so dashboards show zeros, not "no data"
             self._by_phase(p)
 
@@ -207,6 +213,13 @@ class EngineMetrics:
                                     "Fraction of KV pages held by requests (1 = full).")
         # not "..._total": that suffix is for counters (promtool's lint)
         self.kv_pages = self._gauge("kv_cache_pages", "KV pages in the pool.")
+        self.state_slots = self._gauge(
+            "state_slots", "Hybrid models: recurrent-state slots (0 for other models).")
+        self.state_usage = self._gauge(
+            "state_slots_usage_perc", "Hybrid models: fraction of state slots held by running "
+            "requests (snapshots count as free: they are evicted on demand).")
+        self.state_snapshots = self._gauge(
+            "state_snapshots", "Hybrid models: state snapshots the prefix cache holds.")
         self._info = Info(PREFIX + "engine_config", "The engine's start-up configuration.",
                           self.label_names, registry=self.registry)
         self.set_info({})
@@ -247,6 +260,11 @@ class EngineMetrics:
         self.iteration_tokens.observe(num_tokens)
         if attention_s is not None:  # None only when timing is off (a benchmark baseline)
             attention.observe(attention_s)
+
+    def on_attention_kinds(self, phase: str, seconds: dict[str, float]) -> None:
+        for kind, value in seconds.items():
+            self._attention_kind.labels(**self.label_values, phase=phase,
+                                        attention_kind=kind).observe(value)
 
     def on_tokens(self, request: Request, num_new: int, now: float) -> None:
         if num_new <= 0:
@@ -305,6 +323,12 @@ class EngineMetrics:
         # demand, so they do not limit admission (num_pages_in_use leaves them out).
         if total:
             self.kv_usage.set(min(1.0, max(0.0, stats.num_pages_in_use / total)))
+        slots = stats.num_state_slots_total
+        self.state_slots.set(slots)
+        self.state_snapshots.set(stats.num_state_snapshots)
+        if slots:
+            held = slots - stats.num_state_slots_free - stats.num_state_snapshots
+            self.state_usage.set(min(1.0, max(0.0, held / slots)))
         self._last_prefix_queries = self._feed_delta(
             self.prefix_queries, self._last_prefix_queries, stats.prefix_cache_queries_tokens)
         self._last_prefix_hits = self._feed_delta(

@@ -59,6 +59,9 @@ class EngineObserver(Protocol):
     def on_kernel_compile(self, count: int, step_s: float) -> None:
         """A step of step_s seconds built `count` kernel instances after start-up."""
 
+    def on_attention_kinds(self, phase: str, seconds: dict[str, float]) -> None:
+        """A hybrid model's step: its attention time split by kind (softmax, linear)."""
+
 
 class NullObserver:
     def on_step(self, phase: str, num_tokens: int, step_s: float, attention_s: float | None) -> None:
@@ -80,4 +83,7 @@ class NullObserver:
         return None
 
     def on_kernel_compile(self, count: int, step_s: float) -> None:
+        return None
+
+    def on_attention_kinds(self, phase: str, seconds: dict[str, float]) -> None:
         return None

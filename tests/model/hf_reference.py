@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from attention.backends.lightning import HybridStateBackend, LightningBackend
 from attention.batch import ForwardBatch
 from attention.registry import create_backend
-from kvcache.cache_spec import uniform_spec
+from kvcache.cache_spec import split_layer_specs
+from kvcache.state_pool import StatePool
 from model.families import attention_config_for
 
 
@@ -38,19 +40,28 @@ def hf_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 class PagedRunner:
     """Runs our model step by step over a fresh cache pool (the one its layers' cache spec
-    asks for: K/V or MLA latent rows) with the reference backend."""
+    asks for: K/V or MLA latent rows, plus state slots for linear layers) with the reference
+    backends. Sequence s of a hybrid model keeps its state in slot s + 1."""
 
     def __init__(self, model: torch.nn.Module, layout: str = "nhd", page_size: int = 16,
-                 capacity_tokens: int = 160) -> None:
+                 capacity_tokens: int = 160, max_seqs: int = 8) -> None:
         cfg = model.config
         self.model = model
         self.page_size = 1 if layout == "token" else page_size
-        spec = uniform_spec(cfg.layer_cache_specs())
+        caches = split_layer_specs(cfg.layer_cache_specs())
+        spec = caches.paged
         cache_layout = spec.make_layout(layout, self.page_size, str(model.dtype))
-        self.pool = spec.build_pool(cache_layout, cfg.num_layers,
+        self.pool = spec.build_pool(cache_layout, len(caches.paged_layers),
                                     capacity_tokens // self.page_size + 8, model.dtype,
                                     model.device)
         self.backend = create_backend("reference", attention_config_for(cfg), self.pool)
+        self.state_pool: StatePool | None = None
+        if caches.state is not None:
+            self.state_pool = StatePool(caches.state, len(caches.state_layers), max_seqs + 1,
+                                        model.device)
+            linear = LightningBackend("reference", self.state_pool)
+            self.backend = HybridStateBackend(self.backend, linear, caches.paged_layers,
+                                              caches.state_layers)
         self.next_page = 1  # page 0 is the scratch page
         self.pages: dict[int, list[int]] = {}
         self.cached: dict[int, int] = {}
@@ -74,7 +85,9 @@ class PagedRunner:
         tables = [
             self._ensure_pages(s, p + n) for s, p, n in zip(order, prefix, q_lens, strict=True)
         ]
-        batch = ForwardBatch.build(q_lens, prefix, tables, self.page_size, self.model.device)
+        slots = [s + 1 for s in order] if self.state_pool is not None else None
+        batch = ForwardBatch.build(q_lens, prefix, tables, self.page_size, self.model.device,
+                                   state_slots=slots)
         self.backend.plan(batch)
         ids = torch.tensor([t for s in order for t in chunks[s]], device=self.model.device)
         logits = self.model.compute_logits(self.model(ids, batch.positions, self.backend))
