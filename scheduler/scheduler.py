@@ -93,6 +93,7 @@ class Scheduler:
         # hybrid models: snapshot slots a scheduled chunk writes, by request id and token
         # count, until the tree takes them (`_cache_prefix`)
         self._pending_snapshots: dict[str, dict[int, int]] = {}
+        self._state_cached: dict[str, int] = {}  # request id -> its tokens a snapshot covers
         self.snapshot_every = config.state_snapshot_interval \
             if state_slots is not None and self.prefix_cache is not None else 0
 
@@ -279,6 +280,7 @@ class Scheduler:
                 req.state_slot = self.state_slots.alloc()
                 snapshot = match.snapshot if match is not None else None
                 seq.state_source = -1 if snapshot is None else snapshot
+                self._state_cached[req.request_id] = num_cached
                 self._take_snapshot_slots(seq)
             # A preempted request whose cache hit covers all but its last token re-enters
             # as a plain decode.
@@ -427,10 +429,25 @@ class Scheduler:
         cache = self.prefix_cache
         assert cache is not None
         num_pages = req.num_computed_tokens // self.page_size
+        if self.state_slots is not None:
+            num_pages = self._pages_with_state(req, num_pages)
         tokens = req.all_token_ids[: num_pages * self.page_size]
         if num_pages > self._cached_pages.get(req.request_id, 0):
             self._insert_pages(req, tokens, num_pages)
         self._hand_over_snapshots(req, tokens)
+
+    def _pages_with_state(self, req: Request, num_pages: int) -> int:
+        """Hybrid models: of the request's first `num_pages` computed pages, those up to its
+        deepest state snapshot. Pages past it are of no use to a later request (it could not
+        resume there), and caching them would pin duplicates: a request that resumes at an
+        earlier snapshot recomputes those positions into pages of its own."""
+        limit = num_pages * self.page_size
+        pending = self._pending_snapshots.get(req.request_id, {})
+        deepest = max((n for n in pending if n <= limit),
+                      default=self._state_cached.get(req.request_id, 0))
+        deepest = max(deepest, self._state_cached.get(req.request_id, 0))
+        self._state_cached[req.request_id] = deepest
+        return deepest // self.page_size
 
     def _hand_over_snapshots(self, req: Request, tokens: list[int]) -> None:
         """The tree takes the request's computed snapshots (those within `tokens`)."""
@@ -463,6 +480,7 @@ class Scheduler:
         if node is not None and self.prefix_cache is not None:
             self.prefix_cache.unlock(node)
         self._cached_pages.pop(req.request_id, None)
+        self._state_cached.pop(req.request_id, None)
         self.allocator.decref(req.pages)
         req.pages = []
         # snapshots past what was computed (a chunk still in flight, or never run)
