@@ -93,6 +93,8 @@ def step_split_lines(server: dict[str, Any]) -> list[str]:
              f"{_SPLIT_HEADER[0]:<10}" + "".join(f"{h:>10}" for h in _SPLIT_HEADER[1:])]
     for phase, cells in _split_rows(server):
         lines.append(f"{phase:<10}" + "".join(f"{c:>10}" for c in cells))
+    if server.get("attention_by_kind"):
+        lines.append(f"attention by kind, ms/step: {_kinds_text(server['attention_by_kind'])}")
     return lines
 
 
@@ -144,6 +146,9 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> str:
     header = ["config", "rate"] + [title for _, title in SWEEP_COLUMNS]
     header += ["attn % all", "attn % p/d/m", "attn ms p/d/m", "step ms p/d/m", "prefix hit",
                "preempt", "kernel builds", "prefix cache"]
+    with_kinds = any(_server_value(run, "attention_by_kind") for run in runs)
+    if with_kinds:
+        header.append("attn ms/step by kind")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [str(run.get("config_name", "-")), _fmt(run.get("request_rate"))]
@@ -157,8 +162,22 @@ def sweep_markdown(runs: list[dict[str, Any]]) -> str:
                   _fmt(_server_value(run, "num_preemptions"), 0),
                   _fmt(_server_value(run, "kernel_builds"), 0),
                   _cache_text(run)]
+        if with_kinds:
+            cells.append(_kinds_text(_server_value(run, "attention_by_kind") or {}))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _kinds_text(by_kind: dict[str, dict[str, Any]]) -> str:
+    """'linear 3.10 (88%), softmax 0.42 (12%)': mean ms per step and share of attention."""
+    if not by_kind:
+        return "-"
+    parts = []
+    for kind, v in by_kind.items():
+        share = v.get("share_of_attention")
+        parts.append(f"{kind} {_fmt(v.get('mean_ms'), 2)} "
+                     f"({_fmt(None if share is None else 100.0 * share, 0)}%)")
+    return ", ".join(parts)
 
 
 def step_split_markdown(runs: list[dict[str, Any]]) -> str:

@@ -167,6 +167,19 @@ def step_time_split(before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str
     }
 
 
+def attention_by_kind(before: MetricsSnapshot, after: MetricsSnapshot,
+                      steps: float) -> dict[str, dict[str, float | None]]:
+    """A hybrid model's attention time split by kind (softmax, linear) over the run: per
+    kind, mean ms per step (over all `steps`) and its share of the attention time; empty
+    for a model with one kind (the server exports no `attention_kind` series then)."""
+    name = PREFIX + "attention_kind_duration_seconds_sum"
+    kinds = after.label_values("attention_kind")
+    seconds = {k: _delta(before, after, name, attention_kind=k) or 0.0 for k in kinds}
+    total = sum(seconds.values())
+    return {k: {"mean_ms": _ms(_ratio(v, steps)), "share_of_attention": _ratio(v, total)}
+            for k, v in sorted(seconds.items())}
+
+
 def server_metrics_delta(
     before: MetricsSnapshot | None, after: MetricsSnapshot | None
 ) -> dict[str, Any]:
@@ -188,6 +201,8 @@ def server_metrics_delta(
         mean = _ratio(d(name + "_sum"), d(name + "_count"))
         out[f"server_mean_{key}_ms"] = None if mean is None else mean * 1000.0
     out.update(step_time_split(before, after))
+    all_steps = (out.get("step_time_all") or {}).get("steps") or 0.0
+    out["attention_by_kind"] = attention_by_kind(before, after, all_steps)
     queries, hits = d("prefix_cache_queries_total"), d("prefix_cache_hits_total")
     out["prefix_cache_queries"] = queries
     out["prefix_cache_hits"] = hits

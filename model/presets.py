@@ -8,6 +8,10 @@ import torch
 
 from model.config import ModelConfig
 from model.deepseek_config import DeepseekConfig
+from model.minimax_config import MiniMaxConfig
+
+# MiniMax-Text-01's 7:1 rhythm: seven lightning layers, then a softmax one
+_MINIMAX_16_LAYERS = (["linear_attention"] * 7 + ["full_attention"]) * 2
 
 SYNTHETIC_PRESETS: dict[str, ModelConfig | DeepseekConfig] = {
     "smollm2-135m": ModelConfig(
@@ -52,6 +56,18 @@ SYNTHETIC_PRESETS: dict[str, ModelConfig | DeepseekConfig] = {
         max_position_embeddings=163840, bos_token_id=100000, eos_token_ids=[100001],
         architecture="DeepseekV2ForCausalLM",
     ),
+    # MiniMax-Text-01 scaled to one GPU: its attention (64 heads x 128, 8 KV heads, hidden
+    # 6144), layer rhythm and residual factors, vocab 200064, experts of its width (9216, top
+    # 2), but 16 of its 80 layers (2 softmax) and 4 of its 32 experts: 17.1B parameters,
+    # 34.2 GB in bf16; a request's state takes 14 x 4 MiB
+    "minimax-text-01-16l": MiniMaxConfig(
+        vocab_size=200064, hidden_size=6144, intermediate_size=9216, num_layers=16,
+        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000000.0,
+        max_position_embeddings=131072, bos_token_id=200034, eos_token_ids=[200020],
+        layer_types=_MINIMAX_16_LAYERS, num_local_experts=4, num_experts_per_tok=2,
+        linear_attn_alpha_factor=3.5565588200778455, full_attn_alpha_factor=3.5565588200778455,
+        mlp_alpha_factor=3.5565588200778455,
+    ),
 }
 
 
@@ -91,6 +107,7 @@ def init_synthetic_weights(model: torch.nn.Module, seed: int, std: float | None 
             param.normal_(0.0, 0.02, generator=gen)
         else:
             scale = param.shape[-1] ** -0.5
-            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight",
+                              "experts.down_proj")):
                 scale *= residual_scale
             param.normal_(0.0, scale, generator=gen)

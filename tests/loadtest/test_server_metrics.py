@@ -137,3 +137,34 @@ def test_attention_not_observed_on_every_step_gives_no_split() -> None:
     assert out["attention_share_of_step_time"] is None  # one phase unknown: overall unknown
     assert out["attention_time_s"] is None
     assert out["step_time_s"] == pytest.approx(0.42)
+
+
+def test_hybrid_attention_is_split_by_kind_over_the_run() -> None:
+    """A hybrid model's server exports attention_kind_duration_seconds: per kind, the mean
+    ms per step over the run and the share of attention, activity before the run excluded;
+    the sweep table gets a column for it."""
+    from loadtest.report import sweep_markdown
+
+    rng = np.random.default_rng()
+    server = _FakeServer()
+    kinds = Histogram("attnserve_attention_kind_duration_seconds", "",
+                      [*LABELS, "phase", "attention_kind"], registry=server.registry)
+    kinds.labels(**LABELS, phase="decode", attention_kind="linear").observe(9.0)  # before
+    before = MetricsSnapshot.parse(server.text())
+    sums = {"linear": 0.0, "softmax": 0.0}
+    for i in range(30):
+        phase = "prefill" if i % 5 == 0 else "decode"
+        split = {"linear": float(rng.uniform(0.002, 0.004)),
+                 "softmax": float(rng.uniform(0.0005, 0.001))}
+        server.step_(phase, 0.02, sum(split.values()))
+        for kind, value in split.items():
+            kinds.labels(**LABELS, phase=phase, attention_kind=kind).observe(value)
+            sums[kind] += value
+    out = server_metrics_delta(before, MetricsSnapshot.parse(server.text()))
+    by_kind = out["attention_by_kind"]
+    total = sum(sums.values())
+    for kind, value in sums.items():
+        assert by_kind[kind]["mean_ms"] == pytest.approx(1000.0 * value / 30)
+        assert by_kind[kind]["share_of_attention"] == pytest.approx(value / total)
+    table = sweep_markdown([{"config_name": "cache-on", "server_metrics": out}])
+    assert "attn ms/step by kind" in table and "linear" in table.splitlines()[-1]

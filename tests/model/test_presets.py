@@ -26,7 +26,7 @@ PUBLISHED_PARAMS = {
 }
 
 
-LLAMA_PRESETS = sorted(n for n, c in SYNTHETIC_PRESETS.items() if isinstance(c, ModelConfig))
+LLAMA_PRESETS = sorted(n for n, c in SYNTHETIC_PRESETS.items() if type(c) is ModelConfig)
 
 
 @pytest.mark.parametrize("name", LLAMA_PRESETS)
@@ -63,6 +63,24 @@ def test_deepseek_v2_lite_preset_has_the_real_shapes():
     # the latent cache: 576 values a token a layer, 1,152 bytes in bf16
     (spec,) = set(cfg.layer_cache_specs())
     assert spec.values_per_token() == 576
+
+
+def test_minimax_preset_has_minimax_text_01_shapes():
+    from model.minimax import LightningAttention, MiniMaxForCausalLM
+
+    cfg = synthetic_config("minimax-text-01-16l")
+    with torch.device("meta"):
+        model = MiniMaxForCausalLM(cfg, dtype=torch.bfloat16)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == cfg.num_parameters() and round(count / 1e9, 1) == 17.1
+    assert cfg.softmax_layers == [7, 15]
+    lightning = model.layers[0].self_attn
+    assert isinstance(lightning, LightningAttention)
+    assert lightning.qkv_proj.weight.shape == (3 * 64 * 128, 6144)
+    assert model.layers[7].self_attn.qkv_proj.weight.shape == ((64 + 2 * 8) * 128, 6144)
+    assert model.layers[0].mlp.experts.gate_up_proj.shape == (4, 2 * 9216, 6144)
+    specs = cfg.layer_cache_specs()
+    assert specs[0].state_bytes() == 64 * 128 * 128 * 4 and specs[7].values_per_token() == 2048
 
 
 def test_llama3_preset_rope_scaling_matches_transformers():
