@@ -71,9 +71,7 @@ def _lightning_extend_kernel(
     state_tile = offs_d[:, None] * D + offs_v[None, :]
     head_base = h * stride_head
     S = tl.load(states_ptr + slot * stride_slot + head_base + state_tile)
-    ci = offs_c.to(tl.float32)
-    gap = ci[:, None] - ci[None, :]
-    causal_decay = tl.where(gap >= 0, tl.exp(-lam * tl.maximum(gap, 0.0)), 0.0)
+    rate = lam * 1.4426950408889634  # exp(-lam x) = exp2(-rate x)
     first_snap = start // tl.maximum(snapshot_every, 1)
 
     for c0 in tl.range(start // CHUNK * CHUNK, end, CHUNK, num_stages=NUM_STAGES):
@@ -89,20 +87,27 @@ def _lightning_extend_kernel(
         v = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + offs_v[None, :],
                     mask=valid[:, None], other=0.0)
 
-        query_decay = tl.exp(-lam * (ci - lo + 1).to(tl.float32))
-        zero = tl.zeros([CHUNK, BLOCK_V], dtype=tl.float32)
-        o = _dot(q, S.to(q.dtype), zero, DOT_PRECISION, UPCAST_DOTS) * query_decay[:, None]
+        # the incoming state, decayed to each row
+        query_decay = tl.exp2(-rate * (offs_c - lo + 1).to(tl.float32))
+        o = _dot(q, S.to(q.dtype), tl.zeros([CHUNK, BLOCK_V], dtype=tl.float32),
+                 DOT_PRECISION, UPCAST_DOTS) * query_decay[:, None]
+        # the chunk's own causal part; the mask is built from positions each chunk (a
+        # loop-invariant [CHUNK, CHUNK] tile would hold registers the whole loop)
+        gap = (pos[:, None] - pos[None, :]).to(tl.float32)
+        causal_decay = tl.where(gap >= 0, tl.exp2(-rate * tl.maximum(gap, 0.0)), 0.0)
         scores = _dot(q, tl.trans(k), tl.zeros([CHUNK, CHUNK], dtype=tl.float32),
                       DOT_PRECISION, UPCAST_DOTS) * causal_decay
         o = _dot(scores.to(v.dtype), v, o, DOT_PRECISION, UPCAST_DOTS)
         tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
-        # rows past hi are masked to zero; the where keeps their exp(+) weight out too
-        key_decay = tl.where(valid, tl.exp(-lam * (hi - 1 - ci).to(tl.float32)), 0.0)
-        k_decayed = (k * key_decay[:, None]).to(k.dtype)
-        S = S * tl.exp(-lam * (hi - lo).to(tl.float32))
-        S = _dot(tl.trans(k_decayed), v, S, DOT_PRECISION, UPCAST_DOTS)
+        # decay the values, not the keys: v's tile is the smaller one, and k then feeds
+        # the dot straight from shared memory. Rows past hi are zero; the where keeps
+        # their exp2(+) weight out too.
+        key_decay = tl.where(valid, tl.exp2(-rate * (hi - 1 - offs_c).to(tl.float32)), 0.0)
+        v_decayed = (v * key_decay[:, None]).to(v.dtype)
+        S = S * tl.exp2(-rate * (hi - lo).to(tl.float32))
+        S = _dot(tl.trans(k), v_decayed, S, DOT_PRECISION, UPCAST_DOTS)
 
         if HAS_SNAPSHOTS:
             chunk_end = c0 + CHUNK
