@@ -9,6 +9,7 @@ import pytest
 
 from bench.attention import cli as bench_cli
 from bench.attention import decode as decode_bench
+from bench.attention import linear as linear_bench
 from bench.attention import prefill as prefill_bench
 from bench.attention import rope_store as rope_store_bench
 from loadtest.cli import build_parser as loadtest_parsers
@@ -35,6 +36,8 @@ def _parsers():
     prefill_bench.add_arguments(prefill)
     yield "bench attention --op prefill", prefill
     yield "bench attention --op rope_store", rope_store_bench.build_parser()
+    for op in ("linear-decode", "linear-prefill"):
+        yield f"bench attention --op {op}", linear_bench.build_parser(op)
 
 
 def test_every_option_has_help_text() -> None:
@@ -50,7 +53,8 @@ def test_every_option_has_help_text() -> None:
 
 @pytest.mark.parametrize("op, flag", [("decode", "--shapes"), ("prefill", "--sweep-set"),
                                       ("extend", "--no-checks"),
-                                      ("rope_store", "--layouts")])
+                                      ("rope_store", "--layouts"),
+                                      ("linear-prefill", "--snapshot-every")])
 def test_bench_help_reaches_the_benchmark_parser(
     op: str, flag: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,11 +18,19 @@ lightning_decode(q, k, v, slopes, states, state_slots) -> out [B, H, D]
 """
 
 from attention.linear.args import SNAPSHOT_ALIGN, snapshot_positions
+from attention.linear.decode import DEFAULT_DECODE_CONFIG, DecodeConfig, lightning_decode
+from attention.linear.extend import DEFAULT_EXTEND_CONFIG, ExtendConfig, lightning_extend
 from attention.linear.reference import lightning_decode_reference, lightning_extend_reference
 from attention.linear.slopes import slopes_for_layer
 
 __all__ = [
+    "DEFAULT_DECODE_CONFIG",
+    "DEFAULT_EXTEND_CONFIG",
     "SNAPSHOT_ALIGN",
+    "DecodeConfig",
+    "ExtendConfig",
+    "lightning_decode",
+    "lightning_extend",
     "lightning_decode_reference",
     "lightning_extend_reference",
     "slopes_for_layer",

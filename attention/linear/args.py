@@ -69,3 +69,13 @@ def check_states(states: torch.Tensor, slopes: torch.Tensor, num_heads: int,
     if slopes.shape != (num_heads,) or slopes.dtype != torch.float32:
         raise ValueError(f"slopes must be float32 [{num_heads}], got {slopes.dtype} "
                          f"{tuple(slopes.shape)}")
+
+
+def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """The caller's output buffer, checked, or a fresh one shaped and typed like q."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} with a contiguous last dim, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out

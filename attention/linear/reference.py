@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from attention.linear.args import check_extend_args, check_qkv, check_states, snapshot_positions
+from attention.linear.args import (
+    check_extend_args,
+    check_out,
+    check_qkv,
+    check_states,
+    snapshot_positions,
+)
 
 REFERENCE_CHUNK = 64
 
@@ -44,14 +50,15 @@ def lightning_extend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                prefix_lens_host: list[int], slopes: torch.Tensor,
                                states: torch.Tensor, state_slots: torch.Tensor,
                                snapshot_every: int = 0,
-                               snapshot_slots: torch.Tensor | None = None) -> torch.Tensor:
+                               snapshot_slots: torch.Tensor | None = None,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
     """Ragged extend; see `attention.linear` for the contract. Syncs the host (reads slots)."""
     del qo_indptr  # the host copy carries the same boundaries
     check_extend_args(q, k, v, qo_indptr_host, prefix_lens_host, slopes, states, state_slots,
                       snapshot_every, snapshot_slots)
     compute = states.dtype
     lam = slopes.to(compute)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = check_out(out, q)
     slots = state_slots.tolist()
     snaps = snapshot_slots.tolist() if snapshot_every else None
     for b, slot in enumerate(slots):
@@ -76,7 +83,8 @@ def lightning_extend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def lightning_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                slopes: torch.Tensor, states: torch.Tensor,
-                               state_slots: torch.Tensor) -> torch.Tensor:
+                               state_slots: torch.Tensor,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
     """One token per sequence: q, k, v [B, H, D]; updates states[state_slots] in place."""
     check_qkv(q, k, v)
     check_states(states, slopes, q.shape[1], q.shape[2])
@@ -85,6 +93,8 @@ def lightning_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     decay = torch.exp(-slopes.to(compute))[None, :, None, None]
     kc, vc = k.to(compute), v.to(compute)
     state = decay * states[idx].to(compute) + kc[..., :, None] * vc[..., None, :]
-    out = (q.to(compute)[..., None, :] @ state).squeeze(-2)
+    o = (q.to(compute)[..., None, :] @ state).squeeze(-2)
     states[idx] = state.to(states.dtype)
-    return out.to(q.dtype)
+    result = check_out(out, q)
+    result.copy_(o)
+    return result

@@ -5,6 +5,7 @@
     attnserve bench attention --op extend  [extend flags]   (bench.attention.prefill)
     attnserve bench attention --op rope_store [flags]       (bench.attention.rope_store)
     attnserve bench attention --op mla-decode|mla-prefill   (bench.attention.mla)
+    attnserve bench attention --op linear-decode|linear-prefill   (bench.attention.linear)
 
 Everything after `--op OP` goes to that benchmark's own parser (`--help` lists its flags).
 The benchmark modules are imported only when chosen: they need a GPU and triton.
@@ -15,7 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-OPS = ("decode", "prefill", "extend", "rope_store", "mla-decode", "mla-prefill")
+OPS = ("decode", "prefill", "extend", "rope_store", "mla-decode", "mla-prefill",
+       "linear-decode", "linear-prefill")
 
 
 def main(argv: list[str]) -> int:
@@ -47,6 +49,10 @@ def main(argv: list[str]) -> int:
         from bench.attention.mla import main as mla_main
 
         return mla_main([*rest, "--op", args.op])
+    if args.op in ("linear-decode", "linear-prefill"):
+        from bench.attention.linear import main as linear_main
+
+        return linear_main([*rest, "--op", args.op])
     if args.op == "rope_store":
         from bench.attention.rope_store import main as rope_store_main
 

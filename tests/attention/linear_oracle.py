@@ -66,16 +66,39 @@ def recurrence(case: RaggedCase, every: int = 0
     return out, finals, snaps
 
 
+def as_inputs(case: RaggedCase, dtype: torch.dtype, packed: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RaggedCase]:
+    """q, k, v in `dtype` (with packed: strided views of one [T, H, 3D] tensor, as the model's
+    fused projection gives them), and the case with the rounded values the kernels see."""
+    T, H, D = case.q.shape
+    if packed:
+        qkv = torch.cat([case.q, case.k, case.v], dim=-1).to(dtype)
+        q, k, v = qkv.split(D, dim=-1)
+    else:
+        q, k, v = (t.to(dtype) for t in (case.q, case.k, case.v))
+    rounded = RaggedCase(q.double(), k.double(), v.double(), case.lens, case.prefixes,
+                         case.slopes, case.init)
+    return q, k, v, rounded
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    """Within tol relative, with the absolute floor tol * the largest |want|."""
+    scale = want.abs().max().item() if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(scale, 1e-30))
+
+
 def check_extend(extend_fn, case: RaggedCase, dtype: torch.dtype, every: int, tol: float,
-                 state_dtype: torch.dtype = torch.float32) -> None:
+                 state_dtype: torch.dtype = torch.float32, packed: bool = False) -> None:
     """Run `extend_fn` (the reference or the kernel) on `case` in a NaN-filled state pool
-    and compare output, final states and snapshots with the recurrence. Snapshot slots are
-    in the same pool; every third snapshot entry is -1 (skipped), and every slot nobody
-    owns must still be NaN afterwards."""
+    with a NaN-filled output and compare output, final states and snapshots with the
+    recurrence. Snapshot slots are in the same pool; every third snapshot entry is -1
+    (skipped), and every slot nobody owns must still be NaN afterwards."""
     from attention.linear import snapshot_positions
 
     B, H, D = len(case.lens), case.q.shape[1], case.q.shape[2]
-    positions = [snapshot_positions(p, n, every) for p, n in zip(case.prefixes, case.lens, strict=True)]
+    q, k, v, case = as_inputs(case, dtype, packed)
+    positions = [snapshot_positions(p, n, every)
+                 for p, n in zip(case.prefixes, case.lens, strict=True)]
     num_snaps = sum(len(p) for p in positions)
     num_slots = 1 + B + num_snaps + 3  # slot 0 and 3 more never owned
     gen = torch.Generator().manual_seed(len(case.lens) * 7919 + every)
@@ -97,17 +120,19 @@ def check_extend(extend_fn, case: RaggedCase, dtype: torch.dtype, every: int, to
                 s = free.pop()
                 snap_slots[b, i] = s
                 expected_snaps[s] = snaps[b][pos]
+    if every:
+        assert expected_snaps and n > len(expected_snaps), "the case must take and skip snapshots"
     indptr = case.indptr
-    out = extend_fn(case.q.to(dtype), case.k.to(dtype), case.v.to(dtype),
-                    torch.tensor(indptr, dtype=torch.int32), indptr, case.prefixes, case.slopes,
-                    states, torch.tensor(seq_slots, dtype=torch.int32),
-                    snapshot_every=every, snapshot_slots=snap_slots if every else None)
-    assert out.dtype == dtype and out.shape == case.q.shape
-    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    got = extend_fn(q, k, v, torch.tensor(indptr, dtype=torch.int32), indptr, case.prefixes,
+                    case.slopes, states, torch.tensor(seq_slots, dtype=torch.int32),
+                    snapshot_every=every, snapshot_slots=snap_slots if every else None, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    close(out, want, tol)
     for b, s in enumerate(seq_slots):
-        torch.testing.assert_close(states[s].double(), finals[b], rtol=tol, atol=tol)
+        close(states[s], finals[b], tol)
     for s, st in expected_snaps.items():
-        torch.testing.assert_close(states[s].double(), st, rtol=tol, atol=tol)
+        close(states[s], st, tol)
     owned = set(seq_slots) | set(expected_snaps)
     for s in range(num_slots):
         if s not in owned:
