@@ -22,7 +22,9 @@ from attention.base import AttentionBackend, BackendCapabilities, RopeInputs
 from attention.batch import ForwardBatch
 from attention.linear import (
     SNAPSHOT_ALIGN,
+    lightning_decode,
     lightning_decode_reference,
+    lightning_extend,
     lightning_extend_reference,
     slopes_for_layer,
 )
@@ -43,8 +45,6 @@ def linear_ops(impl: str) -> tuple[ExtendOp, DecodeOp]:
     if impl == "reference":
         return lightning_extend_reference, lightning_decode_reference
     if impl == "triton":
-        from attention.linear import lightning_decode, lightning_extend  # type: ignore[attr-defined]
-
         return lightning_extend, lightning_decode
     raise ValueError(f"unknown linear attention backend {impl!r} (choose from {list(LINEAR_IMPLS)})")
 

@@ -152,3 +152,16 @@ def test_preemption_and_few_state_slots_keep_the_tokens() -> None:
 def test_hybrid_flags_are_checked() -> None:
     with pytest.raises(ValueError, match="multiple of 64"):
         make_llm("alternating", state_snapshot_interval=48, page_size=16)
+
+
+def test_triton_lightning_kernels_serve_the_same_tokens() -> None:
+    """The Triton extend (with snapshots) and decode kernels, under the interpreter, give
+    transformers' greedy tokens, and the prefix cache's restores work with them."""
+    llm = make_llm("alternating", kv_layout="nhd", page_size=16, max_num_batched_tokens=48,
+                   linear_attention_backend="triton")
+    assert llm.engine.backend.linear.name == "triton"
+    results = llm.generate(prompts(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    for i, (r, want) in enumerate(zip(results, hf_greedy("alternating"), strict=True)):
+        assert tuple(r.token_ids) == want, f"prompt {i}: ours {r.token_ids} != transformers {want}"
+    assert llm.engine.stats()["prefix_cache_hit_tokens"] == 2 * SNAPSHOT_EVERY
+    check_released(llm)
