@@ -124,7 +124,8 @@ def _lightning_extend_kernel(
 def _check_kernel_shapes(q: torch.Tensor, states: torch.Tensor, block_v: int) -> None:
     D = q.shape[2]
     if D < 16 or D & (D - 1):
-        raise ValueError(f"the Triton lightning kernels need a power-of-two head_dim >= 16, got {D}")
+        raise ValueError(f"the Triton lightning kernels need a power-of-two head_dim >= 16, "
+                         f"got {D}")
     if D % block_v:
         raise ValueError(f"block_v {block_v} must divide head_dim {D}")
     if states.dtype != torch.float32 or states.stride(3) != 1 or states.stride(2) != D:
@@ -143,8 +144,8 @@ def lightning_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Ragged extend; see `attention.linear` for the contract. snapshot_every must be a
     multiple of SNAPSHOT_ALIGN. No device-to-host sync (prefix lengths go host to device).
     `out` [T, H, D] in q's dtype, last dim contiguous, is written in place when given."""
-    check_extend_args(q, k, v, qo_indptr_host, prefix_lens_host, slopes, states, state_slots,
-                      snapshot_every, snapshot_slots)
+    check_extend_args(q, k, v, qo_indptr, qo_indptr_host, prefix_lens_host, slopes, states,
+                      state_slots, snapshot_every, snapshot_slots)
     block_v = min(config.block_v, q.shape[2])
     _check_kernel_shapes(q, states, block_v)
     if snapshot_every % SNAPSHOT_ALIGN or SNAPSHOT_ALIGN % config.chunk:
