@@ -6,7 +6,7 @@ inside), keeping the float32 state slice S [D, BLOCK_V] in registers the whole w
 
     out  = (q @ S) * exp(-lam (i - lo + 1))          the incoming state, decayed to row i
          + ((q @ k^T) * exp(-lam (i - j)) [j <= i]) @ v   the chunk's own causal part
-    S    = exp(-lam n) S + (k * exp(-lam (hi - 1 - j)))^T @ v    n = hi - lo rows folded
+    S    = exp(-lam n) S + k^T @ (v * exp(-lam (hi - 1 - j)))    n = hi - lo rows folded
 
 with lo/hi the chunk's first and past-last valid rows. Dots take the inputs' dtype (bf16
 or fp16 on tensor cores, float32 accumulation; float32 inputs use exact float32 dots).
@@ -148,9 +148,11 @@ def lightning_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       state_slots, snapshot_every, snapshot_slots)
     block_v = min(config.block_v, q.shape[2])
     _check_kernel_shapes(q, states, block_v)
-    if snapshot_every % SNAPSHOT_ALIGN or SNAPSHOT_ALIGN % config.chunk:
-        raise ValueError(f"snapshot_every must be a multiple of {SNAPSHOT_ALIGN} (chunk "
-                         f"{config.chunk} divides it), got {snapshot_every}")
+    if config.chunk < 16 or SNAPSHOT_ALIGN % config.chunk:
+        raise ValueError(f"chunk must be 16, 32 or 64 (divide {SNAPSHOT_ALIGN}), got {config.chunk}")
+    if snapshot_every % SNAPSHOT_ALIGN:
+        raise ValueError(f"snapshot_every must be a multiple of {SNAPSHOT_ALIGN}, "
+                         f"got {snapshot_every}")
     T, H, D = q.shape
     out = check_out(out, q)
     B = len(prefix_lens_host)
