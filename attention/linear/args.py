@@ -19,7 +19,8 @@ def snapshot_positions(prefix_len: int, q_len: int, every: int) -> list[int]:
 
 
 def check_extend_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      qo_indptr_host: list[int], prefix_lens_host: list[int],
+                      qo_indptr: torch.Tensor, qo_indptr_host: list[int],
+                      prefix_lens_host: list[int],
                       slopes: torch.Tensor, states: torch.Tensor, state_slots: torch.Tensor,
                       snapshot_every: int, snapshot_slots: torch.Tensor | None) -> None:
     """Shapes, dtypes and snapshot room; reads host lists only (no device sync)."""
@@ -29,6 +30,9 @@ def check_extend_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if len(qo_indptr_host) != B + 1 or qo_indptr_host[0] != 0 or qo_indptr_host[-1] != q.shape[0]:
         raise ValueError(f"qo_indptr_host must be [0, ..., T={q.shape[0]}] with {B + 1} entries, "
                          f"got {len(qo_indptr_host)} entries ending at {qo_indptr_host[-1:]}")
+    if qo_indptr.shape != (B + 1,) or qo_indptr.dtype != torch.int32:
+        raise ValueError(f"qo_indptr must be int32 [{B + 1}], got {qo_indptr.dtype} "
+                         f"{tuple(qo_indptr.shape)}")
     if any(b < a for a, b in zip(qo_indptr_host, qo_indptr_host[1:], strict=False)):
         raise ValueError("qo_indptr_host must be non-decreasing")
     if any(p < 0 for p in prefix_lens_host):

@@ -6,7 +6,7 @@ inside), keeping the float32 state slice S [D, BLOCK_V] in registers the whole w
 
     out  = (q @ S) * exp(-lam (i - lo + 1))          the incoming state, decayed to row i
          + ((q @ k^T) * exp(-lam (i - j)) [j <= i]) @ v   the chunk's own causal part
-    S    = exp(-lam n) S + (k * exp(-lam (hi - 1 - j)))^T @ v    n = hi - lo rows folded
+    S    = exp(-lam n) S + k^T @ (v * exp(-lam (hi - 1 - j)))    n = hi - lo rows folded
 
 with lo/hi the chunk's first and past-last valid rows. Dots take the inputs' dtype (bf16
 or fp16 on tensor cores, float32 accumulation; float32 inputs use exact float32 dots).
@@ -124,7 +124,8 @@ def _lightning_extend_kernel(
 def _check_kernel_shapes(q: torch.Tensor, states: torch.Tensor, block_v: int) -> None:
     D = q.shape[2]
     if D < 16 or D & (D - 1):
-        raise ValueError(f"the Triton lightning kernels need a power-of-two head_dim >= 16, got {D}")
+        raise ValueError(f"the Triton lightning kernels need a power-of-two head_dim >= 16, "
+                         f"got {D}")
     if D % block_v:
         raise ValueError(f"block_v {block_v} must divide head_dim {D}")
     if states.dtype != torch.float32 or states.stride(3) != 1 or states.stride(2) != D:
@@ -143,13 +144,15 @@ def lightning_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Ragged extend; see `attention.linear` for the contract. snapshot_every must be a
     multiple of SNAPSHOT_ALIGN. No device-to-host sync (prefix lengths go host to device).
     `out` [T, H, D] in q's dtype, last dim contiguous, is written in place when given."""
-    check_extend_args(q, k, v, qo_indptr_host, prefix_lens_host, slopes, states, state_slots,
-                      snapshot_every, snapshot_slots)
+    check_extend_args(q, k, v, qo_indptr, qo_indptr_host, prefix_lens_host, slopes, states,
+                      state_slots, snapshot_every, snapshot_slots)
     block_v = min(config.block_v, q.shape[2])
     _check_kernel_shapes(q, states, block_v)
-    if snapshot_every % SNAPSHOT_ALIGN or SNAPSHOT_ALIGN % config.chunk:
-        raise ValueError(f"snapshot_every must be a multiple of {SNAPSHOT_ALIGN} (chunk "
-                         f"{config.chunk} divides it), got {snapshot_every}")
+    if config.chunk < 16 or SNAPSHOT_ALIGN % config.chunk:
+        raise ValueError(f"chunk must be 16, 32 or 64 (divide {SNAPSHOT_ALIGN}), got {config.chunk}")
+    if snapshot_every % SNAPSHOT_ALIGN:
+        raise ValueError(f"snapshot_every must be a multiple of {SNAPSHOT_ALIGN}, "
+                         f"got {snapshot_every}")
     T, H, D = q.shape
     out = check_out(out, q)
     B = len(prefix_lens_host)

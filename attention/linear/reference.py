@@ -53,9 +53,8 @@ def lightning_extend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                snapshot_slots: torch.Tensor | None = None,
                                out: torch.Tensor | None = None) -> torch.Tensor:
     """Ragged extend; see `attention.linear` for the contract. Syncs the host (reads slots)."""
-    del qo_indptr  # the host copy carries the same boundaries
-    check_extend_args(q, k, v, qo_indptr_host, prefix_lens_host, slopes, states, state_slots,
-                      snapshot_every, snapshot_slots)
+    check_extend_args(q, k, v, qo_indptr, qo_indptr_host, prefix_lens_host, slopes, states,
+                      state_slots, snapshot_every, snapshot_slots)
     compute = states.dtype
     lam = slopes.to(compute)
     out = check_out(out, q)

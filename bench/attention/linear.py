@@ -56,8 +56,8 @@ from bench.attention.linear_peers import (
 logger = logging.getLogger(__name__)
 
 DECODE_SWEEP = "32,128,4;16,128,4;32,64,4;64,64,4;64,128,8;128,32,4"  # BLOCK_V,BLOCK_K,warps
-EXTEND_SWEEP = ("64,64,4,2;64,64,8,2;64,32,4,2;64,128,8,2;32,64,4,2;32,32,4,2;64,64,4,1;"
-                "64,64,8,3")  # CHUNK,BLOCK_V,warps,stages
+EXTEND_SWEEP = ("64,32,4,2;64,16,4,2;64,32,8,2;64,32,4,3;64,64,4,2;64,64,8,2;64,64,8,3;"
+                "64,128,8,2;32,64,4,2")  # CHUNK,BLOCK_V,warps,stages
 CHECK_TOLERANCE = 2e-2  # bf16 operands (state, scores, keys) against the float32 reference
 FLA_CHUNK = 64
 
@@ -71,7 +71,7 @@ def build_parser(op: str) -> argparse.ArgumentParser:
     ap.add_argument("--num-layers", type=int, default=80,
                     help="layers of the model the decay rates are for (MiniMax-Text-01: 80)")
     ap.add_argument("--batches", default="64,256", help="decode batch sizes")
-    ap.add_argument("--shapes", default="8x4096,2x4096x8192",
+    ap.add_argument("--shapes", default="8x4096,1x8192,2x4096x8192",
                     help="prefill: BxL (L new tokens) or BxLxP (after a P-token prefix)")
     ap.add_argument("--configs", default=None,
                     help=f"launch configs, ';'-separated (decode default {DECODE_SWEEP}; "

@@ -29,7 +29,7 @@ from tests.attention.linear_oracle import (  # noqa: E402
 )
 
 # float32 dots are exact; bf16 rounds the state, the decayed scores and keys to bf16
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 def _extend_with(config: ExtendConfig):
@@ -38,8 +38,9 @@ def _extend_with(config: ExtendConfig):
     return run
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk,block_v", [(16, 16), (32, 8)])
+@pytest.mark.parametrize("dtype,chunk,block_v", [
+    (torch.float32, 16, 16), (torch.float32, 32, 8), (torch.bfloat16, 16, 16),
+    (torch.bfloat16, 32, 8), (torch.float16, 16, 8)])
 def test_extend_matches_recurrence(dtype, chunk, block_v):
     # lengths 1 and off the chunk grid; prefixes that start inside a chunk
     case = random_case([1, 37, 16, 50, 5], [0, 3, 16, 21, 7], H=2, D=16, seed=11)
@@ -123,9 +124,20 @@ def test_extend_then_decode_equals_one_extend(dtype):
     for b, n in enumerate(lens):
         close(out_head[head_indptr[b]:head_indptr[b + 1]], want[indptr[b]:indptr[b] + n],
               TOL[dtype])
+    out_steps = []
     for step in range(steps):
         rows = torch.tensor([indptr[b] + n + step for b, n in enumerate(lens)])
         out = lightning_decode(q[rows], k[rows], v[rows], case.slopes, states, slots,
                                config=DecodeConfig(block_v=16, block_k=16))
         close(out, want[rows], TOL[dtype])
+        out_steps.append(out)
     close(states[slots.long()], torch.stack(finals), TOL[dtype])
+    # and the same through one extend over all the tokens (the decode steps included)
+    one_states = torch.full((5, H, D, D), float("nan"))
+    one_states[slots.long()] = case.init.float()
+    one = lightning_extend(q, k, v, torch.tensor(indptr, dtype=torch.int32), indptr,
+                           case.prefixes, case.slopes, one_states, slots, config=config)
+    for step in range(steps):
+        rows = torch.tensor([indptr[b] + n + step for b, n in enumerate(lens)])
+        close(one[rows], out_steps[step].double(), TOL[dtype])
+    close(one_states[slots.long()], states[slots.long()].double(), TOL[dtype])
