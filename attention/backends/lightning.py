@@ -56,15 +56,36 @@ def default_linear_impl(device_type: str) -> str:
 class LightningBackend:
     """The lightning layers of a step. `plan` once per step, `forward` once per layer."""
 
-    def __init__(self, impl: str, pool: StatePool, snapshot_every: int = 0) -> None:
+    def __init__(self, impl: str, pool: StatePool, snapshot_every: int = 0,
+                 dtype: torch.dtype = torch.float32) -> None:
         if snapshot_every < 0 or snapshot_every % SNAPSHOT_ALIGN:
             raise ValueError(f"--state-snapshot-interval {snapshot_every}: must be a multiple "
                              f"of {SNAPSHOT_ALIGN}")
         self.name = impl
         self.pool = pool
+        self.dtype = dtype  # the model's activations: q, k, v arrive in it
         self.snapshot_every = snapshot_every
         self._extend, self._decode = linear_ops(impl)
         self.batch: ForwardBatch | None = None
+
+    def warm_up(self) -> None:
+        """Build the extend kernel's snapshot instances (one snapshot column, and several)
+        on the scratch slot: the runner's one-token warm-up steps cross no snapshot point,
+        and a serving step that built them would stall (~0.5 s each on an H100)."""
+        n = self.snapshot_every
+        if n <= 0:
+            return
+        spec, dev = self.pool.spec, self.pool.device
+        states = self.pool.layer(0)
+        slopes = torch.ones(spec.num_heads, dtype=torch.float32, device=dev)
+        for crossings in (1, 2):
+            T = crossings * n
+            q = torch.zeros(T, spec.num_heads, spec.head_dim, dtype=self.dtype, device=dev)
+            ptr = torch.tensor([0, T], dtype=torch.int32, device=dev)
+            slots = torch.zeros(1, dtype=torch.int32, device=dev)
+            snaps = torch.zeros(1, crossings, dtype=torch.int32, device=dev)
+            self._extend(q, q, q, ptr, [0, T], [0], slopes, states, slots, n, snaps)
+        states[0].zero_()
 
     def plan(self, batch: ForwardBatch) -> None:
         if batch.state_slots is None:
@@ -127,6 +148,7 @@ class HybridStateBackend(AttentionBackend):
 
     def warm_up(self) -> None:
         self.softmax.warm_up()
+        self.linear.warm_up()
 
     def cuda_graph_context_lengths(self, max_model_len: int) -> list[int]:
         return self.softmax.cuda_graph_context_lengths(max_model_len)

@@ -22,8 +22,8 @@ from attention.linear.extend import _check_kernel_shapes
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    block_v: int = 32  # value columns a program owns
-    block_k: int = 128  # state rows loaded at a time (divides head_dim)
+    block_v: int = 64  # value columns a program owns
+    block_k: int = 64  # state rows loaded at a time (divides head_dim)
     num_warps: int = 4
 
 

@@ -29,7 +29,7 @@ from attention.linear.args import SNAPSHOT_ALIGN, check_extend_args, check_out
 @dataclass(frozen=True)
 class ExtendConfig:
     chunk: int = 64  # tokens a step; divides SNAPSHOT_ALIGN
-    block_v: int = 32  # value columns of the state a program owns
+    block_v: int = 64  # value columns of the state a program owns
     num_warps: int = 4
     num_stages: int = 2
 

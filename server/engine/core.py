@@ -104,7 +104,7 @@ class EngineCore:
         snapshot_every = config.state_snapshot_interval if config.enable_prefix_cache else 0
         if self.state_pool is not None:
             linear = LightningBackend(config.resolved_linear_backend(), self.state_pool,
-                                      snapshot_every)
+                                      snapshot_every, self.dtype)
             self.backend = HybridStateBackend(self.backend, linear, caches.paged_layers,
                                               caches.state_layers)
         self.allocator = PageAllocator(num_pages)

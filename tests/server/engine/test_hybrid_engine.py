@@ -165,3 +165,24 @@ def test_triton_lightning_kernels_serve_the_same_tokens() -> None:
         assert tuple(r.token_ids) == want, f"prompt {i}: ours {r.token_ids} != transformers {want}"
     assert llm.engine.stats()["prefix_cache_hit_tokens"] == 2 * SNAPSHOT_EVERY
     check_released(llm)
+
+
+def test_warm_up_builds_the_snapshot_kernels_on_the_scratch_slot() -> None:
+    """The lightning backend's warm-up runs the extend op with one and two snapshot points on
+    the scratch slot (the instances a serving step would otherwise build) and leaves every
+    state zero."""
+    llm = make_llm("alternating", kv_layout="nhd", page_size=16,
+                   linear_attention_backend="triton")
+    linear = llm.engine.backend.linear
+    calls: list[int] = []
+    inner = linear._extend
+
+    def counting(*args, **kwargs):
+        snaps = args[10]
+        calls.append(0 if snaps is None else snaps.shape[1])
+        return inner(*args, **kwargs)
+
+    linear._extend = counting
+    llm.engine.backend.warm_up()
+    assert calls == [1, 2]
+    assert not llm.engine.state_pool.states.any()
