@@ -1,7 +1,9 @@
 """The lightning kernels build for sm_90 without a GPU (their numerics are checked under
 the interpreter in test_linear_triton.py and on the device by the benchmark): the default
-extend launch runs its dots on the warpgroup MMA with asynchronous copies feeding them,
-the decode kernel moves the state with 16-byte loads and stores, and neither spills."""
+extend launch runs its dots on the warpgroup MMA with asynchronous copies feeding them and
+spills at most a few hundred bytes (the fastest config on the H100, BLOCK_V 64 with 4 warps,
+spills 164 bytes and still beats the spill-free BLOCK_V 32 by 1.3x: docs/kernels.md), the
+decode kernel moves the state with 16-byte loads and stores and does not spill."""
 
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ def _build(which: str, config: tuple[int, ...]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _no_spills(report: str | None) -> None:
+def _no_spills(report: str | None, allowed_bytes: int = 0) -> None:
     if report is None:
         pytest.skip("no ptxas here accepts this Triton's PTX")
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
-    assert spills and max(spills) == 0, report
+    assert spills and max(spills) <= allowed_bytes, report
 
 
 def test_extend_builds_on_warpgroup_mma():
@@ -40,7 +42,7 @@ def test_extend_builds_on_warpgroup_mma():
     built = _build("extend", (c.chunk, c.block_v, c.num_warps, c.num_stages))
     assert built["ptx_has"]["wgmma.mma_async"] and built["ptx_has"]["cp.async"]
     assert built["shared"] <= HOPPER_SMEM_PER_BLOCK
-    _no_spills(built["ptxas"])
+    _no_spills(built["ptxas"], allowed_bytes=256)
 
 
 def test_decode_builds_with_wide_state_accesses():
