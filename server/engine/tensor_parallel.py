@@ -109,6 +109,9 @@ class TensorParallel:
         device = config.resolved_device()
         if device.type == "cuda":
             torch.cuda.set_device(0)
+        self._saved_threads = torch.get_num_threads()
+        if device.type == "cpu":  # the ranks share the cores (restored at shutdown)
+            torch.set_num_threads(cpu_threads_per_rank(self.size))
         self.failure: str | None = None
         self._on_failure: Callable[[str], None] | None = None
         self._stopping = False
@@ -223,8 +226,13 @@ class TensorParallel:
         for proc in self.processes:
             proc.join(1.0)
         self.channel.close()
+        torch.set_num_threads(self._saved_threads)
         if not failed:
             self.group.leave()
+
+
+def cpu_threads_per_rank(size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // size)
 
 
 def _worker_config(config: EngineConfig, rank: int) -> EngineConfig:
@@ -265,7 +273,7 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     try:
         device = config.resolved_device()
         if device.type == "cpu":  # the ranks share the cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+            torch.set_num_threads(cpu_threads_per_rank(size))
         conn.send(("spawned", os.getpid(), str(device)))
         group = TPGroup.join(rank, size, port, device)
         dtype = config.resolved_dtype()
