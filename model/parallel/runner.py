@@ -80,8 +80,9 @@ def follower_step(step: StepInput) -> StepInput:
 
 class LeaderRunner(ModelRunner):
     """Rank 0's runner: every step and every mirrored call is sent to the followers first.
-    `on_failure` hears of a step that failed on rank 0 after it was sent: the followers are
-    then out of step with it, and the group cannot serve on."""
+    `on_failure` hears of a step that failed on rank 0 after it was sent (the followers are
+    then out of step with it, and the group cannot serve on) and returns the reason to
+    report."""
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, device: torch.device,
                  page_size: int, group: TPGroup, channel: StepChannel) -> None:
@@ -89,7 +90,7 @@ class LeaderRunner(ModelRunner):
         self.tp = group
         self.channel = channel
         self.sampler = LeaderSampler(group)
-        self.on_failure: Callable[[str], None] | None = None
+        self.on_failure: Callable[[str], str] | None = None
         self._mirrored = False  # inside a call every rank makes: steps are not sent
 
     def launch(self, step: StepInput) -> PendingStep:
@@ -99,8 +100,8 @@ class LeaderRunner(ModelRunner):
         try:
             return super().launch(step)
         except Exception as e:
-            self._fail(f"rank 0 failed a step the other ranks run: {type(e).__name__}: {e}")
-            raise
+            raise self._fail(f"rank 0 failed a step the other ranks run: "
+                             f"{type(e).__name__}: {e}") from e
 
     def warm_up(self) -> None:
         self._on_every_rank("warm_up")
@@ -133,15 +134,16 @@ class LeaderRunner(ModelRunner):
         try:
             return call()
         except Exception as e:
-            self._fail(f"rank 0 failed a call the other ranks make: {type(e).__name__}: {e}")
-            raise
+            raise self._fail(f"rank 0 failed a call the other ranks make: "
+                             f"{type(e).__name__}: {e}") from e
         finally:
             self._mirrored = False
 
-    def _fail(self, reason: str) -> None:
-        logger.error("%s", reason)
+    def _fail(self, reason: str) -> TensorParallelError:
+        """The error to raise: the reason `on_failure` settles on (e.g. which rank died)."""
         if self.on_failure is not None:
-            self.on_failure(reason)
+            reason = self.on_failure(reason)
+        return TensorParallelError(reason)
 
 
 class FollowerRunner(ModelRunner):

@@ -45,6 +45,12 @@ from server.engine.config import EngineConfig
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # a worker's time to leave after "stop", then it is killed
+DEATH_GRACE_S = 1.0  # a failed collective waits this long for a rank's exit to name it
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def tensor_parallel_problem(config: EngineConfig) -> str | None:
@@ -176,8 +182,29 @@ class TensorParallel:
         if failure is not None:
             handler(failure)
 
-    def fail(self, reason: str) -> None:
-        """The group cannot serve on: report it once, stop the workers, unblock rank 0."""
+    def fail(self, reason: str) -> str:
+        """The group cannot serve on: report it once, stop the workers, unblock rank 0. A
+        collective that failed on rank 0 usually means a rank died: its exit is waited for
+        briefly, so the report names it."""
+        dead = self._dead_worker(DEATH_GRACE_S)
+        if dead is not None and not reason.startswith("tensor-parallel rank"):
+            reason = f"{dead} ({_first_line(reason)})"
+        self._report(reason)
+        return reason
+
+    def _dead_worker(self, wait_s: float) -> str | None:
+        """'tensor-parallel rank R (pid P) exited with code C' for the first worker that has
+        exited or exits within `wait_s`, else None."""
+        by_sentinel = {proc.sentinel: (rank, proc)
+                       for rank, proc in enumerate(self.processes, start=1)}
+        ready = multiprocessing.connection.wait(list(by_sentinel), timeout=wait_s)
+        if not ready:
+            return None
+        rank, proc = by_sentinel[ready[0]]
+        proc.join(1.0)
+        return f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+
+    def _report(self, reason: str) -> None:
         with self._lock:
             if self.failure is not None or self._stopping:
                 return
@@ -191,15 +218,9 @@ class TensorParallel:
             handler(reason)
 
     def _watch(self) -> None:
-        sentinels = {proc.sentinel: (rank, proc)
-                     for rank, proc in enumerate(self.processes, start=1)}
-        ready = multiprocessing.connection.wait(list(sentinels))
-        if self._stopping:
-            return
-        rank, proc = sentinels[ready[0]]
-        proc.join(1.0)
-        self.fail(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code "
-                  f"{proc.exitcode}")
+        dead = self._dead_worker(wait_s=None)  # type: ignore[arg-type]  # until one exits
+        if not self._stopping and dead is not None:
+            self._report(dead)
 
     def _kill_workers(self) -> None:
         for proc in self.processes:
