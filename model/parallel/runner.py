@@ -113,13 +113,18 @@ class LeaderRunner(ModelRunner):
         self._on_every_rank("set_attention_timing", mode)
 
     def forward_only(self, step: StepInput) -> tuple[torch.Tensor, bool]:
+        if self._mirrored:
+            return super().forward_only(step)
         self.channel.send(("call", "forward_only", (follower_step(step),)))
         return self._mirror(lambda: ModelRunner.forward_only(self, step))
 
     def call_on_every_rank(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(runner, *args)` on every rank (a module-level function: it is pickled by
-        name); rank 0's result."""
-        self.channel.send(("run", fn, args))
+        name; a StepInput argument reaches the followers as `follower_step` makes it, without
+        its deferred tokens); rank 0's result."""
+        sent = tuple(dataclasses.replace(follower_step(a), deferred=None)
+                     if isinstance(a, StepInput) else a for a in args)
+        self.channel.send(("run", fn, sent))
         return self._mirror(lambda: fn(self, *args))
 
     def stop_followers(self) -> None:
