@@ -23,6 +23,9 @@ import torch
 from model.config import ModelConfig
 
 
+MAX_HINTED_SIZE = 16  # a refusal lists the sizes up to this that would split
+
+
 class TensorParallelUnsupported(ValueError):
     """This model cannot be split over this many ranks (a one-line reason)."""
 
@@ -38,6 +41,16 @@ def check_splittable(config: object, size: int) -> None:
             f"--tensor-parallel-size {size}: {arch} models are not split over ranks yet; only "
             "the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2) is. Use "
             "--tensor-parallel-size 1")
+    problems = _split_problems(config, size)
+    if problems:
+        fits = [n for n in range(1, MAX_HINTED_SIZE + 1) if not _split_problems(config, n)]
+        raise TensorParallelUnsupported(
+            f"--tensor-parallel-size {size}: " + "; ".join(problems)
+            + f" (sizes up to {MAX_HINTED_SIZE} this model splits into: "
+            + ", ".join(map(str, fits)) + ")")
+
+
+def _split_problems(config: ModelConfig, size: int) -> list[str]:
     heads, kv = config.num_heads, config.num_kv_heads
     problems = []
     if heads % size:
@@ -50,8 +63,7 @@ def check_splittable(config: object, size: int) -> None:
     if config.intermediate_size % size:
         problems.append(f"the MLP width {config.intermediate_size} does not divide into "
                         f"{size} ranks")
-    if problems:
-        raise TensorParallelUnsupported(f"--tensor-parallel-size {size}: " + "; ".join(problems))
+    return problems
 
 
 @dataclass(frozen=True)
