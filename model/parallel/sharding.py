@@ -22,7 +22,6 @@ import torch
 
 from model.config import ModelConfig
 
-
 MAX_HINTED_SIZE = 16  # a refusal lists the sizes up to this that would split
 
 
