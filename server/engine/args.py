@@ -31,7 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=D.model,
                    help="weights: a .gguf file; a Hugging Face folder (config.json + "
                         "safetensors); or a synthetic preset (smollm2-135m, llama3-8b, "
-                        "qwen2.5-7b, qwen3-8b) with seeded random weights; nothing is downloaded "
+                        "llama3-70b, qwen2.5-7b, qwen3-8b, deepseek-v2-lite) with seeded random "
+                        "weights; nothing is downloaded "
                         f"(default: the embedded {EMBEDDED_MODEL_NAME} GGUF)")
     g.add_argument("--tokenizer", default=D.tokenizer,
                    help="tokenizer folder or .gguf file to use instead of the model's own (e.g. "
