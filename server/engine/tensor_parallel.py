@@ -290,6 +290,9 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     and its backend, then run what rank 0 sends until it says stop."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [tp rank {rank}] "
                                                 "%(name)s: %(message)s")
+    # A worker is a daemon process, which may not start processes of its own: torch.compile
+    # (the flex backend) compiles in this process rather than in a pool.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     try:
         device = config.resolved_device()
