@@ -116,9 +116,11 @@ class EngineCore:
             self.allocator,
             self.prefix_cache,
         )
-        self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size) \
-            if self.tp is None else \
-            self.tp.make_runner(self.model, self.backend, self.device, self.layout.page_size)
+        if self.tp is None:
+            self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        else:  # sends each step to the other ranks before running it
+            self.runner = self.tp.make_runner(self.model, self.backend, self.device,
+                                              self.layout.page_size)
         self.runner.sampler.generator = make_generator(config.seed, self.device)  # --seed
         if self.device.type == "cuda":
             try:
