@@ -113,8 +113,9 @@ class TensorParallel:
             raise ValueError(problem)
         self.size = config.tensor_parallel_size
         device = config.resolved_device()
-        if device.type == "cuda":
-            torch.cuda.set_device(0)
+        if device.type == "cuda":  # rank 0 is cuda:0 ("cuda" names no device for NCCL)
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
         self._saved_threads = torch.get_num_threads()
         if device.type == "cpu":  # the ranks share the cores (restored at shutdown)
             torch.set_num_threads(cpu_threads_per_rank(self.size))
