@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -51,6 +52,10 @@ class TPGroup:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            # On a failed or timed-out collective, NCCL's watchdog aborts the communicator
+            # and leaves the process alive (torch's default kills it): the server reports
+            # the failure on /health and to its requests (server/engine/tensor_parallel.py).
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         dist.init_process_group(
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
             timeout=datetime.timedelta(seconds=timeout_s),

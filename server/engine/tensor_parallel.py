@@ -212,11 +212,11 @@ class TensorParallel:
             self.failure = reason
             handler = self._on_failure
         logger.error("tensor parallelism failed: %s; the engine stops serving", reason)
+        if handler is not None:  # first: the requests in flight get their error
+            handler(reason)
         self._kill_workers()
         if self.group.device.type == "cuda":
             self.group.abort()
-        if handler is not None:
-            handler(reason)
 
     def _watch(self) -> None:
         dead = self._dead_worker(wait_s=None)  # type: ignore[arg-type]  # until one exits
