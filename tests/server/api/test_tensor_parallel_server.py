@@ -84,3 +84,27 @@ def test_killing_a_rank_fails_the_server_loudly_within_seconds(tmp_path: Path) -
         refused = httpx.post(f"{url}/v1/completions", json=_completion(4, False), timeout=10)
         assert refused.status_code == 503, refused.text
         assert "tensor-parallel rank 1" in server.log()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_ranks_exit_when_the_server_is_killed(tmp_path: Path) -> None:
+    """No orphans: a worker whose rank 0 died (SIGKILL, no clean-up) exits by itself."""
+    folder = write_tiny_llama(tmp_path / "tiny")
+    with running_server("--model", str(folder), "--device", "cpu", "--dtype", "float32",
+                        "--tensor-parallel-size", "2", "--kv-cache-tokens", "2048",
+                        "--max-model-len", "1024") as server:
+        pids = [int(p) for p in re.findall(r"tensor-parallel rank \d: pid (\d+)", server.log())]
+        assert len(pids) == 1 and all(_running(p) for p in pids)
+        server.send_signal(signal.SIGKILL)
+        assert server.proc is not None
+        server.proc.wait(10)
+        wait_for(lambda: not any(_running(p) for p in pids), FAIL_WITHIN_S,
+                 what="the workers of a killed server to exit")
