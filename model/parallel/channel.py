@@ -10,6 +10,7 @@ a follower's. The message is pickled once and its bytes written to every pipe.
 from __future__ import annotations
 
 import pickle
+import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -23,14 +24,19 @@ class StepChannel:
 
     def __init__(self, connections: list[Connection]) -> None:
         self.connections = connections  # connections[i] leads to rank i + 1
+        # one message at a time on every pipe, whichever thread sends (the engine thread
+        # sends steps; a shutdown may come from another)
+        self._lock = threading.Lock()
 
     def send(self, message: Any) -> None:
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        for rank, conn in enumerate(self.connections, start=1):
-            try:
-                conn.send_bytes(payload)
-            except (OSError, ValueError) as e:  # broken pipe, closed connection
-                raise TensorParallelError(f"tensor-parallel rank {rank} is gone ({e})") from e
+        with self._lock:
+            for rank, conn in enumerate(self.connections, start=1):
+                try:
+                    conn.send_bytes(payload)
+                except (OSError, ValueError) as e:  # broken pipe, closed connection
+                    raise TensorParallelError(f"tensor-parallel rank {rank} is gone "
+                                              f"({e})") from e
 
     def close(self) -> None:
         for conn in self.connections:
