@@ -28,15 +28,21 @@ class StepChannel:
         # sends steps; a shutdown may come from another)
         self._lock = threading.Lock()
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, wait_s: float = -1) -> None:
+        """Send `message` to every rank; TensorParallelError if one is gone, or if another
+        thread's message holds the pipes for more than `wait_s` seconds (-1: no limit)."""
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._lock:
+        if not self._lock.acquire(timeout=wait_s):
+            raise TensorParallelError("the step channel is busy (a send is stuck)")
+        try:
             for rank, conn in enumerate(self.connections, start=1):
                 try:
                     conn.send_bytes(payload)
                 except (OSError, ValueError) as e:  # broken pipe, closed connection
                     raise TensorParallelError(f"tensor-parallel rank {rank} is gone "
                                               f"({e})") from e
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         for conn in self.connections:

@@ -238,7 +238,7 @@ class TensorParallel:
             failed = self.failure is not None
         if not failed:
             try:
-                self.channel.send(("stop",))
+                self.channel.send(("stop",), wait_s=1.0)
             except TensorParallelError:
                 failed = True
         deadline = time.monotonic() + STOP_TIMEOUT_S
