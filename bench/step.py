@@ -18,6 +18,10 @@ The row:
 - floor: the bytes a decode step must read, weights (the embedding table excepted, of which
   a step reads only its rows) plus every sequence's K/V, over the copy bandwidth measured in
   the same run (a device-to-device copy; on a CPU, a memcpy); step/floor and forward/floor.
+  With `--tensor-parallel-size N` the bytes are one rank's (its shard of the weights, its
+  KV heads) and the floor adds the step's all-reduces: 2 per layer and 1 for the embedding,
+  each of [batch, hidden], timed in the same run (`all_reduce_ms`, one of them; `comm_ms`,
+  the step's). Every timed part runs on every rank, as the engine runs it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model.runner import PendingStep, StepInput
+from model.parallel.runner import LeaderRunner
+from model.runner import ModelRunner, PendingStep, StepInput
 from scheduler.request import SamplingParams
 from server.engine import EngineConfig, EngineCore
 from server.engine.args import add_engine_args, engine_config_from_args
@@ -57,10 +62,13 @@ class StepRow:
     sample_ms: float
     host_ms: float
     floor_ms: float
-    weight_bytes: int  # read per step: weights (embedding table excepted)
-    kv_bytes: int  # read by the last timed step: every sequence's K/V
+    weight_bytes: int  # read per step: weights (embedding table excepted), one rank's
+    kv_bytes: int  # read by the last timed step: every sequence's K/V, one rank's heads
     step_over_floor: float
     forward_over_floor: float
+    tp_size: int = 1
+    all_reduce_ms: float = 0.0  # one all-reduce of [batch, hidden] (0 unsplit)
+    comm_ms: float = 0.0  # the step's all-reduces: (2 x layers + 1) x all_reduce_ms
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, iters: int = 20) -> float:
@@ -106,8 +114,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def kv_bytes(engine: EngineCore, step: StepInput) -> int:
-    """K and V bytes a decode step reads: every layer, every sequence's whole context."""
-    mc = engine.loaded.config
+    """K and V bytes a decode step reads: every layer, every sequence's whole context (of a
+    tensor-parallel rank: its KV heads)."""
+    mc = engine.model.config
     per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * engine.dtype.itemsize
     return per_token * sum(p + q for p, q in zip(step.prefix_lens, step.q_lens, strict=True))
 
@@ -165,10 +174,23 @@ def decode_wall_ms(engine: EngineCore, recorder: LaunchRecorder, batch: int, con
     return wall_ms, last
 
 
+def on_every_rank(runner: ModelRunner, fn: Callable[..., object], *args: object) -> object:
+    """`fn(runner, *args)`, on every tensor-parallel rank when the model is split (its
+    collectives need them all); rank 0's result."""
+    if isinstance(runner, LeaderRunner):
+        return runner.call_on_every_rank(fn, *args)
+    return fn(runner, *args)
+
+
 def step_parts_ms(engine: EngineCore, step: StepInput,
                   iters: int) -> tuple[float, str, float, float]:
     """Device time of the forward pass, the LM head and sampling of one decode step."""
-    runner, device = engine.runner, engine.device
+    return on_every_rank(engine.runner, _step_parts_ms, step, iters)  # type: ignore[return-value]
+
+
+def _step_parts_ms(runner: ModelRunner, step: StepInput,
+                   iters: int) -> tuple[float, str, float, float]:
+    device = runner.device
     with torch.inference_mode():
         hidden, graph = runner.forward_only(step)
         if graph:
@@ -181,6 +203,28 @@ def step_parts_ms(engine: EngineCore, step: StepInput,
         sample_ms = median_ms(lambda: runner.sampler(logits, step.sampling, step.generators),
                               device, iters)
     return forward_ms, "graph" if graph else "eager", lm_head_ms, sample_ms
+
+
+ALL_REDUCES_TIMED = 10  # back to back between two events: launch gaps amortised
+
+
+def all_reduce_ms(engine: EngineCore, rows: int, iters: int) -> float:
+    """Device time of one all-reduce of [rows, hidden] in the model's dtype; 0 unsplit."""
+    if not isinstance(engine.runner, LeaderRunner):
+        return 0.0
+    return on_every_rank(engine.runner, _all_reduce_ms, rows,  # type: ignore[return-value]
+                         engine.model.config.hidden_size, engine.dtype, iters)
+
+
+def _all_reduce_ms(runner: LeaderRunner, rows: int, hidden: int, dtype: torch.dtype,
+                   iters: int) -> float:
+    x = torch.randn(rows, hidden, device=runner.device).to(dtype)
+
+    def reduces() -> None:
+        for _ in range(ALL_REDUCES_TIMED):
+            runner.tp.all_reduce(x)
+
+    return median_ms(reduces, runner.device, iters) / ALL_REDUCES_TIMED
 
 
 def measure(engine: EngineCore, batch: int, context: int, schedules: list[str], steps: int,
@@ -196,7 +240,9 @@ def measure(engine: EngineCore, batch: int, context: int, schedules: list[str], 
                                        random.Random(seed), sampling)
         forward_ms, kind, lm_head_ms, sample_ms = step_parts_ms(engine, last, iters)
         kv = kv_bytes(engine, last)
-        floor_ms = 1e3 * (weights + kv) / (gbps * 1e9)
+        reduce_ms = all_reduce_ms(engine, batch, iters)
+        comm_ms = (2 * engine.model.config.num_layers + 1) * reduce_ms
+        floor_ms = 1e3 * (weights + kv) / (gbps * 1e9) + comm_ms
         rows.append(StepRow(
             schedule=schedule, batch=batch, context=context, step_ms=round(wall_ms, 4),
             forward_ms=round(forward_ms, 4), forward_kind=kind, lm_head_ms=round(lm_head_ms, 4),
@@ -205,6 +251,8 @@ def measure(engine: EngineCore, batch: int, context: int, schedules: list[str], 
             floor_ms=round(floor_ms, 4), weight_bytes=weights, kv_bytes=kv,
             step_over_floor=round(wall_ms / floor_ms, 3),
             forward_over_floor=round(forward_ms / floor_ms, 3),
+            tp_size=engine.config.tensor_parallel_size, all_reduce_ms=round(reduce_ms, 4),
+            comm_ms=round(comm_ms, 4),
         ))
         logger.info("%s", rows[-1])
     engine.runner.launch = recorder._launch  # type: ignore[method-assign]
@@ -213,13 +261,14 @@ def measure(engine: EngineCore, batch: int, context: int, schedules: list[str], 
 
 def format_table(rows: list[StepRow]) -> str:
     head = ("| schedule | batch | context | step ms | forward ms | lm head ms | sample ms | "
-            "host ms | floor ms | step/floor | forward/floor |")
-    lines = [head, "|" + "---|" * 11]
+            "host ms | comm ms | floor ms | step/floor | forward/floor |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r.schedule} | {r.batch} | {r.context} | {r.step_ms:.3f} | "
                      f"{r.forward_ms:.3f} ({r.forward_kind}) | {r.lm_head_ms:.3f} | "
-                     f"{r.sample_ms:.3f} | {r.host_ms:.3f} | {r.floor_ms:.3f} | "
-                     f"{r.step_over_floor:.2f} | {r.forward_over_floor:.2f} |")
+                     f"{r.sample_ms:.3f} | {r.host_ms:.3f} | {r.comm_ms:.3f} | "
+                     f"{r.floor_ms:.3f} | {r.step_over_floor:.2f} | "
+                     f"{r.forward_over_floor:.2f} |")
     return "\n".join(lines)
 
 
@@ -289,11 +338,14 @@ def main(argv: list[str]) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     sampling.validate()
     engine = EngineCore(config)
-    gbps = copy_gbps(engine.device)
-    rows = []
-    for batch, context in cases:
-        rows += measure(engine, batch, context, args.schedules, args.steps, args.warmup, gbps,
-                        args.bench_seed, args.iters, sampling)
+    try:
+        gbps = copy_gbps(engine.device)
+        rows = []
+        for batch, context in cases:
+            rows += measure(engine, batch, context, args.schedules, args.steps, args.warmup,
+                            gbps, args.bench_seed, args.iters, sampling)
+    finally:
+        engine.shutdown()  # tensor-parallel ranks, if any
     print(f"copy bandwidth {gbps:.0f} GB/s (read + write), {engine.model_name}, "
           f"{engine.backend.name} {engine.layout.name}/{engine.layout.page_size}, "
           f"{engine.dtype}, {engine.device}")

@@ -23,7 +23,7 @@ SEL = ('model_name=~"$model_name",attention_backend=~"$attention_backend",'
 # them, so two configurations (or two replicas behind a router, `--replica-name`) never
 # merge into one line. A new engine label (e.g. kv_cache_dtype) is one more entry here.
 SERIES_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size",
-                 "attention_variant", "kv_cache_dtype", "replica")
+                 "attention_variant", "kv_cache_dtype", "tp_size", "replica")
 # The pool of replicas as one: the same labels without `replica` (the "Replicas" panels).
 POOL_LABELS = tuple(label for label in SERIES_LABELS if label != "replica")
 POOL_BY = ", ".join(POOL_LABELS)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from model.config import ModelConfig
 from model.gguf_format import GGUFContainer
@@ -167,6 +169,17 @@ class GGUFFile:
                 self.container.dequantize_into(t, dest, order)
             else:
                 dest.copy_(self.container.dequantize(t, order))
+
+    def hf_tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor whole, dequantized (float32) and under its Hugging Face name (a
+        tensor-parallel rank slices its part of each: model/parallel/weights.py)."""
+        for t in self.container.tensors:
+            name = gguf_to_hf_name(t.name)
+            if name is None:
+                continue
+            heads = self._permuted_heads(name, config)
+            order = None if heads is None else unpermuted_row_order(t.shape[0], heads)
+            yield name, self.container.dequantize(t, order)
 
     def _permuted_heads(self, name: str, config: ModelConfig) -> int | None:
         """Head count of a Q/K weight whose rows llama.cpp permuted, else None. Only its

@@ -17,13 +17,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
 
 from model.families import AnyConfig, AnyModel, config_from_hf_dict, model_class, weight_loader
 from model.gguf_weights import GGUFFile, embedded_smollm2_path
+from model.parallel.group import TPGroup
+from model.parallel.layers import TensorParallelCausalLM
+from model.parallel.sharding import TPShard
+from model.parallel.weights import ShardedWeightLoader
 from model.presets import SYNTHETIC_PRESETS, init_synthetic_weights, synthetic_config
 from model.tokenizer import Tokenizer
 from model.weights import WeightLoader
@@ -66,14 +70,20 @@ class ModelSpecError(ValueError):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def empty_model(config: AnyConfig, dtype: torch.dtype, device: torch.device) -> AnyModel:
-    """A model with uninitialised parameters on `device` (rotary cache computed).
+def empty_model(config: AnyConfig, dtype: torch.dtype, device: torch.device,
+                tp: TPGroup | None = None) -> AnyModel:
+    """A model with uninitialised parameters on `device` (rotary cache computed); with `tp`,
+    this rank's part of it (model/parallel/; TensorParallelUnsupported for a family that is
+    not split).
 
     Built on `device` directly, not on the meta device: an operation on meta tensors imports
     torch._dynamo (1.5-2.5 s of a fresh process), and allocation without initialisation
     costs nothing on either device."""
     with torch.device(device), _no_param_init():
-        model = model_class(config)(config, dtype=dtype)  # type: ignore[arg-type]
+        if tp is None:
+            model = model_class(config)(config, dtype=dtype)  # type: ignore[arg-type]
+        else:
+            model = TensorParallelCausalLM(TPShard(config, tp.rank, tp.size), tp, dtype)
     model.rotary.reset_cache(config)  # inv_freq computed on the CPU, as the reference does
     return model.eval().requires_grad_(False)
 
@@ -103,8 +113,16 @@ def _progress(items: Iterator, total: int, desc: str) -> Iterator:
     return tqdm(items, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
 
 
+def _loader_of(model: AnyModel) -> WeightLoader | Any:
+    """The weight loader of `model`'s family, or of a tensor-parallel rank's shard."""
+    if isinstance(model, TensorParallelCausalLM):
+        return ShardedWeightLoader(model)
+    return weight_loader(model)
+
+
 def _load_gguf(
-    path: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool
+    path: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool,
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
     """The tokenizer loads on a second thread meanwhile: importing transformers is most of
     its time and holds the GIL, while dequantizing mostly runs in torch, which releases it
@@ -115,9 +133,13 @@ def _load_gguf(
                          if with_tokenizer else None)
         gf = GGUFFile(path)
         config = gf.config()
-        model = empty_model(config, dtype, device)
-        loader = WeightLoader(model)  # type: ignore[arg-type]  # GGUF: Llama family only
-        gf.load_into(loader)
+        model = empty_model(config, dtype, device, tp)
+        loader = _loader_of(model)  # GGUF: Llama family only
+        if tp is None:
+            gf.load_into(loader)
+        else:  # whole tensors, each sliced to the rank's part
+            for name, tensor in gf.hf_tensors(config):
+                loader.load(name, tensor)
         loader.check_complete()
         weights_s = time.perf_counter() - t0
         tokenizer, tokenizer_s = tokenizer_job.result() if tokenizer_job else (None, 0.0)
@@ -153,12 +175,13 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _load_hf_folder(
-    folder: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool
+    folder: Path, dtype: torch.dtype, device: torch.device, with_tokenizer: bool,
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
     config = config_from_hf_dict(json.loads((folder / "config.json").read_text()))
     files, total = _safetensors_items(folder)
-    model = empty_model(config, dtype, device)
-    loader = weight_loader(model)
+    model = empty_model(config, dtype, device, tp)
+    loader = _loader_of(model)
     for name, tensor in _progress(_iter_safetensors(files), total, f"loading {folder.name}"):
         loader.load(name, tensor)
     loader.check_complete()
@@ -174,11 +197,13 @@ def _load_hf_folder(
 
 
 def _load_synthetic(
-    name: str, dtype: torch.dtype, device: torch.device, seed: int, with_tokenizer: bool
+    name: str, dtype: torch.dtype, device: torch.device, seed: int, with_tokenizer: bool,
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
     config = synthetic_config(name)
-    model = empty_model(config, dtype, device)
-    init_synthetic_weights(model, seed)
+    model = empty_model(config, dtype, device, tp)
+    # a rank draws each tensor whole and keeps its part: the same model at every TP size
+    init_synthetic_weights(model, seed, shard=model.shard if tp is not None else None)
     tokenizer = embedded_tokenizer() if with_tokenizer else None
     return LoadedModel(model, config, tokenizer, f"synthetic:{name} (seed {seed})")
 
@@ -218,6 +243,17 @@ def resolve_model_spec(spec: str | None) -> tuple[str, str]:
     raise ModelSpecError(f"--model {key!r} is not a model this server can load; {expected}")
 
 
+def peek_model_config(spec: str | None) -> AnyConfig:
+    """The whole model's config of `spec`, without loading its weights (a GGUF's metadata,
+    a folder's config.json, a preset)."""
+    kind, target = resolve_model_spec(spec)
+    if kind == "gguf":
+        return GGUFFile(Path(target)).config()
+    if kind == "synthetic":
+        return synthetic_config(target)
+    return config_from_hf_dict(json.loads((Path(target) / "config.json").read_text()))
+
+
 def load_model(
     spec: str | None,
     dtype: torch.dtype,
@@ -225,18 +261,21 @@ def load_model(
     seed: int = 0,
     *,
     with_tokenizer: bool = True,
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
     """Load `spec`: None/'smollm2' (embedded GGUF), a .gguf path, a Hugging Face folder, or
-    a synthetic preset ('synthetic:llama3-8b' or 'llama3-8b'); see resolve_model_spec."""
+    a synthetic preset ('synthetic:llama3-8b' or 'llama3-8b'); see resolve_model_spec.
+    With `tp`, only this tensor-parallel rank's part of the model (`config` stays the whole
+    model's; `model.config` is the rank's)."""
     device = torch.device(device)
     t0 = time.perf_counter()
     kind, target = resolve_model_spec(spec)
     if kind == "gguf":
-        loaded = _load_gguf(Path(target), dtype, device, with_tokenizer)
+        loaded = _load_gguf(Path(target), dtype, device, with_tokenizer, tp)
     elif kind == "synthetic":
-        loaded = _load_synthetic(target, dtype, device, seed, with_tokenizer)
+        loaded = _load_synthetic(target, dtype, device, seed, with_tokenizer, tp)
     else:
-        loaded = _load_hf_folder(Path(target), dtype, device, with_tokenizer)
+        loaded = _load_hf_folder(Path(target), dtype, device, with_tokenizer, tp)
     loaded.timings["total_s"] = time.perf_counter() - t0
     cfg = loaded.config
     logger.info(

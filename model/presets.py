@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import torch
 
@@ -12,6 +13,14 @@ from model.minimax_config import MiniMaxConfig
 
 # MiniMax-Text-01's 7:1 rhythm: seven lightning layers, then a softmax one
 _MINIMAX_16_LAYERS = (["linear_attention"] * 7 + ["full_attention"]) * 2
+
+
+class WeightShard(Protocol):
+    """A tensor-parallel rank's part of each parameter (model/parallel/sharding.py)."""
+
+    def full_shape(self, param: str, local_shape: tuple[int, ...]) -> tuple[int, ...]: ...
+
+    def param_part(self, param: str, full: torch.Tensor) -> torch.Tensor: ...
 
 SYNTHETIC_PRESETS: dict[str, ModelConfig | DeepseekConfig] = {
     "smollm2-135m": ModelConfig(
@@ -23,6 +32,18 @@ SYNTHETIC_PRESETS: dict[str, ModelConfig | DeepseekConfig] = {
     "llama3-8b": ModelConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False, max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_ids=[128001, 128009], architecture="LlamaForCausalLM",
+    ),
+    # Llama-3.1-70B's shapes: 70.6B parameters, about 141 GB in bf16, more than one GPU
+    # holds (served with --tensor-parallel-size 4 or 8, docs/tensor-parallel.md).
+    "llama3-70b": ModelConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
         rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
@@ -81,7 +102,8 @@ def synthetic_config(name: str) -> ModelConfig | DeepseekConfig:
 
 
 @torch.no_grad()
-def init_synthetic_weights(model: torch.nn.Module, seed: int, std: float | None = None) -> None:
+def init_synthetic_weights(model: torch.nn.Module, seed: int, std: float | None = None,
+                           shard: WeightShard | None = None) -> None:
     """Seeded random weights, drawn on the model's device.
 
     By default the scaled initialisation that GPT-2-style models train from: norm weights 1,
@@ -91,23 +113,37 @@ def init_synthetic_weights(model: torch.nn.Module, seed: int, std: float | None 
     amplify rounding noise: two bf16 runs that differ by one rounding in one attention
     output end ~5% apart in the logits, which hides what a kernel check should see (CPU
     proxy of llama3-8b, 32 layers: 4.3e-2 flat, 1.7e-2 scaled). `std` instead draws every
-    non-norm parameter from N(0, std) (tests that want large weights)."""
+    non-norm parameter from N(0, std) (tests that want large weights). With `shard` (a
+    tensor-parallel rank's model), each parameter is drawn whole, as the unsplit model draws
+    it, and the rank keeps its part: every tensor-parallel size serves the same weights."""
     device = model.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     residual_scale = (2 * model.config.num_layers) ** -0.5
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        elif std is not None:
-            param.normal_(0.0, std, generator=gen)
-        elif name.endswith("bias"):
-            param.zero_()
-        elif "embed_tokens" in name:
-            param.normal_(0.0, 0.02, generator=gen)
-        else:
-            scale = param.shape[-1] ** -0.5
-            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight",
-                              "experts.down_proj")):
-                scale *= residual_scale
-            param.normal_(0.0, scale, generator=gen)
+    for name, local in model.named_parameters():
+        param = local
+        if shard is not None:
+            param = torch.empty(shard.full_shape(name, tuple(local.shape)), dtype=local.dtype,
+                                device=local.device)
+        _draw(name, param, gen, std, residual_scale)
+        if shard is not None:
+            local.copy_(shard.param_part(name, param))
+
+
+def _draw(name: str, param: torch.Tensor, gen: torch.Generator, std: float | None,
+          residual_scale: float) -> None:
+    """One parameter's draw (see init_synthetic_weights)."""
+    if name.endswith("norm.weight"):
+        param.fill_(1.0)
+    elif std is not None:
+        param.normal_(0.0, std, generator=gen)
+    elif name.endswith("bias"):
+        param.zero_()
+    elif "embed_tokens" in name:
+        param.normal_(0.0, 0.02, generator=gen)
+    else:
+        scale = param.shape[-1] ** -0.5
+        if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight",
+                          "experts.down_proj")):
+            scale *= residual_scale
+        param.normal_(0.0, scale, generator=gen)

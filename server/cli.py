@@ -8,8 +8,12 @@ import json
 import logging
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from server.engine.args import add_engine_args, engine_config_from_args
+
+if TYPE_CHECKING:
+    from server.engine import LLM
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -40,7 +44,12 @@ def engine_problem(args: argparse.Namespace) -> str | None:
 
         if not torch.cuda.is_available():
             return f"--device {config.device}: no CUDA device is available"
-    return None
+    from server.engine.tensor_parallel import tensor_parallel_problem
+
+    try:
+        return tensor_parallel_problem(config)
+    except (ModelSpecError, ValueError, OSError) as e:
+        return str(e)
 
 
 def bind_problem(host: str, port: int) -> str | None:
@@ -120,9 +129,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from server.engine import LLM, SamplingParams
+    from server.engine import LLM
 
     llm = LLM(engine_config_from_args(args))
+    try:
+        return _generate(llm, args)
+    finally:
+        llm.shutdown()  # tensor-parallel ranks, if any
+
+
+def _generate(llm: LLM, args: argparse.Namespace) -> int:
+    from server.engine import SamplingParams
+
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.sampling_seed, stop=args.stop,

@@ -31,7 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=D.model,
                    help="weights: a .gguf file; a Hugging Face folder (config.json + "
                         "safetensors); or a synthetic preset (smollm2-135m, llama3-8b, "
-                        "qwen2.5-7b, qwen3-8b) with seeded random weights; nothing is downloaded "
+                        "llama3-70b, qwen2.5-7b, qwen3-8b, deepseek-v2-lite) with seeded random "
+                        "weights; nothing is downloaded "
                         f"(default: the embedded {EMBEDDED_MODEL_NAME} GGUF)")
     g.add_argument("--tokenizer", default=D.tokenizer,
                    help="tokenizer folder or .gguf file to use instead of the model's own (e.g. "
@@ -130,6 +131,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run decode steps eagerly instead of replaying captured CUDA graphs "
                         "(graphs are used on a GPU with the triton backend); --enforce-eager "
                         "is vLLM's name for it")
+    g.add_argument("--tensor-parallel-size", "-tp", type=_at_least_one,
+                   default=D.tensor_parallel_size,
+                   help="split the model over N ranks (Megatron-style, Llama family): the "
+                        "server starts one process per rank, GPUs cuda:0..N-1 (NCCL) or CPU "
+                        "processes (gloo); see docs/tensor-parallel.md")
     g.add_argument("--cuda-graph-max-batch", type=_at_least_one, default=D.cuda_graph_max_batch,
                    help="largest decode batch captured in a graph (default: --max-num-seqs, "
                         f"at most {MAX_DEFAULT_CUDA_GRAPH_BATCH}); larger decode steps run eagerly")
@@ -162,6 +168,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_prefill_tokens_with_decode=args.max_prefill_tokens_with_decode,
         overlap_schedule=args.overlap_schedule,
         schedule_policy=args.schedule_policy, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
         cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch,
         chat_template=args.chat_template, log_stats=not args.disable_log_stats,
         disable_log_requests=args.disable_log_requests,

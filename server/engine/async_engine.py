@@ -145,6 +145,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self.core is not None:
+            self.core.shutdown()
         if self.state is not EngineState.BROKEN:
             self.state = EngineState.STOPPED
 
@@ -178,10 +180,11 @@ class AsyncEngine:
             if self.on_fatal is not None:
                 self.on_fatal(str(e))
             return
+        core = self.core
+        core.set_failure_handler(self._on_engine_failure)
         if self.state is EngineState.STARTING:
             self.state = EngineState.READY
         self._ready.set()
-        core = self.core
         self.stats_snapshot = core.stats()
         try:
             while True:
@@ -199,6 +202,13 @@ class AsyncEngine:
             logger.exception("engine thread crashed")
             # The server stays up so /health can report it (503) and requests fail fast.
             self._mark_broken(f"engine thread crashed: {type(e).__name__}: {e}")
+
+    def _on_engine_failure(self, reason: str) -> None:
+        """The engine cannot run steps any more (a tensor-parallel rank died): fail what is
+        in flight, refuse what comes, stop the step loop."""
+        self._mark_broken(reason)
+        self._stop.set()
+        self._wake.set()
 
     def _mark_broken(self, reason: str) -> None:
         self.state = EngineState.BROKEN

@@ -67,6 +67,8 @@ class EngineConfig:
     cuda_graph_max_batch: int | None = None  # default: resolved_cuda_graph_max_batch()
     # seeds the synthetic presets' weights and the sampling of requests without a seed
     seed: int = 0
+    # ranks the model is split over, one process each (server/engine/tensor_parallel.py)
+    tensor_parallel_size: int = 1
     chat_template: str | None = None  # a Jinja file or string; default: the tokenizer's
     log_stats: bool = True  # the periodic stats line (server/engine/stats_logger.py)
     # Kept for the HTTP side, which owns the per-request access log (vLLM's flag)

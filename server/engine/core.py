@@ -52,6 +52,7 @@ from server.engine.output_processor import OutputProcessor, OutputSink
 from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
 from server.engine.stats_logger import StatsLogger
 from server.engine.step_input import InFlightStep, build_step_input
+from server.engine.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,13 @@ class EngineCore:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.observer: EngineObserver = observer or NullObserver()
+        # --tensor-parallel-size > 1: this process is rank 0 of a group it starts here
+        self.tp = TensorParallel(config) if config.tensor_parallel_size > 1 else None
+        if self.tp is not None and loaded is not None:
+            raise ValueError("a tensor-parallel engine loads its own shards (no `loaded`)")
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, seed=config.seed,
-                                           with_tokenizer=config.tokenizer is None)
+                                           with_tokenizer=config.tokenizer is None,
+                                           tp=self.tp.group if self.tp is not None else None)
         if config.tokenizer is not None:
             self.loaded.tokenizer = load_tokenizer(config.tokenizer)
         self.model = self.loaded.model
@@ -80,7 +86,8 @@ class EngineCore:
         # the layers' cache spec decides the pool (K/V heads or MLA latent rows), the KV
         # cache dtype how its rows are stored
         self.kv_dtype = config.resolved_kv_cache_dtype()
-        caches = split_layer_specs(mc.layer_cache_specs())
+        # the model's own config: with tensor parallelism, this rank's heads
+        caches = split_layer_specs(self.model.config.layer_cache_specs())
         self.cache_spec = caches.paged
         self.layout = self.cache_spec.make_layout(config.kv_layout, config.page_size,
                                                   self.kv_dtype.storage_name)
@@ -94,9 +101,12 @@ class EngineCore:
             self.state_slots = StateSlotAllocator(self.state_pool.num_slots)
         num_paged = len(caches.paged_layers)
         num_pages = self._num_pages(num_paged)
+        if self.tp is not None:  # every rank holds the same pages: the fewest any can
+            num_pages = self.tp.agree_on_pages(num_pages)
         self.pool = self.cache_spec.build_pool(self.layout, num_paged, num_pages, self.dtype,
                                                self.device, self.kv_dtype)
-        attn_config = attention_config_for(mc, parse_variant(config.attention_variant))
+        attn_config = attention_config_for(self.model.config,
+                                           parse_variant(config.attention_variant))
         self.backend = build_attention_backend(
             attn_config, self.pool, config.resolved_backend(self.cache_spec.kind), config.prefill_backend,
             config.decode_backend,
@@ -128,7 +138,11 @@ class EngineCore:
             self.prefix_cache,
             self.state_slots,
         )
-        self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        if self.tp is None:
+            self.runner = ModelRunner(self.model, self.backend, self.device, self.layout.page_size)
+        else:  # sends each step to the other ranks before running it
+            self.runner = self.tp.make_runner(self.model, self.backend, self.device,
+                                              self.layout.page_size)
         self.runner.state_pool = self.state_pool
         self.runner.sampler.generator = make_generator(config.seed, self.device)  # --seed
         if self.device.type == "cuda":
@@ -189,6 +203,17 @@ class EngineCore:
         except Exception:  # serving eagerly beats not serving
             logger.exception("CUDA graph capture failed; decode steps run eagerly")
             self.runner.graphs = None
+
+    def set_failure_handler(self, handler: Callable[[str], None]) -> None:
+        """`handler(reason)`, from another thread, when the engine can no longer run steps
+        (a tensor-parallel rank died): the caller stops using it."""
+        if self.tp is not None:
+            self.tp.set_failure_handler(handler)
+
+    def shutdown(self) -> None:
+        """Release what the engine started outside this process (tensor-parallel ranks)."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

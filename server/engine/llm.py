@@ -43,6 +43,16 @@ class LLM:
         self.engine = EngineCore(config)
         self.tokenizer = self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop what the engine started outside this process (tensor-parallel ranks)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def encode_prompt(self, prompt: str | list[int], chat: bool) -> list[int]:
         if isinstance(prompt, list):
             return prompt

@@ -3,9 +3,10 @@
 `EngineMetrics` implements the engine's observer hooks (server/engine/outputs.py EngineObserver),
 which the engine calls from its own thread, and renders the Prometheus text format for
 GET /metrics. Every series carries the labels model_name, attention_backend, kv_layout,
-page_size, attention_variant and kv_cache_dtype (and replica, for a server started with
---replica-name), so runs with different kernels, layouts and KV storage, and the replicas
-behind a router, can share one Prometheus.
+page_size, attention_variant, kv_cache_dtype and tp_size (the tensor-parallel size: the
+series are rank 0's, exported once for the whole group) (and replica, for a server started
+with --replica-name), so runs with different kernels, layouts, KV storage and splits, and the
+replicas behind a router, can share one Prometheus.
 
 Definitions (as vLLM): TTFT = first token - arrival; ITL = time between consecutive token
 outputs of a request; TPOT = (e2e - TTFT) / (generated tokens - 1); queue time = first
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 PREFIX = "attnserve_"
 ENGINE_LABELS = ("model_name", "attention_backend", "kv_layout", "page_size", "attention_variant",
-                 "kv_cache_dtype")
+                 "kv_cache_dtype", "tp_size")
 PHASES = ("prefill", "decode", "mixed")
 
 # Seconds. Starts at 0.5 ms: a small model's decode step takes a few milliseconds.
@@ -89,6 +90,7 @@ class EngineMetrics:
         registry: CollectorRegistry | None = None,
         kv_cache_dtype: str = "float32",
         replica: str | None = None,
+        tp_size: int = 1,
     ) -> None:
         latency = list(buckets) if buckets is not None else list(DEFAULT_LATENCY_BUCKETS)
         validate_buckets(latency)
@@ -97,6 +99,7 @@ class EngineMetrics:
             "model_name": model_name, "attention_backend": attention_backend,
             "kv_layout": kv_layout, "page_size": str(page_size),
             "attention_variant": attention_variant, "kv_cache_dtype": kv_cache_dtype,
+            "tp_size": str(tp_size),
         }
         # A constant `replica` label on every series when the server has a replica name
         # (`--replica-name`), so replicas behind a router stay apart in one Prometheus.
@@ -117,11 +120,12 @@ class EngineMetrics:
     def attach(cls, core: EngineCore, buckets: list[float] | None = None,
                replica: str | None = None) -> Self:
         """Metrics labelled with what `core` resolved (backend, layout, page size, variant,
-        model name, KV cache dtype) and the replica name if any, its configuration published,
-        attached as its observer before any step."""
+        model name, KV cache dtype, tensor-parallel size) and the replica name if any, its
+        configuration published, attached as its observer before any step."""
         metrics = cls(core.model_name, core.backend.name, core.layout.name,
                       core.layout.page_size, str(core.backend.config.variant), buckets=buckets,
-                      kv_cache_dtype=core.kv_dtype.name, replica=replica)
+                      kv_cache_dtype=core.kv_dtype.name, replica=replica,
+                      tp_size=core.config.tensor_parallel_size)
         metrics.set_info(core.effective_config(), core.config.as_dict())
         core.observer = metrics
         return metrics

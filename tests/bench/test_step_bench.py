@@ -50,3 +50,40 @@ def test_cases_and_flags() -> None:
     assert cases_of(args) == [(1, 512), (1, 4096), (16, 512), (16, 4096)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--schedules", "fast"])
+
+
+def test_step_rows_of_a_model_split_over_two_ranks(tmp_path) -> None:
+    """The same row at --tensor-parallel-size 2 (gloo): one rank's bytes, and a floor that
+    adds the step's all-reduces, timed on both ranks (each timed part runs on every rank)."""
+    from server.engine import EngineConfig, EngineCore
+    from tests.model.tiny_llama import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "tiny")
+    engine = EngineCore(EngineConfig(model=str(folder), device="cpu", dtype="float32",
+                                     kv_cache_tokens=1024, tensor_parallel_size=2))
+    try:
+        gbps = copy_gbps(engine.device)
+        (row,) = measure(engine, 2, 12, ["overlap"], steps=3, warmup=1, gbps=gbps, iters=2)
+        assert not engine.has_unfinished()
+        local = engine.model.config
+        assert local.num_kv_heads == 1 and local.num_heads == 2
+        table = engine.model.embed_tokens.weight  # rank 0's rows of it: not read by a step
+        assert row.weight_bytes == weight_bytes(engine.model) == \
+            sum(p.numel() for p in engine.model.parameters()) * 4 - table.numel() * 4
+        assert row.kv_bytes == 2 * local.num_layers * 1 * local.head_dim * 4 * 2 * (12 + 5)
+        assert row.tp_size == 2 and row.all_reduce_ms > 0
+        assert row.comm_ms == pytest.approx((2 * local.num_layers + 1) * row.all_reduce_ms,
+                                            rel=1e-3)
+        assert row.floor_ms == pytest.approx(
+            1e3 * (row.weight_bytes + row.kv_bytes) / (gbps * 1e9) + row.comm_ms, rel=1e-2)
+        assert min(row.forward_ms, row.lm_head_ms, row.sample_ms) > 0
+        # the ranks are still in step after the timing calls they all made
+        outputs = []
+        engine.add_request([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3),
+                           sink=outputs.append)
+        while engine.has_unfinished():
+            engine.step()
+        assert outputs[-1].finished and outputs[-1].error is None
+        assert outputs[-1].num_output_tokens == 3
+    finally:
+        engine.shutdown()

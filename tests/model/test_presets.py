@@ -21,6 +21,7 @@ from tests.model.hf_reference import PagedRunner
 PUBLISHED_PARAMS = {
     "smollm2-135m": 134_515_008,
     "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,  # Llama-3.1-70B
     "qwen2.5-7b": 7_615_616_512,
     "qwen3-8b": 8_190_735_360,
 }

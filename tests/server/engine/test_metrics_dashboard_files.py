@@ -67,7 +67,7 @@ def test_every_query_groups_and_every_legend_names_the_labels_that_tell_servers_
     builder = load_builder()
     assert builder.SERIES_LABELS == ("model_name", "attention_backend", "kv_layout",
                                      "page_size", "attention_variant", "kv_cache_dtype",
-                                     "replica")
+                                     "tp_size", "replica")
     pool = set(builder.POOL_LABELS)
     assert pool == set(builder.SERIES_LABELS) - {"replica"}
     for p in dashboard()["panels"]:

@@ -20,7 +20,8 @@ from server.engine.metrics import (
 )
 
 LABELS = {"model_name": "tiny", "attention_backend": "reference", "kv_layout": "hnd",
-          "page_size": "8", "attention_variant": "softcap(30)", "kv_cache_dtype": "fp8_e4m3"}
+          "page_size": "8", "attention_variant": "softcap(30)", "kv_cache_dtype": "fp8_e4m3",
+          "tp_size": "1"}
 
 
 def parse_exposition(body: bytes) -> list[tuple[str, dict[str, str], float]]:
