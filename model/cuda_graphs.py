@@ -56,19 +56,22 @@ class ReplayTiming:
 
     def __init__(self, timer: LayerTimer) -> None:
         self.timer = timer
-        self.seconds: float | None = None
+        self.by_kind: dict[str, float] | None = None
 
     def freeze(self) -> None:
-        if self.seconds is None:
+        if self.by_kind is None:
             if self.timer.events:
                 self.timer.events[-1][1].synchronize()
-            self.seconds = self.timer.elapsed_s()
+            self.by_kind = self.timer.elapsed_by_kind()
+
+    def elapsed_by_kind(self) -> dict[str, float]:
+        """Call once the replay has completed (its tokens were read)."""
+        if self.by_kind is None:
+            self.by_kind = self.timer.elapsed_by_kind()
+        return self.by_kind
 
     def elapsed_s(self) -> float | None:
-        """Call once the replay has completed (its tokens were read)."""
-        if self.seconds is None:
-            self.seconds = self.timer.elapsed_s()
-        return self.seconds
+        return sum(self.elapsed_by_kind().values())
 
 
 @dataclass
@@ -104,10 +107,16 @@ class DecodeGraphs:
         self.prefix_lens = torch.zeros(B, dtype=torch.int32, **ints)
         self.qo_indptr = torch.arange(B + 1, dtype=torch.int32, **ints)
         self.block_table = torch.zeros(B, self.max_pages, dtype=torch.int32, **ints)
+        # hybrid models: each row's linear-attention state slot (padding rows: scratch 0)
+        kinds = backend.layer_kinds
+        self.layer_kinds = [kinds[i] for i in range(len(kinds))] if kinds else None
+        self.state_slots = torch.zeros(B, dtype=torch.int32, **ints) \
+            if self.layer_kinds is not None else None
         pin = device.type == "cuda"
-        # host staging: ids, positions, slots, seq_lens, prefix_lens (int64), and the block
-        # table's used columns (a contiguous [bucket, width] block of a flat buffer)
-        self._host_vec = torch.zeros(5, B, dtype=torch.int64, pin_memory=pin)
+        # host staging: ids, positions, slots, seq_lens, prefix_lens, state slots (int64),
+        # and the block table's used columns (a contiguous [bucket, width] block of a flat
+        # buffer)
+        self._host_vec = torch.zeros(6, B, dtype=torch.int64, pin_memory=pin)
         self._host_table = torch.zeros(B * self.max_pages, dtype=torch.int32, pin_memory=pin)
         # the staging buffers are rewritten only after the previous step's copies finished
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -156,6 +165,7 @@ class DecodeGraphs:
         self, token_ids: list[int], positions: list[int], slots: list[int],
         seq_lens: list[int], page_tables: list[list[int]],
         fill_inputs: Callable[[torch.Tensor], None] | None = None,
+        state_slots: list[int] | None = None,
     ) -> torch.Tensor | None:
         """Decode one token for each of len(token_ids) sequences; returns their final
         hidden states [n, hidden] (a view of the graph's output, valid until the next run),
@@ -166,7 +176,8 @@ class DecodeGraphs:
         bucket = self.bucket_for(n)
         if bucket is None:
             raise ValueError(f"batch of {n} exceeds the largest captured size {self.max_batch}")
-        batch = self._stage(token_ids, positions, slots, seq_lens, page_tables, bucket)
+        batch = self._stage(token_ids, positions, slots, seq_lens, page_tables, bucket,
+                            state_slots)
         if fill_inputs is not None:
             fill_inputs(self.input_ids)
         self.backend.plan(batch, graph_mode=True)
@@ -210,6 +221,7 @@ class DecodeGraphs:
     def _stage(
         self, token_ids: list[int], positions: list[int], slots: list[int],
         seq_lens: list[int], page_tables: list[list[int]], bucket: int,
+        state_slots: list[int] | None = None,
     ) -> ForwardBatch:
         """Copy a step's inputs (padded to `bucket`) into the static buffers."""
         n = len(token_ids)
@@ -222,6 +234,7 @@ class DecodeGraphs:
         vec[2, :bucket] = torch.tensor(slots + [0] * pad)
         vec[3, :bucket] = torch.tensor(seq_lens + [1] * pad)
         vec[4, :bucket] = torch.tensor([length - 1 for length in seq_lens] + [0] * pad)
+        vec[5, :bucket] = torch.tensor((state_slots or [0] * n) + [0] * pad)
         # Only the columns this step uses: the kernels read a row's pages below its
         # seq_len only, so stale columns further right are never read. Padding rows get
         # page 0 in every copied column.
@@ -238,6 +251,8 @@ class DecodeGraphs:
         self.seq_lens[:bucket].copy_(vec[3, :bucket], non_blocking=nb)
         self.prefix_lens[:bucket].copy_(vec[4, :bucket], non_blocking=nb)
         self.block_table[:bucket, :width].copy_(table, non_blocking=nb)
+        if self.state_slots is not None:
+            self.state_slots[:bucket].copy_(vec[5, :bucket], non_blocking=nb)
         if self._copied is not None:
             self._copied.record()
         return ForwardBatch(
@@ -251,6 +266,7 @@ class DecodeGraphs:
             seq_lens_host=list(seq_lens) + [1] * pad,
             num_decodes=bucket,
             page_size=self.page_size,
+            state_slots=self.state_slots[:bucket] if self.state_slots is not None else None,
         )
 
     def _forward(self, bucket: int) -> torch.Tensor:
@@ -266,7 +282,7 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         timer = step_timer(self.timing, self.device, self.model.config.num_layers,
-                           external=True)
+                           external=True, kinds=self.layer_kinds)
         with torch.cuda.graph(graph, pool=self._pool), self.backend.layer_hook(timer):
             hidden = self._forward(bucket)
         return _Captured(graph, hidden, timer)

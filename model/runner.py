@@ -181,15 +181,15 @@ class PendingStep:
     _sampling: list[SamplingParams]
     _prompt_pieces: dict[int, list[tuple[torch.Tensor, ...]]]
     _attention_s: Callable[[], float | None]
-    _timer: LayerTimer | None = None
-    _split_kinds: bool = False
+    # hybrid models: the step's attention time by kind (None: one kind, or untimed)
+    _attention_by_kind: Callable[[], dict[str, float]] | None = None
 
     def result(self) -> StepOutput:
         self._copies.wait()
         out = StepOutput(token_ids=[], phase=self.phase, attention_s=self._attention_s(),
                          device_s=self._copies.step_s())
-        if self._split_kinds and self._timer is not None:
-            out.attention_by_kind = self._timer.elapsed_by_kind()
+        if self._attention_by_kind is not None:
+            out.attention_by_kind = self._attention_by_kind()
         if self._host_sampled is not None:
             out.token_ids = self._host_sampled.token_ids.tolist()
             out.logprobs = _logprob_rows(self._host_sampled, self._sampling)
@@ -289,7 +289,8 @@ class ModelRunner:
                  for p, pages in zip(positions, step.page_tables, strict=True)]
         seq_lens = [p + 1 for p in positions]
         return self.graphs.run(step.token_ids, positions, slots, seq_lens, step.page_tables,
-                               fill_inputs=lambda ids: apply_deferred(ids, step.deferred))
+                               fill_inputs=lambda ids: apply_deferred(ids, step.deferred),
+                               state_slots=step.state_slots or None)
 
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step and wait for its results."""
@@ -317,6 +318,8 @@ class ModelRunner:
         return self._pick_rows(fwd.hidden, fwd.last_rows), fwd.batch is None
 
     def _forward(self, step: StepInput) -> _Forward:
+        if self.state_pool is not None:  # before a graph replay too (a re-admitted decode)
+            self._reset_states(step.state_resets)
         if self._use_graph(step):
             hidden = self._decode_with_graph(step)
             if hidden is not None:
@@ -324,10 +327,10 @@ class ModelRunner:
                 timing = self.graphs.last_timing
                 return _Forward(hidden, list(step.sample_seqs), None,
                                 timing.elapsed_s if timing is not None else _no_timing,
-                                "decode", None)
+                                "decode", None,
+                                timing.elapsed_by_kind if timing is not None else None)
         state_slots = None
         if self.state_pool is not None:
-            self._reset_states(step.state_resets)
             # warm-up steps carry no slots: they use the scratch slot
             state_slots = step.state_slots or [0] * len(step.q_lens)
         batch = ForwardBatch.build(
@@ -346,7 +349,8 @@ class ModelRunner:
             hidden = self.model(input_ids, batch.positions, self.backend)
         last_rows = [batch.qo_indptr_host[i + 1] - 1 for i in step.sample_seqs]
         return _Forward(hidden, last_rows, timer,
-                        timer.elapsed_s if timer is not None else _no_timing, batch.phase, batch)
+                        timer.elapsed_s if timer is not None else _no_timing, batch.phase, batch,
+                        timer.elapsed_by_kind if timer is not None else None)
 
     def _reset_states(self, resets: list[tuple[int, int]]) -> None:
         if not resets:
@@ -401,8 +405,8 @@ class ModelRunner:
             )
         copies.record()
         return PendingStep(token_ids, fwd.phase, copies, host_sampled, list(step.sampling),
-                           prompt_pieces, fwd.attention_s, fwd.timer,
-                           self.layer_kinds is not None)
+                           prompt_pieces, fwd.attention_s,
+                           fwd.attention_by_kind if self.layer_kinds is not None else None)
 
 
 @dataclass
@@ -415,6 +419,7 @@ class _Forward:
     attention_s: Callable[[], float | None]
     phase: str
     batch: ForwardBatch | None  # None: a CUDA graph ran the step
+    attention_by_kind: Callable[[], dict[str, float]] | None = None
 
 
 def _no_timing() -> float | None:

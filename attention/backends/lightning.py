@@ -135,9 +135,11 @@ class HybridStateBackend(AttentionBackend):
         self.softmax_layers = softmax_layers
         self.linear_layers = linear_layers
         self.name = softmax.name  # type: ignore[misc]
-        # decode graphs would need the state slots staged too: eager until they are
+        # the decode op is graph-safe; the graphs stage each row's state slot
+        # (model/cuda_graphs.py), so the softmax backend decides
         self.capabilities = BackendCapabilities(
-            fused_rope_store=softmax.capabilities.fused_rope_store, cuda_graphs=False)
+            fused_rope_store=softmax.capabilities.fused_rope_store,
+            cuda_graphs=softmax.capabilities.cuda_graphs)
 
     @property
     def layer_kinds(self) -> dict[int, str]:

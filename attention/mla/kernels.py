@@ -88,10 +88,11 @@ def _mla_attention_kernel(
         # keys past `hi` read as 0: finite, whatever the cache holds there
         c = tl.load(cache_ptr + slot[:, None] * stride_slot + offs_c[None, :],
                     mask=n_ok[:, None], other=0.0)  # [BLOCK_N, RANK]
-        k_pe = tl.load(cache_ptr + slot[None, :] * stride_slot + RANK + offs_r[:, None],
-                       mask=n_ok[None, :], other=0.0)  # [ROPE, BLOCK_N]
+        # row-major like the cache (coalesced), transposed in registers for the dot
+        k_pe = tl.load(cache_ptr + slot[:, None] * stride_slot + RANK + offs_r[None, :],
+                       mask=n_ok[:, None], other=0.0)  # [BLOCK_N, ROPE]
         s = tl.dot(q_lat, tl.trans(c), input_precision=DOT_PRECISION)
-        s = tl.dot(q_pe, k_pe, s, input_precision=DOT_PRECISION) * scale_log2
+        s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=DOT_PRECISION) * scale_log2
         visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

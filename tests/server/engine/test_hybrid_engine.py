@@ -186,3 +186,51 @@ def test_warm_up_builds_the_snapshot_kernels_on_the_scratch_slot() -> None:
     llm.engine.backend.warm_up()
     assert calls == [1, 2]
     assert not llm.engine.state_pool.states.any()
+
+
+def test_decode_graphs_stage_each_rows_state_slot() -> None:
+    """Decode steps of a hybrid model replay captured graphs: the graphs stage every row's
+    state slot (padding rows: the scratch slot) and split the replay's attention time by
+    kind. A CPU stand-in replays the forward pass on the graph's static buffers (as
+    tests/model/test_cuda_graphs.py does); the tokens stay transformers'."""
+    from model.attention_timing import step_timer
+    from model.cuda_graphs import DecodeGraphs, _Captured
+
+    replays = []
+
+    class StandIn(DecodeGraphs):
+        def _capture(self, bucket: int) -> _Captured:
+            hidden = self._forward(bucket).clone()
+            timer = step_timer(self.timing, self.device, self.model.config.num_layers,
+                               kinds=self.layer_kinds)
+
+            class Replay:
+                def replay(_self) -> None:
+                    replays.append(self.state_slots[:bucket].tolist())
+                    if timer is not None:
+                        timer.cpu_s = {}
+                    with self.backend.layer_hook(timer):
+                        hidden.copy_(self._forward(bucket))
+
+            return _Captured(Replay(), hidden, timer)  # type: ignore[arg-type]
+
+    llm = make_llm("alternating", kv_layout="nhd", page_size=16, attention_backend="triton",
+                   max_num_seqs=3)
+    engine = llm.engine
+    assert engine.backend.capabilities.cuda_graphs
+    runner = engine.runner
+    runner.attention_timing = "one"  # graphs replay only when not timing every layer
+    runner.graphs = StandIn(runner.model, runner.backend, runner.device, runner.page_size,
+                            3, 512)
+    runner.graphs.timing = "one"
+    runner.graphs.capture_all()
+    kinds: list[dict[str, float]] = []
+    engine.observer.on_attention_kinds = lambda phase, s: kinds.append(s)  # type: ignore[method-assign]
+    replays.clear()
+    results = llm.generate(prompts()[:3], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    for i, (r, want) in enumerate(zip(results, hf_greedy("alternating")[:3], strict=True)):
+        assert tuple(r.token_ids) == want, f"prompt {i}: ours {r.token_ids} != transformers {want}"
+    assert replays, "no decode step replayed a graph"
+    assert any(len(set(row) - {0}) == 3 for row in replays)  # three requests' own slots
+    assert kinds and all(set(k) == {"softmax", "linear"} for k in kinds)
+    check_released(llm)
