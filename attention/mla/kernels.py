@@ -135,7 +135,8 @@ class MLAKernelConfig:
             return cls(block_m=16, block_n=16, num_warps=4, num_stages=1)
         if num_heads <= 16:
             return cls(block_m=16, block_n=64, num_warps=4, num_stages=2)
-        return cls(block_m=64, block_n=32, num_warps=8, num_stages=2)
+        # 64 keys a tile: 200 against 158 TFLOP/s for 32 at 128 heads (H100, docs/kernels.md)
+        return cls(block_m=64, block_n=64, num_warps=8, num_stages=2)
 
 
 def choose_num_splits(num_seqs: int, num_heads: int, max_seq_len: int, num_sms: int,
