@@ -75,7 +75,12 @@ async def scrape(client: httpx.AsyncClient, path: str = "/metrics") -> MetricsSn
     /engine_metrics, every worker's /metrics in one exposition, each sample labelled with the
     worker's `worker_addr`: totals then sum over the workers."""
     try:
-        response = await client.get(path, timeout=10.0)
+        try:
+            response = await client.get(path, timeout=10.0)
+        except httpx.RemoteProtocolError:
+            # a pooled keep-alive connection the server closed while the run went on (the
+            # run's own requests may use others): once more, on a fresh connection
+            response = await client.get(path, timeout=10.0)
         if response.status_code == 404 and path == "/metrics":
             return await scrape(client, ROUTER_METRICS_PATH)
         if response.status_code != 200:

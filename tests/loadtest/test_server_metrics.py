@@ -168,3 +168,34 @@ def test_hybrid_attention_is_split_by_kind_over_the_run() -> None:
         assert by_kind[kind]["share_of_attention"] == pytest.approx(value / total)
     table = sweep_markdown([{"config_name": "cache-on", "server_metrics": out}])
     assert "attn ms/step by kind" in table and "linear" in table.splitlines()[-1]
+
+
+def test_a_scrape_retries_once_on_a_closed_keep_alive_connection() -> None:
+    """'Server disconnected without sending a response': the pooled connection was closed by
+    the server during a long run; the scrape tries once more instead of losing the run's
+    server metrics. Two failures in a row still give None."""
+    import asyncio
+
+    import httpx
+
+    from loadtest.server_metrics import scrape
+
+    server = _FakeServer()
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) in failing:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, text=server.text())
+
+    async def run() -> object:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler),
+                                     base_url="http://test") as client:
+            return await scrape(client)
+
+    failing = {1}
+    assert isinstance(asyncio.run(run()), MetricsSnapshot) and len(calls) == 2
+    calls.clear()
+    failing = {1, 2}
+    assert asyncio.run(run()) is None and len(calls) == 2
