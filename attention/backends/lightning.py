@@ -43,10 +43,15 @@ def decay_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tenso
 
 def linear_ops(impl: str) -> tuple[ExtendOp, DecodeOp]:
     if impl == "reference":
-        return lightning_extend_reference, lightning_decode_reference
+        return _reference_extend, lightning_decode_reference
     if impl == "triton":
         return lightning_extend, lightning_decode
     raise ValueError(f"unknown linear attention backend {impl!r} (choose from {list(LINEAR_IMPLS)})")
+
+
+def _reference_extend(*args: object, prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference reads the host lengths; the device copy is the kernels'."""
+    return lightning_extend_reference(*args)  # type: ignore[arg-type]
 
 
 def default_linear_impl(device_type: str) -> str:
@@ -98,6 +103,7 @@ class LightningBackend:
         self._extend_ptr_host = [p - ptr[n] for p in ptr[n:]]
         self._extend_ptr = batch.qo_indptr[n:] - ptr[n] if batch.num_prefills else None
         self._extend_prefix = batch.prefix_lens_host[n:]
+        self._extend_prefix_dev = batch.prefix_lens[n:]  # the kernels read these
         self._snapshots = batch.snapshot_slots[n:] if batch.snapshot_slots is not None else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
@@ -114,7 +120,8 @@ class LightningBackend:
             every = self.snapshot_every if self._snapshots is not None else 0
             parts.append(self._extend(q[n:], k[n:], v[n:], self._extend_ptr,
                                       self._extend_ptr_host, self._extend_prefix, slopes,
-                                      states, self._extend_slots, every, self._snapshots))
+                                      states, self._extend_slots, every, self._snapshots,
+                                      prefix_lens=self._extend_prefix_dev))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

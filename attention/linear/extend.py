@@ -140,10 +140,13 @@ def lightning_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      state_slots: torch.Tensor, snapshot_every: int = 0,
                      snapshot_slots: torch.Tensor | None = None,
                      config: ExtendConfig = DEFAULT_EXTEND_CONFIG,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None,
+                     prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Ragged extend; see `attention.linear` for the contract. snapshot_every must be a
-    multiple of SNAPSHOT_ALIGN. No device-to-host sync (prefix lengths go host to device).
-    `out` [T, H, D] in q's dtype, last dim contiguous, is written in place when given."""
+    multiple of SNAPSHOT_ALIGN. `prefix_lens`: the same lengths as an int32 device tensor
+    (a step's batch has them), else they are copied from the host list: from pageable
+    memory, a copy that waits for the stream to drain. `out` [T, H, D] in q's dtype, last
+    dim contiguous, is written in place when given."""
     check_extend_args(q, k, v, qo_indptr, qo_indptr_host, prefix_lens_host, slopes, states,
                       state_slots, snapshot_every, snapshot_slots)
     block_v = min(config.block_v, q.shape[2])
@@ -158,7 +161,12 @@ def lightning_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B = len(prefix_lens_host)
     if B == 0:
         return out
-    prefix = torch.tensor(prefix_lens_host, dtype=torch.int32).to(q.device, non_blocking=True)
+    prefix = prefix_lens
+    if prefix is None:
+        prefix = torch.tensor(prefix_lens_host, dtype=torch.int32).to(q.device, non_blocking=True)
+    elif prefix.shape != (B,) or prefix.dtype != torch.int32 or prefix.device != q.device:
+        raise ValueError(f"prefix_lens must be int32 [{B}] on {q.device}, got {prefix.dtype} "
+                         f"{tuple(prefix.shape)} on {prefix.device}")
     # unread without snapshots; the kernel indexes rows of snap_cols entries
     snaps = snapshot_slots.contiguous() if snapshot_every else state_slots
     grid = (D // block_v, H, B)
