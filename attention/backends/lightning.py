@@ -98,13 +98,20 @@ class LightningBackend:
         self.batch = batch
         n = batch.num_decodes
         self._decode_slots = batch.state_slots[:n]
-        self._extend_slots = batch.state_slots[n:]
         ptr = batch.qo_indptr_host
         self._extend_ptr_host = [p - ptr[n] for p in ptr[n:]]
-        self._extend_ptr = batch.qo_indptr[n:] - ptr[n] if batch.num_prefills else None
         self._extend_prefix = batch.prefix_lens_host[n:]
-        self._extend_prefix_dev = batch.prefix_lens[n:]  # the kernels read these
-        self._snapshots = batch.snapshot_slots[n:] if batch.snapshot_slots is not None else None
+        self._extend_ptr = self._extend_slots = self._extend_prefix_dev = None
+        self._snapshots = None
+        if batch.num_prefills:
+            # fresh tensors, not slices at row n: Triton specialises a kernel on whether each
+            # pointer is 16-byte aligned, and a slice's alignment follows the decode count
+            # (each new combination was a compile in a serving step)
+            self._extend_ptr = batch.qo_indptr[n:] - ptr[n]
+            self._extend_slots = batch.state_slots[n:].clone()
+            self._extend_prefix_dev = batch.prefix_lens[n:].clone()  # the kernels read these
+            if batch.snapshot_slots is not None:
+                self._snapshots = batch.snapshot_slots[n:].clone()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                 layer: int) -> torch.Tensor:

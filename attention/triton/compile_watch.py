@@ -29,6 +29,8 @@ KERNEL_MODULES = (
     "attention.triton.extend",
     "attention.triton.extend_sm90",
     "attention.triton.rope_store",
+    "attention.linear.extend",
+    "attention.linear.decode",
 )
 
 
