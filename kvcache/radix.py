@@ -236,10 +236,12 @@ class RadixPrefixCache:
     # -- eviction --------------------------------------------------------------------------
 
     def evict(self, num_pages: int) -> int:
-        """Release up to `num_pages` pages from unlocked leaves, least recently used first.
+        """Release `num_pages` pages from unlocked leaves, least recently used first, or all
+        of them if fewer.
 
-        A leaf is trimmed from its end, so exactly the pages needed go; a leaf emptied this
-        way is removed and its parent may become an evictable leaf. Returns pages released.
+        A leaf is trimmed from its end, so exactly the pages needed go (a hybrid model's
+        leaf goes whole: see below); a leaf emptied this way is removed and its parent may
+        become an evictable leaf. Returns pages released.
         """
         released = 0
         ps = self.page_size
@@ -250,6 +252,10 @@ class RadixPrefixCache:
             first = tuple(leaf.key[:ps])
             self._drop_snapshot(leaf)  # it was the state after the leaf's last page
             take = min(len(leaf.pages), num_pages - released)
+            if self.state_slots is not None:
+                # a hybrid model resumes only at a snapshot: what is left of a leaf without
+                # its snapshot serves nobody, so the whole leaf goes
+                take = len(leaf.pages)
             dropped = leaf.pages[len(leaf.pages) - take :]
             del leaf.pages[len(leaf.pages) - take :]
             del leaf.key[len(leaf.key) - take * ps :]

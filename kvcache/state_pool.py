@@ -35,16 +35,13 @@ class StatePool:
     def nbytes(self) -> int:
         return self.states.numel() * 4
 
-    def reset(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """For each i: slot dst[i] := slot src[i] in every layer, or zeros where src[i] < 0
-        (int64 device tensors; one gather and one scatter for the whole step)."""
-        if dst.numel() == 0:
-            return
-        keep = (src >= 0).to(torch.float32).view(1, -1, 1, 1, 1)
-        rows = self.states.index_select(1, src.clamp(min=0)) * keep
-        self.states.index_copy_(1, dst, rows)
-
-
-def slots_for_bytes(spec: LinearStateSpec, num_layers: int, memory_bytes: int) -> int:
-    """State slots (scratch included) that fit in `memory_bytes`."""
-    return max(2, memory_bytes // (spec.state_bytes() * num_layers))
+    def reset(self, zero: torch.Tensor, copy_dst: torch.Tensor, copy_src: torch.Tensor) -> None:
+        """Slots `zero` := zeros and slot copy_dst[i] := slot copy_src[i], in every layer
+        (int64 device tensors). Copies go a layer at a time: a temporary of the copied
+        slots of one layer, not of all layers (70 layers of 64 x 128 x 128 are 280 MiB a
+        slot)."""
+        if zero.numel():
+            self.states.index_fill_(1, zero, 0.0)
+        if copy_dst.numel():
+            for layer in self.states:
+                layer.index_copy_(0, copy_dst, layer.index_select(0, copy_src))

@@ -189,7 +189,7 @@ class DecodeGraphs:
             # not captured at start (cuda_graph_context_lengths missed it): capture now
             logger.warning("capturing decode graph %s while serving", key)
             try:
-                captured = self._graphs[key] = self._capture(bucket)
+                captured = self._graphs[key] = self._capture_while_serving(bucket)
             except Exception:  # a step never fails for want of a graph
                 logger.exception("decode graph %s could not be captured; it runs eagerly", key)
                 self._failed.add(key)
@@ -207,7 +207,8 @@ class DecodeGraphs:
 
     def replay_last(self) -> None:
         """Replay the last run's graph on the inputs it staged: the forward pass's device time
-        alone, for benchmarks (it stores the same K/V to the same slots again)."""
+        alone, for benchmarks (it stores the same K/V to the same slots again, and a hybrid
+        model's states take the token again)."""
         if self._last_replayed is None:
             raise RuntimeError("no decode graph has run yet")
         self._last_replayed.graph.replay()
@@ -268,6 +269,19 @@ class DecodeGraphs:
             page_size=self.page_size,
             state_slots=self.state_slots[:bucket] if self.state_slots is not None else None,
         )
+
+    def _capture_while_serving(self, bucket: int) -> _Captured:
+        """`_capture` on this step's staged inputs. Its eager run stores the same K/V the
+        replay stores again, but a linear-attention state would take the token twice: the
+        eager run gets the scratch slot instead."""
+        if self.state_slots is None:
+            return self._capture(bucket)
+        staged = self.state_slots[:bucket].clone()
+        self.state_slots[:bucket].zero_()
+        try:
+            return self._capture(bucket)
+        finally:
+            self.state_slots[:bucket].copy_(staged)
 
     def _forward(self, bucket: int) -> torch.Tensor:
         return self.model(self.input_ids[:bucket], self.positions[:bucket], self.backend)

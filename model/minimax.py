@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention.backends.lightning import HybridStateBackend, decay_slopes
+from attention.backends.lightning import HybridStateBackend
+from attention.linear import slopes_for_layer
 from attention.rotary import RotaryTables
 from model.llama import Attention, CausalLM, RMSNorm
 from model.minimax_config import MiniMaxConfig
@@ -43,7 +44,7 @@ class LightningAttention(nn.Module):
         self.out_proj = nn.Linear(width, config.hidden_size, bias=False, dtype=dtype)
         self.norm = RMSNorm(width, LIGHTNING_NORM_EPS, dtype)
         self.register_buffer(
-            "slopes", decay_slopes(config.num_heads, layer_idx, config.num_layers),
+            "slopes", slopes_for_layer(config.num_heads, layer_idx, config.num_layers),
             persistent=False)
 
     def forward(self, hidden: torch.Tensor, attn: HybridStateBackend) -> torch.Tensor:

@@ -356,9 +356,10 @@ class ModelRunner:
         if not resets:
             return
         assert self.state_pool is not None
-        dst = _index_tensor([d for d, _ in resets], self.device)
-        src = _index_tensor([s for _, s in resets], self.device)
-        self.state_pool.reset(dst, src)
+        copies = [(d, s) for d, s in resets if s >= 0]
+        self.state_pool.reset(_index_tensor([d for d, s in resets if s < 0], self.device),
+                              _index_tensor([d for d, _ in copies], self.device),
+                              _index_tensor([s for _, s in copies], self.device))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, first: int, want: PromptLogprobRequest,
                          to_host: HostCopies) -> list[tuple[torch.Tensor, ...]]:

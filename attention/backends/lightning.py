@@ -26,7 +26,6 @@ from attention.linear import (
     lightning_decode_reference,
     lightning_extend,
     lightning_extend_reference,
-    slopes_for_layer,
 )
 from kvcache.state_pool import StatePool
 
@@ -34,11 +33,6 @@ LINEAR_IMPLS: tuple[str, ...] = ("reference", "triton")
 
 ExtendOp = Callable[..., torch.Tensor]
 DecodeOp = Callable[..., torch.Tensor]
-
-
-def decay_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
-    """float32 [heads] decay rates of a lightning layer, as MiniMax's checkpoints define."""
-    return slopes_for_layer(num_heads, layer_idx, num_layers)
 
 
 def linear_ops(impl: str) -> tuple[ExtendOp, DecodeOp]:

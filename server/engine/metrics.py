@@ -221,7 +221,8 @@ class EngineMetrics:
             "state_slots", "Hybrid models: recurrent-state slots (0 for other models).")
         self.state_usage = self._gauge(
             "state_slots_usage_perc", "Hybrid models: fraction of state slots held by running "
-            "requests (snapshots count as free: they are evicted on demand).")
+            "requests and by the snapshots their chunks are writing (the prefix cache's "
+            "snapshots count as free: they are evicted on demand).")
         self.state_snapshots = self._gauge(
             "state_snapshots", "Hybrid models: state snapshots the prefix cache holds.")
         self._info = Info(PREFIX + "engine_config", "The engine's start-up configuration.",

@@ -188,11 +188,14 @@ def test_warm_up_builds_the_snapshot_kernels_on_the_scratch_slot() -> None:
     assert not llm.engine.state_pool.states.any()
 
 
-def test_decode_graphs_stage_each_rows_state_slot() -> None:
+@pytest.mark.parametrize("capture_at_start", [True, False])
+def test_decode_graphs_stage_each_rows_state_slot(capture_at_start: bool) -> None:
     """Decode steps of a hybrid model replay captured graphs: the graphs stage every row's
     state slot (padding rows: the scratch slot) and split the replay's attention time by
     kind. A CPU stand-in replays the forward pass on the graph's static buffers (as
-    tests/model/test_cuda_graphs.py does); the tokens stay transformers'."""
+    tests/model/test_cuda_graphs.py does); the tokens stay transformers'. Graphs captured
+    while serving run their capture's eager pass on the scratch slot, so no state takes
+    its token twice."""
     from model.attention_timing import step_timer
     from model.cuda_graphs import DecodeGraphs, _Captured
 
@@ -223,7 +226,8 @@ def test_decode_graphs_stage_each_rows_state_slot() -> None:
     runner.graphs = StandIn(runner.model, runner.backend, runner.device, runner.page_size,
                             3, 512)
     runner.graphs.timing = "one"
-    runner.graphs.capture_all()
+    if capture_at_start:
+        runner.graphs.capture_all()
     kinds: list[dict[str, float]] = []
     engine.observer.on_attention_kinds = lambda phase, s: kinds.append(s)  # type: ignore[method-assign]
     replays.clear()
