@@ -114,10 +114,12 @@ class RadixPrefixCache:
         return MatchResult(pages, pos, node)
 
     def match_len(self, token_ids: Sequence[int]) -> int:
-        """Tokens of `token_ids` that `match` would return, without touching the tree."""
+        """Tokens of `token_ids` that `match` (with state slots: `match_state`) would
+        return, without touching the tree."""
         ps = self.page_size
         limit = len(token_ids) // ps * ps
         node, pos = self.root, 0
+        resumable = 0  # the deepest whole node with a state snapshot
         while pos < limit:
             child = node.children.get(tuple(token_ids[pos : pos + ps]))
             if child is None:
@@ -127,7 +129,9 @@ class RadixPrefixCache:
             if k < len(child.pages):
                 break
             node = child
-        return pos
+            if child.snapshot is not None:
+                resumable = pos
+        return resumable if self.state_slots is not None else pos
 
     def match_state(self, token_ids: Sequence[int]) -> MatchResult:
         """`match`, cut back to the deepest node on the path that holds a state snapshot:

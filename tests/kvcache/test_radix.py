@@ -246,3 +246,30 @@ class RadixMachine(RuleBasedStateMachine):
 
 RadixMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
 test_radix_state_machine = RadixMachine.TestCase
+
+
+def test_a_hybrid_match_ends_at_the_deepest_state_snapshot() -> None:
+    """With state slots (a hybrid model), a prefix is only usable up to a snapshot:
+    `match_state` cuts back to the deepest one on the path and restores its slot, and
+    `match_len` (the lpm policy's ranking) agrees without touching the tree; evicting a
+    leaf frees its snapshot's slot with its pages."""
+    from kvcache.state_slots import StateSlotAllocator
+
+    slots = StateSlotAllocator(8)
+    cache = RadixPrefixCache(PageAllocator(32), 4, slots)
+    tokens = list(range(100, 164))
+    pages = cache.allocator.alloc(16)
+    cache.insert(tokens, pages)
+    s16, s48 = slots.alloc(), slots.alloc()
+    cache.add_snapshots(tokens, {16: s16, 48: s48})
+    cache.check_invariants()
+    for prompt, expected, slot in ((tokens[:60], 48, s48), (tokens[:40], 16, s16),
+                                   (tokens[:12], 0, None), (tokens[:16] + [1] * 20, 16, s16)):
+        assert cache.match_len(prompt) == expected
+        found = cache.match_state(prompt)
+        assert (found.num_tokens, found.snapshot) == (expected, slot)
+        assert found.pages == pages[: expected // 4]
+    cache.check_invariants()
+    cache.allocator.decref(pages)
+    assert cache.clear() == 16 and slots.num_free == slots.num_total
+    cache.check_invariants()
