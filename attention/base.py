@@ -105,8 +105,8 @@ class AttentionBackend(ABC):
         self._layer_hook: LayerHook | None = None
 
     @property
-    def layer_kinds(self) -> dict[int, str] | None:
-        """Model layer -> its attention kind, for a backend that serves a model mixing kinds
+    def layer_kinds(self) -> list[str] | None:
+        """Each model layer's attention kind, for a backend that serves a model mixing kinds
         (attention/backends/lightning.py); None: every layer is this backend's one kind."""
         return None
 

@@ -108,8 +108,7 @@ class DecodeGraphs:
         self.qo_indptr = torch.arange(B + 1, dtype=torch.int32, **ints)
         self.block_table = torch.zeros(B, self.max_pages, dtype=torch.int32, **ints)
         # hybrid models: each row's linear-attention state slot (padding rows: scratch 0)
-        kinds = backend.layer_kinds
-        self.layer_kinds = [kinds[i] for i in range(len(kinds))] if kinds else None
+        self.layer_kinds = backend.layer_kinds
         self.state_slots = torch.zeros(B, dtype=torch.int32, **ints) \
             if self.layer_kinds is not None else None
         pin = device.type == "cuda"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from model.deepseek import DeepseekForCausalLM
+from model.weights import raise_if_missing
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -132,7 +133,4 @@ class DeepseekWeightLoader:
         return keys
 
     def check_complete(self) -> None:
-        missing = sorted(self.expected() - self.written)
-        if missing:
-            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint is missing {len(missing)} weights: {shown}")
+        raise_if_missing(self.expected(), self.written)

@@ -15,6 +15,7 @@ import re
 import torch
 
 from model.minimax import MiniMaxForCausalLM
+from model.weights import raise_if_missing
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
@@ -114,7 +115,4 @@ class MiniMaxWeightLoader:
         return not self.config.is_linear_layer(layer)
 
     def check_complete(self) -> None:
-        missing = sorted(self.expected() - self.written)
-        if missing:
-            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint is missing {len(missing)} weights: {shown}")
+        raise_if_missing(self.expected(), self.written)

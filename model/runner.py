@@ -232,10 +232,8 @@ class ModelRunner:
         self.last_timer: LayerTimer | None = None  # the last step's (for benchmarks)
         self.launch_guard = LaunchGapGuard(device) if device.type == "cuda" else None
         self.state_pool: StatePool | None = None  # hybrid models: linear-attention states
-        kinds = backend.layer_kinds
         # each layer's attention kind, when the model mixes them (timing splits by it)
-        self.layer_kinds: list[str] | None = \
-            [kinds[i] for i in range(self.num_layers)] if kinds else None
+        self.layer_kinds: list[str] | None = backend.layer_kinds
 
     def set_attention_timing(self, mode: TimingMode) -> None:
         """Switch how attention is timed (model/attention_timing.py); graphs for the new

@@ -25,6 +25,14 @@ _FUSED = {
 }
 
 
+def raise_if_missing(expected: set[str], written: set[str]) -> None:
+    """ValueError naming (up to 8 of) the expected weights no checkpoint tensor wrote."""
+    missing = sorted(expected - written)
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint is missing {len(missing)} weights: {shown}")
+
+
 class WeightLoader:
     """Tracks which parameter (slices) have been written, to report anything missing."""
 
@@ -91,7 +99,4 @@ class WeightLoader:
                 expected.update(f"{pname}#{i}" for i in range(2))
             else:
                 expected.add(pname)
-        missing = sorted(expected - self.written)
-        if missing:
-            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint is missing {len(missing)} weights: {shown}")
+        raise_if_missing(expected, self.written)

@@ -443,9 +443,8 @@ class Scheduler:
         earlier snapshot recomputes those positions into pages of its own."""
         limit = num_pages * self.page_size
         pending = self._pending_snapshots.get(req.request_id, {})
-        deepest = max((n for n in pending if n <= limit),
-                      default=self._state_cached.get(req.request_id, 0))
-        deepest = max(deepest, self._state_cached.get(req.request_id, 0))
+        deepest = max([self._state_cached.get(req.request_id, 0),
+                       *(n for n in pending if n <= limit)])
         self._state_cached[req.request_id] = deepest
         return deepest // self.page_size
 

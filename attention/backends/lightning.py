@@ -70,7 +70,7 @@ class LightningBackend:
     def warm_up(self) -> None:
         """Build the extend kernel's snapshot instances (one snapshot column, and several)
         on the scratch slot: the runner's one-token warm-up steps cross no snapshot point,
-        and a serving step that built them would stall (~0.5 s each on an H100)."""
+        and a serving step that built them would stall on the compile."""
         n = self.snapshot_every
         if n <= 0:
             return
@@ -150,10 +150,11 @@ class HybridStateBackend(AttentionBackend):
             cuda_graphs=softmax.capabilities.cuda_graphs)
 
     @property
-    def layer_kinds(self) -> dict[int, str]:
-        """Model layer -> 'softmax' or 'linear' (what timing splits by)."""
-        kinds = {i: "softmax" for i in self.softmax_layers}
-        kinds.update({i: "linear" for i in self.linear_layers})
+    def layer_kinds(self) -> list[str]:
+        """Each model layer's kind, 'softmax' or 'linear' (what timing splits by)."""
+        kinds = ["softmax"] * (len(self.softmax_layers) + len(self.linear_layers))
+        for i in self.linear_layers:
+            kinds[i] = "linear"
         return kinds
 
     def warm_up(self) -> None:

@@ -19,7 +19,7 @@ Runner = Callable[[], Any]
 
 
 class PeerUnavailable(RuntimeError):
-    pass
+    """A peer kernel that cannot run here (not importable, or off the reference)."""
 
 
 def fla_version() -> str:

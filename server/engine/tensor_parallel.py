@@ -324,7 +324,7 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
         logger.error("tensor-parallel rank %d failed:\n%s", rank, text)
         try:
             conn.send(("error", text))
-        except OSError:
+        except OSError:  # rank 0 is gone already: nobody to tell
             pass
         logging.shutdown()
         os._exit(1)

@@ -1,9 +1,9 @@
 """The lightning kernels build for sm_90 without a GPU (their numerics are checked under
 the interpreter in test_linear_triton.py and on the device by the benchmark): the default
 extend launch runs its dots on the warpgroup MMA with asynchronous copies feeding them and
-spills at most a few hundred bytes (the fastest config on the H100, BLOCK_V 64 with 4 warps,
-spills 164 bytes and still beats the spill-free BLOCK_V 32 by 1.3x: docs/kernels.md), the
-decode kernel moves the state with 16-byte loads and stores and does not spill."""
+spills at most a few hundred bytes (the default is the fastest config measured, which spills
+a little: docs/kernels.md, "Lightning attention"), the decode kernel moves the state with
+16-byte loads and stores and does not spill."""
 
 from __future__ import annotations
 
