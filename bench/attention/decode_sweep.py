@@ -19,7 +19,12 @@ import torch
 
 from attention.triton.decode import DecodeConfig, choose_num_splits
 from attention.variants import Variant
-from bench.attention.common import build_paged_kv, measure_copy_gbps, time_graph_us
+from bench.attention.common import (
+    build_paged_kv,
+    measure_copy_gbps,
+    parse_kv_cache_dtypes,
+    time_graph_us,
+)
 from bench.attention.decode import Shape, make_problem, triton_run
 
 logger = logging.getLogger(__name__)
@@ -31,6 +36,12 @@ CONFIGS = [DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3
 X_CONFIGS = [DecodeConfig(bn, w, st, 1) for bn, w, st in ((32, 4, 3), (32, 4, 2), (32, 4, 4),
                                                           (64, 4, 3), (32, 8, 3), (16, 4, 3))] + [
     DecodeConfig(32, 4, 3, 2), DecodeConfig(128, 4, 3, 2), DecodeConfig(64, 4, 2, 0)]
+# FP8 pages: tiles of more keys (a key is half the bytes), and two configs with the dots in
+# q's dtype instead of fp16 (DecodeConfig.fp8_f16_dot) to show what the fp16 dots gain
+FP8_CONFIGS = [DecodeConfig(128, 4, 4), DecodeConfig(128, 8, 3), DecodeConfig(128, 8, 4),
+               DecodeConfig(256, 8, 2), DecodeConfig(256, 8, 3),
+               DecodeConfig(64, 4, 2, fp8_f16_dot=False),
+               DecodeConfig(128, 4, 3, fp8_f16_dot=False)]
 
 
 def best_per_layout(results: list[dict]) -> dict[str, str]:
@@ -40,7 +51,7 @@ def best_per_layout(results: list[dict]) -> dict[str, str]:
     for r in results:
         if r["splits"] != r["heuristic_splits"]:
             continue
-        key = (r["block_n"], r["warps"], r["stages"], r["x_mode"])
+        key = (r["block_n"], r["warps"], r["stages"], r["x_mode"], r["fp8_f16_dot"])
         fractions.setdefault(r["layout"].split(":")[0], {}).setdefault(key, []).append(
             r["copy_fraction"])
     best = {}
@@ -62,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-q-heads", type=int, default=32, help="query heads (default 32)")
     ap.add_argument("--num-kv-heads", type=int, default=8, help="KV heads (default 8)")
     ap.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="the pages' storage: auto (q's dtype, bf16) or fp8 / fp8_e4m3")
+    ap.add_argument("--kv-cache-scale", default="per-token-head",
+                    help="FP8 scales: per-token-head (default) or per-tensor")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
@@ -77,13 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.shapes.split(","):
         shape = Shape.parse(text)
         p = make_problem(shape, hq, hkv, d, device, gen)
+        kv_dtype = parse_kv_cache_dtypes(args.kv_cache_dtype, args.kv_cache_scale, p.q.dtype)[0]
         for spec in args.layouts.split(","):
             layout, _, ps = spec.partition(":")
             paged = build_paged_kv(p.k, p.v, [shape.context] * shape.batch, layout, int(ps),
-                                   generator=gen)
+                                   generator=gen, kv_dtype=kv_dtype)
+            nbytes = p.paged_nbytes(paged)
             timings: dict[tuple[DecodeConfig, int], float] = {}
             configs = CONFIGS if layout != "hnd_x" else (
                 [c for c in CONFIGS if c.block_n >= 64] + X_CONFIGS)
+            if kv_dtype.is_fp8:
+                configs = configs + FP8_CONFIGS
             for cfg in configs:
                 splits = choose_num_splits(shape.batch, hkv, shape.context, num_sms, cfg.block_n)
                 try:
@@ -100,17 +119,19 @@ def main(argv: list[str] | None = None) -> int:
                 timings[(best_cfg, splits)] = time_graph_us(
                     triton_run(p, paged, Variant(), num_sms, best_cfg, splits).fn)
             for (cfg, splits), us in sorted(timings.items(), key=lambda kv: kv[1]):
-                frac = p.nbytes / (us * 1e-6) / 1e9 / copy_gbps
+                frac = nbytes / (us * 1e-6) / 1e9 / copy_gbps
                 results.append(dict(shape=text, layout=spec, block_n=cfg.block_n,
-                                    x_mode=cfg.x_mode,
+                                    x_mode=cfg.x_mode, fp8_f16_dot=cfg.fp8_f16_dot,
+                                    kv_cache_dtype=paged.kv_dtype_name,
                                     warps=cfg.num_warps, stages=cfg.num_stages, splits=splits,
                                     heuristic_splits=heur, time_us=round(us, 2),
                                     copy_fraction=round(frac, 4)))
             top = sorted(timings.items(), key=lambda kv: kv[1])[:4]
             print(f"{text:>9} {spec:8} heur_splits={heur:<3} " + "  ".join(
-                f"[n{c.block_n}w{c.num_warps}s{c.num_stages}m{c.x_mode} "
+                f"[n{c.block_n}w{c.num_warps}s{c.num_stages}m{c.x_mode}"
+                f"{'' if c.fp8_f16_dot else 'q'} "
                 f"x{s}: {us:.1f}us "
-                f"{p.nbytes / (us * 1e-6) / 1e9 / copy_gbps:.3f}]" for (c, s), us in top),
+                f"{nbytes / (us * 1e-6) / 1e9 / copy_gbps:.3f}]" for (c, s), us in top),
                 flush=True)
             del paged
         del p

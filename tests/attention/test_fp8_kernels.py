@@ -211,3 +211,49 @@ def test_triton_backend_fp8_step_matches_reference_backend(layout_name: str,
     got = triton_backend.forward_rope(q, k, v, RopeInputs(positions, cos_sin), 0)
     want = reference.forward(rotate_f32(q).double(), rotate_f32(k).double(), v.double(), 0)
     assert _rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("scale_mode", [PER_TOKEN_HEAD, PER_TENSOR])
+@pytest.mark.parametrize(("layout_name", "page_size"), [("nhd", 4), ("hnd_x", 16)])
+def test_fp8_kernels_with_bf16_q_match_float64(layout_name: str, page_size: int,
+                                               scale_mode: str) -> None:
+    """A bf16 q on FP8 pages takes the fp16-dot path (q converted once, V scales relative
+    to each tile's largest): decode (one and three splits) and extend against the float64
+    oracle on the same dequantized pages and the same bf16 q; the error left is bf16's
+    rounding of the output and fp16's of the weights."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    layout = _layout(layout_name, page_size)
+    prefix_lens, q_lens = [0, 30, 17], [21, 9, 1]
+    seq_lens = [p + n for p, n in zip(prefix_lens, q_lens, strict=True)]
+    Hq = NUM_KV_HEADS * 2
+    pages = Fp8Pages(layout, seq_lens, scale_mode, gen)
+    scale = HEAD_DIM**-0.5
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    variants = [Variant("softmax"), Variant("silu")] if scale_mode == PER_TOKEN_HEAD \
+        else [Variant("softmax")]
+    q_dec = (torch.randn(len(seq_lens), Hq, HEAD_DIM, generator=gen) * 0.05).bfloat16()
+    q_ext = (torch.randn(sum(q_lens), Hq, HEAD_DIM, generator=gen) * 0.05).bfloat16()
+    indptr = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    for variant in variants:
+        want = torch.cat([
+            oracle_attention(q_dec[b : b + 1].double(), pages.k[b], pages.v[b], n - 1, scale,
+                             variant.name, variant.param)
+            for b, n in enumerate(seq_lens)])
+        for splits in (1, 3):
+            out = torch.full_like(q_dec, float("nan"))
+            decode_attention(q_dec, pages.k_cache, pages.v_cache, layout, pages.table, lens, out,
+                             scale, triton_variant(variant), alibi_slopes(Hq).float(), splits,
+                             SplitBuffers.empty(q_dec.device), DecodeConfig(16, 4, 1),
+                             **pages.scales)
+            err = _rel_err(out, want)
+            assert err < 1e-2, f"decode {variant} splits={splits}: relative error {err:.2e}"
+        want = torch.cat([
+            oracle_attention(q_ext[indptr[b] : indptr[b + 1]].double(), pages.k[b], pages.v[b],
+                             p, scale, variant.name, variant.param)
+            for b, p in enumerate(prefix_lens)])
+        out = torch.full_like(q_ext, float("nan"))
+        extend_attention(q_ext, pages.k_cache, pages.v_cache, layout, indptr,
+                         torch.tensor(prefix_lens, dtype=torch.int32), lens, pages.table, out,
+                         scale, variant, max(q_lens), None, **pages.scales)
+        err = _rel_err(out, want)
+        assert err < 1e-2, f"extend {variant}: relative error {err:.2e}"
