@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attention.triton import fp8_prefill
 from attention.triton.decode import no_scales, warmup_inputs
 from attention.triton.extend_config import ExtendConfig, extend_config
 from attention.triton.variants import identity, triton_variant
@@ -335,8 +336,16 @@ def _uses_sm90(config: ExtendConfig, q: torch.Tensor, layout: KVLayout, variant:
 
 
 def kernel_name(config: ExtendConfig, q: torch.Tensor, layout: KVLayout,
-                variant: Variant) -> str:
-    """The kernel and launch config a call with `config` runs (for benchmark reports)."""
+                variant: Variant, block_table: torch.Tensor | None = None) -> str:
+    """The kernel and launch config a call with `config` runs (for benchmark reports);
+    FP8 layouts need the call's `block_table` (the dequantizing path depends on it)."""
+    if layout.element_bytes == 1:  # FP8 pages
+        scratch = fp8_prefill.scratch_layout(layout, q.dtype)
+        if (block_table is not None and q.dtype in (torch.bfloat16, torch.float16)
+                and fp8_prefill.worth_it(q.shape[0], layout, block_table, q.dtype)
+                and _uses_sm90(config, q, scratch, variant)):
+            return "fp8 dequantize + " + extend_sm90.describe()
+        return f"triton {config}"
     if _uses_sm90(config, q, layout, variant):
         return extend_sm90.describe()
     return f"triton {config}"
@@ -379,6 +388,20 @@ def warmup_extend(
         torch.empty_like(w.q), D**-0.5, variant, 1, None, default_config(D, device, layout.name),
         w.k_scales, w.v_scales,
     )
+    if cache_dtype == torch.float8_e4m3fn and dtype in (torch.bfloat16, torch.float16):
+        # a chunk long enough for the dequantize + Hopper kernel path (fp8_prefill)
+        n = fp8_prefill.MIN_QUERIES_PER_SEQ
+        pages = -(-n // layout.page_size)
+        k_cache = torch.zeros(layout.cache_shape(pages + 1), dtype=cache_dtype, device=device)
+        scales = (torch.ones(layout.scale_shape(pages + 1), device=device) if with_scales
+                  else None)
+        q = torch.zeros(n, num_q_heads, D, dtype=dtype, device=device)
+        extend_attention_with_config(
+            q, k_cache, torch.zeros_like(k_cache), layout, torch.tensor([0, n], **ints),
+            torch.tensor([0], **ints), torch.tensor([n], **ints),
+            torch.arange(1, pages + 1, **ints).view(1, pages), torch.empty_like(q), D**-0.5,
+            variant, n, None, default_config(D, device, layout.name), scales, scales,
+        )
 
 
 def extend_attention(
@@ -420,6 +443,35 @@ def _tma_descriptors(k_cache, v_cache, layout: KVLayout, block_n: int):
     return descs[0], descs[1]
 
 
+def _fp8_on_sm90(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
+    qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, out: torch.Tensor, scale: float, variant: Variant,
+    max_q_len: int, config: ExtendConfig, k_scales: torch.Tensor | None,
+    v_scales: torch.Tensor | None,
+) -> bool:
+    """FP8 pages through the Hopper kernel on a dequantized scratch (fp8_prefill), when
+    it serves the call and the step's chunks are long enough to pay for the pass; False
+    when the call is left to the portable kernel."""
+    scratch = fp8_prefill.scratch_layout(layout, q.dtype)
+    if not (fp8_prefill.worth_it(q.shape[0], layout, block_table, q.dtype)
+            and _uses_sm90(config, q, scratch, variant, (q.dtype, q.dtype, out.dtype))):
+        return False
+    k_rows = fp8_prefill.dequantize_pages(k_cache, k_scales, layout, block_table, seq_lens,
+                                          q.dtype)
+    v_rows = fp8_prefill.dequantize_pages(v_cache, v_scales, layout, block_table, seq_lens,
+                                          q.dtype)
+    try:
+        extend_sm90.extend_attention_sm90(
+            q, k_rows, v_rows, scratch, qo_indptr, prefix_lens, seq_lens,
+            fp8_prefill.scratch_block_table(block_table, layout), out, scale, max_q_len,
+        )
+    except Exception as exc:  # raised while building or launching, before any write
+        _disable_sm90(exc)
+        return False
+    return True
+
+
 def extend_attention_with_config(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
@@ -446,6 +498,10 @@ def extend_attention_with_config(
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
     tv = triton_variant(variant)
+    if k_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16):
+        if _fp8_on_sm90(q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens,
+                        block_table, out, scale, variant, max_q_len, config, k_scales, v_scales):
+            return out
     if _uses_sm90(config, q, layout, variant, (k_cache.dtype, v_cache.dtype, out.dtype)):
         try:
             return extend_sm90.extend_attention_sm90(

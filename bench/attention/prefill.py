@@ -189,7 +189,7 @@ def _triton_rows(case, args, ceilings, q4, k4, v4, gen, layout_specs) -> list[Be
             if not ok:
                 logger.error("triton %s %s %s: rel err %.2e", case.label(), layout_name, cfg, err)
             extra = {"config": str(cfg), "default": cfg == default, "rel_err": f"{err:.1e}",
-                     "kernel": kernel_name(cfg, q, paged.layout, variant),
+                     "kernel": kernel_name(cfg, q, paged.layout, variant, paged.block_table),
                      "check": "ok" if ok else "FAIL",
                      "sweep": {str(c): [round(t, 1), f"{errors[c]:.1e}"]
                                for c, t in timings.items()}}
