@@ -18,12 +18,10 @@ host, so the launches can be captured in a CUDA graph.
 On sm_80+ `decode_attention` hands hnd_x to `decode_hndx` (Gluon), which loads the 16-byte
 runs straight into mma registers; the merge kernel here serves both.
 
-FP8 caches (e4m3 codes) are dequantized in registers: codes convert exactly to fp16 when
-q is 16-bit (the dots then run in fp16, q converted once; e4m3 -> fp16 is the cheap
-conversion on the GPU) or to q's dtype otherwise, and a per-(token, head) scale, when the
-cache keeps them, multiplies its key's score column (K) and its key's weight column before
-P.V (V): the same products as dequantizing the tiles, for BLOCK_N multiplies a tile instead
-of BLOCK_N x head_dim.
+FP8 caches (e4m3 codes) are dequantized in registers: codes convert exactly to q's dtype
+for the dots, and a per-(token, head) scale, when the cache keeps them, multiplies its
+key's score column (K) and its key's weight column before P.V (V): the same products as
+dequantizing the tiles, for BLOCK_N multiplies a tile instead of BLOCK_N x head_dim.
 FP8 calls never go to the Gluon kernel (its operand layouts are for 2-byte elements).
 """
 
@@ -150,7 +148,6 @@ def _decode_kernel(
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr, KV_SCALES: tl.constexpr,
-    FP8_F16_DOT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -170,13 +167,7 @@ def _decode_kernel(
         q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + q_head[:, None] * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    if FP8_F16_DOT:
-        # e4m3 -> fp16 is one instruction per pair on sm_89+ (-> bf16 takes several); fp16
-        # holds every bf16 q of magnitude under 65504 exactly (the clamp is for the rest)
-        compute_ty = tl.float16
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-    else:
-        compute_ty = q_ptr.dtype.element_ty  # FP8 codes convert to it exactly
+    compute_ty = q_ptr.dtype.element_ty  # FP8 codes convert to it exactly
     if HAS_SLOPES:
         slope = tl.load(slopes_ptr + q_head, mask=mask_g, other=0.0)[:, None]
     else:
@@ -212,22 +203,10 @@ def _decode_kernel(
             visible = s != float("-inf")
             p = tl.where(visible, WEIGHT_FN(s, q_pos, offs_n[None, :], slope, param), 0.0)
             l_i += tl.sum(visible.to(tl.float32), 1)  # visible-key count
-        if KV_SCALES and FP8_F16_DOT:
-            # fp16 weights: the V scales relative to the tile's largest keep p x scale in
-            # [0, max p], clear of fp16's subnormals; the largest scales the tile's sum
-            v_scale = _scale_tile(v_scales, table_row, kv_head, start_n, hi, s_scale_page,
-                                  s_scale_head, PAGE_SIZE, BLOCK_N)
-            v_top = tl.max(v_scale, 0)
-            v_top = tl.where(v_top > 0.0, v_top, 1.0)
-            p = p * (v_scale / v_top)[None, :]
-            acc = tl.dot(p.to(compute_ty), v.to(compute_ty), acc / v_top,
-                         input_precision=DOT_PRECISION) * v_top
-        else:
-            if KV_SCALES:
-                p = p * _scale_tile(v_scales, table_row, kv_head, start_n, hi, s_scale_page,
-                                    s_scale_head, PAGE_SIZE, BLOCK_N)[None, :]
-            acc = tl.dot(p.to(compute_ty), v.to(compute_ty), acc,
-                         input_precision=DOT_PRECISION)
+        if KV_SCALES:
+            p = p * _scale_tile(v_scales, table_row, kv_head, start_n, hi, s_scale_page,
+                                s_scale_head, PAGE_SIZE, BLOCK_N)[None, :]
+        acc = tl.dot(p.to(compute_ty), v.to(compute_ty), acc, input_precision=DOT_PRECISION)
 
     if USE_SOFTMAX:
         result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -296,8 +275,6 @@ class DecodeConfig:
     # (one warp per program, so it wants more splits); the others take this kernel
     gluon_hndx: bool = False
     max_splits: int = 64  # a power of two: CUDA-graph mode rounds split counts up to one
-    # FP8 pages with a 16-bit q: the dots run in fp16 (see _decode_kernel), else in q's dtype
-    fp8_f16_dot: bool = True
 
     def num_splits(self, batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
                    min_tokens_per_split: int = 256) -> int:
@@ -325,7 +302,11 @@ def default_decode_config(layout: KVLayout, head_dim: int, on_gpu: bool,
     they exercise multi-tile loops)."""
     if not on_gpu:
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
-    # each choice below is measured in docs/kernels.md, "Launch choices"
+    # each choice below is measured in docs/kernels.md, "Launch choices" and "FP8 KV cache"
+    if layout.element_bytes == 1:  # FP8 pages (never the Gluon kernel)
+        if layout.kernel_id == HNDX_ID:
+            return DecodeConfig(block_n=32, num_warps=4, num_stages=2, x_mode=1)
+        return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
     if allow_gluon and gluon_hndx_available(layout, head_dim):
         return DecodeConfig(block_n=decode_hndx.BLOCK_N, num_warps=1, num_stages=1,
                             gluon_hndx=True, max_splits=128)
@@ -521,8 +502,6 @@ def _launch_triton(
         PAGE_SIZE=layout.page_size, X=layout.x, LAYOUT_X=layout.kernel_id == HNDX_ID,
         X_MODE=config.x_mode, DIRECT_OUT=direct, DOT_PRECISION=_dot_precision(q.dtype),
         KV_SCALES=with_scales,
-        FP8_F16_DOT=(config.fp8_f16_dot and k_cache.dtype == torch.float8_e4m3fn
-                     and q.dtype in (torch.bfloat16, torch.float16)),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **variant.kernel_args(),
     )

@@ -36,12 +36,9 @@ CONFIGS = [DecodeConfig(32, 4, 3), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3
 X_CONFIGS = [DecodeConfig(bn, w, st, 1) for bn, w, st in ((32, 4, 3), (32, 4, 2), (32, 4, 4),
                                                           (64, 4, 3), (32, 8, 3), (16, 4, 3))] + [
     DecodeConfig(32, 4, 3, 2), DecodeConfig(128, 4, 3, 2), DecodeConfig(64, 4, 2, 0)]
-# FP8 pages: tiles of more keys (a key is half the bytes), and two configs with the dots in
-# q's dtype instead of fp16 (DecodeConfig.fp8_f16_dot) to show what the fp16 dots gain
+# FP8 pages: tiles of more keys too (a key is half the bytes)
 FP8_CONFIGS = [DecodeConfig(128, 4, 4), DecodeConfig(128, 8, 3), DecodeConfig(128, 8, 4),
-               DecodeConfig(256, 8, 2), DecodeConfig(256, 8, 3),
-               DecodeConfig(64, 4, 2, fp8_f16_dot=False),
-               DecodeConfig(128, 4, 3, fp8_f16_dot=False)]
+               DecodeConfig(256, 8, 2), DecodeConfig(256, 8, 3)]
 
 
 def best_per_layout(results: list[dict]) -> dict[str, str]:
@@ -51,7 +48,7 @@ def best_per_layout(results: list[dict]) -> dict[str, str]:
     for r in results:
         if r["splits"] != r["heuristic_splits"]:
             continue
-        key = (r["block_n"], r["warps"], r["stages"], r["x_mode"], r["fp8_f16_dot"])
+        key = (r["block_n"], r["warps"], r["stages"], r["x_mode"])
         fractions.setdefault(r["layout"].split(":")[0], {}).setdefault(key, []).append(
             r["copy_fraction"])
     best = {}
@@ -121,15 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             for (cfg, splits), us in sorted(timings.items(), key=lambda kv: kv[1]):
                 frac = nbytes / (us * 1e-6) / 1e9 / copy_gbps
                 results.append(dict(shape=text, layout=spec, block_n=cfg.block_n,
-                                    x_mode=cfg.x_mode, fp8_f16_dot=cfg.fp8_f16_dot,
-                                    kv_cache_dtype=paged.kv_dtype_name,
+                                    x_mode=cfg.x_mode, kv_cache_dtype=paged.kv_dtype_name,
                                     warps=cfg.num_warps, stages=cfg.num_stages, splits=splits,
                                     heuristic_splits=heur, time_us=round(us, 2),
                                     copy_fraction=round(frac, 4)))
             top = sorted(timings.items(), key=lambda kv: kv[1])[:4]
             print(f"{text:>9} {spec:8} heur_splits={heur:<3} " + "  ".join(
-                f"[n{c.block_n}w{c.num_warps}s{c.num_stages}m{c.x_mode}"
-                f"{'' if c.fp8_f16_dot else 'q'} "
+                f"[n{c.block_n}w{c.num_warps}s{c.num_stages}m{c.x_mode} "
                 f"x{s}: {us:.1f}us "
                 f"{nbytes / (us * 1e-6) / 1e9 / copy_gbps:.3f}]" for (c, s), us in top),
                 flush=True)
