@@ -39,6 +39,7 @@ from kvcache.pool import pages_for_tokens
 from kvcache.radix import RadixPrefixCache
 from kvcache.state_pool import StatePool
 from kvcache.state_slots import StateSlotAllocator
+from model.decode_gemm import check_decode_gemm, use_decode_gemm
 from model.families import attention_config_for
 from model.loader import LoadedModel, load_model, load_tokenizer
 from model.runner import ModelRunner, StepOutput
@@ -70,12 +71,14 @@ class EngineCore:
         self.tp = TensorParallel(config) if config.tensor_parallel_size > 1 else None
         if self.tp is not None and loaded is not None:
             raise ValueError("a tensor-parallel engine loads its own shards (no `loaded`)")
+        check_decode_gemm(config.decode_gemm, self.device, self.dtype)  # before the load
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, seed=config.seed,
                                            with_tokenizer=config.tokenizer is None,
                                            tp=self.tp.group if self.tp is not None else None)
         if config.tokenizer is not None:
             self.loaded.tokenizer = load_tokenizer(config.tokenizer)
         self.model = self.loaded.model
+        use_decode_gemm(self.model, config.decode_gemm)
         self.tokenizer = self.loaded.tokenizer
         template = config.resolved_chat_template()
         if template is not None:
