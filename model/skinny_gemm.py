@@ -20,6 +20,7 @@ Nothing on the launch path reads device memory, so calls can be captured in a CU
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -61,23 +62,31 @@ TUNED: dict[tuple[int, int, int], SkinnyConfig] = {}
 FMA_MAX_ROWS = 4  # at most this many rows use the elementwise (non-dot) path by default
 
 
+@functools.lru_cache(maxsize=1024)  # the LM head asks at every step
 def heuristic_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """A launch config from the shape alone: bands narrow enough and K splits enough that
-    about two programs per SM stream W, each split at least 4 K-tiles long."""
+    """A launch config from the shape alone: tiles by row block, then K splits enough
+    that every SM streams W (`split_for`)."""
     use_dot = m > FMA_MAX_ROWS
     if use_dot:
         block_m = row_block(m, True)
         block_n = 32 if block_m <= 16 else 64
         block_k = 256 if block_m <= 16 else 128
     else:
-        # the float32 accumulator holds BLOCK_M x BLOCK_N x BLOCK_K: 32 registers a thread
-        block_n, block_k = 16, max(64, 256 // triton.next_power_of_2(m))
+        # the float32 accumulator holds BLOCK_M x BLOCK_N x BLOCK_K: 32-64 registers a
+        # thread of 4 warps
+        block_n, block_k = 16, max(128, 256 // triton.next_power_of_2(m))
+    return SkinnyConfig(block_n, block_k, split_for(n, k, block_n, block_k, num_sms), use_dot,
+                        num_warps=4, num_stages=4 if use_dot else 3)
+
+
+def split_for(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> int:
+    """K splits (a power of two) for at least 1.5 programs per SM, each split at least 4
+    K-tiles long."""
     bands = triton.cdiv(n, block_n)
     split = 1
-    while bands * split < 2 * num_sms and k // (2 * split) >= 4 * block_k:
+    while 2 * bands * split < 3 * num_sms and k // (2 * split) >= 4 * block_k:
         split *= 2
-    return SkinnyConfig(block_n, block_k, split, use_dot, num_warps=4,
-                        num_stages=4 if use_dot else 3)
+    return split
 
 
 def choose_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
@@ -191,8 +200,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError("skinny_linear wants a weight whose rows are contiguous")
     config = config or choose_config(m, n, k, num_sms(x.device))
     block_m = row_block(m, config.use_dot)
-    if config.use_dot and block_m > MAX_ROWS:
-        raise ValueError(f"row block {block_m} exceeds {MAX_ROWS}")
+    if config.use_dot and min(config.block_n, config.block_k) < 16:
+        raise ValueError(f"tl.dot needs tiles of at least 16: {config.label()}")
     per_split, splits = launch_shape(k, config)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     bands = triton.cdiv(n, config.block_n)
