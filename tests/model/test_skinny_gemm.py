@@ -203,3 +203,4 @@ def test_the_cli_offers_the_models_choices():
     from server.engine.config import DECODE_GEMMS
 
     assert DECODE_GEMMS == decode_gemm.DECODE_GEMMS
+
