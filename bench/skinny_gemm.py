@@ -200,7 +200,8 @@ class ShapeBench:
 
     def sweep(self, sms: int) -> SkinnyConfig | None:
         n, k = self.proj.n, self.proj.k
-        tiles = [SkinnyConfig(bn, bk, split_for(n, k, bn, bk, sms), dot, 4, 4 if dot else 3)
+        tiles = [SkinnyConfig(bn, bk, split_for(n, k, bn, bk, sms, 1.5 if dot else 4.0), dot,
+                              4, 4 if dot else 3)
                  for bn, bk, dot in sweep_tiles(self.m)]
         for c in tiles:
             self.config_us(c)

@@ -71,20 +71,27 @@ def heuristic_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
         block_m = row_block(m, True)
         block_n = 32 if block_m <= 16 else 64
         block_k = 256 if block_m <= 16 else 128
+        # shared memory per stage: (BLOCK_M + BLOCK_N) x BLOCK_K x 2 bytes; 3 stages of the
+        # larger tiles leave room for two programs an SM
+        stages = 4 if block_m <= 16 else 3
     else:
         # the float32 accumulator holds BLOCK_M x BLOCK_N x BLOCK_K: 32-64 registers a
         # thread of 4 warps
         block_n, block_k = 16, max(128, 256 // triton.next_power_of_2(m))
-    return SkinnyConfig(block_n, block_k, split_for(n, k, block_n, block_k, num_sms), use_dot,
-                        num_warps=4, num_stages=4 if use_dot else 3)
+        stages = 3
+    split = split_for(n, k, block_n, block_k, num_sms, 1.5 if use_dot else 4.0)
+    return SkinnyConfig(block_n, block_k, split, use_dot, num_warps=4, num_stages=stages)
 
 
-def split_for(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> int:
-    """K splits (a power of two) for at least 1.5 programs per SM, each split at least 4
-    K-tiles long."""
+def split_for(n: int, k: int, block_n: int, block_k: int, num_sms: int,
+              per_sm: float = 1.5) -> int:
+    """K splits (a power of two) for at least `per_sm` programs an SM, each split at least 4
+    K-tiles long. The elementwise path wants more programs than tl.dot's: its loads are
+    in flight only as far as its warps reach, where tl.dot's are pipelined in shared
+    memory."""
     bands = triton.cdiv(n, block_n)
     split = 1
-    while 2 * bands * split < 3 * num_sms and k // (2 * split) >= 4 * block_k:
+    while bands * split < per_sm * num_sms and k // (2 * split) >= 4 * block_k:
         split *= 2
     return split
 
