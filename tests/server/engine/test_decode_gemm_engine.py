@@ -1,7 +1,7 @@
 """`--decode-gemm triton` end to end on the CPU (the skinny GEMM under the interpreter): the
 same greedy tokens and logprobs as `--decode-gemm torch`, the kernel serving exactly the
 calls of at most 64 rows (decode steps, the LM head of the sampled rows) and torch the
-larger prefill chunks."""
+larger prefill chunks; and split over two ranks, the same tokens again."""
 
 from __future__ import annotations
 
@@ -36,22 +36,28 @@ def test_triton_decode_gemm_gives_the_torch_engines_tokens(tmp_path: Path, monke
 
     monkeypatch.setattr(decode_gemm, "skinny_linear", recording)
     runs = []
-    for mode in ("torch", "triton"):
+    # the last: split over 2 ranks (worker processes, the interpreter inherited), whose
+    # row-parallel o_proj and down_proj keep F.linear
+    for mode, ranks in (("torch", 1), ("triton", 1), ("triton", 2)):
         config = EngineConfig(model=str(folder), device="cpu", dtype="float32",
                               kv_cache_tokens=1024, max_num_batched_tokens=80,
-                              decode_gemm=mode)
+                              decode_gemm=mode, tensor_parallel_size=ranks)
         with LLM(config) as llm:
             runs.append(llm.generate(prompts, params))
         if mode == "torch":
             assert rows == []
-    torch_run, triton_run = runs
-    for a, b in zip(triton_run, torch_run, strict=True):
-        assert a.token_ids == b.token_ids
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            assert abs(x.logprob - y.logprob) < LOGPROB_TOLERANCE
+        if ranks == 1:
+            recorded = list(rows)
+    torch_run = runs[0]
+    for run in runs[1:]:
+        for a, b in zip(run, torch_run, strict=True):
+            assert a.token_ids == b.token_ids
+            for x, y in zip(a.logprobs, b.logprobs, strict=True):
+                assert abs(x.logprob - y.logprob) < LOGPROB_TOLERANCE
     # step 1: 80 tokens of prompt 0 (torch); step 2: its last 10 and prompts 1 and 2 (52
     # rows, the kernel; their 3 sampled rows' logits too); then decodes of 3 rows
-    assert set(rows) == {52, 3} and MAX_ROWS >= 52
+    assert set(recorded) == {52, 3} and MAX_ROWS >= 52
+    assert len(rows) > len(recorded)  # rank 0 of the split engine ran it too
 
 
 def test_triton_decode_gemm_is_refused_on_a_cpu_without_the_interpreter(monkeypatch):
