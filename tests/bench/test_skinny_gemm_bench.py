@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from bench.skinny_gemm import (  # noqa: E402
     GemmRow,
     Projection,
+    format_table,
     measure,
     neighbours,
     projections,
@@ -75,3 +76,6 @@ def test_step_sums_and_tuned_lines():
     lines = tuned_lines(rows)
     table = eval("{\n" + "\n".join(lines) + "\n}", {"SkinnyConfig": SkinnyConfig})  # noqa: S307
     assert table[(1, 1000, 500)] == rows[0].best
+    text = format_table(rows, [s])
+    assert "| o | 1 | 1000 x 500 | 10.0 (0.80) | 9.0 (0.90) | 8.0 (0.95) |" in text
+    assert f"| 1 | {s['floor_ms']:.3f} | 0.045 (" in text
