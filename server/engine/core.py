@@ -67,11 +67,11 @@ class EngineCore:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.observer: EngineObserver = observer or NullObserver()
+        check_decode_gemm(config.decode_gemm, self.device, self.dtype)  # before any rank starts
         # --tensor-parallel-size > 1: this process is rank 0 of a group it starts here
         self.tp = TensorParallel(config) if config.tensor_parallel_size > 1 else None
         if self.tp is not None and loaded is not None:
             raise ValueError("a tensor-parallel engine loads its own shards (no `loaded`)")
-        check_decode_gemm(config.decode_gemm, self.device, self.dtype)  # before the load
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, seed=config.seed,
                                            with_tokenizer=config.tokenizer is None,
                                            tp=self.tp.group if self.tp is not None else None)
