@@ -14,6 +14,7 @@ strided views into the fused qkv projection (last dimension contiguous).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +207,8 @@ class CausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.rotary = self.make_rotary(config)
+        # the LM head's product: F.linear, or the skinny kernel's (model/decode_gemm.py)
+        self.logits_linear: Callable[..., torch.Tensor] = F.linear
 
     # A family with other layers or another rotary (model/deepseek.py) overrides these two.
     def make_layer(self, config: ModelConfig, index: int, dtype: torch.dtype) -> nn.Module:
@@ -234,4 +237,4 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.logits_linear(hidden, weight).float()

@@ -9,6 +9,7 @@ import argparse
 
 from kvcache.kv_dtype import KV_CACHE_DTYPES, KV_CACHE_SCALES
 from server.engine.config import (
+    DECODE_GEMMS,
     DEFAULT_CPU_KV_TOKENS,
     EMBEDDED_MODEL_NAME,
     MAX_DEFAULT_CUDA_GRAPH_BATCH,
@@ -139,6 +140,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graph-max-batch", type=_at_least_one, default=D.cuda_graph_max_batch,
                    help="largest decode batch captured in a graph (default: --max-num-seqs, "
                         f"at most {MAX_DEFAULT_CUDA_GRAPH_BATCH}); larger decode steps run eagerly")
+    g.add_argument("--decode-gemm", default=D.decode_gemm, choices=list(DECODE_GEMMS),
+                   help="matrix multiplies of at most 64 rows (decode steps' projections and "
+                        "LM head): torch (F.linear) or triton (a skinny GEMM that streams the "
+                        "weights; GPU); larger calls always use torch")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -170,6 +175,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         schedule_policy=args.schedule_policy, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch,
+        decode_gemm=args.decode_gemm,
         chat_template=args.chat_template, log_stats=not args.disable_log_stats,
         disable_log_requests=args.disable_log_requests,
     )

@@ -16,6 +16,8 @@ from kvcache.kv_dtype import KVCacheDtype
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_CPU_KV_TOKENS = 16384  # KV pool on CPU; on a GPU, gpu_memory_utilization sizes it
 MAX_DEFAULT_MODEL_LEN = 8192  # the default max_model_len: the model's own, capped at this
+# --decode-gemm's values (model/decode_gemm.py; named here so the CLI loads no kernels)
+DECODE_GEMMS = ("torch", "triton")
 MAX_DEFAULT_CUDA_GRAPH_BATCH = 256  # the default cuda_graph_max_batch: max_num_seqs, capped
 
 
@@ -65,6 +67,8 @@ class EngineConfig:
     schedule_policy: str = "fcfs"
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU, backends that allow it)
     cuda_graph_max_batch: int | None = None  # default: resolved_cuda_graph_max_batch()
+    # matrix multiplies of decode-sized calls: torch (F.linear) or triton (model/decode_gemm.py)
+    decode_gemm: str = "torch"
     # seeds the synthetic presets' weights and the sampling of requests without a seed
     seed: int = 0
     # ranks the model is split over, one process each (server/engine/tensor_parallel.py)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from attention.backends.lightning import HybridStateBackend, LightningBackend
 from attention.registry import build_attention_backend
-from attention.triton.compile_watch import KernelInstanceWatch
+from attention.triton.compile_watch import KERNEL_MODULES, KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
 from kvcache.cache_spec import pages_within_bytes, pages_within_memory, split_layer_specs
@@ -39,6 +39,7 @@ from kvcache.pool import pages_for_tokens
 from kvcache.radix import RadixPrefixCache
 from kvcache.state_pool import StatePool
 from kvcache.state_slots import StateSlotAllocator
+from model.decode_gemm import check_decode_gemm, use_decode_gemm
 from model.families import attention_config_for
 from model.loader import LoadedModel, load_model, load_tokenizer
 from model.runner import ModelRunner, StepOutput
@@ -66,6 +67,7 @@ class EngineCore:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.observer: EngineObserver = observer or NullObserver()
+        check_decode_gemm(config.decode_gemm, self.device, self.dtype)  # before any rank starts
         # --tensor-parallel-size > 1: this process is rank 0 of a group it starts here
         self.tp = TensorParallel(config) if config.tensor_parallel_size > 1 else None
         if self.tp is not None and loaded is not None:
@@ -76,6 +78,7 @@ class EngineCore:
         if config.tokenizer is not None:
             self.loaded.tokenizer = load_tokenizer(config.tokenizer)
         self.model = self.loaded.model
+        use_decode_gemm(self.model, config.decode_gemm)
         self.tokenizer = self.loaded.tokenizer
         template = config.resolved_chat_template()
         if template is not None:
@@ -160,7 +163,7 @@ class EngineCore:
         self.stats_logger = StatsLogger() if config.log_stats else None
         # Kernels built during start-up are expected (warm-up, graph capture); any built
         # later stalls a step, so it is logged and counted in /metrics.
-        watch = KernelInstanceWatch()
+        watch = KernelInstanceWatch(KERNEL_MODULES + ("model.skinny_gemm",))  # --decode-gemm
         self.kernel_watch: KernelInstanceWatch | None = watch
         self.serving_compiles = 0
         logger.info(

@@ -34,6 +34,7 @@ from attention.registry import build_attention_backend
 from attention.variants import parse_variant
 from kvcache.cache_spec import CacheSpec, pages_within_memory, uniform_spec
 from kvcache.kv_dtype import KVCacheDtype
+from model.decode_gemm import use_decode_gemm
 from model.families import attention_config_for
 from model.loader import load_model, peek_model_config
 from model.parallel.channel import StepChannel, TensorParallelError, receive
@@ -304,6 +305,7 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
         dtype = config.resolved_dtype()
         model = load_model(config.model, dtype, device, seed=config.seed, with_tokenizer=False,
                            tp=group).model
+        use_decode_gemm(model, config.decode_gemm)
         local = model.config
         kv_dtype = config.resolved_kv_cache_dtype()
         spec = uniform_spec(local.layer_cache_specs())
