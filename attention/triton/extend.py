@@ -341,9 +341,10 @@ def kernel_name(config: ExtendConfig, q: torch.Tensor, layout: KVLayout,
     FP8 layouts need the call's `block_table` (the dequantizing path depends on it)."""
     if layout.element_bytes == 1:  # FP8 pages
         scratch = fp8_prefill.scratch_layout(layout, q.dtype)
+        scratch_config = default_config(layout.head_dim, q.device, scratch.name)
         if (block_table is not None and q.dtype in (torch.bfloat16, torch.float16)
                 and fp8_prefill.worth_it(q.shape[0], layout, block_table, q.dtype)
-                and _uses_sm90(config, q, scratch, variant)):
+                and _uses_sm90(scratch_config, q, scratch, variant)):
             return "fp8 dequantize + " + extend_sm90.describe()
         return f"triton {config}"
     if _uses_sm90(config, q, layout, variant):
@@ -447,15 +448,16 @@ def _fp8_on_sm90(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, out: torch.Tensor, scale: float, variant: Variant,
-    max_q_len: int, config: ExtendConfig, k_scales: torch.Tensor | None,
-    v_scales: torch.Tensor | None,
+    max_q_len: int, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
 ) -> bool:
     """FP8 pages through the Hopper kernel on a dequantized scratch (fp8_prefill), when
     it serves the call and the step's chunks are long enough to pay for the pass; False
     when the call is left to the portable kernel."""
     scratch = fp8_prefill.scratch_layout(layout, q.dtype)
+    # the scratch is hnd whatever the pages' layout: its table config decides
+    scratch_config = default_config(layout.head_dim, q.device, scratch.name)
     if not (fp8_prefill.worth_it(q.shape[0], layout, block_table, q.dtype)
-            and _uses_sm90(config, q, scratch, variant, (q.dtype, q.dtype, out.dtype))):
+            and _uses_sm90(scratch_config, q, scratch, variant, (q.dtype, q.dtype, out.dtype))):
         return False
     k_rows = fp8_prefill.dequantize_pages(k_cache, k_scales, layout, block_table, seq_lens,
                                           q.dtype)
@@ -500,7 +502,7 @@ def extend_attention_with_config(
     tv = triton_variant(variant)
     if k_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16):
         if _fp8_on_sm90(q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens,
-                        block_table, out, scale, variant, max_q_len, config, k_scales, v_scales):
+                        block_table, out, scale, variant, max_q_len, k_scales, v_scales):
             return out
     if _uses_sm90(config, q, layout, variant, (k_cache.dtype, v_cache.dtype, out.dtype)):
         try:
