@@ -60,6 +60,7 @@ def calibrate(tokens: list[int]) -> Calibration:
 
 E4M3_ROW = ElementRounding("e4m3-row")
 M3 = ElementRounding("mantissa", bits=3)
+INT8_ROW = ElementRounding("int8-row")
 
 
 def _both(element: ElementRounding) -> Callable[[Calibration | None], RowRounding]:
@@ -67,10 +68,14 @@ def _both(element: ElementRounding) -> Callable[[Calibration | None], RowRoundin
 
 
 def _smoothed(k_mu: str, v_mu: str, element: ElementRounding = E4M3_ROW,
-              rotate: bool = False) -> Callable[[Calibration | None], RowRounding]:
+              rotate: bool = False, mu_tokens: int | None = None,
+              mu_element: ElementRounding = ElementRounding(),
+              ) -> Callable[[Calibration | None], RowRounding]:
     def build(cal: Calibration | None) -> RowRounding:
         def side(source: str, static: list[torch.Tensor] | None) -> SideRounding:
-            return SideRounding(element, source, rotate, static if source == "static" else None)
+            return SideRounding(element, source, rotate,
+                                static_mu=static if source == "static" else None,
+                                mu_tokens=mu_tokens, mu_element=mu_element)
 
         return RowRounding(side(k_mu, cal.k_mu if cal else None),
                            side(v_mu, cal.v_mu if cal else None))
@@ -112,6 +117,29 @@ CONFIGS: dict[str, tuple[str, Callable[[Calibration | None], RowRounding]]] = {
                                         _smoothed("page", "page", rotate=True)),
     "m3 KV-mu/page": ("3 mantissa bits, unlimited exponent, after page-mean subtraction",
                         _smoothed("page", "page", element=M3)),
+    "e4m3/row K-mu/page e4m3-mu": ("K-mu/page with each mu stored as an e4m3 row (+ scale)",
+                                   _smoothed("page", "none", mu_element=E4M3_ROW)),
+    "e4m3/row K-mu/page-first-row": ("K minus its page's first row (a decode-time rule)",
+                                     _smoothed("page-first-row", "none")),
+    "e4m3/row K-mu/64": ("K minus the channel mean of each 64 positions (pages of 64)",
+                         _smoothed("page", "none", mu_tokens=64)),
+    "e4m3/row RHadamard": ("e4m3 rows of K and V rotated by a Hadamard matrix with random "
+                           "column signs (seed 0)",
+                           lambda _: RowRounding(SideRounding(E4M3_ROW, rotate=True, sign_seed=0),
+                                                 SideRounding(E4M3_ROW, rotate=True, sign_seed=0))),
+    "K-only e4m3/row": ("K as e4m3 rows, V full precision",
+                        lambda _: RowRounding(SideRounding(E4M3_ROW), SideRounding())),
+    "V-only e4m3/row": ("V as e4m3 rows, K full precision",
+                        lambda _: RowRounding(SideRounding(), SideRounding(E4M3_ROW))),
+    "e4m3/row sink16": ("e4m3 rows, the sequence's first 16 tokens full precision",
+                        lambda _: RowRounding(SideRounding(E4M3_ROW, keep_first=16),
+                                              SideRounding(E4M3_ROW, keep_first=16))),
+    "int8/row": ("context, not FP8: int8 codes, one scale amax/127 per row", _both(INT8_ROW)),
+    "int8/row KV-mu/page": ("context, not FP8: int8 rows after page-mean subtraction",
+                            _smoothed("page", "page", element=INT8_ROW)),
+    "K int8/row V e4m3/row": ("context, not FP8: K as int8 rows, V as e4m3 rows",
+                               lambda _: RowRounding(SideRounding(INT8_ROW),
+                                                     SideRounding(E4M3_ROW))),
 }
 NEEDS_CALIBRATION = ("static",)
 

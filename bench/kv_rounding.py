@@ -65,6 +65,14 @@ def round_e4m3_blocks(x: torch.Tensor, block: int | None) -> torch.Tensor:
     return (codes.float() * scales).reshape(x.shape)
 
 
+def round_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] through int8 codes and back: scale amax/127 per row, to nearest even."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.round(x / scales).clamp(-127, 127) * scales
+
+
 def hadamard(n: int) -> torch.Tensor:
     """The orthonormal Sylvester Hadamard matrix of order n (a power of two), float64."""
     if n < 1 or n & (n - 1):
@@ -75,14 +83,15 @@ def hadamard(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
-ELEMENT_KINDS = ("none", "mantissa", "e4m3-row", "e4m3-block", "e4m3-tensor")
+ELEMENT_KINDS = ("none", "mantissa", "e4m3-row", "e4m3-block", "e4m3-tensor", "int8-row")
 
 
 @dataclass(frozen=True)
 class ElementRounding:
     """How each element is rounded: "none"; "mantissa" to `bits` bits; e4m3 codes with a
     scale per row ("e4m3-row", the production per-token-head scheme), per `block` elements
-    of a row ("e4m3-block") or none ("e4m3-tensor": scale 1.0)."""
+    of a row ("e4m3-block") or none ("e4m3-tensor": scale 1.0); for context, int8 codes
+    with a scale amax/127 per row ("int8-row": a uniform grid, not FP8)."""
 
     kind: str = "none"
     bits: int = 3
@@ -101,27 +110,37 @@ class ElementRounding:
             return round_e4m3_blocks(x, self.block)
         if self.kind == "e4m3-tensor":
             return round_e4m3_blocks(x, None)
+        if self.kind == "int8-row":
+            return round_int8_rows(x)
         return x
 
 
-# Where mu comes from: "page": the mean of the rows first written to each page (its
-# page_size rows in a page-aligned prefill chunk; in decode it would be the page's first
-# row); "first-chunk": the mean of each (layer, KV head)'s first store call, kept for the
-# sequence; "static": a given per-(layer, KV head) vector (calibrated on other text).
-MU_SOURCES = ("none", "page", "first-chunk", "static")
+# Where mu comes from: "page": the mean of the rows first written to each group of
+# `mu_tokens` positions (default: the page size; a page-aligned prefill chunk writes whole
+# pages, a decode would write a page's first row alone); "page-first-row": each group's
+# first row (what a decode-time store kernel has when it opens a page); "first-chunk": the
+# mean of each layer's first store call, kept for the sequence; "static": a given per-(layer,
+# KV head) vector (calibrated on other text).
+MU_SOURCES = ("none", "page", "page-first-row", "first-chunk", "static")
 
 
 @dataclass
 class SideRounding:
-    """The simulated storage of one side (K or V) of every layer."""
+    """The simulated storage of one side (K or V) of every layer. Positions are counted
+    over a layer's store calls: one sequence per run (the teacher-forced protocol)."""
 
     element: ElementRounding = field(default_factory=ElementRounding)
     mu_source: str = "none"
     rotate: bool = False
+    sign_seed: int | None = None  # rotation H diag(s), random signs s from this seed
+    keep_first: int = 0  # the sequence's first tokens stay unrounded (attention sinks)
     static_mu: list[torch.Tensor] | None = None  # per layer [kv_heads, head_dim]
-    # state: per layer, mu of each page seen so far ([pages, kv_heads, D]) / of the sequence
-    _page_mu: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict, repr=False)
+    mu_tokens: int | None = None  # positions per mu ("page" sources); None: the page size
+    mu_element: ElementRounding = field(default_factory=ElementRounding)  # how mu is stored
+    # state: per layer, the mu of each group seen so far / of the sequence; rows stored
+    _group_mu: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict, repr=False)
     _sequence_mu: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _stored: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.mu_source not in MU_SOURCES:
@@ -129,45 +148,60 @@ class SideRounding:
         if self.mu_source == "static" and self.static_mu is None:
             raise ValueError("a static mu needs its vectors")
 
-    def page_mu(self, layer: int, page: int) -> torch.Tensor:
-        """The mu a page got at its first write [kv_heads, head_dim] (mu source "page")."""
-        return self._page_mu[layer][page]
+    def rotation(self, n: int) -> torch.Tensor:
+        """The orthonormal matrix rows are rotated by (float64): a Hadamard matrix, its
+        columns' signs flipped at random when `sign_seed` is set."""
+        h = hadamard(n)
+        if self.sign_seed is None:
+            return h
+        g = torch.Generator().manual_seed(self.sign_seed)
+        signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+        return h * signs
 
-    def mu(self, layer: int, rows: torch.Tensor, slots: torch.Tensor,
+    def group_mu(self, layer: int, group: int) -> torch.Tensor:
+        """The mu a group of positions got at its first write [kv_heads, head_dim]."""
+        return self._group_mu[layer][group]
+
+    def mu(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
            page_size: int) -> torch.Tensor | None:
         """The vector subtracted from each row [T, H, D], or None."""
         if self.mu_source == "none":
             return None
         if self.mu_source == "static":
             assert self.static_mu is not None
-            return self.static_mu[layer].to(rows.dtype).expand_as(rows)
+            return self.mu_element(self.static_mu[layer].to(rows.dtype)).expand_as(rows)
         if self.mu_source == "first-chunk":
             if layer not in self._sequence_mu:
-                self._sequence_mu[layer] = rows.mean(dim=0)
+                self._sequence_mu[layer] = self.mu_element(rows.mean(dim=0))
             return self._sequence_mu[layer].expand_as(rows)
-        pages = (slots.long() // page_size).tolist()
-        known = self._page_mu.setdefault(layer, {})
+        groups = (positions // (self.mu_tokens or page_size)).tolist()
+        known = self._group_mu.setdefault(layer, {})
         fresh: dict[int, list[int]] = {}
-        for i, page in enumerate(pages):
-            if page not in known:
-                fresh.setdefault(page, []).append(i)
-        for page, idx in fresh.items():
-            known[page] = rows[idx].mean(dim=0)
-        return torch.stack([known[p] for p in pages])
+        for i, group in enumerate(groups):
+            if group not in known:
+                fresh.setdefault(group, []).append(i)
+        for group, idx in fresh.items():
+            first_rows = rows[idx[:1]] if self.mu_source == "page-first-row" else rows[idx]
+            known[group] = self.mu_element(first_rows.mean(dim=0))
+        return torch.stack([known[g] for g in groups])
 
-    def __call__(self, layer: int, rows: torch.Tensor, slots: torch.Tensor,
-                 page_size: int) -> torch.Tensor:
+    def __call__(self, layer: int, rows: torch.Tensor, page_size: int) -> torch.Tensor:
+        start = self._stored.get(layer, 0)
+        self._stored[layer] = start + rows.shape[0]
+        positions = start + torch.arange(rows.shape[0], device=rows.device)
         x = rows.float()
-        mu = self.mu(layer, x, slots, page_size)
+        mu = self.mu(layer, x, positions, page_size)
         if mu is not None:
             x = x - mu
         if self.rotate:
-            h = hadamard(x.shape[-1]).to(x.dtype)
+            h = self.rotation(x.shape[-1]).to(x.dtype)
             x = self.element(x @ h.T) @ h
         else:
             x = self.element(x)
         if mu is not None:
             x = x + mu
+        if self.keep_first:
+            x = torch.where((positions < self.keep_first)[:, None, None], rows.float(), x)
         return x.to(rows.dtype)
 
 
@@ -192,8 +226,7 @@ def install(pool: KVPool, rounding: RowRounding) -> None:
 
     def simulated_store(layer: int, k: torch.Tensor, v: torch.Tensor,
                         slots: torch.Tensor) -> None:
-        store(layer, rounding.k(layer, k, slots, page_size),
-              rounding.v(layer, v, slots, page_size), slots)
+        store(layer, rounding.k(layer, k, page_size), rounding.v(layer, v, page_size), slots)
 
     pool.store = simulated_store  # type: ignore[method-assign]  # this instance only
 

@@ -18,6 +18,7 @@ from bench.kv_rounding import (
     hadamard,
     install,
     round_e4m3_blocks,
+    round_int8_rows,
     round_mantissa,
 )
 from kvcache.kv_dtype import PER_TENSOR, PER_TOKEN_HEAD, KVCacheDtype, dequantize_rows, quantize_rows
@@ -96,8 +97,8 @@ def test_smoothing_changes_scores_only_by_q_dot_mu_per_page() -> None:
     v, _ = _paged_rows(3)
     page_size = 4
     side = SideRounding(ElementRounding("e4m3-row"), "page")
-    stored = side(0, k, slots, page_size)
-    mu32 = torch.stack([side.page_mu(0, int(s) // page_size) for s in slots])
+    stored = side(0, k, page_size)
+    mu32 = torch.stack([side.group_mu(0, t // page_size) for t in range(len(slots))])
     codes32 = round_e4m3_blocks(k - mu32, 8)  # what the pages would hold, dequantized
     assert torch.equal(stored, codes32 + mu32)
     k_codes, mu = codes32.double(), mu32.double()
@@ -113,8 +114,8 @@ def test_smoothing_changes_scores_only_by_q_dot_mu_per_page() -> None:
     assert torch.allclose(p_with, p_without, rtol=0, atol=1e-14)
     # V: P (codes + mu_page) = P codes + (sum of P over the page) mu_page
     v_side = SideRounding(ElementRounding("e4m3-row"), "page")
-    v_stored32 = v_side(0, v, slots, page_size)
-    v_mu32 = torch.stack([v_side.page_mu(0, int(s) // page_size) for s in slots])
+    v_stored32 = v_side(0, v, page_size)
+    v_mu32 = torch.stack([v_side.group_mu(0, t // page_size) for t in range(len(slots))])
     v_codes32 = round_e4m3_blocks(v - v_mu32, 8)
     assert torch.equal(v_stored32, v_codes32 + v_mu32)
     v_codes, v_mu = v_codes32.double(), v_mu32.double()
@@ -127,29 +128,49 @@ def test_smoothing_changes_scores_only_by_q_dot_mu_per_page() -> None:
 
 
 def test_smoothing_helps_rows_with_a_channel_offset() -> None:
-    k, slots = _paged_rows(4)
-    plain = SideRounding(ElementRounding("e4m3-row"))(0, k, slots, 4)
-    smooth = SideRounding(ElementRounding("e4m3-row"), "page")(0, k, slots, 4)
+    k, _ = _paged_rows(4)
+    plain = SideRounding(ElementRounding("e4m3-row"))(0, k, 4)
+    smooth = SideRounding(ElementRounding("e4m3-row"), "page")(0, k, 4)
     assert (smooth - k).norm() < 0.5 * (plain - k).norm()
 
 
 def test_a_page_keeps_the_mu_of_its_first_write() -> None:
-    k, slots = _paged_rows(5)
+    k, _ = _paged_rows(5)
     side = SideRounding(ElementRounding(), "page")  # no rounding: rows come back as they were
-    first = side(0, k[:6], slots[:6], 4)  # page 1 whole, page 2 half
-    second = side(0, k[6:], slots[6:], 4)
+    first = side(0, k[:6], 4)  # positions 0-3 (a page), 4-5 (half the next)
+    second = side(0, k[6:], 4)
     assert torch.allclose(torch.cat([first, second]), k, atol=1e-5)
-    assert torch.allclose(side.page_mu(0, 2), k[4:6].mean(0))  # not k[4:8]'s
+    assert torch.allclose(side.group_mu(0, 1), k[4:6].mean(0))  # not k[4:8]'s
     with pytest.raises(KeyError):
-        side.page_mu(0, 4)
+        side.group_mu(0, 3)
+
+
+def test_mu_variants_first_row_group_size_and_rounded_mu() -> None:
+    k, _ = _paged_rows(11)
+    first_row = SideRounding(ElementRounding(), "page-first-row")
+    first_row(0, k, 4)
+    assert torch.equal(first_row.group_mu(0, 2), k[8])
+    wide = SideRounding(ElementRounding(), "page", mu_tokens=8)
+    wide(0, k, 4)
+    assert torch.allclose(wide.group_mu(0, 1), k[8:].mean(0))
+    e4m3_mu = SideRounding(ElementRounding("mantissa", bits=3), "page",
+                           mu_element=ElementRounding("e4m3-row"))
+    out = e4m3_mu(0, k, 4)
+    mu = e4m3_mu.group_mu(0, 0)
+    assert torch.equal(mu, round_e4m3_blocks(k[:4].mean(0), 8))  # stored as e4m3 rows too
+    assert torch.equal(out[:4], round_mantissa(k[:4] - mu, 3) + mu)
 
 
 def test_rotation_without_rounding_gives_the_rows_back() -> None:
-    k, slots = _paged_rows(6)
-    rotated = SideRounding(ElementRounding(), rotate=True)(0, k, slots, 4)
+    k, _ = _paged_rows(6)
+    rotated = SideRounding(ElementRounding(), rotate=True)(0, k, 4)
     assert torch.allclose(rotated, k, atol=1e-4)
-    rounded = SideRounding(ElementRounding("e4m3-row"), rotate=True)(0, k, slots, 4)
+    rounded = SideRounding(ElementRounding("e4m3-row"), rotate=True)(0, k, 4)
     assert not torch.equal(rounded, k)
+    signed = SideRounding(ElementRounding(), rotate=True, sign_seed=0)
+    r = signed.rotation(8)
+    assert torch.allclose(r @ r.T, torch.eye(8, dtype=torch.float64), atol=1e-14)
+    assert not torch.equal(r, hadamard(8)) and torch.allclose(signed(0, k, 4), k, atol=1e-4)
 
 
 def test_install_stores_what_the_rounding_reads_back() -> None:
@@ -184,3 +205,19 @@ def test_simulated_e4m3_rows_are_the_fp8_cache_and_the_driver_runs(tmp_path) -> 
     assert list(results) == ["full", "e4m3/row KV-mu/static"]
     assert results["full"]["top1_agreement"] == 1 and results["full"]["perplexity_ratio"] == 1
     assert results["e4m3/row KV-mu/static"]["mean_abs_logprob_diff"] > 0
+
+
+def test_int8_rows_sit_on_their_grid_within_half_a_step() -> None:
+    x = torch.randn(6, 2, 16, generator=torch.Generator().manual_seed(9)) * 3
+    y = round_int8_rows(x)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert torch.allclose(y / step, torch.round(y / step), atol=1e-4)
+    assert ((y - x).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert torch.allclose(y.abs().amax(-1), x.abs().amax(-1))
+
+
+def test_keep_first_leaves_the_first_tokens_unrounded() -> None:
+    k, _ = _paged_rows(10)
+    side = SideRounding(ElementRounding("mantissa", bits=3), keep_first=5)
+    out = torch.cat([side(0, k[:3], 4), side(0, k[3:], 4)])
+    assert torch.equal(out[:5], k[:5]) and torch.equal(out[5:], round_mantissa(k[5:], 3))
