@@ -61,6 +61,7 @@ def calibrate(tokens: list[int]) -> Calibration:
 E4M3_ROW = ElementRounding("e4m3-row")
 M3 = ElementRounding("mantissa", bits=3)
 INT8_ROW = ElementRounding("int8-row")
+BF16 = ElementRounding("mantissa", bits=7)  # bf16's rounding wherever its exponent reaches
 
 
 def _both(element: ElementRounding) -> Callable[[Calibration | None], RowRounding]:
@@ -119,6 +120,8 @@ CONFIGS: dict[str, tuple[str, Callable[[Calibration | None], RowRounding]]] = {
                         _smoothed("page", "page", element=M3)),
     "e4m3/row K-mu/page e4m3-mu": ("K-mu/page with each mu stored as an e4m3 row (+ scale)",
                                    _smoothed("page", "none", mu_element=E4M3_ROW)),
+    "e4m3/row K-mu/page bf16-mu": ("K-mu/page with each mu rounded to bf16",
+                                   _smoothed("page", "none", mu_element=BF16)),
     "e4m3/row K-mu/page-first-row": ("K minus its page's first row (a decode-time rule)",
                                      _smoothed("page-first-row", "none")),
     "e4m3/row K-mu/64": ("K minus the channel mean of each 64 positions (pages of 64)",
@@ -130,6 +133,10 @@ CONFIGS: dict[str, tuple[str, Callable[[Calibration | None], RowRounding]]] = {
     "e4m3/row K-Hadamard": ("e4m3 rows; K rotated by a Hadamard matrix (q would be too), V not",
                             lambda _: RowRounding(SideRounding(E4M3_ROW, rotate=True),
                                                   SideRounding(E4M3_ROW))),
+    "e4m3/row RHadamard seed1": ("as e4m3/row RHadamard, other random signs (seed 1)",
+                                 lambda _: RowRounding(
+                                     SideRounding(E4M3_ROW, rotate=True, sign_seed=1),
+                                     SideRounding(E4M3_ROW, rotate=True, sign_seed=1))),
     "K-only e4m3/row": ("K as e4m3 rows, V full precision",
                         lambda _: RowRounding(SideRounding(E4M3_ROW), SideRounding())),
     "V-only e4m3/row": ("V as e4m3 rows, K full precision",
