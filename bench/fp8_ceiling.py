@@ -58,6 +58,37 @@ def calibrate(tokens: list[int]) -> Calibration:
     return Calibration(means.means("k", layers), means.means("v", layers))
 
 
+def k_offsets(tokens: list[int]) -> list[dict[str, object]]:
+    """Per layer and KV head, over `tokens` (full-precision cache): the norm of K's channel
+    mean over the mean row norm, and the share of rows whose largest |element| sits in the
+    head's most frequent such channel (the element a per-row scale stores exactly)."""
+    rows: dict[int, list[torch.Tensor]] = {}
+
+    def prepare(llm: LLM) -> None:
+        pool = llm.engine.pool
+        store = pool.store
+
+        def recording_store(layer: int, k: torch.Tensor, v: torch.Tensor,
+                            slots: torch.Tensor) -> None:
+            rows.setdefault(layer, []).append(k.float().clone())
+            store(layer, k, v, slots)
+
+        pool.store = recording_store  # type: ignore[method-assign]
+
+    teacher_forced(tokens, "auto", "per-token-head", attention_backend="reference",
+                   prepare=prepare)
+    out = []
+    for layer in sorted(rows):
+        k = torch.cat(rows[layer])  # [T, H, D]
+        ratio = k.mean(0).norm(dim=-1) / k.norm(dim=-1).mean(0)
+        argmax = k.abs().argmax(dim=-1)  # [T, H]
+        share = [torch.bincount(argmax[:, h], minlength=k.shape[-1]).max().item() / k.shape[0]
+                 for h in range(k.shape[1])]
+        out.append({"layer": layer, "mean_norm_over_row_norm": [round(r, 3) for r in ratio.tolist()],
+                    "largest_channel_share": [round(x, 3) for x in share]})
+    return out
+
+
 E4M3_ROW = ElementRounding("e4m3-row")
 M3 = ElementRounding("mantissa", bits=3)
 INT8_ROW = ElementRounding("int8-row")
@@ -185,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated configuration names (default: all; `full` is added)")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
                    help=f"tokens of the static mu's calibration text (default {CALIBRATION_TOKENS})")
+    p.add_argument("--k-stats-tokens", type=int, default=512,
+                   help="tokens over which K's channel offsets are described (0: skip)")
     p.add_argument("--json-out", help="write the results here (rewritten after each config)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -212,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         "page_size": 16, "prefill_chunk": 2048,
         "machine": platform.machine(), "torch": torch.__version__,
     }
+    if args.k_stats_tokens:
+        header["k_offsets"] = {"tokens": args.k_stats_tokens,
+                               "layers": k_offsets(tokens[: args.k_stats_tokens])}
     result = run_configs(tokens, names, cal_tokens, args.json_out, header)
     print(json.dumps(result["results"], indent=2))
     return 0

@@ -200,8 +200,11 @@ def test_simulated_e4m3_rows_are_the_fp8_cache_and_the_driver_runs(tmp_path) -> 
     out = tmp_path / "ceiling.json"
     configs = "e4m3/row KV-mu/static"
     assert fp8_ceiling.main(["--tokens", "48", "--calibration-tokens", "32", "--configs", configs,
-                             "--json-out", str(out)]) == 0
-    results = json.loads(out.read_text())["results"]
+                             "--k-stats-tokens", "16", "--json-out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    offsets = written["k_offsets"]["layers"]
+    assert len(offsets) == 30 and all(0 < s <= 1 for o in offsets for s in o["largest_channel_share"])
+    results = written["results"]
     assert list(results) == ["full", "e4m3/row KV-mu/static"]
     assert results["full"]["top1_agreement"] == 1 and results["full"]["perplexity_ratio"] == 1
     assert results["e4m3/row KV-mu/static"]["mean_abs_logprob_diff"] > 0
