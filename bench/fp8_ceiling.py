@@ -5,12 +5,15 @@ on bench.fp8_accuracy's protocol (SmolLM2 teacher-forced over the stdlib's docst
 
 Every run keeps a float32 cache and the reference backend; only what is stored changes:
 bench/kv_rounding.py rounds each K/V row as a format would and stores the value a kernel
-would read back. Configurations: the element-wise floors (3 mantissa bits with unlimited
-exponent range, e4m3 with scales per row / per block of 32 or 16 elements / none, 4 and 5
-mantissa bits, K-only and V-only), then schemes that store e4m3 codes plus small metadata
-and may beat the floor: mean subtraction ("smoothing") of K and/or V with mu per page, per
-sequence (first chunk) or static (calibrated on other docstrings), and a Hadamard rotation
-of each row. The first configuration, the float32 cache itself, is the baseline.
+would read back. Configurations: element-wise roundings (e4m3 with scales per row / per
+block of 32 or 16 elements, 3, 4 and 5 mantissa bits with unlimited exponent range, K-only
+and V-only), then schemes that store e4m3 codes plus small metadata and may do better:
+mean subtraction ("smoothing") of K and/or V with mu per page (its mean or first row, mu
+kept in float32, bf16 or e4m3), per 64 positions, per sequence (first chunk) or static
+(calibrated on other docstrings); a Hadamard rotation of each row; the first tokens kept
+unrounded; and int8 rows for context. The first configuration, the float32 cache itself,
+is the baseline. `--k-stats-tokens` also describes K's channel offsets (`k_offsets`).
+docs/kernels.md ("FP8 accuracy") has the results.
 """
 
 from __future__ import annotations

@@ -11,9 +11,12 @@ kernel would read back. It composes, per side (K or V):
   is what a kernel adding q.mu back per page computes, and, when mu is shared by every key
   of a sequence, what one that adds nothing computes (softmax ignores a per-query
   constant); for V it is p-weighted mu added back per page (or mu once, shared);
-- the element rounding: `round_mantissa` (m mantissa bits, unlimited exponent: the best any
-  scale can do), or e4m3 codes with one scale per block of `block` elements of a row
-  (block = head_dim: the production per-token-head scheme) or a fixed scale of 1.0.
+- the element rounding: `round_mantissa` (m mantissa bits, unlimited exponent: e4m3's
+  mantissa without its range limits; not a bound on scaled e4m3, whose amax/448 scale
+  stores each block's largest element exactly), e4m3 codes with one scale per block of a
+  row, per row (the production per-token-head scheme) or a fixed 1.0, or, for context,
+  int8 codes with a per-row scale;
+- optionally, the sequence's first tokens left unrounded.
 
 `install` wraps a `KVPool`'s `store` on that instance only, so the engine, backends and
 cache stay as they are: production code is not touched.
