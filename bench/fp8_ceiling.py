@@ -215,6 +215,8 @@ def run_configs(tokens: list[int], names: list[str], calibration_tokens: list[in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096, help="tokens of text scored (default 4096)")
+    p.add_argument("--skip-tokens", type=int, default=0,
+                   help="score the text from this token on (another sample of it; default 0)")
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help="comma-separated configuration names (default: all; `full` is added)")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     text, cal_text = stdlib_docstrings(), stdlib_docstrings(CALIBRATION_MODULES)
     tokenizer = LLM(EngineConfig(device="cpu", dtype="float32", kv_cache_tokens=64,
                                  log_stats=False)).tokenizer
-    tokens = tokenizer.encode(text)[: args.tokens]
+    tokens = tokenizer.encode(text)[args.skip_tokens : args.skip_tokens + args.tokens]
     cal_tokens = tokenizer.encode(cal_text)[: args.calibration_tokens]
     if len(tokens) < args.tokens:
         raise SystemExit(f"the text has only {len(tokens)} tokens")
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                            "and their public classes and functions, in name order",
                  "modules": list(STDLIB_MODULES), "python": sys.version.split()[0],
                  "characters": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                 "tokens_scored": len(tokens) - 1},
+                 "first_token": args.skip_tokens, "tokens_scored": len(tokens) - 1},
         "calibration": {"modules": list(CALIBRATION_MODULES), "tokens": len(cal_tokens),
                         "used_by": "configurations with a static mu"},
         "page_size": 16, "prefill_chunk": 2048,
