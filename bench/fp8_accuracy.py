@@ -23,6 +23,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +76,17 @@ class TeacherForced:
 
 
 def teacher_forced(tokens: list[int], kv_cache_dtype: str, kv_cache_scale: str,
-                   kv_layout: str = "nhd") -> TeacherForced:
+                   kv_layout: str = "nhd", attention_backend: str = "auto",
+                   prepare: Callable[[LLM], None] | None = None) -> TeacherForced:
+    """One run over `tokens`; `prepare` sees the engine before it (bench/fp8_ceiling.py
+    wraps the pool's store there)."""
     config = EngineConfig(device="cpu", dtype="float32", kv_layout=kv_layout,
                           kv_cache_tokens=len(tokens) + 64, max_model_len=len(tokens) + 8,
                           kv_cache_dtype=kv_cache_dtype, kv_cache_scale=kv_cache_scale,
-                          log_stats=False)
+                          attention_backend=attention_backend, log_stats=False)
     llm = LLM(config)
+    if prepare is not None:
+        prepare(llm)
     t0 = time.perf_counter()
     result = llm.generate([tokens], SamplingParams(max_tokens=1, temperature=0.0,
                                                    prompt_logprobs=2))[0]
@@ -96,29 +102,29 @@ def teacher_forced(tokens: list[int], kv_cache_dtype: str, kv_cache_scale: str,
 MARGIN_BUCKETS = (0.0, 0.1, 0.5, 1.0, 2.0)  # nats: the full-precision top-1 over the second
 
 
-def compare(tokens: list[int], kv_layout: str = "nhd") -> dict[str, dict[str, float]]:
+def compare(tokens: list[int], kv_layout: str = "nhd") -> dict[str, dict[str, object]]:
     """Every configuration of CONFIGS on `tokens`, against the first."""
     runs = {name: teacher_forced(tokens, dtype, scale, kv_layout)
             for name, dtype, scale in CONFIGS}
-    base = runs[CONFIGS[0][0]]
-    rows = {}
-    for name, run in runs.items():
-        same = [a == b for a, b in zip(run.top1, base.top1, strict=True)]
-        agree = sum(same) / len(same)
-        by_margin = {}  # agreement where the baseline's top-1 leads by at least m nats
-        for m in MARGIN_BUCKETS:
-            kept = [s for s, margin in zip(same, base.margins, strict=True) if margin >= m]
-            by_margin[f">={m}"] = {"positions": len(kept),
-                                   "top1_agreement": sum(kept) / max(1, len(kept))}
-        rows[name] = {"perplexity": run.perplexity,
-                      "perplexity_ratio": run.perplexity / base.perplexity,
-                      "top1_agreement": agree,
-                      "mean_abs_logprob_diff": sum(
-                          abs(a - b) for a, b in zip(run.logprobs, base.logprobs, strict=True)
-                      ) / len(base.logprobs),
-                      "top1_agreement_by_baseline_margin": by_margin,
-                      "seconds": run.seconds}
-    return rows
+    return {name: summarize(run, runs[CONFIGS[0][0]]) for name, run in runs.items()}
+
+
+def summarize(run: TeacherForced, base: TeacherForced) -> dict[str, object]:
+    """Perplexity, its ratio, top-1 agreement (overall and by the baseline's margin) and the
+    mean absolute logprob difference of `run` against `base`."""
+    same = [a == b for a, b in zip(run.top1, base.top1, strict=True)]
+    by_margin = {}  # agreement where the baseline's top-1 leads by at least m nats
+    for m in MARGIN_BUCKETS:
+        kept = [s for s, margin in zip(same, base.margins, strict=True) if margin >= m]
+        by_margin[f">={m}"] = {"positions": len(kept),
+                               "top1_agreement": sum(kept) / max(1, len(kept))}
+    logprob_diff = sum(abs(a - b) for a, b in zip(run.logprobs, base.logprobs, strict=True))
+    return {"perplexity": run.perplexity,
+            "perplexity_ratio": run.perplexity / base.perplexity,
+            "top1_agreement": sum(same) / len(same),
+            "mean_abs_logprob_diff": logprob_diff / len(base.logprobs),
+            "top1_agreement_by_baseline_margin": by_margin,
+            "seconds": run.seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
