@@ -218,7 +218,10 @@ class Round:
 
 def run_rounds(llm: LLM, hf: torch.nn.Module | None, prompts: list[list[int]],
                out_lens: list[int], batch_size: int, repeats: int,
-               log: Callable[[str], None] = print) -> tuple[list[Round], list[ScheduleStep]]:
+               on_round: Callable[[list[Round], list[ScheduleStep]], None] | None = None,
+               ) -> tuple[list[Round], list[ScheduleStep]]:
+    """`repeats` rounds; `on_round` sees the rounds so far and the schedule after each (a
+    loaded machine can take many minutes a round)."""
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
     in_lens = [len(p) for p in prompts]
     padded = padded_schedule(in_lens, out_lens, batch_size)
@@ -256,9 +259,12 @@ def run_rounds(llm: LLM, hf: torch.nn.Module | None, prompts: list[list[int]],
                 attnserve_gemm_s=sum(gemm), attnserve_gemm_phases=PhaseTimes.of(schedule, gemm),
                 transformers_real_s=theirs_s, transformers_gemm_s=theirs_gemm_s,
                 load_avg_1m=os.getloadavg()[0]))
-            log(f"round {r + 1}: attnserve {real_s:.2f} s (GEMMs {sum(gemm):.2f} s), "
-                f"transformers {theirs_s or float('nan'):.2f} s (GEMMs {theirs_gemm_s:.2f} s), "
-                f"load {rounds[-1].load_avg_1m:.1f}")
+            print(f"round {r + 1}: attnserve {real_s:.2f} s (GEMMs {sum(gemm):.2f} s), "
+                  f"transformers {theirs_s or float('nan'):.2f} s "
+                  f"(GEMMs {theirs_gemm_s:.2f} s), load {rounds[-1].load_avg_1m:.1f}",
+                  flush=True)
+            if on_round is not None:
+                on_round(rounds, schedule)
     finally:
         recorder.detach()
     assert schedule is not None
@@ -327,30 +333,35 @@ def main(argv: list[str] | None = None) -> int:
 
         hf = load_hf_model(args.model, str(llm.engine.dtype))
     load_before = os.getloadavg()
-    rounds, schedule = run_rounds(llm, hf, prompts, out_lens, args.max_num_seqs, args.repeats)
     padded = padded_schedule(in_lens, out_lens, args.max_num_seqs)
-    result = ceiling(rounds, args.target)
     weights = ModelWeights.of(llm.engine.model)
-    record = {
-        "bench": "cpu_ceiling", "date": datetime.date.today().isoformat(),
-        "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
-                     "output_len": args.output_len, "range_ratio": args.range_ratio,
-                     "bench_seed": args.bench_seed, "prompt_tokens": sum(in_lens),
-                     "output_tokens": sum(out_lens)},
-        "config": llm.engine.effective_config(), "target": args.target,
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-        "result": result,
-        "attnserve_schedule": summary(schedule) | {"gemm_flops": weights.flops(schedule)},
-        "transformers_schedule": summary(padded) | {"gemm_flops": weights.flops(padded)},
-        "rounds": [asdict(r) for r in rounds],
-        # per step: [prefill rows, decode rows, logit rows]
-        "attnserve_steps": [[s.prefill_rows, s.decode_rows, s.logit_rows] for s in schedule],
-    }
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print(format_result(result, args.target))
+
+    def record_of(rounds: list[Round], schedule: list[ScheduleStep]) -> dict:
+        return {
+            "bench": "cpu_ceiling", "date": datetime.date.today().isoformat(),
+            "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
+                         "output_len": args.output_len, "range_ratio": args.range_ratio,
+                         "bench_seed": args.bench_seed, "prompt_tokens": sum(in_lens),
+                         "output_tokens": sum(out_lens)},
+            "config": llm.engine.effective_config(), "target": args.target,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+            "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+            "result": ceiling(rounds, args.target), "rounds_done": len(rounds),
+            "attnserve_schedule": summary(schedule) | {"gemm_flops": weights.flops(schedule)},
+            "transformers_schedule": summary(padded) | {"gemm_flops": weights.flops(padded)},
+            "rounds": [asdict(r) for r in rounds],
+            # per step: [prefill rows, decode rows, logit rows]
+            "attnserve_steps": [[s.prefill_rows, s.decode_rows, s.logit_rows] for s in schedule],
+        }
+
+    def write(rounds: list[Round], schedule: list[ScheduleStep]) -> None:
+        if args.json_out:
+            Path(args.json_out).write_text(
+                json.dumps(record_of(rounds, schedule), indent=1, default=str) + "\n")
+
+    rounds, _ = run_rounds(llm, hf, prompts, out_lens, args.max_num_seqs, args.repeats, write)
+    print(format_result(ceiling(rounds, args.target), args.target))
     print(f"load average (1 min) {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -144,4 +144,4 @@ def test_end_to_end_record(tmp_path) -> None:
         phases = rnd["attnserve_gemm_phases"]
         assert phases["prefill_or_mixed_s"] + phases["decode_only_s"] == \
             pytest.approx(rnd["attnserve_gemm_s"])
-    assert len(record["load_avg_before"]) == 3
+    assert len(record["load_avg_before"]) == 3 and record["rounds_done"] == 2
