@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.triton.decode import _kv_tile, _scale_tile
+from attention.triton.decode import _kv_tile, _scale_tile, no_scales
 from kvcache.layout import HNDX_ID, KVLayout
 
 SCRATCH_PAGE = 128  # one page per tile of the Hopper kernel (its BLOCK_N)
@@ -98,7 +98,8 @@ def dequantize_pages(
     s_page, s_off, s_head, _, s_xblk = layout.strides()
     s_scale_page, s_scale_head = layout.scale_strides()
     _dequantize_kernel[(B, width, layout.num_kv_heads)](
-        cache, scales if scales is not None else seq_lens, block_table, seq_lens, out,
+        cache, scales if scales is not None else no_scales(cache.device), block_table, seq_lens,
+        out,
         block_table.stride(0), s_page, s_off, s_head, s_xblk, s_scale_page, s_scale_head, width,
         NUM_KV_HEADS=layout.num_kv_heads, HEAD_DIM=layout.head_dim,
         BLOCK_D=triton.next_power_of_2(layout.head_dim), PAGE_SIZE=layout.page_size,
