@@ -169,7 +169,7 @@ def _update(
     acc, l_i, m_i, qk, v, v_scale, start, q_pos, slope, qk_scale, scale, param,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, LOGITS_FN: tl.constexpr,
     WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr, LOGITS_IS_IDENTITY: tl.constexpr,
-    KV_SCALES: tl.constexpr, FP8_F16_DOT: tl.constexpr,
+    KV_SCALES: tl.constexpr,
 ):
     """Fold one tile's scores qk = q.K^T and values into the running (acc, l_i, m_i)."""
     k_pos = (start + tl.arange(0, BLOCK_N))[None, :]
@@ -198,18 +198,9 @@ def _update(
         p = WEIGHT_FN(s, q_pos, k_pos, slope, param)
         if MASKED:
             p = tl.where(k_pos <= q_pos, p, 0.0)
-    if KV_SCALES and FP8_F16_DOT:
-        # FP8: each key's V scale on its weight column (l_i took the weights), relative to
-        # the tile's largest so fp16 weights stay clear of subnormals; the largest scales
-        # the tile's sum
-        v_top = tl.max(v_scale, 0)
-        v_top = tl.where(v_top > 0.0, v_top, 1.0)
-        p = p * (v_scale / v_top)[None, :]
-        acc = tl.dot(p.to(v.dtype), v, acc / v_top) * v_top
-    else:
-        if KV_SCALES:  # FP8: each key's V scale on its weight column
-            p = p * v_scale[None, :]
-        acc = tl.dot(p.to(v.dtype), v, acc)
+    if KV_SCALES:  # FP8: each key's V scale on its weight column (l_i took the weights)
+        p = p * v_scale[None, :]
+    acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_i
 
 
@@ -251,7 +242,7 @@ def _extend_kernel(
     LOGITS_FN: tl.constexpr, WEIGHT_FN: tl.constexpr, USE_SOFTMAX: tl.constexpr,
     NORMALIZE_BY_VISIBLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
     LOGITS_IS_IDENTITY: tl.constexpr, WINDOW_SKIP: tl.constexpr, USE_TMA: tl.constexpr,
-    TMA_DIAG: tl.constexpr, KV_SCALES: tl.constexpr, FP8_F16_DOT: tl.constexpr,
+    TMA_DIAG: tl.constexpr, KV_SCALES: tl.constexpr,
 ):
     # Heads vary fastest so the GROUP heads of a KV head run side by side (K/V from L2);
     # the last (longest, for causal) query blocks start first for a balanced tail.
@@ -275,8 +266,6 @@ def _extend_kernel(
         q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
         mask=row_mask[:, None] & d_mask[None, :], other=0.0,
     )
-    if FP8_F16_DOT:  # FP8 pages, 16-bit q: the dots run in fp16 (decode.py's docstring)
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     q_pos = (prefix + offs_m)[:, None]
     if HAS_SLOPES:
         slope = tl.load(slopes_ptr + head)
@@ -306,7 +295,7 @@ def _extend_kernel(
                                PAD_D, USE_TMA, TMA_DIAG, KV_SCALES)
         acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, v_scale, start, q_pos, slope,
                                 qk_scale, scale, param, False, BLOCK_N, LOGITS_FN, WEIGHT_FN,
-                                USE_SOFTMAX, LOGITS_IS_IDENTITY, KV_SCALES, FP8_F16_DOT)
+                                USE_SOFTMAX, LOGITS_IS_IDENTITY, KV_SCALES)
     for start in tl.range(diag_start, hi, BLOCK_N):
         qk, v, v_scale = _tile(q, start, seq_len, bt_row, k_ptr, v_ptr, k_desc, v_desc,
                                k_scales, v_scales, kv_head, offs_d, d_mask, True, LAYOUT,
@@ -314,7 +303,7 @@ def _extend_kernel(
                                PAD_D, USE_TMA, TMA_DIAG, KV_SCALES)
         acc, l_i, m_i = _update(acc, l_i, m_i, qk, v, v_scale, start, q_pos, slope, qk_scale,
                                 scale, param, True, BLOCK_N, LOGITS_FN, WEIGHT_FN, USE_SOFTMAX,
-                                LOGITS_IS_IDENTITY, KV_SCALES, FP8_F16_DOT)
+                                LOGITS_IS_IDENTITY, KV_SCALES)
 
     if USE_SOFTMAX:
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -540,8 +529,6 @@ def extend_attention_with_config(
         LOGITS_IS_IDENTITY=tv.logits is identity,
         WINDOW_SKIP=window is not None, USE_TMA=use_tma,
         TMA_DIAG=config.tma_diag, KV_SCALES=k_scales is not None,
-        FP8_F16_DOT=(k_cache.dtype == torch.float8_e4m3fn
-                     and q.dtype in (torch.bfloat16, torch.float16)),
         **tv.kernel_args(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -217,12 +217,11 @@ def test_triton_backend_fp8_step_matches_reference_backend(layout_name: str,
 @pytest.mark.parametrize(("layout_name", "page_size"), [("nhd", 4), ("hnd_x", 16)])
 def test_fp8_kernels_with_16bit_q_match_float64(layout_name: str, page_size: int,
                                                 scale_mode: str) -> None:
-    """16-bit q on FP8 pages: decode (one and three splits; codes converted to q's dtype)
-    and extend (a bf16 q takes the fp16-dot path: q converted once, V scales relative to
-    each tile's largest) against the float64 oracle on the same dequantized pages and the
-    same rounded q; the error left is the output's rounding and the 16-bit weights'. Decode
-    runs an fp16 q: the interpreter's bf16 dots are wrong (the GPU's are checked by
-    `bench attention --check`), and bf16 takes the same path."""
+    """16-bit q on FP8 pages: decode (one and three splits) and extend, codes converted to
+    q's dtype, against the float64 oracle on the same dequantized pages and the same
+    rounded q; the error left is the output's rounding and the 16-bit weights'. An fp16 q:
+    the interpreter's bf16 dots are wrong (the GPU's are checked by `bench attention
+    --check`), and bf16 takes the same path."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     layout = _layout(layout_name, page_size)
     prefix_lens, q_lens = [0, 30, 17], [21, 9, 1]
@@ -234,7 +233,7 @@ def test_fp8_kernels_with_16bit_q_match_float64(layout_name: str, page_size: int
     variants = [Variant("softmax"), Variant("silu")] if scale_mode == PER_TOKEN_HEAD \
         else [Variant("softmax")]
     q_dec = (torch.randn(len(seq_lens), Hq, HEAD_DIM, generator=gen) * 0.05).half()
-    q_ext = (torch.randn(sum(q_lens), Hq, HEAD_DIM, generator=gen) * 0.05).bfloat16()
+    q_ext = (torch.randn(sum(q_lens), Hq, HEAD_DIM, generator=gen) * 0.05).half()
     indptr = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     for variant in variants:
         want = torch.cat([
