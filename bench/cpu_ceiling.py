@@ -97,8 +97,7 @@ class ModelWeights:
                                  f"and gate_up projections), not {type(layer).__name__}")
             layers.append({"qkv": attn.qkv_proj.weight, "o": attn.o_proj.weight,
                            "gate_up": mlp.gate_up_proj.weight, "down": mlp.down_proj.weight})
-        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        return ModelWeights(layers, head)
+        return ModelWeights(layers, model.logits_weight)
 
     def shapes(self, step: ScheduleStep) -> list[tuple[int, int, int]]:
         """(rows, in, out) of every GEMM of `step`, in the order the replay runs them."""

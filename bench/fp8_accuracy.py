@@ -60,6 +60,16 @@ def stdlib_docstrings(modules: tuple[str, ...] = STDLIB_MODULES) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def text_record(text: str, **extra: object) -> dict[str, object]:
+    """What a result JSON says of the scored text: its source, Python version, size and
+    SHA-256 (plus `extra`, e.g. the tokens scored)."""
+    return {"source": "docstrings (inspect.getdoc) of Python standard-library modules "
+                      "and their public classes and functions, in name order",
+            "modules": list(STDLIB_MODULES), "python": sys.version.split()[0],
+            "characters": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            **extra}
+
+
 @dataclass
 class TeacherForced:
     """Per-position results of one run: logprob of the actual token, the top-1 token, and
@@ -142,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "what": "SmolLM2-135M-Instruct (embedded GGUF, float32, CPU, reference backend), "
                 "teacher-forced; each FP8 cache against the full-precision (float32) cache",
-        "text": {"source": "docstrings (inspect.getdoc) of Python standard-library modules "
-                           "and their public classes and functions, in name order",
-                 "modules": list(STDLIB_MODULES), "python": sys.version.split()[0],
-                 "characters": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                 "tokens_scored": len(tokens) - 1},
+        "text": text_record(text, tokens_scored=len(tokens) - 1),
         "kv_layout": args.kv_layout,
         "machine": platform.machine(), "torch": torch.__version__,
         "results": rows,

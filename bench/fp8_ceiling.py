@@ -19,17 +19,15 @@ docs/kernels.md ("FP8 accuracy") has the results.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bench.fp8_accuracy import STDLIB_MODULES, stdlib_docstrings, summarize, teacher_forced
+from bench.fp8_accuracy import stdlib_docstrings, summarize, teacher_forced, text_record
 from bench.kv_rounding import ChannelMeans, ElementRounding, RowRounding, SideRounding, install
 from server.engine import LLM, EngineConfig
 
@@ -240,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": "SmolLM2-135M-Instruct (embedded GGUF, float32, CPU, reference backend), "
                 "teacher-forced; K/V rows rounded as each configuration says (bench/"
                 "kv_rounding.py) and stored in a float32 cache; each against the float32 cache",
-        "text": {"source": "docstrings (inspect.getdoc) of Python standard-library modules "
-                           "and their public classes and functions, in name order",
-                 "modules": list(STDLIB_MODULES), "python": sys.version.split()[0],
-                 "characters": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                 "first_token": args.skip_tokens, "tokens_scored": len(tokens) - 1},
+        "text": text_record(text, first_token=args.skip_tokens, tokens_scored=len(tokens) - 1),
         "calibration": {"modules": list(CALIBRATION_MODULES), "tokens": len(cal_tokens),
                         "used_by": "configurations with a static mu"},
         "page_size": 16, "prefill_chunk": 2048,

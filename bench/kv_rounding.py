@@ -30,7 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcache.kv_dtype import FP8_E4M3_MAX
+from kvcache.kv_dtype import (
+    PER_TENSOR,
+    PER_TOKEN_HEAD,
+    dequantize_rows,
+    quantize_rows,
+)
 from kvcache.pool import KVPool
 
 FLOAT32_MANTISSA_BITS = 23
@@ -55,17 +60,13 @@ def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
 def round_e4m3_blocks(x: torch.Tensor, block: int | None) -> torch.Tensor:
     """x [..., D] through e4m3 codes and back: one scale amax/448 per `block` consecutive
     elements of the last dimension (block = D: per row), or none (None: scale 1.0,
-    saturating at +-448). Mirrors kvcache.kv_dtype.quantize_rows / dequantize_rows."""
-    x = x.float()
+    saturating at +-448): kvcache.kv_dtype's quantize_rows / dequantize_rows on blocks."""
     if block is None:
-        return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+        return dequantize_rows(*quantize_rows(x, PER_TENSOR))
     if x.shape[-1] % block:
         raise ValueError(f"block {block} does not divide the row's {x.shape[-1]} elements")
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
-    scales = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
-    codes = (blocks / scales).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return (codes.float() * scales).reshape(x.shape)
+    return dequantize_rows(*quantize_rows(blocks, PER_TOKEN_HEAD)).reshape(x.shape)
 
 
 def round_int8_rows(x: torch.Tensor) -> torch.Tensor:

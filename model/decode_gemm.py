@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.llama import CausalLM
 from model.skinny_gemm import (
     MAX_ROWS,
     SkinnyConfig,
@@ -65,7 +66,7 @@ def check_decode_gemm(mode: str, device: torch.device, dtype: torch.dtype) -> No
             raise ValueError(f"--decode-gemm triton does not take {dtype} weights")
 
 
-def use_decode_gemm(model: nn.Module, mode: str) -> int:
+def use_decode_gemm(model: CausalLM, mode: str) -> int:
     """Switch the model's projections and LM head to `mode`; returns the layers switched.
     With "triton" on a GPU, the LM head's kernel instances for every row block are built
     now (the logits run eagerly, outside the captured graphs)."""
@@ -78,22 +79,21 @@ def use_decode_gemm(model: nn.Module, mode: str) -> int:
             if type(module) is SkinnyLinear:
                 module.__class__ = nn.Linear
                 switched += 1
-        model.logits_linear = F.linear  # type: ignore[assignment]
+        model.logits_linear = F.linear
         return switched
     for module in model.modules():
         # exactly nn.Linear: a subclass (RowParallelLinear) has a forward of its own
         if type(module) is nn.Linear:
             module.__class__ = SkinnyLinear
             switched += 1
-    model.logits_linear = skinny_or_torch  # type: ignore[assignment]
+    model.logits_linear = skinny_or_torch
     if device.type == "cuda":
         _build_logits_kernels(model)
     return switched
 
 
-def _build_logits_kernels(model: nn.Module) -> None:
-    weight = model.lm_head.weight if getattr(model, "lm_head", None) is not None \
-        else model.embed_tokens.weight
+def _build_logits_kernels(model: CausalLM) -> None:
+    weight = model.logits_weight
     n, k = weight.shape
     sms = num_sms(weight.device)
     built: set[tuple[int, SkinnyConfig]] = set()

@@ -235,6 +235,10 @@ class CausalLM(nn.Module):
             hidden = layer(hidden, positions, rope, cache, attn)
         return self.norm(hidden)
 
+    @property
+    def logits_weight(self) -> torch.Tensor:
+        """The LM head's weight: the embedding table when the two are tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.logits_linear(hidden, weight).float()
+        return self.logits_linear(hidden, self.logits_weight).float()

@@ -101,6 +101,7 @@ def choose_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
     return tuned if tuned is not None else heuristic_config(m, n, k, num_sms)
 
 
+@functools.lru_cache(maxsize=8)  # asked at every eager call (the LM head's)
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -29,8 +29,10 @@ KERNEL_MODULES = (
     "attention.triton.extend",
     "attention.triton.extend_sm90",
     "attention.triton.rope_store",
+    "attention.triton.fp8_prefill",
     "attention.linear.extend",
     "attention.linear.decode",
+    "model.skinny_gemm",  # --decode-gemm triton
 )
 
 

@@ -329,11 +329,7 @@ def kernel_name(config: ExtendConfig, q: torch.Tensor, layout: KVLayout,
     """The kernel and launch config a call with `config` runs (for benchmark reports);
     FP8 layouts need the call's `block_table` (the dequantizing path depends on it)."""
     if layout.element_bytes == 1:  # FP8 pages
-        scratch = fp8_prefill.scratch_layout(layout, q.dtype)
-        scratch_config = default_config(layout.head_dim, q.device, scratch.name)
-        if (block_table is not None and q.dtype in (torch.bfloat16, torch.float16)
-                and fp8_prefill.worth_it(q.shape[0], layout, block_table, q.dtype)
-                and _uses_sm90(scratch_config, q, scratch, variant)):
+        if block_table is not None and _fp8_scratch(q, layout, block_table, variant) is not None:
             return "fp8 dequantize + " + extend_sm90.describe()
         return f"triton {config}"
     if _uses_sm90(config, q, layout, variant):
@@ -433,6 +429,22 @@ def _tma_descriptors(k_cache, v_cache, layout: KVLayout, block_n: int):
     return descs[0], descs[1]
 
 
+def _fp8_scratch(q: torch.Tensor, layout: KVLayout, block_table: torch.Tensor,
+                 variant: Variant, out_dtype: torch.dtype | None = None) -> KVLayout | None:
+    """The scratch layout when a call on FP8 pages goes through the dequantize + Hopper
+    path: a 16-bit q, chunks long enough to pay for the pass, and the Hopper kernel serving
+    the scratch (hnd whatever the pages' layout, so its table config decides); else None."""
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    scratch = fp8_prefill.scratch_layout(layout, q.dtype)
+    scratch_config = default_config(layout.head_dim, q.device, scratch.name)
+    others = (q.dtype, q.dtype) + ((out_dtype,) if out_dtype is not None else ())
+    if fp8_prefill.worth_it(q.shape[0], layout, block_table, q.dtype) and _uses_sm90(
+            scratch_config, q, scratch, variant, others):
+        return scratch
+    return None
+
+
 def _fp8_on_sm90(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: KVLayout,
     qo_indptr: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor,
@@ -440,13 +452,9 @@ def _fp8_on_sm90(
     max_q_len: int, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
 ) -> bool:
     """FP8 pages through the Hopper kernel on a dequantized scratch (fp8_prefill), when
-    it serves the call and the step's chunks are long enough to pay for the pass; False
-    when the call is left to the portable kernel."""
-    scratch = fp8_prefill.scratch_layout(layout, q.dtype)
-    # the scratch is hnd whatever the pages' layout: its table config decides
-    scratch_config = default_config(layout.head_dim, q.device, scratch.name)
-    if not (fp8_prefill.worth_it(q.shape[0], layout, block_table, q.dtype)
-            and _uses_sm90(scratch_config, q, scratch, variant, (q.dtype, q.dtype, out.dtype))):
+    `_fp8_scratch` takes the call; False when it is left to the portable kernel."""
+    scratch = _fp8_scratch(q, layout, block_table, variant, out.dtype)
+    if scratch is None:
         return False
     k_rows = fp8_prefill.dequantize_pages(k_cache, k_scales, layout, block_table, seq_lens,
                                           q.dtype)
@@ -489,7 +497,7 @@ def extend_attention_with_config(
     if T == 0 or B == 0 or max_q_len <= 0:
         return out
     tv = triton_variant(variant)
-    if k_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16):
+    if k_cache.dtype == torch.float8_e4m3fn:
         if _fp8_on_sm90(q, k_cache, v_cache, layout, qo_indptr, prefix_lens, seq_lens,
                         block_table, out, scale, variant, max_q_len, k_scales, v_scales):
             return out

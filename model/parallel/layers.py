@@ -79,7 +79,7 @@ class TensorParallelCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 [rows, vocab] on every rank: each rank's rows, gathered."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = self.tp.all_gather_last_dim(self.logits_linear(hidden, weight).float())
+        logits = self.tp.all_gather_last_dim(
+            self.logits_linear(hidden, self.logits_weight).float())
         vocab = self.shard.config.vocab_size
         return logits if logits.shape[-1] == vocab else logits[:, :vocab]

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from attention.backends.lightning import HybridStateBackend, LightningBackend
 from attention.registry import build_attention_backend
-from attention.triton.compile_watch import KERNEL_MODULES, KernelInstanceWatch
+from attention.triton.compile_watch import KernelInstanceWatch
 from attention.variants import parse_variant
 from kvcache.allocator import PageAllocator
 from kvcache.cache_spec import pages_within_bytes, pages_within_memory, split_layer_specs
@@ -163,7 +163,7 @@ class EngineCore:
         self.stats_logger = StatsLogger() if config.log_stats else None
         # Kernels built during start-up are expected (warm-up, graph capture); any built
         # later stalls a step, so it is logged and counted in /metrics.
-        watch = KernelInstanceWatch(KERNEL_MODULES + ("model.skinny_gemm",))  # --decode-gemm
+        watch = KernelInstanceWatch()
         self.kernel_watch: KernelInstanceWatch | None = watch
         self.serving_compiles = 0
         logger.info(
